@@ -1,0 +1,123 @@
+"""Functional interface with torch.nn.functional's signatures, running on cnn_ext's kernels.
+
+This layer only turns torch's flexible arguments (ints or pairs, 'same'/'valid', unbatched 3-D input, stride=None)
+into the operators' explicit form; every check and all output-size math happen once, in the operators
+(csrc/checks.h), for CPU and CUDA alike.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d"]
+
+_ops = torch.ops.cnn_ext
+
+
+def _pair(value, name, op):
+    """An int or a sequence of ints, as a list of two (a single-element sequence is repeated, as in torch)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if len(value) == 1:
+            return [value[0], value[0]]
+        if len(value) == 2:
+            return list(value)
+        raise ValueError(f"{op}: {name} must have 1 or 2 elements, got {len(value)}: {tuple(value)}")
+    raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}")
+
+
+def _check_tensor(value, name, op):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _batched(input, op):
+    """(input as 4-D, whether it was unbatched 3-D). Other ranks are rejected here with torch's wording."""
+    _check_tensor(input, "input", op)
+    if input.dim() == 3:
+        return input.unsqueeze(0), True
+    if input.dim() != 4:
+        raise ValueError(
+            f"{op}: input must be a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got a {input.dim()}-D tensor "
+            f"of shape {tuple(input.shape)}"
+        )
+    return input, False
+
+
+def _pool_stride(stride, kernel_size, op):
+    """torch's pooling default: stride None (or empty) means stride = kernel_size."""
+    if stride is None or (isinstance(stride, Sequence) and len(stride) == 0):
+        return kernel_size
+    return _pair(stride, "stride", op)
+
+
+def _same_padding(input, weight, stride, dilation):
+    """torch's padding='same': total padding dilation*(k-1) per side pair, the odd pixel on the bottom/right.
+    Returns (possibly right/bottom-padded input, symmetric padding for the operator)."""
+    if any(s != 1 for s in stride):
+        raise ValueError("conv2d: padding='same' is not supported for strided convolutions (stride must be 1)")
+    if weight.dim() != 4:
+        raise ValueError(f"conv2d: weight must be a 4-D (K, C/groups, R, S) tensor, got {weight.dim()}-D")
+    padding, extra = [], []
+    for d, k in zip(dilation, weight.shape[2:]):
+        total = d * (k - 1)
+        padding.append(total // 2)
+        extra.append(total - 2 * (total // 2))
+    if any(extra):
+        input = F.pad(input, (0, extra[1], 0, extra[0]))
+    return input, padding
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution, as torch.nn.functional.conv2d."""
+    op = "conv2d"
+    input, unbatched = _batched(input, op)
+    _check_tensor(weight, "weight", op)
+    if bias is not None:
+        _check_tensor(bias, "bias", op)
+    stride = _pair(stride, "stride", op)
+    dilation = _pair(dilation, "dilation", op)
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"{op}: groups must be an int, got {groups!r}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = [0, 0]
+        elif padding == "same":
+            input, padding = _same_padding(input, weight, stride, dilation)
+        else:
+            raise ValueError(f"{op}: padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    else:
+        padding = _pair(padding, "padding", op)
+    out = _ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, return_indices=False):
+    """2-D max pooling, as torch.nn.functional.max_pool2d (indices are h*W + w within each plane, int64)."""
+    op = "max_pool2d"
+    input, unbatched = _batched(input, op)
+    kernel_size = _pair(kernel_size, "kernel_size", op)
+    stride = _pool_stride(stride, kernel_size, op)
+    out, indices = _ops.max_pool2d(input, kernel_size, stride, _pair(padding, "padding", op),
+                                   _pair(dilation, "dilation", op), bool(ceil_mode))
+    if unbatched:
+        out, indices = out.squeeze(0), indices.squeeze(0)
+    return (out, indices) if return_indices else out
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+               divisor_override=None):
+    """2-D average pooling, as torch.nn.functional.avg_pool2d."""
+    op = "avg_pool2d"
+    input, unbatched = _batched(input, op)
+    kernel_size = _pair(kernel_size, "kernel_size", op)
+    stride = _pool_stride(stride, kernel_size, op)
+    if divisor_override is not None and (isinstance(divisor_override, bool) or not isinstance(divisor_override, int)):
+        raise TypeError(f"{op}: divisor_override must be an int or None, got {divisor_override!r}")
+    out = _ops.avg_pool2d(input, kernel_size, stride, _pair(padding, "padding", op), bool(ceil_mode),
+                          bool(count_include_pad), divisor_override)
+    return out.squeeze(0) if unbatched else out

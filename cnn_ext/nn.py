@@ -1,0 +1,37 @@
+"""Modules with torch.nn's constructor arguments, parameter names, shapes and initialisation, running on cnn_ext's
+kernels. Each subclasses its torch.nn twin and replaces only the computation, so state_dicts load both ways and
+`isinstance(m, torch.nn.Conv2d)` still holds."""
+
+import torch
+import torch.nn.functional as F
+
+from . import functional
+
+__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d"]
+
+
+class Conv2d(torch.nn.Conv2d):
+    """torch.nn.Conv2d on cnn_ext kernels. Non-'zeros' padding modes pad with torch's F.pad (data movement,
+    not convolution math) and then convolve with padding 0, exactly as torch.nn.Conv2d does."""
+
+    def _conv_forward(self, input, weight, bias):
+        if self.padding_mode != "zeros":
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return functional.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return functional.conv2d(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class MaxPool2d(torch.nn.MaxPool2d):
+    """torch.nn.MaxPool2d on cnn_ext kernels."""
+
+    def forward(self, input):
+        return functional.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
+                                     ceil_mode=self.ceil_mode, return_indices=self.return_indices)
+
+
+class AvgPool2d(torch.nn.AvgPool2d):
+    """torch.nn.AvgPool2d on cnn_ext kernels."""
+
+    def forward(self, input):
+        return functional.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
+                                     self.count_include_pad, self.divisor_override)

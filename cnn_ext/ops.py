@@ -1,0 +1,65 @@
+"""Autograd for the cnn_ext operators.
+
+The operators themselves (schemas, CPU/CUDA kernels and Meta kernels for FakeTensor/torch.compile) are defined in
+C++ (csrc/). Here each forward op gets its derivative, written in terms of the backward ops, so autograd,
+torch.compile and torch.export all see our kernels. The backward ops are not themselves differentiable: double
+backward is not supported.
+"""
+
+import torch
+
+_ops = torch.ops.cnn_ext
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.has_bias = bias is not None
+    ctx.args = (stride, padding, dilation, groups)
+
+
+def _conv2d_backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = _ops.conv2d_backward_input(grad_output, weight, input.shape, *ctx.args)
+    if ctx.needs_input_grad[1]:
+        grad_weight = _ops.conv2d_backward_weight(grad_output, input, weight.shape, *ctx.args)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = _ops.conv2d_backward_bias(grad_output)
+    return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+torch.library.register_autograd("cnn_ext::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
+
+
+def _max_pool2d_setup_context(ctx, inputs, output):
+    input, kernel_size, stride, padding, dilation, ceil_mode = inputs
+    _, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(indices)
+    ctx.input_shape = input.shape
+    ctx.args = (kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _max_pool2d_backward(ctx, grad_output, _grad_indices):
+    (indices,) = ctx.saved_tensors
+    grad_input = _ops.max_pool2d_backward(grad_output, indices, ctx.input_shape, *ctx.args)
+    return grad_input, None, None, None, None, None
+
+
+torch.library.register_autograd("cnn_ext::max_pool2d", _max_pool2d_backward, setup_context=_max_pool2d_setup_context)
+
+
+def _avg_pool2d_setup_context(ctx, inputs, output):
+    input, *args = inputs
+    ctx.input_shape = input.shape
+    ctx.args = args
+
+
+def _avg_pool2d_backward(ctx, grad_output):
+    grad_input = _ops.avg_pool2d_backward(grad_output, ctx.input_shape, *ctx.args)
+    return (grad_input,) + (None,) * len(ctx.args)
+
+
+torch.library.register_autograd("cnn_ext::avg_pool2d", _avg_pool2d_backward, setup_context=_avg_pool2d_setup_context)

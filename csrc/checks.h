@@ -1,0 +1,294 @@
+// Argument checks and output-size math for every cnn_ext op.
+//
+// This is the one place these facts live: the CPU kernels, the CUDA kernels and the Meta (fake) kernels
+// all call the functions below. Sizes are templated on T so the same code serves concrete shapes
+// (int64_t) and the symbolic shapes torch.compile traces with (c10::SymInt).
+//
+// Errors use TORCH_CHECK_VALUE / TORCH_CHECK_TYPE so Python sees ValueError / TypeError, and every
+// message starts with the op and names the offending argument.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+#include <array>
+#include <initializer_list>
+#include <utility>
+
+namespace cnn_ext {
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tensor-level checks shared by all ops.
+// ---------------------------------------------------------------------------------------------------------------
+
+inline void check_floating(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+                   t.scalar_type());
+}
+
+inline void check_dim(const char* op, const at::Tensor& t, const char* name, int64_t dim, const char* layout) {
+  TORCH_CHECK_VALUE(t.dim() == dim, op, ": ", name, " must be a ", dim, "-D ", layout, " tensor, got a ",
+                    t.dim(), "-D tensor of shape ", t.sizes());
+}
+
+// All tensors must share the first tensor's dtype and device.
+inline void check_same_dtype_device(const char* op,
+                                    std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors) {
+  const auto& [first, first_name] = *tensors.begin();
+  for (const auto& [t, name] : tensors) {
+    TORCH_CHECK_TYPE(t->scalar_type() == first->scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
+                     " but ", first_name, " has dtype ", first->scalar_type(), "; they must match");
+    TORCH_CHECK_VALUE(t->device() == first->device(), op, ": ", name, " is on ", t->device(), " but ", first_name,
+                      " is on ", first->device(), "; all tensors must be on the same device");
+  }
+}
+
+// Backends call this with the dtypes they have kernels for.
+inline void check_backend_dtype(const char* op, const at::Tensor& t, const char* name,
+                                std::initializer_list<at::ScalarType> supported, const char* backend) {
+  for (auto s : supported) {
+    if (t.scalar_type() == s) return;
+  }
+  TORCH_CHECK_TYPE(false, op, ": ", name, " has dtype ", t.scalar_type(), ", which the ", backend,
+                   " kernels do not support (", backend == std::string("CPU") ? "float32, float64" :
+                   "float32, float64, float16, bfloat16", ")");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Scalar argument checks.
+// ---------------------------------------------------------------------------------------------------------------
+
+inline void check_pair(const char* op, c10::IntArrayRef v, const char* name, int64_t min_value) {
+  TORCH_CHECK_VALUE(v.size() == 2, op, ": ", name, " must have 2 elements (height, width), got ", v.size());
+  TORCH_CHECK_VALUE(v[0] >= min_value && v[1] >= min_value, op, ": ", name, " must be ",
+                    min_value == 0 ? "non-negative" : "positive", ", got ", v);
+}
+
+template <typename T>
+void check_sizes4(const char* op, c10::ArrayRef<T> sizes, const char* name) {
+  TORCH_CHECK_VALUE(sizes.size() == 4, op, ": ", name, " must have 4 elements (N, C, H, W), got ", sizes.size());
+  for (const auto& s : sizes) {
+    TORCH_CHECK_VALUE(s >= 0, op, ": ", name, " must be non-negative, got ", sizes);
+  }
+}
+
+// Sizes of a tensor as T: concrete sizes for kernels, symbolic ones for fake kernels.
+template <typename T>
+c10::ArrayRef<T> sizes_of(const at::Tensor& t);
+template <>
+inline c10::ArrayRef<int64_t> sizes_of<int64_t>(const at::Tensor& t) { return t.sizes(); }
+template <>
+inline c10::ArrayRef<c10::SymInt> sizes_of<c10::SymInt>(const at::Tensor& t) { return t.sym_sizes(); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Output-size math. One formula serves convolution and pooling (torch's pooling_output_shape):
+//   out = floor_or_ceil((in + 2*pad - dilation*(k-1) - 1) / stride) + 1
+// With ceil_mode the last window must start inside the input or the left padding.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+T window_output_size(const char* op, const char* dim_name, const T& in, const T& k, int64_t stride, int64_t pad,
+                     int64_t dilation, bool ceil_mode) {
+  const T span = in + 2 * pad - dilation * (k - 1) - 1 + (ceil_mode ? stride - 1 : 0);
+  TORCH_CHECK_VALUE(span >= 0, op, ": kernel_size ", k, " (dilation ", dilation, ", so ", dilation * (k - 1) + 1,
+                    " input pixels) is larger than the padded input ", dim_name, " ", in, " + 2*", pad);
+  T out = span / stride + 1;
+  if (ceil_mode && (out - 1) * stride >= in + pad) out = out - 1;
+  TORCH_CHECK_VALUE(out >= 1, op, ": output ", dim_name, " would be ", out, " for input ", dim_name, " ", in,
+                    ", kernel_size ", k, ", stride ", stride, ", padding ", pad, ", dilation ", dilation);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Convolution. Names follow CUTLASS: input N×C×H×W, weight K×(C/groups)×R×S, output N×K×P×Q.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct ConvShape {
+  T n, c, h, w;  // input
+  T k, r, s;     // weight: k output channels, r×s kernel
+  T p, q;        // output spatial size
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups;
+
+  std::array<T, 4> input_sizes() const { return {n, c, h, w}; }
+  std::array<T, 4> weight_sizes() const { return {k, c / groups, r, s}; }
+  std::array<T, 4> output_sizes() const { return {n, k, p, q}; }
+};
+
+// Validates shapes and hyper-parameters and computes the output size.
+template <typename T>
+ConvShape<T> conv2d_shape(const char* op, c10::ArrayRef<T> input, c10::ArrayRef<T> weight,
+                          c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                          int64_t groups) {
+  check_sizes4(op, input, "input size");
+  check_sizes4(op, weight, "weight size");
+  check_pair(op, stride, "stride", 1);
+  check_pair(op, padding, "padding", 0);
+  check_pair(op, dilation, "dilation", 1);
+  TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be positive, got ", groups);
+
+  ConvShape<T> s{input[0], input[1], input[2], input[3], weight[0], weight[2], weight[3], T(0), T(0),
+                 stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1], groups};
+  TORCH_CHECK_VALUE(s.c % groups == 0, op, ": groups=", groups, " must divide the input channels C=", s.c);
+  TORCH_CHECK_VALUE(s.k % groups == 0, op, ": groups=", groups, " must divide the weight's output channels K=", s.k);
+  TORCH_CHECK_VALUE(weight[1] * groups == s.c, op, ": weight of shape ", weight, " with groups=", groups,
+                    " expects ", weight[1] * groups, " input channels, but input has C=", s.c);
+  TORCH_CHECK_VALUE(s.r >= 1 && s.s >= 1, op, ": weight must have a kernel of at least 1×1, got shape ", weight);
+  s.p = window_output_size<T>(op, "height", s.h, s.r, s.stride_h, s.pad_h, s.dil_h, false);
+  s.q = window_output_size<T>(op, "width", s.w, s.s, s.stride_w, s.pad_w, s.dil_w, false);
+  return s;
+}
+
+
+// Forward: tensor checks plus the shape.
+template <typename T>
+ConvShape<T> check_conv2d(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                          const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                          c10::IntArrayRef dilation, int64_t groups) {
+  check_dim(op, input, "input", 4, "(N, C, H, W)");
+  check_dim(op, weight, "weight", 4, "(K, C/groups, R, S)");
+  check_floating(op, input, "input");
+  if (bias.has_value()) {
+    check_dim(op, *bias, "bias", 1, "(K)");
+    check_same_dtype_device(op, {{&input, "input"}, {&weight, "weight"}, {&*bias, "bias"}});
+  } else {
+    check_same_dtype_device(op, {{&input, "input"}, {&weight, "weight"}});
+  }
+  auto s = conv2d_shape<T>(op, sizes_of<T>(input), sizes_of<T>(weight), stride, padding, dilation, groups);
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(sizes_of<T>(*bias)[0] == s.k, op, ": bias must have K=", s.k, " elements, got ",
+                      sizes_of<T>(*bias)[0]);
+  }
+  return s;
+}
+
+template <typename T>
+void check_grad_output(const char* op, const at::Tensor& grad_output, c10::ArrayRef<T> expected) {
+  check_dim(op, grad_output, "grad_output", 4, "(N, K, P, Q)");
+  check_floating(op, grad_output, "grad_output");
+  auto got = sizes_of<T>(grad_output);
+  for (size_t i = 0; i < 4; ++i) {
+    TORCH_CHECK_VALUE(got[i] == expected[i], op, ": grad_output has shape ", got, " but the forward output has shape ",
+                      expected);
+  }
+}
+
+// Gradient w.r.t. the input (CUTLASS dgrad): grad_output and weight given, input_size names the input.
+template <typename T>
+ConvShape<T> check_conv2d_backward_input(const char* op, const at::Tensor& grad_output, const at::Tensor& weight,
+                                         c10::ArrayRef<T> input_size, c10::IntArrayRef stride,
+                                         c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  check_dim(op, weight, "weight", 4, "(K, C/groups, R, S)");
+  check_same_dtype_device(op, {{&grad_output, "grad_output"}, {&weight, "weight"}});
+  auto s = conv2d_shape<T>(op, input_size, sizes_of<T>(weight), stride, padding, dilation, groups);
+  auto out = s.output_sizes();
+  check_grad_output<T>(op, grad_output, out);
+  return s;
+}
+
+// Gradient w.r.t. the weight (CUTLASS wgrad): grad_output and input given, weight_size names the weight.
+template <typename T>
+ConvShape<T> check_conv2d_backward_weight(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                                          c10::ArrayRef<T> weight_size, c10::IntArrayRef stride,
+                                          c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  check_dim(op, input, "input", 4, "(N, C, H, W)");
+  check_same_dtype_device(op, {{&grad_output, "grad_output"}, {&input, "input"}});
+  auto s = conv2d_shape<T>(op, sizes_of<T>(input), weight_size, stride, padding, dilation, groups);
+  auto out = s.output_sizes();
+  check_grad_output<T>(op, grad_output, out);
+  return s;
+}
+
+inline void check_conv2d_backward_bias(const char* op, const at::Tensor& grad_output) {
+  check_dim(op, grad_output, "grad_output", 4, "(N, K, P, Q)");
+  check_floating(op, grad_output, "grad_output");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pooling. Input N×C×H×W, output N×C×P×Q, window kh×kw.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct PoolShape {
+  T n, c, h, w;
+  T p, q;
+  int64_t kh, kw, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  bool ceil_mode;
+
+  std::array<T, 4> input_sizes() const { return {n, c, h, w}; }
+  std::array<T, 4> output_sizes() const { return {n, c, p, q}; }
+};
+
+template <typename T>
+PoolShape<T> pool2d_shape(const char* op, c10::ArrayRef<T> input, c10::IntArrayRef kernel_size,
+                          c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                          bool ceil_mode) {
+  check_sizes4(op, input, "input size");
+  check_pair(op, kernel_size, "kernel_size", 1);
+  check_pair(op, stride, "stride", 1);
+  check_pair(op, padding, "padding", 0);
+  check_pair(op, dilation, "dilation", 1);
+  TORCH_CHECK_VALUE(padding[0] <= kernel_size[0] / 2 && padding[1] <= kernel_size[1] / 2, op, ": padding ", padding,
+                    " must be at most half of kernel_size ", kernel_size);
+  TORCH_CHECK_VALUE(input[1] > 0 && input[2] > 0 && input[3] > 0, op,
+                    ": input must have non-zero channels, height and width, got shape ", input);
+  PoolShape<T> s{input[0], input[1], input[2], input[3], T(0), T(0),
+                 kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0], padding[1],
+                 dilation[0], dilation[1], ceil_mode};
+  s.p = window_output_size<T>(op, "height", s.h, T(s.kh), s.stride_h, s.pad_h, s.dil_h, ceil_mode);
+  s.q = window_output_size<T>(op, "width", s.w, T(s.kw), s.stride_w, s.pad_w, s.dil_w, ceil_mode);
+  return s;
+}
+
+template <typename T>
+PoolShape<T> check_pool2d(const char* op, const at::Tensor& input, c10::IntArrayRef kernel_size,
+                          c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                          bool ceil_mode) {
+  check_dim(op, input, "input", 4, "(N, C, H, W)");
+  check_floating(op, input, "input");
+  return pool2d_shape<T>(op, sizes_of<T>(input), kernel_size, stride, padding, dilation, ceil_mode);
+}
+
+template <typename T>
+PoolShape<T> check_max_pool2d_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& indices,
+                                       c10::ArrayRef<T> input_size, c10::IntArrayRef kernel_size,
+                                       c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                       c10::IntArrayRef dilation, bool ceil_mode) {
+  auto s = pool2d_shape<T>(op, input_size, kernel_size, stride, padding, dilation, ceil_mode);
+  auto out = s.output_sizes();
+  check_grad_output<T>(op, grad_output, out);
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.device() == grad_output.device(), op, ": indices is on ", indices.device(),
+                    " but grad_output is on ", grad_output.device());
+  check_dim(op, indices, "indices", 4, "(N, C, P, Q)");
+  auto got = sizes_of<T>(indices);
+  for (size_t i = 0; i < 4; ++i) {
+    TORCH_CHECK_VALUE(got[i] == out[i], op, ": indices has shape ", got, " but grad_output has shape ",
+                      c10::ArrayRef<T>(out));
+  }
+  return s;
+}
+
+inline void check_divisor_override(const char* op, c10::optional<int64_t> divisor_override) {
+  TORCH_CHECK_VALUE(!divisor_override.has_value() || *divisor_override != 0, op,
+                    ": divisor_override must be non-zero");
+}
+
+template <typename T>
+PoolShape<T> check_avg_pool2d_backward(const char* op, const at::Tensor& grad_output, c10::ArrayRef<T> input_size,
+                                       c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                       c10::IntArrayRef padding, bool ceil_mode,
+                                       c10::optional<int64_t> divisor_override) {
+  check_divisor_override(op, divisor_override);
+  const int64_t no_dilation[2] = {1, 1};
+  auto s = pool2d_shape<T>(op, input_size, kernel_size, stride, padding, no_dilation, ceil_mode);
+  auto out = s.output_sizes();
+  check_grad_output<T>(op, grad_output, out);
+  return s;
+}
+
+}  // namespace cnn_ext

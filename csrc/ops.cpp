@@ -1,0 +1,122 @@
+// Operator schemas (declared once, here) and their Meta kernels.
+//
+// The Meta kernels compute output shapes with the same checks as the CPU and CUDA kernels (checks.h), on
+// symbolic sizes, so FakeTensor, torch.compile and torch.export see every op without running it.
+#include <Python.h>
+
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace cnn_ext {
+namespace {
+
+using c10::SymInt;
+using c10::SymIntArrayRef;
+
+at::Tensor empty_like_sizes(const std::array<SymInt, 4>& sizes, const at::Tensor& like) {
+  return at::empty_symint(sizes, like.options());
+}
+
+at::Tensor conv2d_meta(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                       int64_t groups) {
+  auto s = check_conv2d<SymInt>("cnn_ext.conv2d", input, weight, bias, stride, padding, dilation, groups);
+  return empty_like_sizes(s.output_sizes(), input);
+}
+
+at::Tensor conv2d_backward_input_meta(const at::Tensor& grad_output, const at::Tensor& weight,
+                                      SymIntArrayRef input_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                      c10::IntArrayRef dilation, int64_t groups) {
+  auto s = check_conv2d_backward_input<SymInt>("cnn_ext.conv2d_backward_input", grad_output, weight, input_size,
+                                               stride, padding, dilation, groups);
+  return empty_like_sizes(s.input_sizes(), grad_output);
+}
+
+at::Tensor conv2d_backward_weight_meta(const at::Tensor& grad_output, const at::Tensor& input,
+                                       SymIntArrayRef weight_size, c10::IntArrayRef stride,
+                                       c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  auto s = check_conv2d_backward_weight<SymInt>("cnn_ext.conv2d_backward_weight", grad_output, input, weight_size,
+                                                stride, padding, dilation, groups);
+  return empty_like_sizes(s.weight_sizes(), grad_output);
+}
+
+at::Tensor conv2d_backward_bias_meta(const at::Tensor& grad_output) {
+  check_conv2d_backward_bias("cnn_ext.conv2d_backward_bias", grad_output);
+  return at::empty_symint({grad_output.sym_size(1)}, grad_output.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> max_pool2d_meta(const at::Tensor& input, c10::IntArrayRef kernel_size,
+                                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                                   c10::IntArrayRef dilation, bool ceil_mode) {
+  auto s = check_pool2d<SymInt>("cnn_ext.max_pool2d", input, kernel_size, stride, padding, dilation, ceil_mode);
+  auto out = s.output_sizes();
+  return {at::empty_symint(out, input.options()), at::empty_symint(out, input.options().dtype(at::kLong))};
+}
+
+at::Tensor max_pool2d_backward_meta(const at::Tensor& grad_output, const at::Tensor& indices,
+                                    SymIntArrayRef input_size, c10::IntArrayRef kernel_size,
+                                    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+                                    bool ceil_mode) {
+  auto s = check_max_pool2d_backward<SymInt>("cnn_ext.max_pool2d_backward", grad_output, indices, input_size,
+                                             kernel_size, stride, padding, dilation, ceil_mode);
+  return empty_like_sizes(s.input_sizes(), grad_output);
+}
+
+at::Tensor avg_pool2d_meta(const at::Tensor& input, c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                           c10::IntArrayRef padding, bool ceil_mode, bool count_include_pad,
+                           c10::optional<int64_t> divisor_override) {
+  check_divisor_override("cnn_ext.avg_pool2d", divisor_override);
+  const int64_t no_dilation[2] = {1, 1};
+  auto s = check_pool2d<SymInt>("cnn_ext.avg_pool2d", input, kernel_size, stride, padding, no_dilation, ceil_mode);
+  return empty_like_sizes(s.output_sizes(), input);
+}
+
+at::Tensor avg_pool2d_backward_meta(const at::Tensor& grad_output, SymIntArrayRef input_size,
+                                    c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                    bool ceil_mode, bool count_include_pad, c10::optional<int64_t> divisor_override) {
+  auto s = check_avg_pool2d_backward<SymInt>("cnn_ext.avg_pool2d_backward", grad_output, input_size, kernel_size,
+                                             stride, padding, ceil_mode, divisor_override);
+  return empty_like_sizes(s.input_sizes(), grad_output);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cnn_ext, m) {
+  m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
+        "int groups) -> Tensor");
+  m.def("conv2d_backward_input(Tensor grad_output, Tensor weight, SymInt[4] input_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_backward_weight(Tensor grad_output, Tensor input, SymInt[4] weight_size, int[2] stride, "
+        "int[2] padding, int[2] dilation, int groups) -> Tensor");
+  m.def("conv2d_backward_bias(Tensor grad_output) -> Tensor");
+  m.def("max_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("max_pool2d_backward(Tensor grad_output, Tensor indices, SymInt[4] input_size, int[2] kernel_size, "
+        "int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode) -> Tensor");
+  m.def("avg_pool2d(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, "
+        "bool count_include_pad, int? divisor_override) -> Tensor");
+  m.def("avg_pool2d_backward(Tensor grad_output, SymInt[4] input_size, int[2] kernel_size, int[2] stride, "
+        "int[2] padding, bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {
+  m.impl("conv2d", &conv2d_meta);
+  m.impl("conv2d_backward_input", &conv2d_backward_input_meta);
+  m.impl("conv2d_backward_weight", &conv2d_backward_weight_meta);
+  m.impl("conv2d_backward_bias", &conv2d_backward_bias_meta);
+  m.impl("max_pool2d", &max_pool2d_meta);
+  m.impl("max_pool2d_backward", &max_pool2d_backward_meta);
+  m.impl("avg_pool2d", &avg_pool2d_meta);
+  m.impl("avg_pool2d_backward", &avg_pool2d_backward_meta);
+}
+
+}  // namespace cnn_ext
+
+// The extension is a Python module only so that `import cnn_ext._C` loads the library and runs the
+// registrations above; it defines no Python functions.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
