@@ -1,0 +1,464 @@
+// CPU kernels for cnn_ext.conv2d and its backward ops, as im2col + GEMM (gemm.h), parallelised with OpenMP.
+//
+// Names follow checks.h (CUTLASS): input N×C×H×W, weight K×(C/G)×R×S, output N×K×P×Q, G groups; per group
+// Cg = C/G input and Kg = K/G output channels. "col" is the im2col matrix of one image and group: row (c, r, s),
+// column (p, q), value input[c][p*stride_h - pad_h + r*dil_h][q*stride_w - pad_w + s*dil_w] (0 in the padding).
+//
+//   fprop  Y_g[Kg × PQ]     = W_g[Kg × CgRS] · col[CgRS × PQ]          (+ bias)
+//   dgrad  dcol[CgRS × PQ]  = W_g^T · dY_g[Kg × PQ], then col2im scatter-adds dcol into dX
+//   wgrad  dW_g[Kg × RSCg] += dY_g[Kg × PQ] · colT[PQ × RSCg], summed over images
+// The GEMM reads B in place with rows contiguous, so fprop/dgrad use col and dY as they are. wgrad needs col
+// transposed; it gathers colT rows from a channels-last copy of the input, where one kernel tap's channels (and,
+// for dilation 1, a whole kernel row's) are one contiguous run, with its columns in (r, s, c) order; the result is
+// permuted back to (c, r, s) at the end.
+//
+// Parallelism and determinism: fprop and dgrad split the work into independent items (image × group × column or
+// channel chunk) that write disjoint outputs, so any schedule gives the same bits. wgrad splits the flattened
+// (image, p, q) reduction axis into one fixed range per thread, each summed into its own partial weight
+// gradient; the partials are then added in thread order. The result therefore depends only on the thread count.
+// No atomics anywhere.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "gemm.h"
+
+namespace cnn_ext {
+namespace {
+
+using cpu::gemm;
+using cpu::MicroKernel;
+using cpu::pack_a;
+using cpu::packed_a_size;
+using cpu::pick_micro_kernel;
+
+// Scratch (im2col and friends) per work item is kept to about this size so it stays in the 2 MiB L2 alongside
+// the packed weights.
+constexpr int64_t kScratchBytes = 512 * 1024;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Smallest i >= 0 with i*step + offset >= bound (step > 0): the first output index whose input index reaches
+// `bound`. Used to find the output positions whose input lies inside [0, size).
+int64_t first_reaching(int64_t bound, int64_t offset, int64_t step) {
+  const int64_t d = bound - offset;
+  return d <= 0 ? 0 : ceil_div(d, step);
+}
+
+// Per-group sizes and hyper-parameters of one convolution.
+struct Conv {
+  int64_t n, c, h, w, k, r, s, p, q, groups;
+  int64_t sh, sw, ph, pw, dh, dw;
+  int64_t cg, kg;  // channels per group
+  int64_t rs, crs, hw, pq;
+
+  explicit Conv(const ConvShape<int64_t>& x)
+      : n(x.n), c(x.c), h(x.h), w(x.w), k(x.k), r(x.r), s(x.s), p(x.p), q(x.q), groups(x.groups),
+        sh(x.stride_h), sw(x.stride_w), ph(x.pad_h), pw(x.pad_w), dh(x.dil_h), dw(x.dil_w),
+        cg(x.c / x.groups), kg(x.k / x.groups), rs(x.r * x.s), crs(cg * x.r * x.s), hw(x.h * x.w),
+        pq(x.p * x.q) {}
+
+  // A 1×1, stride-1, unpadded convolution is a plain GEMM on the input planes: col == input.
+  bool is_pointwise() const { return r == 1 && s == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0; }
+};
+
+int num_threads() { return at::get_num_threads(); }
+
+// Calls fn(q_begin, q_end, row, first, last) for each output row met by the flattened output positions
+// [pq0, pq1) when sampling input rows with kernel tap (r, s): `row` is the input row (nullptr in the padding)
+// offset so that row[q*sw] is the input element of output column q, and [first, last) the columns whose input
+// lies inside the image. Shared by im2col and col2im so both walk the exact same positions.
+template <typename T, typename Fn>
+void for_each_output_row(const Conv& cv, T* plane, int64_t r, int64_t s, int64_t pq0, int64_t pq1, Fn&& fn) {
+  const int64_t w_off = s * cv.dw - cv.pw;
+  const int64_t q_first = first_reaching(0, w_off, cv.sw);
+  const int64_t q_last = first_reaching(cv.w, w_off, cv.sw);
+  int64_t out_p = pq0 / cv.q;
+  int64_t qa = pq0 - out_p * cv.q;
+  for (int64_t pos = pq0; pos < pq1; ++out_p, qa = 0) {
+    const int64_t qb = std::min(cv.q, qa + (pq1 - pos));
+    const int64_t in_h = out_p * cv.sh - cv.ph + r * cv.dh;
+    if (in_h < 0 || in_h >= cv.h) {
+      fn(qa, qb, static_cast<T*>(nullptr), qa, qa);
+    } else {
+      const int64_t first = std::clamp(q_first, qa, qb);
+      const int64_t last = std::clamp(q_last, first, qb);
+      fn(qa, qb, plane + in_h * cv.w + w_off, first, last);
+    }
+    pos += qb - qa;
+  }
+}
+
+// Copies n elements. Short runs (the common case: one output row, a few channels or one kernel row) are moved as
+// one 64-byte block when the source allows it; the bytes past n land on elements the caller writes later (it
+// fills its buffer strictly left to right) or in 64 bytes of slack after the buffer. A libc memmove call per
+// run would cost more than the copy.
+template <typename T>
+inline T* copy_run(T* dst, const T* src, int64_t n, const T* src_end) {
+  constexpr int64_t kBlock = 64 / sizeof(T);
+  if (n <= kBlock && src + kBlock <= src_end) {
+    std::memcpy(dst, src, 64);
+  } else {
+    std::copy_n(src, n, dst);
+  }
+  return dst + n;
+}
+
+// col[(c*R + r)*S + s][i] for output positions pq0 + i, i < pq1 - pq0, from the Cg planes at x (ending at
+// x_end); rows ld elements apart. col needs 64 bytes of slack after its last row (see copy_run).
+template <typename T>
+void im2col(const Conv& cv, const T* x, const T* x_end, int64_t pq0, int64_t pq1, int64_t ld, T* col) {
+  for (int64_t c = 0; c < cv.cg; ++c) {
+    for (int64_t r = 0; r < cv.r; ++r) {
+      for (int64_t s = 0; s < cv.s; ++s) {
+        T* dst = col + ((c * cv.r + r) * cv.s + s) * ld;
+        for_each_output_row(cv, x + c * cv.hw, r, s, pq0, pq1,
+                            [&](int64_t qa, int64_t qb, const T* row, int64_t first, int64_t last) {
+                              T* d = dst - qa;  // d[q] is output column q of this output row
+                              dst += qb - qa;
+                              if (row == nullptr) {
+                                std::fill(d + qa, d + qb, T(0));
+                                return;
+                              }
+                              std::fill(d + qa, d + first, T(0));
+                              if (cv.sw == 1) {
+                                copy_run(d + first, row + first, last - first, x_end);
+                              } else {
+                                for (int64_t j = first; j < last; ++j) d[j] = row[j * cv.sw];
+                              }
+                              std::fill(d + last, d + qb, T(0));
+                            });
+      }
+    }
+  }
+}
+
+// The adjoint of im2col: dx[c][...] += dcol[(c*R + r)*S + s][i] over every tap, for channels [0, channels).
+template <typename T>
+void col2im(const Conv& cv, const T* dcol, int64_t channels, int64_t pq0, int64_t pq1, T* dx) {
+  const int64_t width = pq1 - pq0;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t r = 0; r < cv.r; ++r) {
+      for (int64_t s = 0; s < cv.s; ++s) {
+        const T* src = dcol + ((c * cv.r + r) * cv.s + s) * width;
+        for_each_output_row(cv, dx + c * cv.hw, r, s, pq0, pq1,
+                            [&](int64_t qa, int64_t qb, T* row, int64_t first, int64_t last) {
+                              const T* g = src - qa;
+                              src += qb - qa;
+                              if (row == nullptr) return;  // these taps fell in the padding
+                              if (cv.sw == 1) {
+                                for (int64_t j = first; j < last; ++j) row[j] += g[j];
+                              } else {
+                                for (int64_t j = first; j < last; ++j) row[j * cv.sw] += g[j];
+                              }
+                            });
+      }
+    }
+  }
+}
+
+// colT[i][(r*S + s)*Cg + c] for output positions pq0 + i, from the channels-last image xn (H×W×C) and group g.
+// Rows ld elements apart; colT needs 64 bytes of slack after its last row (see copy_run).
+template <typename T>
+void gather_col_t(const Conv& cv, const T* xn, int64_t g, int64_t pq0, int64_t pq1, int64_t ld, T* col_t) {
+  const T* xn_end = xn + cv.hw * cv.c;
+  const bool rows_contiguous = cv.dw == 1 && cv.cg == cv.c;  // a kernel row's taps are one run of S*C values
+  int64_t out_p = pq0 / cv.q, out_q = pq0 % cv.q;
+  for (int64_t i = 0; i < pq1 - pq0; ++i) {
+    T* d = col_t + i * ld;
+    const int64_t w_off = out_q * cv.sw - cv.pw;
+    const int64_t s_first = std::min(cv.s, first_reaching(0, w_off, cv.dw));
+    const int64_t s_last = std::clamp(first_reaching(cv.w, w_off, cv.dw), s_first, cv.s);
+    for (int64_t r = 0; r < cv.r; ++r) {
+      const int64_t in_h = out_p * cv.sh - cv.ph + r * cv.dh;
+      if (in_h < 0 || in_h >= cv.h) {
+        d = std::fill_n(d, cv.s * cv.cg, T(0));
+        continue;
+      }
+      const T* row = xn + (in_h * cv.w + w_off) * cv.c + g * cv.cg;  // row[s*dw*C + c] is tap s, channel c
+      d = std::fill_n(d, s_first * cv.cg, T(0));
+      if (rows_contiguous) {
+        d = copy_run(d, row + s_first * cv.c, (s_last - s_first) * cv.c, xn_end);
+      } else {
+        for (int64_t s = s_first; s < s_last; ++s) d = copy_run(d, row + s * cv.dw * cv.c, cv.cg, xn_end);
+      }
+      d = std::fill_n(d, (cv.s - s_last) * cv.cg, T(0));
+    }
+    if (++out_q == cv.q) {
+      out_q = 0;
+      ++out_p;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// fprop: one item = (image, group, chunk of output positions).
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_forward_impl(const Conv& cv, const T* x, const T* w, const T* bias, T* y) {
+  const int threads = num_threads();
+  const bool pointwise = cv.is_pointwise();
+  // Column chunk: im2col scratch within budget, and enough items to keep every thread busy.
+  int64_t chunk = std::max<int64_t>(64, kScratchBytes / std::max<int64_t>(1, cv.crs * sizeof(T)));
+  chunk = std::min(chunk, ceil_div(cv.pq, ceil_div(2 * threads, cv.n * cv.groups)));
+  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, std::min(chunk, cv.pq));
+  chunk = std::min(cv.pq, ceil_div(chunk, uk.nr) * uk.nr);
+  const int64_t chunks = ceil_div(cv.pq, chunk);
+
+  // The weights are the packed A operand of every item: pack them once.
+  const int64_t w_panel = packed_a_size(cv.kg, cv.crs, uk.mr);
+  std::vector<T> w_packed(cv.groups * w_panel);
+  for (int64_t g = 0; g < cv.groups; ++g) {
+    pack_a(cv.kg, cv.crs, w + g * cv.kg * cv.crs, cv.crs, 1, uk.mr, w_packed.data() + g * w_panel);
+  }
+
+  const int64_t items = cv.n * cv.groups * chunks;
+#pragma omp parallel num_threads(threads)
+  {
+    // Rows padded to whole micro-kernel panels so the GEMM reads B in place, plus copy_run's slack.
+    const int64_t col_ld = cpu::padded_cols(chunk, uk.nr);
+    std::vector<T> col(pointwise ? 0 : cv.crs * col_ld + 64 / sizeof(T));
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t img = item / (cv.groups * chunks), g = item / chunks % cv.groups, part = item % chunks;
+      const int64_t pq0 = part * chunk, pq1 = std::min(cv.pq, pq0 + chunk), width = pq1 - pq0;
+      const T* xg = x + (img * cv.c + g * cv.cg) * cv.hw;
+      T* yg = y + (img * cv.k + g * cv.kg) * cv.pq + pq0;
+      const T* b = xg + pq0;
+      int64_t ldb = cv.hw;
+      if (!pointwise) {
+        im2col(cv, xg, x + cv.n * cv.c * cv.hw, pq0, pq1, col_ld, col.data());
+        b = col.data();
+        ldb = col_ld;
+      }
+      gemm(uk, cv.kg, width, cv.crs, w_packed.data() + g * w_panel, b, ldb, yg, cv.pq, false, !pointwise);
+      if (bias != nullptr) {
+        for (int64_t kk = 0; kk < cv.kg; ++kk) {
+          const T bk = bias[g * cv.kg + kk];
+          T* row = yg + kk * cv.pq;
+          for (int64_t j = 0; j < width; ++j) row[j] += bk;
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dgrad: one item = (image, group, chunk of input channels), so col2im of different items never touches the
+// same dX plane. Inside an item the output positions are walked in chunks that keep dcol within budget.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_backward_input_impl(const Conv& cv, const T* dy, const T* w, T* dx) {
+  const int threads = num_threads();
+  const bool pointwise = cv.is_pointwise();
+  const int64_t channel_chunks = std::min(cv.cg, ceil_div(2 * threads, cv.n * cv.groups));
+  const int64_t cc = ceil_div(cv.cg, channel_chunks);  // channels per item
+  const int64_t rows = cc * cv.rs;                      // GEMM M for a full chunk
+  int64_t width = std::max<int64_t>(64, kScratchBytes / std::max<int64_t>(1, rows * sizeof(T)));
+  const MicroKernel<T> uk = pick_micro_kernel<T>(rows, std::min(width, cv.pq));
+  width = std::min(cv.pq, ceil_div(width, uk.nr) * uk.nr);
+
+  // A = W_g^T restricted to the chunk's rows: element (i, k) at w[(g*Kg + k)*CgRS + c0*RS + i].
+  const int64_t a_panel = packed_a_size(rows, cv.kg, uk.mr);
+  std::vector<T> a_packed(cv.groups * channel_chunks * a_panel);
+  for (int64_t g = 0; g < cv.groups; ++g) {
+    for (int64_t ci = 0; ci < channel_chunks; ++ci) {
+      const int64_t c0 = ci * cc, c1 = std::min(cv.cg, c0 + cc);
+      if (c0 >= c1) continue;
+      pack_a((c1 - c0) * cv.rs, cv.kg, w + g * cv.kg * cv.crs + c0 * cv.rs, int64_t(1), cv.crs, uk.mr,
+             a_packed.data() + (g * channel_chunks + ci) * a_panel);
+    }
+  }
+
+  const int64_t items = cv.n * cv.groups * channel_chunks;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> dcol(pointwise ? 0 : rows * width);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t img = item / (cv.groups * channel_chunks), g = item / channel_chunks % cv.groups;
+      const int64_t ci = item % channel_chunks;
+      const int64_t c0 = ci * cc, c1 = std::min(cv.cg, c0 + cc);
+      if (c0 >= c1) continue;
+      const T* a = a_packed.data() + (g * channel_chunks + ci) * a_panel;
+      const T* dyg = dy + (img * cv.k + g * cv.kg) * cv.pq;
+      T* dxc = dx + (img * cv.c + g * cv.cg + c0) * cv.hw;
+      const int64_t m = (c1 - c0) * cv.rs;
+      if (pointwise) {
+        gemm(uk, m, cv.pq, cv.kg, a, dyg, cv.pq, dxc, cv.hw, false);
+        continue;
+      }
+      std::fill_n(dxc, (c1 - c0) * cv.hw, T(0));
+      for (int64_t pq0 = 0; pq0 < cv.pq; pq0 += width) {
+        const int64_t pq1 = std::min(cv.pq, pq0 + width);
+        gemm(uk, m, pq1 - pq0, cv.kg, a, dyg + pq0, cv.pq, dcol.data(), pq1 - pq0, false);
+        col2im(cv, dcol.data(), c1 - c0, pq0, pq1, dxc);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// wgrad: thread range t of the flattened (image, p, q) axis accumulates into partial[t]; chunks of at most
+// `step` positions per GEMM keep colT within budget.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_backward_weight_impl(const Conv& cv, const T* dy, const T* xn, T* dw) {
+  const int64_t weight_numel = cv.k * cv.crs;
+  const int64_t total = cv.n * cv.pq;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(num_threads(), total));
+  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, cv.crs);
+  const int64_t step = std::clamp<int64_t>(kScratchBytes / std::max<int64_t>(1, cv.crs * sizeof(T)), 16, 512);
+  // colT rows padded to whole micro-kernel panels so the GEMM reads them in place, plus copy_run's slack.
+  const int64_t col_ld = cpu::padded_cols(cv.crs, uk.nr);
+
+  // partial[t] is K × RSCg with columns in (r, s, c) order.
+  std::vector<T> partial(parts * weight_numel, T(0));
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+  for (int64_t t = 0; t < parts; ++t) {
+    std::vector<T> a_packed(packed_a_size(cv.kg, step, uk.mr));
+    std::vector<T> col_t(step * col_ld + 64 / sizeof(T));
+    T* acc = partial.data() + t * weight_numel;
+    const int64_t end = total * (t + 1) / parts;
+    for (int64_t pos = total * t / parts; pos < end;) {
+      const int64_t img = pos / cv.pq, pq0 = pos % cv.pq;
+      const int64_t pq1 = std::min({cv.pq, pq0 + step, pq0 + (end - pos)}), width = pq1 - pq0;
+      for (int64_t g = 0; g < cv.groups; ++g) {
+        pack_a(cv.kg, width, dy + (img * cv.k + g * cv.kg) * cv.pq + pq0, cv.pq, int64_t(1), uk.mr,
+               a_packed.data());
+        gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
+        gemm(uk, cv.kg, cv.crs, width, a_packed.data(), col_t.data(), col_ld, acc + g * cv.kg * cv.crs, cv.crs,
+             true, true);
+      }
+      pos += width;
+    }
+  }
+
+  // dw[k][c][r][s] = sum over t, in order, of partial[t][k][(r*S + s)*Cg + c].
+#pragma omp parallel for num_threads(num_threads())
+  for (int64_t kk = 0; kk < cv.k; ++kk) {
+    for (int64_t c = 0; c < cv.cg; ++c) {
+      for (int64_t tap = 0; tap < cv.rs; ++tap) {
+        const int64_t src = kk * cv.crs + tap * cv.cg + c;
+        T sum = partial[src];
+        for (int64_t t = 1; t < parts; ++t) sum += partial[t * weight_numel + src];
+        dw[(kk * cv.cg + c) * cv.rs + tap] = sum;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// bias gradient: one output channel per task, summed in a fixed order.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_backward_bias_impl(const T* dy, int64_t n, int64_t k, int64_t pq, T* db) {
+  // Accumulate in double (exactly as many bits for float64) across kLanes independent lanes, so the inner loop
+  // vectorises without reassociating anything.
+  constexpr int64_t kLanes = 16;
+#pragma omp parallel for num_threads(num_threads())
+  for (int64_t kk = 0; kk < k; ++kk) {
+    double lanes[kLanes] = {};
+    for (int64_t img = 0; img < n; ++img) {
+      const T* plane = dy + (img * k + kk) * pq;
+      int64_t j = 0;
+      for (; j + kLanes <= pq; j += kLanes) {
+        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += plane[j + l];
+      }
+      for (int64_t l = 0; j < pq; ++j, ++l) lanes[l] += plane[j];
+    }
+    double sum = 0;
+    for (double v : lanes) sum += v;
+    db[kk] = static_cast<T>(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Op entry points.
+// ---------------------------------------------------------------------------------------------------------------
+at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                      c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "cnn_ext.conv2d";
+  const auto shape = check_conv2d<int64_t>(op, input, weight, bias, stride, padding, dilation, groups);
+  check_backend_dtype(op, input, "input", {at::kFloat, at::kDouble}, "CPU");
+  const Conv cv(shape);
+  at::Tensor out = at::empty(shape.output_sizes(), input.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_cpu", [&] {
+    conv2d_forward_impl<scalar_t>(cv, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                  b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
+                                     c10::IntArrayRef input_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                     c10::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "cnn_ext.conv2d_backward_input";
+  const auto shape = check_conv2d_backward_input<int64_t>(op, grad_output, weight, input_size, stride, padding,
+                                                          dilation, groups);
+  check_backend_dtype(op, grad_output, "grad_output", {at::kFloat, at::kDouble}, "CPU");
+  const Conv cv(shape);
+  at::Tensor grad_input = at::empty(shape.input_sizes(), grad_output.options());
+  if (grad_input.numel() == 0) return grad_input;
+  if (grad_output.numel() == 0) return grad_input.zero_();  // no output channels: nothing flows back
+  const at::Tensor dy = grad_output.contiguous(), w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnn_ext_conv2d_backward_input_cpu", [&] {
+    conv2d_backward_input_impl<scalar_t>(cv, dy.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                         grad_input.data_ptr<scalar_t>());
+  });
+  return grad_input;
+}
+
+at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                      c10::IntArrayRef weight_size, c10::IntArrayRef stride,
+                                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "cnn_ext.conv2d_backward_weight";
+  const auto shape = check_conv2d_backward_weight<int64_t>(op, grad_output, input, weight_size, stride, padding,
+                                                           dilation, groups);
+  check_backend_dtype(op, input, "input", {at::kFloat, at::kDouble}, "CPU");
+  const Conv cv(shape);
+  at::Tensor grad_weight = at::empty(shape.weight_sizes(), input.options());
+  if (grad_weight.numel() == 0) return grad_weight;
+  if (grad_output.numel() == 0) return grad_weight.zero_();  // empty batch: nothing to sum
+  const at::Tensor dy = grad_output.contiguous();
+  const at::Tensor xn = input.permute({0, 2, 3, 1}).contiguous();  // channels-last, see gather_col_t
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_backward_weight_cpu", [&] {
+    conv2d_backward_weight_impl<scalar_t>(cv, dy.data_ptr<scalar_t>(), xn.data_ptr<scalar_t>(),
+                                          grad_weight.data_ptr<scalar_t>());
+  });
+  return grad_weight;
+}
+
+at::Tensor conv2d_backward_bias_cpu(const at::Tensor& grad_output) {
+  constexpr const char* op = "cnn_ext.conv2d_backward_bias";
+  check_conv2d_backward_bias(op, grad_output);
+  check_backend_dtype(op, grad_output, "grad_output", {at::kFloat, at::kDouble}, "CPU");
+  const int64_t n = grad_output.size(0), k = grad_output.size(1), pq = grad_output.size(2) * grad_output.size(3);
+  at::Tensor grad_bias = at::empty({k}, grad_output.options());
+  if (k == 0) return grad_bias;
+  const at::Tensor dy = grad_output.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnn_ext_conv2d_backward_bias_cpu", [&] {
+    conv2d_backward_bias_impl<scalar_t>(dy.data_ptr<scalar_t>(), n, k, pq, grad_bias.data_ptr<scalar_t>());
+  });
+  return grad_bias;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
+  m.impl("conv2d", &conv2d_cpu);
+  m.impl("conv2d_backward_input", &conv2d_backward_input_cpu);
+  m.impl("conv2d_backward_weight", &conv2d_backward_weight_cpu);
+  m.impl("conv2d_backward_bias", &conv2d_backward_bias_cpu);
+}
+
+}  // namespace cnn_ext

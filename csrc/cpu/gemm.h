@@ -1,0 +1,234 @@
+// A small single-threaded GEMM for the CPU convolution kernels: C (+)= A·B with A pre-packed.
+//
+// Layout (BLIS/GotoBLAS vocabulary):
+//   * A (M×K) is packed by pack_a into panels of `mr` rows; within a panel element (i, k) sits at k*mr + i, so
+//     the micro-kernel reads one contiguous column of the panel per k step and broadcasts its mr values.
+//   * B (K×N) is read in place, row-major with leading dimension ldb: the convolution code always hands us a
+//     B whose rows are contiguous (im2col columns, grad_output planes), so packing it would only copy memory.
+//     Only the ragged last column panel (N % nr columns) is copied into a zero-padded buffer, and not even that
+//     when the caller says B's rows are readable up to round_up(N, nr) columns (b_padded): the extra columns
+//     only feed C columns that are never written back.
+//   * C (M×N) is row-major with leading dimension ldc.
+// The micro-kernel keeps an mr × nr tile of C in vector registers (mr × nv vectors) and does one rank-1
+// update per k step: nv vector loads of B, mr broadcasts of A, mr*nv FMAs.
+//
+// Instruction-set choice: the micro-kernels are written once with GCC vector extensions and instantiated per
+// ISA with __attribute__((target(...))): 64-byte vectors for AVX-512 (32 registers), 32-byte for AVX2+FMA and
+// 16-byte for the baseline (SSE2 on x86-64, NEON elsewhere). The ISA is picked at run time with
+// __builtin_cpu_supports, so the build needs no -m flags and the library runs on any x86-64 machine. Results
+// are deterministic on a given machine; different ISAs may differ in the last bits (FMA contraction, tiles).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace cnn_ext {
+namespace cpu {
+
+template <typename T>
+using MicroKernelFn = void (*)(int64_t kc, const T* a, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate);
+
+// One micro-kernel: it computes an mr × nr tile of C.
+template <typename T>
+struct MicroKernel {
+  int mr;
+  int nr;
+  MicroKernelFn<T> fn;
+};
+
+namespace detail {
+
+template <typename T, int Bytes>
+struct VecOf;
+template <>
+struct VecOf<float, 16> { typedef float type __attribute__((vector_size(16))); };
+template <>
+struct VecOf<float, 32> { typedef float type __attribute__((vector_size(32))); };
+template <>
+struct VecOf<float, 64> { typedef float type __attribute__((vector_size(64))); };
+template <>
+struct VecOf<double, 16> { typedef double type __attribute__((vector_size(16))); };
+template <>
+struct VecOf<double, 32> { typedef double type __attribute__((vector_size(32))); };
+template <>
+struct VecOf<double, 64> { typedef double type __attribute__((vector_size(64))); };
+
+// C[0:MR, 0:NV*L] (+)= sum_k a[k*MR + i] * b[k*ldb + j]. Inlined into the per-ISA wrappers below, so the
+// vector type V lowers to that ISA's registers. memcpy is an unaligned vector load/store.
+template <typename V, typename T, int MR, int NV>
+inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T* __restrict a,
+                                                             const T* __restrict b, int64_t ldb, T* __restrict c,
+                                                             int64_t ldc, bool accumulate) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[MR][NV];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate) {
+        std::memcpy(&acc[i][v], c + i * ldc + v * L, sizeof(V));
+      } else {
+        acc[i][v] = V{};
+      }
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    V bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + k * ldb + v * L, sizeof(V));
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const T ai = a[k * MR + i];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[i][v] += bv[v] * ai;  // contracted to FMA where the ISA has it
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) std::memcpy(c + i * ldc + v * L, &acc[i][v], sizeof(V));
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CNN_EXT_X86 1
+template <typename T, int MR, int NV>
+__attribute__((target("avx512f,fma"))) void micro_kernel_avx512(int64_t kc, const T* a, const T* b, int64_t ldb,
+                                                                T* c, int64_t ldc, bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV>(kc, a, b, ldb, c, ldc, accumulate);
+}
+
+template <typename T, int MR, int NV>
+__attribute__((target("avx2,fma"))) void micro_kernel_avx2(int64_t kc, const T* a, const T* b, int64_t ldb, T* c,
+                                                           int64_t ldc, bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV>(kc, a, b, ldb, c, ldc, accumulate);
+}
+#endif
+
+template <typename T, int MR, int NV>
+void micro_kernel_baseline(int64_t kc, const T* a, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV>(kc, a, b, ldb, c, ldc, accumulate);
+}
+
+template <typename T, int Bytes, int MR, int NV>
+MicroKernel<T> make(MicroKernelFn<T> fn) {
+  return {MR, NV * Bytes / static_cast<int>(sizeof(T)), fn};
+}
+
+// The tile shapes available on this machine, best first. Several shapes exist so that the small channel counts
+// of convolutions (10, 20, 25, ...) waste little work on zero padding; all keep mr*nv accumulators plus nv B
+// vectors and a broadcast within the register file (32 vector registers on AVX-512, 16 otherwise).
+template <typename T>
+std::vector<MicroKernel<T>> detect_micro_kernels() {
+#ifdef CNN_EXT_X86
+  if (__builtin_cpu_supports("avx512f")) {
+    return {make<T, 64, 6, 4>(&micro_kernel_avx512<T, 6, 4>), make<T, 64, 8, 3>(&micro_kernel_avx512<T, 8, 3>),
+            make<T, 64, 12, 2>(&micro_kernel_avx512<T, 12, 2>), make<T, 64, 5, 4>(&micro_kernel_avx512<T, 5, 4>),
+            make<T, 64, 10, 2>(&micro_kernel_avx512<T, 10, 2>)};
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {make<T, 32, 6, 2>(&micro_kernel_avx2<T, 6, 2>), make<T, 32, 4, 3>(&micro_kernel_avx2<T, 4, 3>)};
+  }
+#endif
+  return {make<T, 16, 6, 2>(&micro_kernel_baseline<T, 6, 2>), make<T, 16, 4, 3>(&micro_kernel_baseline<T, 4, 3>)};
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+}  // namespace detail
+
+// The micro-kernel that wastes the least work on padding for an M × N product (ties go to the earlier,
+// faster shape).
+template <typename T>
+MicroKernel<T> pick_micro_kernel(int64_t M, int64_t N) {
+  static const std::vector<MicroKernel<T>> kernels = detail::detect_micro_kernels<T>();
+  MicroKernel<T> best = kernels.front();
+  int64_t best_work = -1;
+  for (const auto& k : kernels) {
+    const int64_t work = detail::round_up(M, k.mr) * detail::round_up(N, k.nr);
+    if (best_work < 0 || work < best_work) {
+      best = k;
+      best_work = work;
+    }
+  }
+  return best;
+}
+
+// Elements pack_a writes for an M × K matrix.
+inline int64_t packed_a_size(int64_t M, int64_t K, int mr) { return detail::round_up(M, mr) * K; }
+
+// Packs A (element (i, k) at src[i*row_stride + k*col_stride]) into mr-row panels, zero-padding the last one.
+template <typename T>
+void pack_a(int64_t M, int64_t K, const T* src, int64_t row_stride, int64_t col_stride, int mr, T* dst) {
+  for (int64_t i0 = 0; i0 < M; i0 += mr) {
+    const int64_t rows = std::min<int64_t>(mr, M - i0);
+    T* panel = dst + i0 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* s = src + i0 * row_stride + k * col_stride;
+      T* d = panel + k * mr;
+      int64_t i = 0;
+      for (; i < rows; ++i) d[i] = s[i * row_stride];
+      for (; i < mr; ++i) d[i] = T(0);
+    }
+  }
+}
+
+// Columns a B buffer must have (its leading dimension) for gemm(..., b_padded = true).
+inline int64_t padded_cols(int64_t N, int nr) { return detail::round_up(N, nr); }
+
+// C[M×N] = A·B (accumulate = false) or C += A·B (accumulate = true); A packed by pack_a with uk.mr.
+// Loop order: K blocks of kc (so a kc × nr strip of B stays in L1 while every A panel streams past it from
+// L2), then column panels, then row panels.
+template <typename T>
+void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b, int64_t ldb,
+          T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < M; ++i) std::fill_n(c + i * ldc, N, T(0));
+    }
+    return;
+  }
+  const int mr = uk.mr, nr = uk.nr;
+  // A B strip of kc_block rows × nr columns takes about 32 KiB of the 48 KiB L1.
+  const int64_t kc_block = std::clamp<int64_t>(32768 / (nr * static_cast<int64_t>(sizeof(T))), 64, 512);
+  std::vector<T> b_edge;  // zero-padded copy of the ragged last column panel
+  T tile[16 * 64];        // ragged C tiles (mr <= 16, nr <= 64 for every kernel above)
+
+  for (int64_t k0 = 0; k0 < K; k0 += kc_block) {
+    const int64_t kc = std::min(kc_block, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t j0 = 0; j0 < N; j0 += nr) {
+      const int64_t cols = std::min<int64_t>(nr, N - j0);
+      const T* b_strip = b + k0 * ldb + j0;
+      int64_t b_ld = ldb;
+      if (cols < nr && !b_padded) {
+        b_edge.assign(kc * nr, T(0));
+        for (int64_t k = 0; k < kc; ++k) std::copy_n(b_strip + k * ldb, cols, b_edge.data() + k * nr);
+        b_strip = b_edge.data();
+        b_ld = nr;
+      }
+      for (int64_t i0 = 0; i0 < M; i0 += mr) {
+        const int64_t rows = std::min<int64_t>(mr, M - i0);
+        const T* a_panel = a_packed + i0 * K + k0 * mr;
+        T* c_tile = c + i0 * ldc + j0;
+        if (rows == mr && cols == nr) {
+          uk.fn(kc, a_panel, b_strip, b_ld, c_tile, ldc, acc);
+          continue;
+        }
+        // Ragged tile: compute the full tile in a scratch buffer, then copy the valid part.
+        std::fill_n(tile, mr * nr, T(0));
+        if (acc) {
+          for (int64_t i = 0; i < rows; ++i) std::copy_n(c_tile + i * ldc, cols, tile + i * nr);
+        }
+        uk.fn(kc, a_panel, b_strip, b_ld, tile, nr, true);
+        for (int64_t i = 0; i < rows; ++i) std::copy_n(tile + i * nr, cols, c_tile + i * ldc);
+      }
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace cnn_ext
