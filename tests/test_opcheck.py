@@ -1,0 +1,74 @@
+"""Operator registration checks: torch.library.opcheck (schema, fake/meta kernels, autograd registration,
+AOT dispatch with dynamic shapes) for every op, and torch.autograd.gradcheck for every differentiable op."""
+
+import pytest
+import torch
+
+import cnn_ext
+from _support import DEVICES
+
+ops = torch.ops.cnn_ext
+
+
+def _t(*shape, device, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    return torch.randn(shape, dtype=torch.float64, generator=g).to(device).requires_grad_(requires_grad)
+
+
+def _samples(device):
+    """(op, args) pairs covering every operator, with and without optional arguments."""
+    x = _t(2, 4, 9, 8, device=device, requires_grad=True)
+    w = _t(6, 2, 3, 2, device=device, requires_grad=True)
+    b = _t(6, device=device, requires_grad=True)
+    conv = ([2, 1], [1, 0], [1, 2], 2)  # stride, padding, dilation, groups
+    out_shape = ops.conv2d(x, w, b, *conv).shape
+    gy = _t(*out_shape, device=device)
+    pool_x = _t(2, 3, 9, 7, device=device, requires_grad=True)
+    pool = ([3, 2], [2, 1], [1, 1], [1, 2], True)  # kernel, stride, padding, dilation, ceil_mode
+    pooled, indices = ops.max_pool2d(pool_x, *pool)
+    avg = ([3, 3], [2, 2], [1, 1], True, False, None)
+    avg_out = ops.avg_pool2d(pool_x, *avg)
+    return [
+        (ops.conv2d, (x, w, b, *conv)),
+        (ops.conv2d, (x, w, None, *conv)),
+        (ops.conv2d_backward_input, (gy, w.detach(), list(x.shape), *conv)),
+        (ops.conv2d_backward_weight, (gy, x.detach(), list(w.shape), *conv)),
+        (ops.conv2d_backward_bias, (gy,)),
+        (ops.max_pool2d, (pool_x, *pool)),
+        (ops.max_pool2d_backward, (_t(*pooled.shape, device=device), indices, list(pool_x.shape), *pool)),
+        (ops.avg_pool2d, (pool_x, *avg)),
+        (ops.avg_pool2d, (pool_x, [2, 2], [2, 2], [0, 0], False, True, 3)),
+        (ops.avg_pool2d_backward, (_t(*avg_out.shape, device=device), list(pool_x.shape), *avg)),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(10))
+def test_opcheck(index, device):
+    op, args = _samples(device)[index]
+    torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_conv2d(device):
+    x = _t(2, 4, 7, 6, device=device, requires_grad=True)
+    w = _t(6, 2, 3, 2, device=device, requires_grad=True)
+    b = _t(6, device=device, requires_grad=True)
+    for kwargs in (dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2), dict(padding="same", groups=2)):
+        assert torch.autograd.gradcheck(lambda x, w, b: cnn_ext.functional.conv2d(x, w, b, **kwargs), (x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_max_pool2d(device):
+    x = _t(2, 3, 7, 6, device=device, requires_grad=True)  # distinct random values: no ties to perturb across
+    assert torch.autograd.gradcheck(
+        lambda x: cnn_ext.functional.max_pool2d(x, (3, 2), stride=2, padding=1, dilation=(1, 2), ceil_mode=True),
+        (x,))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_avg_pool2d(device):
+    x = _t(2, 3, 7, 6, device=device, requires_grad=True)
+    for kwargs in (dict(ceil_mode=True, count_include_pad=False), dict(divisor_override=2)):
+        assert torch.autograd.gradcheck(
+            lambda x: cnn_ext.functional.avg_pool2d(x, 3, stride=2, padding=1, **kwargs), (x,))
