@@ -1,22 +1,24 @@
-// A small single-threaded GEMM for the CPU convolution kernels: C (+)= A·B with A pre-packed.
+// Small single-threaded kernels for the CPU convolution code: a GEMM C (+)= A·B with A pre-packed, and a
+// "dot tile" kernel that reduces rows of two matrices against each other (C += A·B^T, both read along rows).
 //
-// Layout (BLIS/GotoBLAS vocabulary):
+// GEMM layout (BLIS/GotoBLAS vocabulary):
 //   * A (M×K) is packed by pack_a into panels of `mr` rows; within a panel element (i, k) sits at k*mr + i, so
 //     the micro-kernel reads one contiguous column of the panel per k step and broadcasts its mr values.
-//   * B (K×N) is read in place, row-major with leading dimension ldb: the convolution code always hands us a
-//     B whose rows are contiguous (im2col columns, grad_output planes), so packing it would only copy memory.
-//     Only the ragged last column panel (N % nr columns) is copied into a zero-padded buffer, and not even that
-//     when the caller says B's rows are readable up to round_up(N, nr) columns (b_padded): the extra columns
-//     only feed C columns that are never written back.
+//   * B (K×N) is read in place: row k starts at b + b_off[k] and is contiguous. A dense row-major B has
+//     b_off[k] = k*ldb (row_offsets); the convolutions' "implicit im2col" instead points every row (c, r, s) at
+//     the padded input plane c shifted by the tap (r, s), so the im2col matrix is never materialised. Only the
+//     ragged last column panel (N % nr columns) is copied into a zero-padded buffer, and not even that when the
+//     caller says B's rows are readable up to round_up(N, nr) columns (b_padded): the extra columns only feed
+//     C columns that are never written back.
 //   * C (M×N) is row-major with leading dimension ldc.
 // The micro-kernel keeps an mr × nr tile of C in vector registers (mr × nv vectors) and does one rank-1
 // update per k step: nv vector loads of B, mr broadcasts of A, mr*nv FMAs.
 //
-// Instruction-set choice: the micro-kernels are written once with GCC vector extensions and instantiated per
-// ISA with __attribute__((target(...))): 64-byte vectors for AVX-512 (32 registers), 32-byte for AVX2+FMA and
-// 16-byte for the baseline (SSE2 on x86-64, NEON elsewhere). The ISA is picked at run time with
-// __builtin_cpu_supports, so the build needs no -m flags and the library runs on any x86-64 machine. Results
-// are deterministic on a given machine; different ISAs may differ in the last bits (FMA contraction, tiles).
+// Instruction-set choice: the kernels are written once with GCC vector extensions and instantiated per ISA with
+// __attribute__((target(...))): 64-byte vectors for AVX-512 (32 registers), 32-byte for AVX2+FMA and 16-byte
+// for the baseline (SSE2 on x86-64, NEON elsewhere). The ISA is picked at run time with __builtin_cpu_supports,
+// so the build needs no -m flags and the library runs on any x86-64 machine. Results are deterministic on a
+// given machine; different ISAs may differ in the last bits (FMA contraction, tiles, lane counts).
 #pragma once
 
 #include <algorithm>
@@ -28,7 +30,8 @@ namespace cnn_ext {
 namespace cpu {
 
 template <typename T>
-using MicroKernelFn = void (*)(int64_t kc, const T* a, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate);
+using MicroKernelFn = void (*)(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c, int64_t ldc,
+                               bool accumulate);
 
 // One micro-kernel: it computes an mr × nr tile of C.
 template <typename T>
@@ -55,11 +58,12 @@ struct VecOf<double, 32> { typedef double type __attribute__((vector_size(32)));
 template <>
 struct VecOf<double, 64> { typedef double type __attribute__((vector_size(64))); };
 
-// C[0:MR, 0:NV*L] (+)= sum_k a[k*MR + i] * b[k*ldb + j]. Inlined into the per-ISA wrappers below, so the
+// C[0:MR, 0:NV*L] (+)= sum_k a[k*MR + i] * b[b_off[k] + j]. Inlined into the per-ISA wrappers below, so the
 // vector type V lowers to that ISA's registers. memcpy is an unaligned vector load/store.
 template <typename V, typename T, int MR, int NV>
 inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T* __restrict a,
-                                                             const T* __restrict b, int64_t ldb, T* __restrict c,
+                                                             const T* __restrict b, const int64_t* __restrict b_off,
+                                                             T* __restrict c,
                                                              int64_t ldc, bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
   V acc[MR][NV];
@@ -76,8 +80,9 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
   }
   for (int64_t k = 0; k < kc; ++k) {
     V bv[NV];
+    const T* bk = b + b_off[k];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], b + k * ldb + v * L, sizeof(V));
+    for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], bk + v * L, sizeof(V));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       const T ai = a[k * MR + i];
@@ -95,21 +100,23 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
 #if defined(__x86_64__) || defined(__i386__)
 #define CNN_EXT_X86 1
 template <typename T, int MR, int NV>
-__attribute__((target("avx512f,fma"))) void micro_kernel_avx512(int64_t kc, const T* a, const T* b, int64_t ldb,
-                                                                T* c, int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV>(kc, a, b, ldb, c, ldc, accumulate);
+__attribute__((target("avx512f,fma"))) void micro_kernel_avx512(int64_t kc, const T* a, const T* b,
+                                                                const int64_t* b_off, T* c, int64_t ldc,
+                                                                bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV>(kc, a, b, b_off, c, ldc, accumulate);
 }
 
 template <typename T, int MR, int NV>
-__attribute__((target("avx2,fma"))) void micro_kernel_avx2(int64_t kc, const T* a, const T* b, int64_t ldb, T* c,
-                                                           int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV>(kc, a, b, ldb, c, ldc, accumulate);
+__attribute__((target("avx2,fma"))) void micro_kernel_avx2(int64_t kc, const T* a, const T* b, const int64_t* b_off,
+                                                           T* c, int64_t ldc, bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV>(kc, a, b, b_off, c, ldc, accumulate);
 }
 #endif
 
 template <typename T, int MR, int NV>
-void micro_kernel_baseline(int64_t kc, const T* a, const T* b, int64_t ldb, T* c, int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV>(kc, a, b, ldb, c, ldc, accumulate);
+void micro_kernel_baseline(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c, int64_t ldc,
+                           bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV>(kc, a, b, b_off, c, ldc, accumulate);
 }
 
 template <typename T, int Bytes, int MR, int NV>
@@ -178,12 +185,19 @@ void pack_a(int64_t M, int64_t K, const T* src, int64_t row_stride, int64_t col_
 // Columns a B buffer must have (its leading dimension) for gemm(..., b_padded = true).
 inline int64_t padded_cols(int64_t N, int nr) { return detail::round_up(N, nr); }
 
-// C[M×N] = A·B (accumulate = false) or C += A·B (accumulate = true); A packed by pack_a with uk.mr.
-// Loop order: K blocks of kc (so a kc × nr strip of B stays in L1 while every A panel streams past it from
-// L2), then column panels, then row panels.
+// b_off for a dense row-major B with leading dimension ld.
+inline std::vector<int64_t> row_offsets(int64_t rows, int64_t ld) {
+  std::vector<int64_t> off(rows);
+  for (int64_t k = 0; k < rows; ++k) off[k] = k * ld;
+  return off;
+}
+
+// C[M×N] = A·B (accumulate = false) or C += A·B (accumulate = true); A packed by pack_a with uk.mr, row k of B
+// at b + b_off[k]. Loop order: K blocks of kc (so a kc × nr strip of B stays in L1 while every A panel streams
+// past it from L2), then column panels, then row panels.
 template <typename T>
-void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b, int64_t ldb,
-          T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
+void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b,
+          const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate) {
@@ -194,28 +208,30 @@ void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_
   const int mr = uk.mr, nr = uk.nr;
   // A B strip of kc_block rows × nr columns takes about 32 KiB of the 48 KiB L1.
   const int64_t kc_block = std::clamp<int64_t>(32768 / (nr * static_cast<int64_t>(sizeof(T))), 64, 512);
-  std::vector<T> b_edge;  // zero-padded copy of the ragged last column panel
-  T tile[16 * 64];        // ragged C tiles (mr <= 16, nr <= 64 for every kernel above)
+  std::vector<T> b_edge;          // zero-padded copy of the ragged last column panel ...
+  std::vector<int64_t> edge_off;  // ... and its row offsets
+  T tile[16 * 64];                // ragged C tiles (mr <= 16, nr <= 64 for every kernel above)
 
   for (int64_t k0 = 0; k0 < K; k0 += kc_block) {
     const int64_t kc = std::min(kc_block, K - k0);
     const bool acc = accumulate || k0 > 0;
     for (int64_t j0 = 0; j0 < N; j0 += nr) {
       const int64_t cols = std::min<int64_t>(nr, N - j0);
-      const T* b_strip = b + k0 * ldb + j0;
-      int64_t b_ld = ldb;
+      const T* b_strip = b + j0;
+      const int64_t* strip_off = b_off + k0;
       if (cols < nr && !b_padded) {
         b_edge.assign(kc * nr, T(0));
-        for (int64_t k = 0; k < kc; ++k) std::copy_n(b_strip + k * ldb, cols, b_edge.data() + k * nr);
+        for (int64_t k = 0; k < kc; ++k) std::copy_n(b_strip + strip_off[k], cols, b_edge.data() + k * nr);
+        if (edge_off.empty()) edge_off = row_offsets(kc_block, nr);
         b_strip = b_edge.data();
-        b_ld = nr;
+        strip_off = edge_off.data();
       }
       for (int64_t i0 = 0; i0 < M; i0 += mr) {
         const int64_t rows = std::min<int64_t>(mr, M - i0);
         const T* a_panel = a_packed + i0 * K + k0 * mr;
         T* c_tile = c + i0 * ldc + j0;
         if (rows == mr && cols == nr) {
-          uk.fn(kc, a_panel, b_strip, b_ld, c_tile, ldc, acc);
+          uk.fn(kc, a_panel, b_strip, strip_off, c_tile, ldc, acc);
           continue;
         }
         // Ragged tile: compute the full tile in a scratch buffer, then copy the valid part.
@@ -223,11 +239,127 @@ void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_
         if (acc) {
           for (int64_t i = 0; i < rows; ++i) std::copy_n(c_tile + i * ldc, cols, tile + i * nr);
         }
-        uk.fn(kc, a_panel, b_strip, b_ld, tile, nr, true);
+        uk.fn(kc, a_panel, b_strip, strip_off, tile, nr, true);
         for (int64_t i = 0; i < rows; ++i) std::copy_n(tile + i * nr, cols, c_tile + i * ldc);
       }
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dot tiles: out[m][t] += sum_j a_m[j] * b_t[j] for an mr × nt tile of row pairs, where row m of A starts at
+// a + m*lda and row t of B at b + b_off[t]. Used by the weight gradient, whose reduction runs along the rows of
+// both operands (output positions), so neither side can be a GEMM B operand without a transposing gather.
+// The rows are walked in `segments` pieces of `vecs` vectors each, piece i starting a_seg / b_seg elements after
+// piece i-1 (several images or row chunks in one call, so the horizontal sums at the end are amortised). Each
+// (m, t) keeps a vector of lane partial sums, added up in lane order at the end: fixed order, deterministic.
+// Rows m >= rows and t >= taps of a ragged tile recompute the last valid row and are not stored.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+using DotKernelFn = void (*)(int64_t segments, int64_t vecs, const T* a, int64_t lda, int64_t a_seg, const T* b,
+                             const int64_t* b_off, int64_t b_seg, int rows, int taps, T* out, int64_t ldo);
+
+template <typename T>
+struct DotKernel {
+  int mr;     // A rows per tile
+  int nt;     // B rows per tile
+  int lanes;  // elements per vector: segment lengths are multiples of it
+  DotKernelFn<T> fn;
+};
+
+namespace detail {
+
+template <typename V, typename T, int MR, int NT>
+inline __attribute__((always_inline)) void dot_kernel_body(int64_t segments, int64_t vecs, const T* a, int64_t lda,
+                                                           int64_t a_seg, const T* b, const int64_t* b_off,
+                                                           int64_t b_seg, int rows, int taps, T* out, int64_t ldo) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  const T* a_row[MR];
+  const T* b_row[NT];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) a_row[m] = a + std::min(m, rows - 1) * lda;
+#pragma GCC unroll 16
+  for (int t = 0; t < NT; ++t) b_row[t] = b + b_off[std::min(t, taps - 1)];
+  V acc[MR][NT];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) acc[m][t] = V{};
+  }
+  for (int64_t seg = 0; seg < segments; ++seg) {
+    for (int64_t j = 0; j < vecs * L; j += L) {
+      V av[MR];
+#pragma GCC unroll 16
+      for (int m = 0; m < MR; ++m) std::memcpy(&av[m], a_row[m] + j, sizeof(V));
+#pragma GCC unroll 16
+      for (int t = 0; t < NT; ++t) {
+        V bv;
+        std::memcpy(&bv, b_row[t] + j, sizeof(V));
+#pragma GCC unroll 16
+        for (int m = 0; m < MR; ++m) acc[m][t] += av[m] * bv;  // contracted to FMA where the ISA has it
+      }
+    }
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) a_row[m] += a_seg;
+#pragma GCC unroll 16
+    for (int t = 0; t < NT; ++t) b_row[t] += b_seg;
+  }
+  for (int m = 0; m < rows; ++m) {
+    for (int t = 0; t < taps; ++t) {
+      T lane[L];  // pairwise sum of the lanes (fixed order)
+      std::memcpy(lane, &acc[m][t], sizeof(V));
+      for (int width = L / 2; width > 0; width /= 2) {
+        for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+      }
+      out[m * ldo + t] += lane[0];
+    }
+  }
+}
+
+#ifdef CNN_EXT_X86
+template <typename T, int MR, int NT>
+__attribute__((target("avx512f,fma"))) void dot_kernel_avx512(int64_t segments, int64_t vecs, const T* a,
+                                                              int64_t lda, int64_t a_seg, const T* b,
+                                                              const int64_t* b_off, int64_t b_seg, int rows,
+                                                              int taps, T* out, int64_t ldo) {
+  dot_kernel_body<typename VecOf<T, 64>::type, T, MR, NT>(segments, vecs, a, lda, a_seg, b, b_off, b_seg, rows,
+                                                          taps, out, ldo);
+}
+
+template <typename T, int MR, int NT>
+__attribute__((target("avx2,fma"))) void dot_kernel_avx2(int64_t segments, int64_t vecs, const T* a, int64_t lda,
+                                                         int64_t a_seg, const T* b, const int64_t* b_off,
+                                                         int64_t b_seg, int rows, int taps, T* out, int64_t ldo) {
+  dot_kernel_body<typename VecOf<T, 32>::type, T, MR, NT>(segments, vecs, a, lda, a_seg, b, b_off, b_seg, rows,
+                                                          taps, out, ldo);
+}
+#endif
+
+template <typename T, int MR, int NT>
+void dot_kernel_baseline(int64_t segments, int64_t vecs, const T* a, int64_t lda, int64_t a_seg, const T* b,
+                         const int64_t* b_off, int64_t b_seg, int rows, int taps, T* out, int64_t ldo) {
+  dot_kernel_body<typename VecOf<T, 16>::type, T, MR, NT>(segments, vecs, a, lda, a_seg, b, b_off, b_seg, rows,
+                                                          taps, out, ldo);
+}
+
+// mr*nt accumulators + mr A vectors + one B vector fill the register file (32 vectors on AVX-512, 16 otherwise).
+template <typename T>
+DotKernel<T> detect_dot_kernel() {
+#ifdef CNN_EXT_X86
+  if (__builtin_cpu_supports("avx512f")) return {5, 5, 64 / static_cast<int>(sizeof(T)), &dot_kernel_avx512<T, 5, 5>};
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {3, 4, 32 / static_cast<int>(sizeof(T)), &dot_kernel_avx2<T, 3, 4>};
+  }
+#endif
+  return {3, 4, 16 / static_cast<int>(sizeof(T)), &dot_kernel_baseline<T, 3, 4>};
+}
+
+}  // namespace detail
+
+template <typename T>
+const DotKernel<T>& dot_kernel() {
+  static const DotKernel<T> kernel = detail::detect_dot_kernel<T>();
+  return kernel;
 }
 
 }  // namespace cpu

@@ -1,0 +1,111 @@
+"""Benchmark cnn_ext's operators and an MNIST training step against torch's built-ins.
+
+    python -m benchmarks.run [--device cpu|cuda] [--ops conv,pool,train] [--quick] [--json PATH] [--plot PATH]
+                             [--repeat N] [--threads N] [--cpu-peak-gflops X]
+
+Every row is validated against torch before it is timed, then ours and torch's are timed interleaved (see
+timing.py). CPU: torch.utils.benchmark.Timer with torch's threads (or --threads). GPU: CUDA events around each op
+with L2 flushed before it, fp32 with TF32 off, plus bf16 rows; the train step is timed by wall clock on both.
+Prints the machine, then a table; exits with status 1 if any of our results failed validation (speed targets only
+inform).
+"""
+
+import argparse
+import functools
+import os
+import sys
+from types import SimpleNamespace
+
+import torch
+
+import cnn_ext  # noqa: F401  (registers torch.ops.cnn_ext)
+
+from . import cases, ops, report, timing, train
+
+SECTIONS = ("conv", "pool", "train")
+
+# Repetitions (each timing ours and torch once) and, for wall-clock timing, the length of one repetition's block
+# of calls. --quick is a smoke test of every row (~60 s on 2 cores), not a measurement.
+REPS = {("cpu", False): 15, ("cpu", True): 2, ("cuda", False): 100, ("cuda", True): 5}
+BLOCK_S = {False: 0.02, True: 0.002}
+WARMUP = {False: 3, True: 1}
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--ops", default=",".join(SECTIONS), help="comma-separated subset of conv,pool,train")
+    parser.add_argument("--quick", action="store_true", help="every row, few repetitions, small CPU batches")
+    parser.add_argument("--json", metavar="PATH", help="write machine, settings and rows as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of the time ratios")
+    parser.add_argument("--repeat", type=int, metavar="N", help="repetitions per row (default: by device/--quick)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch and our kernels (default: torch's); on a shared machine, 1 "
+                             "avoids OpenMP threads waiting on descheduled peers")
+    parser.add_argument("--cpu-peak-gflops", type=float, default=cases.CPU_PEAK_FLOPS / 1e9,
+                        help="the whole CPU's fp32 peak, for the %% of peak column; scaled by the share of CPUs "
+                             "used (default: %(default)s, MKL sgemm measured on the 2-core development machine)")
+    args = parser.parse_args(argv)
+    args.sections = [s.strip() for s in args.ops.split(",") if s.strip()]
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        parser.error(f"--ops: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is visible")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, quick = args.device, args.quick
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if device == "cuda":
+        # fp32 rows compare true fp32 arithmetic (cuDNN and cuBLAS may not use TF32); cuDNN picks its fastest
+        # algorithm per shape (autotuned during warm-up), the strongest baseline.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    cpu_share = min(torch.get_num_threads(), os.cpu_count()) / os.cpu_count()
+    settings = SimpleNamespace(quick=quick, reps=args.repeat or REPS[(device, quick)],
+                               cpu_peak_flops=args.cpu_peak_gflops * 1e9 * cpu_share)
+    wallclock = functools.partial(timing.wallclock_samples, device=device, reps=settings.reps,
+                                  block_s=BLOCK_S[quick], warmup=WARMUP[quick])
+    op_timer = (functools.partial(timing.cuda_event_samples, reps=settings.reps, warmup=WARMUP[quick])
+                if device == "cuda" else wallclock)
+
+    machine = report.machine_info(device)
+    device_name = machine.get("gpu", machine["cpu"])
+    config = {"device": device, "sections": args.sections, "quick": quick, "reps": settings.reps,
+              "batches": {f"{d}/{family}": n for (d, family), n in
+                          (cases.QUICK_BATCH if quick else cases.BATCH).items() if d == device},
+              "train_batch": cases.TRAIN_BATCH, "cpu_peak_gflops_used": settings.cpu_peak_flops / 1e9,
+              "timing": "CUDA events, L2 flushed per call (train step: wall clock)" if device == "cuda"
+              else "torch.utils.benchmark.Timer, interleaved blocks"}
+    print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
+    print("config:  " + ", ".join(f"{k}={v}" for k, v in config.items()))
+    print("ratio = ours time / torch time (medians); rates in GFLOP/s (conv) or GB/s (pool); speed PASS = ratio <= "
+          "target; ±iqr = the noisier side's interquartile range / median")
+    print(report.format_table([]))
+
+    def log(row):
+        print(report.format_table([row]).split("\n", 1)[1], flush=True)
+
+    dtypes = [torch.float32, torch.bfloat16] if device == "cuda" else [torch.float32]
+    rows = ops.run(args.sections, device, dtypes, device_name, settings, op_timer, log)
+    if "train" in args.sections:
+        rows += train.run(device, wallclock, log)
+
+    passed = sum(r.passed for r in rows)
+    invalid = [r for r in rows if r.check != "ok"]
+    print(f"\n{passed}/{len(rows)} rows meet their speed target; {len(invalid)} failed validation")
+    if args.json:
+        report.write_json(args.json, machine, config, rows)
+    if args.plot:
+        report.write_plot(args.plot, f"cnn_ext vs torch on {device_name} ({device})", rows)
+    return 1 if invalid else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+// Helpers shared by the CUDA kernels: index-width selection, fast integer division, launch sizing and a
+// deterministic block reduction.
+//
+// Header note: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which the toolkit used to build this
+// project need not have, so only the c10/cuda headers are used.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/util/Exception.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+
+#include "../checks.h"
+
+namespace cnn_ext::gpu {
+
+inline void check_cuda_dtype(const char* op, const at::Tensor& t, const char* name) {
+  check_backend_dtype(op, t, name, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, "CUDA");
+}
+
+// float16/bfloat16 accumulate in float32; float32 and float64 in their own type.
+template <typename scalar_t>
+using acc_type = at::opmath_type<scalar_t>;
+
+constexpr int kElementwiseThreads = 256;
+// Elementwise kernels use grid-stride loops; capping the grid keeps (index + stride) far below 2^31.
+constexpr int64_t kMaxElementwiseBlocks = int64_t(1) << 20;
+
+template <typename T>
+__host__ __device__ constexpr T ceil_div(T a, T b) {
+  return (a + b - 1) / b;
+}
+
+// min/max for any index type (CUDA's overloads do not cover every integer type on every platform).
+template <typename T>
+__host__ __device__ __forceinline__ T minimum(T a, T b) {
+  return b < a ? b : a;
+}
+
+template <typename T>
+__host__ __device__ __forceinline__ T maximum(T a, T b) {
+  return a < b ? b : a;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Index width. Kernels are templated on index_t; 32-bit arithmetic (and fast division) is used only when every
+// tensor and every hyper-parameter extent is below 2^29, so that sums of a few such values, tile overhang and
+// grid-stride steps cannot overflow int32.
+// ---------------------------------------------------------------------------------------------------------------
+
+constexpr int64_t kMaxInt32Extent = std::numeric_limits<int32_t>::max() / 4;
+
+inline bool fits_int32(std::initializer_list<int64_t> extents) {
+  return std::all_of(extents.begin(), extents.end(), [](int64_t e) { return e <= kMaxInt32Extent; });
+}
+
+// Calls f(int32_t{}) or f(int64_t{}); the callee recovers the type with decltype.
+template <typename F>
+void dispatch_index_type(bool use_int32, F&& f) {
+  if (use_int32) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Division by a divisor fixed at launch time. Decomposing linear indices (m -> n, p, q) is most of the integer
+// work in the kernels; for 32-bit indices a multiply-high and shift replaces the ~20-instruction divide
+// (Granlund & Montgomery round-up method, as in CUTLASS's FastDivmod: exact for dividends in [0, 2^31)).
+// Only non-negative dividends may be passed.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename index_t>
+struct Divmod;
+
+template <>
+struct Divmod<int64_t> {
+  int64_t divisor = 1;
+
+  Divmod() = default;
+  explicit Divmod(int64_t d) : divisor(d) { TORCH_INTERNAL_ASSERT(d >= 1, "Divmod: divisor must be positive"); }
+
+  __device__ __forceinline__ int64_t div(int64_t x) const { return x / divisor; }
+  __device__ __forceinline__ void divmod(int64_t x, int64_t& quotient, int64_t& remainder) const {
+    quotient = x / divisor;
+    remainder = x - quotient * divisor;
+  }
+};
+
+template <>
+struct Divmod<int32_t> {
+  int32_t divisor = 1;
+  uint32_t multiplier = 0;  // ceil(2^(31 + log2_ceil(divisor)) / divisor); unused when divisor == 1
+  uint32_t shift = 0;
+
+  Divmod() = default;
+  explicit Divmod(int64_t d) : divisor(static_cast<int32_t>(d)) {
+    TORCH_INTERNAL_ASSERT(d >= 1 && d <= std::numeric_limits<int32_t>::max(), "Divmod: divisor out of range");
+    if (d == 1) return;
+    int log2_ceil = 0;
+    while ((int64_t(1) << log2_ceil) < d) ++log2_ceil;
+    multiplier = static_cast<uint32_t>(((uint64_t(1) << (31 + log2_ceil)) + d - 1) / d);
+    shift = log2_ceil - 1;
+  }
+
+  __device__ __forceinline__ int32_t div(int32_t x) const {
+    return divisor == 1 ? x : static_cast<int32_t>(__umulhi(static_cast<uint32_t>(x), multiplier) >> shift);
+  }
+  __device__ __forceinline__ void divmod(int32_t x, int32_t& quotient, int32_t& remainder) const {
+    quotient = div(x);
+    remainder = x - quotient * divisor;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Launch sizing.
+// ---------------------------------------------------------------------------------------------------------------
+
+inline int multiprocessor_count() {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  return count;
+}
+
+// Blocks for a grid-stride loop over `total` (> 0) elements.
+inline unsigned elementwise_blocks(int64_t total) {
+  return static_cast<unsigned>(std::min(ceil_div<int64_t>(total, kElementwiseThreads), kMaxElementwiseBlocks));
+}
+
+// Grid-stride loop bounds: for (index_t i = global_thread_index<index_t>(); i < total; i += grid_stride<index_t>())
+template <typename index_t>
+__device__ __forceinline__ index_t global_thread_index() {
+  return static_cast<index_t>(blockIdx.x) * static_cast<index_t>(blockDim.x) + static_cast<index_t>(threadIdx.x);
+}
+
+template <typename index_t>
+__device__ __forceinline__ index_t grid_stride() {
+  return static_cast<index_t>(gridDim.x) * static_cast<index_t>(blockDim.x);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Deterministic block-wide sum: a fixed shared-memory tree, so the result does not depend on scheduling.
+// Every thread of the block must call it; every thread gets the sum. `scratch` holds kThreads values.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <int kThreads, typename acc_t>
+__device__ acc_t block_sum(acc_t value, acc_t* scratch) {
+  static_assert((kThreads & (kThreads - 1)) == 0, "block_sum needs a power-of-two block");
+  __syncthreads();  // a previous call's readers of scratch[0] are done before it is overwritten
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (int stride = kThreads / 2; stride > 0; stride /= 2) {
+    if (static_cast<int>(threadIdx.x) < stride) scratch[threadIdx.x] += scratch[threadIdx.x + stride];
+    __syncthreads();
+  }
+  return scratch[0];
+}
+
+}  // namespace cnn_ext::gpu

@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# GPU check for cnn_ext, for a machine with an NVIDIA GPU and the dependencies preinstalled (no network needed).
+#
+#   scripts/gpu_check.sh OUTDIR
+#
+# Steps (each time-limited; later steps run even when earlier ones fail):
+#   build        pip install --no-build-isolation -e .   (in place, MAX_JOBS=16)
+#   tests        pytest on the CUDA tests (-k cuda; the whole suite if no test id mentions cuda)
+#   memcheck     compute-sanitizer --tool memcheck  on scripts/sanitizer_case.py
+#   racecheck    compute-sanitizer --tool racecheck on scripts/sanitizer_case.py
+#   large_index  scripts/sanitizer_case.py --large  (the 64-bit index path)
+#   benchmarks   python -m benchmarks.run --device cuda, if benchmarks/run.py exists
+# Writes OUTDIR/gpu_check.log, one OUTDIR/<step>.log per step, and OUTDIR/summary.json. Exits 1 if any step failed.
+# The limits add up to under 8 minutes (150 + 90 + 70 + 70 + 30 + 50 s).
+set -u
+
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUTDIR" >&2
+  exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export MAX_JOBS=${MAX_JOBS:-16}
+export PATH="$CUDA_HOME/bin:$PATH"
+LOG="$OUT/gpu_check.log"
+: > "$LOG"
+: > "$OUT/steps.tsv"
+
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$LOG"; }
+
+# run_step NAME LIMIT_SECONDS COMMAND...: runs with a time limit, output to OUTDIR/NAME.log, records the outcome.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  log "step $name (limit ${limit}s): $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local status=passed
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then status=timeout; elif [ $rc -ne 0 ]; then status=failed; fi
+  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$rc" "$((SECONDS - start))" >> "$OUT/steps.tsv"
+  log "step $name: $status (rc=$rc, $((SECONDS - start))s)"
+  tail -n 5 "$OUT/$name.log" | sed 's/^/    /' | tee -a "$LOG"
+  return $rc
+}
+
+skip_step() {
+  printf '%s\tskipped\t-\t0\t%s\n' "$1" "$2" >> "$OUT/steps.tsv"
+  log "step $1: skipped ($2)"
+}
+
+log "cnn_ext gpu_check in $(pwd), CUDA_HOME=$CUDA_HOME"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$LOG" 2>&1
+python -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' >> "$LOG" 2>&1
+
+if run_step build 150 python -m pip install --no-build-isolation --no-deps -e .; then
+  run_step tests 90 python -m pytest -x -q tests -k cuda --junitxml="$OUT/pytest.xml" -p no:cacheprovider
+  if [ "$(cut -f3 "$OUT/steps.tsv" | tail -n 1)" = 5 ]; then  # pytest: nothing selected, so run everything
+    sed -i '$d' "$OUT/steps.tsv"
+    run_step tests 90 python -m pytest -x -q tests --junitxml="$OUT/pytest.xml" -p no:cacheprovider
+  fi
+
+  SANITIZER=$(command -v compute-sanitizer || ls "$CUDA_HOME"/bin/compute-sanitizer \
+              "$CUDA_HOME"/compute-sanitizer/compute-sanitizer 2>/dev/null | head -n 1)
+  if [ -n "$SANITIZER" ]; then
+    # Only our kernels are checked where the sanitizer can filter; separate allocations let memcheck see
+    # out-of-bounds accesses that PyTorch's caching allocator would otherwise hide inside a pooled block.
+    FILTER=()
+    if "$SANITIZER" --help 2>/dev/null | grep -q -- '--kernel-name'; then FILTER=(--kernel-name kns=cnn_ext); fi
+    for tool in memcheck racecheck; do
+      run_step "$tool" 70 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
+        ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 python scripts/sanitizer_case.py
+    done
+  else
+    skip_step memcheck "compute-sanitizer not found"
+    skip_step racecheck "compute-sanitizer not found"
+  fi
+
+  run_step large_index 30 python scripts/sanitizer_case.py --large
+
+  if [ -f benchmarks/run.py ]; then
+    run_step benchmarks 50 python -m benchmarks.run --device cuda --json "$OUT/bench.json"
+  else
+    skip_step benchmarks "benchmarks/run.py is absent"
+  fi
+else
+  for step in tests memcheck racecheck large_index benchmarks; do skip_step "$step" "build failed"; done
+fi
+
+# summary.json: each step's outcome and time, pytest counts (from the JUnit XML), sanitizer verdicts.
+python - "$OUT" << 'EOF' | tee -a "$LOG"
+import json, os, re, sys
+import xml.etree.ElementTree as ET
+
+out = sys.argv[1]
+steps = {}
+for line in open(os.path.join(out, "steps.tsv")):
+    name, status, rc, seconds, *reason = line.rstrip("\n").split("\t")
+    steps[name] = {"status": status, "exit_code": None if rc == "-" else int(rc), "seconds": int(seconds)}
+    if reason:
+        steps[name]["reason"] = reason[0]
+
+junit = os.path.join(out, "pytest.xml")
+if "tests" in steps and os.path.exists(junit):
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    root = ET.parse(junit).getroot()
+    for suite in ([root] if root.tag == "testsuite" else root.iter("testsuite")):
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    steps["tests"]["counts"] = counts
+
+for tool in ("memcheck", "racecheck"):
+    path = os.path.join(out, f"{tool}.log")
+    if tool in steps and os.path.exists(path):
+        text = open(path, errors="replace").read()
+        found = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+        steps[tool]["sanitizer_errors"] = int(found[-1]) if found else None
+        steps[tool]["verdict"] = "clean" if found and int(found[-1]) == 0 and steps[tool]["status"] == "passed" else "dirty"
+
+summary = {"ok": all(s["status"] in ("passed", "skipped") for s in steps.values()), "steps": steps}
+json.dump(summary, open(os.path.join(out, "summary.json"), "w"), indent=2)
+print(json.dumps(summary, indent=2))
+EOF
+
+if grep -q -P '\t(failed|timeout)\t' "$OUT/steps.tsv"; then
+  log "gpu_check: FAILED"
+  exit 1
+fi
+log "gpu_check: passed"
+exit 0
