@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d"]
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu"]
 
 _ops = torch.ops.cnn_ext
 
@@ -48,11 +48,11 @@ def _batched(input, op):
     return input, False
 
 
-def _pool_stride(stride, kernel_size, op):
+def _pool_stride(stride, kernel_size, op, name="stride"):
     """torch's pooling default: stride None (or empty) means stride = kernel_size."""
     if stride is None or (isinstance(stride, Sequence) and len(stride) == 0):
         return kernel_size
-    return _pair(stride, "stride", op)
+    return _pair(stride, name, op)
 
 
 def _same_padding(input, weight, stride, dilation):
@@ -72,9 +72,8 @@ def _same_padding(input, weight, stride, dilation):
     return input, padding
 
 
-def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """2-D convolution, as torch.nn.functional.conv2d."""
-    op = "conv2d"
+def _conv_args(input, weight, bias, stride, padding, dilation, groups, op):
+    """torch's conv2d arguments in the operators' form: (4-D input, was it unbatched, stride, padding, dilation)."""
     input, unbatched = _batched(input, op)
     _check_tensor(weight, "weight", op)
     if bias is not None:
@@ -92,7 +91,30 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             raise ValueError(f"{op}: padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
     else:
         padding = _pair(padding, "padding", op)
+    return input, unbatched, stride, padding, dilation
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution, as torch.nn.functional.conv2d."""
+    input, unbatched, stride, padding, dilation = _conv_args(input, weight, bias, stride, padding, dilation, groups,
+                                                             "conv2d")
     out = _ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    return out.squeeze(0) if unbatched else out
+
+
+def conv2d_maxpool_relu(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, pool_kernel_size=2,
+                        pool_stride=None, pool_padding=0, pool_dilation=1, ceil_mode=False):
+    """relu(max_pool2d(conv2d(input, weight, bias, ...), pool_kernel_size, ...)) as one fused operator: the
+    convolution's output is pooled while it is computed, and never stored. Arguments as conv2d's and max_pool2d's
+    (the pooling ones prefixed with pool_)."""
+    op = "conv2d_maxpool_relu"
+    input, unbatched, stride, padding, dilation = _conv_args(input, weight, bias, stride, padding, dilation, groups,
+                                                             op)
+    pool_kernel_size = _pair(pool_kernel_size, "pool_kernel_size", op)
+    out, _ = _ops.conv2d_maxpool_relu(input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+                                      _pool_stride(pool_stride, pool_kernel_size, op, "pool_stride"),
+                                      _pair(pool_padding, "pool_padding", op),
+                                      _pair(pool_dilation, "pool_dilation", op), bool(ceil_mode))
     return out.squeeze(0) if unbatched else out
 
 

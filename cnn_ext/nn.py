@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import functional
 
-__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d"]
+__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "conv_maxpool_relu"]
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -35,3 +35,14 @@ class AvgPool2d(torch.nn.AvgPool2d):
     def forward(self, input):
         return functional.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                                      self.count_include_pad, self.divisor_override)
+
+
+def conv_maxpool_relu(conv, pool, input):
+    """relu(pool(conv(input))). Runs as the fused operator when `conv` is our Conv2d with zero padding and `pool`
+    our MaxPool2d without return_indices (the MNIST layer pattern); otherwise as the three layers."""
+    if (type(conv) is Conv2d and conv.padding_mode == "zeros" and type(pool) is MaxPool2d
+            and not pool.return_indices):
+        return functional.conv2d_maxpool_relu(input, conv.weight, conv.bias, conv.stride, conv.padding,
+                                              conv.dilation, conv.groups, pool.kernel_size, pool.stride,
+                                              pool.padding, pool.dilation, pool.ceil_mode)
+    return torch.relu(pool(conv(input)))

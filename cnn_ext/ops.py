@@ -18,16 +18,21 @@ def _conv2d_setup_context(ctx, inputs, output):
     ctx.args = (stride, padding, dilation, groups)
 
 
-def _conv2d_backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
+def _conv2d_grads(ctx, grad_output, input, weight, conv_args):
+    """Gradients of a convolution's input, weight and bias (as far as ctx.needs_input_grad asks)."""
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_input = _ops.conv2d_backward_input(grad_output, weight, input.shape, *ctx.args)
+        grad_input = _ops.conv2d_backward_input(grad_output, weight, input.shape, *conv_args)
     if ctx.needs_input_grad[1]:
-        grad_weight = _ops.conv2d_backward_weight(grad_output, input, weight.shape, *ctx.args)
+        grad_weight = _ops.conv2d_backward_weight(grad_output, input, weight.shape, *conv_args)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = _ops.conv2d_backward_bias(grad_output)
-    return grad_input, grad_weight, grad_bias, None, None, None, None
+    return grad_input, grad_weight, grad_bias
+
+
+def _conv2d_backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    return _conv2d_grads(ctx, grad_output, input, weight, ctx.args) + (None,) * 4
 
 
 torch.library.register_autograd("cnn_ext::conv2d", _conv2d_backward, setup_context=_conv2d_setup_context)
@@ -63,3 +68,22 @@ def _avg_pool2d_backward(ctx, grad_output):
 
 
 torch.library.register_autograd("cnn_ext::avg_pool2d", _avg_pool2d_backward, setup_context=_avg_pool2d_setup_context)
+
+
+def _conv2d_maxpool_relu_setup_context(ctx, inputs, output):
+    input, weight, bias, *args = inputs
+    out, indices = output
+    ctx.mark_non_differentiable(indices)
+    ctx.save_for_backward(input, weight, out, indices)
+    ctx.has_bias = bias is not None
+    ctx.args = args  # stride, padding, dilation, groups, then the pooling arguments
+
+
+def _conv2d_maxpool_relu_backward(ctx, grad_output, _grad_indices):
+    input, weight, out, indices = ctx.saved_tensors
+    grad_conv_output = _ops.conv2d_maxpool_relu_backward_pool(grad_output, out, indices, input, weight, *ctx.args)
+    return _conv2d_grads(ctx, grad_conv_output, input, weight, ctx.args[:4]) + (None,) * len(ctx.args)
+
+
+torch.library.register_autograd("cnn_ext::conv2d_maxpool_relu", _conv2d_maxpool_relu_backward,
+                                setup_context=_conv2d_maxpool_relu_setup_context)

@@ -291,4 +291,28 @@ PoolShape<T> check_avg_pool2d_backward(const char* op, const at::Tensor& grad_ou
   return s;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Fused conv2d + bias + max_pool2d + ReLU (the MNIST layer pattern): a convolution whose output is max-pooled, then
+// passed through ReLU. Indices point into the convolution's output plane (P×Q), as max_pool2d's do.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct ConvPoolShape {
+  ConvShape<T> conv;
+  PoolShape<T> pool;  // its input is the convolution's output
+};
+
+template <typename T>
+ConvPoolShape<T> check_conv2d_maxpool_relu(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                                           const c10::optional<at::Tensor>& bias, c10::IntArrayRef stride,
+                                           c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                           c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+                                           c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation,
+                                           bool ceil_mode) {
+  auto conv = check_conv2d<T>(op, input, weight, bias, stride, padding, dilation, groups);
+  auto conv_out = conv.output_sizes();
+  auto pool = pool2d_shape<T>(op, conv_out, pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode);
+  return {conv, pool};
+}
+
 }  // namespace cnn_ext

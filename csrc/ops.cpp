@@ -4,7 +4,9 @@
 // symbolic sizes, so FakeTensor, torch.compile and torch.export see every op without running it.
 #include <Python.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/threshold_backward.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -81,6 +83,41 @@ at::Tensor avg_pool2d_backward_meta(const at::Tensor& grad_output, SymIntArrayRe
   return empty_like_sizes(s.input_sizes(), grad_output);
 }
 
+std::tuple<at::Tensor, at::Tensor> conv2d_maxpool_relu_meta(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride, c10::IntArrayRef pool_padding,
+    c10::IntArrayRef pool_dilation, bool ceil_mode) {
+  auto s = check_conv2d_maxpool_relu<SymInt>("cnn_ext.conv2d_maxpool_relu", input, weight, bias, stride, padding,
+                                             dilation, groups, pool_kernel_size, pool_stride, pool_padding,
+                                             pool_dilation, ceil_mode);
+  auto out = s.pool.output_sizes();
+  return {at::empty_symint(out, input.options()), at::empty_symint(out, input.options().dtype(at::kLong))};
+}
+
+// Gradient of the fused op with respect to the convolution's output: ReLU's derivative (torch's own
+// threshold_backward), then max_pool2d_backward into the convolution output plane. Written once from other
+// operators, so it serves every backend and symbolic shapes; only the convolution output size needs checks.h.
+at::Tensor conv2d_maxpool_relu_backward_pool(const at::Tensor& grad_output, const at::Tensor& output,
+                                             const at::Tensor& indices, const at::Tensor& input,
+                                             const at::Tensor& weight, c10::IntArrayRef stride,
+                                             c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                             c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+                                             c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation,
+                                             bool ceil_mode) {
+  auto s = check_conv2d_maxpool_relu<SymInt>("cnn_ext.conv2d_maxpool_relu_backward_pool", input, weight,
+                                             c10::nullopt, stride, padding, dilation, groups, pool_kernel_size,
+                                             pool_stride, pool_padding, pool_dilation, ceil_mode);
+  static auto max_pool2d_backward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cnn_ext::max_pool2d_backward", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, SymIntArrayRef, c10::IntArrayRef,
+                            c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, bool)>();
+  auto conv_out = s.conv.output_sizes();
+  return max_pool2d_backward.call(at::threshold_backward(grad_output, output, 0), indices, conv_out,
+                                  pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cnn_ext, m) {
@@ -99,6 +136,17 @@ TORCH_LIBRARY(cnn_ext, m) {
         "bool count_include_pad, int? divisor_override) -> Tensor");
   m.def("avg_pool2d_backward(Tensor grad_output, SymInt[4] input_size, int[2] kernel_size, int[2] stride, "
         "int[2] padding, bool ceil_mode, bool count_include_pad, int? divisor_override) -> Tensor");
+  // relu(max_pool2d(conv2d(input, weight, bias))) in one pass; indices are max_pool2d's, into the conv output.
+  m.def("conv2d_maxpool_relu(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
+        "int[2] dilation, int groups, int[2] pool_kernel_size, int[2] pool_stride, int[2] pool_padding, "
+        "int[2] pool_dilation, bool ceil_mode) -> (Tensor, Tensor)");
+  m.def("conv2d_maxpool_relu_backward_pool(Tensor grad_output, Tensor output, Tensor indices, Tensor input, "
+        "Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, int[2] pool_kernel_size, "
+        "int[2] pool_stride, int[2] pool_padding, int[2] pool_dilation, bool ceil_mode) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cnn_ext, CompositeExplicitAutograd, m) {
+  m.impl("conv2d_maxpool_relu_backward_pool", &conv2d_maxpool_relu_backward_pool);
 }
 
 TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {
@@ -110,6 +158,7 @@ TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {
   m.impl("max_pool2d_backward", &max_pool2d_backward_meta);
   m.impl("avg_pool2d", &avg_pool2d_meta);
   m.impl("avg_pool2d_backward", &avg_pool2d_backward_meta);
+  m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_meta);
 }
 
 }  // namespace cnn_ext
