@@ -90,9 +90,29 @@ inline c10::ArrayRef<c10::SymInt> sizes_of<c10::SymInt>(const at::Tensor& t) { r
 // With ceil_mode the last window must start inside the input or the left padding.
 // ---------------------------------------------------------------------------------------------------------------
 
+// The value of a size when it is known (always for int64_t; for a SymInt, when it is not symbolic).
+inline c10::optional<int64_t> known_value(int64_t v) { return v; }
+inline c10::optional<int64_t> known_value(const c10::SymInt& v) { return v.maybe_as_int(); }
+
+// Sizes this large make `in + 2*pad` or `dilation*(k-1)` overflow 64-bit arithmetic; torch rejects them too.
+constexpr int64_t kMaxExtent = int64_t(1) << 62;
+
+template <typename T>
+void check_window_extent(const char* op, const char* dim_name, const T& in, const T& k, int64_t pad,
+                         int64_t dilation) {
+  const auto in_value = known_value(in), k_value = known_value(k);
+  // A symbolic size is a real tensor's, far below the limit; the hyper-parameters are always concrete.
+  const __int128 padded = static_cast<__int128>(in_value.value_or(0)) + 2 * static_cast<__int128>(pad);
+  const __int128 span = static_cast<__int128>(dilation) * (k_value.value_or(1) - 1) + 1;
+  TORCH_CHECK_VALUE(padded < kMaxExtent, op, ": padding ", pad, " is too large for the input ", dim_name);
+  TORCH_CHECK_VALUE(span < kMaxExtent, op, ": dilation ", dilation, " with kernel_size ", k_value.value_or(-1),
+                    " spans more than 2^62 input pixels along the ", dim_name);
+}
+
 template <typename T>
 T window_output_size(const char* op, const char* dim_name, const T& in, const T& k, int64_t stride, int64_t pad,
                      int64_t dilation, bool ceil_mode) {
+  check_window_extent(op, dim_name, in, k, pad, dilation);
   const T span = in + 2 * pad - dilation * (k - 1) - 1 + (ceil_mode ? stride - 1 : 0);
   TORCH_CHECK_VALUE(span >= 0, op, ": kernel_size ", k, " (dilation ", dilation, ", so ", dilation * (k - 1) + 1,
                     " input pixels) is larger than the padded input ", dim_name, " ", in, " + 2*", pad);
