@@ -4,16 +4,30 @@ With no options this is the seed notebook's recipe: its model, SGD lr 0.01 momen
 The data sit on the training device as one normalised tensor; each epoch slices batches from a permutation drawn
 from a seeded generator whose state is checkpointed with the model, the optimizer and torch's RNG, so a resumed
 run ends exactly where an uninterrupted one does.
+
+Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set, WORLD_SIZE > 1) it trains with DistributedDataParallel: gloo on
+CPU, nccl on GPUs (one per process, cuda:LOCAL_RANK). Every rank draws the same per-epoch permutation from the
+shared seed and trains on its strided shard of it (rank r takes positions r, r + W, ...; the n % W images left over
+are skipped that epoch, so every rank runs the same number of batches); --batch-size is per process. Losses and
+accuracies are averaged over the ranks, evaluation is sharded and summed, and rank 0 alone prints, writes
+checkpoints, logs and plots.
+
+--cuda-graphs captures the whole training step (forward, loss, backward, optimizer step) as one CUDA graph and
+replays it for every full batch (see _GraphedStep).
 """
 
 import argparse
+import contextlib
+import hashlib
 import io
 import json
 import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import functional
@@ -110,6 +124,9 @@ def build_parser():
                    help="continue the run saved in --checkpoint up to --epochs, with its recipe")
     p.add_argument("--log-json", metavar="PATH", help="write the run's settings and per-epoch/per-step metrics")
     p.add_argument("--plot", metavar="PATH", help="write a PNG of the loss and accuracy curves")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the training step (forward, loss, backward, optimizer step) once as a CUDA graph "
+                        "and replay it for each batch (CUDA only; an epoch's last partial batch runs eagerly)")
     return p
 
 
@@ -124,15 +141,31 @@ def _parse_args(parser, argv):
         parser.error("--device cuda: this torch has no usable CUDA device (torch.cuda.is_available() is False)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.cuda_graphs and args.device != "cuda":
+        parser.error("--cuda-graphs needs a CUDA device, but this run is on cpu"
+                     + ("" if torch.cuda.is_available() else " (torch.cuda.is_available() is False)"))
+    if args.cuda_graphs and _distributed_env() is not None:
+        parser.error("--cuda-graphs is not supported with several processes (torchrun); use one or the other")
     return args
 
 
-def _settings(parser, args, checkpoint):
+def _distributed_env():
+    """(rank, world size, local rank) when run by torchrun with more than one process, else None."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _settings(parser, args, checkpoint, world_size=1):
     """The run's settings: a resumed run's come from its checkpoint (options given again must agree with it);
-    a new run's from the options, falling back to the model's recipe and the seed's defaults."""
+    a new run's from the options, falling back to the model's recipe and the seed's defaults. A distributed run's
+    also hold its number of processes (it decides the shards), which a resumed run must keep."""
     given = {name: getattr(args, name) for name in RUN_SETTINGS if getattr(args, name) is not None}
     if checkpoint is not None:
         saved = checkpoint["settings"]
+        if saved.get("world_size", 1) != world_size:
+            parser.error(f"the checkpoint was written by a run of {saved.get('world_size', 1)} process(es), this one "
+                         f"has {world_size}; a resumed run keeps its settings")
         for name, value in given.items():
             if saved[name] != value:
                 flag = "--" + name.replace("_", "-")
@@ -141,6 +174,8 @@ def _settings(parser, args, checkpoint):
         return dict(saved)
     model = args.model or "seed"
     settings = {"model": model, "batch_size": 128, "seed": 0, "train_limit": None, **RECIPES[model], **given}
+    if world_size > 1:
+        settings["world_size"] = world_size
     if settings["optimizer"] == "sgd":
         settings["momentum"] = 0.5 if settings["momentum"] is None else settings["momentum"]
     elif args.momentum is not None:
@@ -148,11 +183,24 @@ def _settings(parser, args, checkpoint):
     return settings
 
 
-def _make_optimizer(settings, params):
+def _make_optimizer(settings, params, capturable=False):
+    """The run's optimizer. `capturable` (for CUDA graphs) keeps Adam's step counts on the device; SGD has no such
+    option and needs none (its step never reads a value back to the host)."""
     if settings["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"])
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings["optimizer"]]
-    return optimizer(params, lr=settings["lr"])
+    return optimizer(params, lr=settings["lr"], **({"capturable": True} if capturable else {}))
+
+
+def _make_capturable(optimizer, device):
+    """After load_state_dict, which restores the checkpoint's `capturable` flag (False for an eager run's) and keeps
+    a non-capturable run's step counts on the CPU: what a captured Adam step needs."""
+    for group in optimizer.param_groups:
+        if "capturable" in group:
+            group["capturable"] = True
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].to(device=device, dtype=torch.float32)
 
 
 def _check_backend(backend, device):
@@ -162,7 +210,8 @@ def _check_backend(backend, device):
     x = torch.zeros(1, 1, 4, 4, device=device, requires_grad=True)
     try:
         y = functional.max_pool2d(functional.conv2d(x, torch.zeros(1, 1, 3, 3, device=device)), 2)
-        functional.avg_pool2d(y, 1).sum().backward()
+        fused = functional.conv2d_maxpool_relu(x, torch.zeros(1, 1, 3, 3, device=device))  # the seed model's layers
+        (functional.avg_pool2d(y, 1).sum() + fused.sum()).backward()
     except (RuntimeError, NotImplementedError) as e:
         raise SystemExit(f"--backend ext: cnn_ext's kernels do not run on {device} in this build "
                          f"({str(e).splitlines()[0].split('. ')[0]}); use --backend torch") from None
@@ -186,47 +235,141 @@ def _save_checkpoint(path, state):
     write_atomically(path, buffer.getvalue())
 
 
-def _evaluate(model, images, labels):
-    """(mean loss, number correct) over a whole split, in large batches."""
+def _evaluate(model, images, labels, rank=0, world_size=1):
+    """(mean loss, number correct) over a whole split, in large batches. With several processes each evaluates a
+    contiguous 1/world_size of the split and the sums are all-reduced, so every rank returns the same totals."""
     model.eval()
+    n = len(labels)
+    share = -(-n // world_size)
+    first, last = min(n, rank * share), min(n, (rank + 1) * share)
     total_loss, correct = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(labels), EVAL_BATCH):
-            logits = model(images[start:start + EVAL_BATCH])
-            y = labels[start:start + EVAL_BATCH]
+        for start in range(first, last, EVAL_BATCH):
+            end = min(last, start + EVAL_BATCH)
+            logits = model(images[start:end])
+            y = labels[start:end]
             total_loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
-    return total_loss / len(labels), correct
+    if world_size > 1:
+        totals = torch.tensor([total_loss, correct], dtype=torch.float64, device=images.device)
+        dist.all_reduce(totals)
+        total_loss, correct = totals[0].item(), int(totals[1].item())
+    return total_loss / n, correct
 
 
-def _train_epoch(model, optimizer, images, labels, batch_size, generator, desc):
-    """One pass over the training set in a fresh random order. Returns per-batch (loss, accuracy) and the
-    throughput in images/s."""
+class _EagerStep:
+    """One optimisation step on a batch; returns its (loss, number correct), both left on the device."""
+
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def __call__(self, x, y):
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), (logits.argmax(1) == y).sum()
+
+
+class _GraphedStep:
+    """The training step as a CUDA graph, following torch's "whole network capture" recipe
+    (https://pytorch.org/docs/stable/notes/cuda.html#whole-network-capture):
+
+      * every full batch is first copied into static input/target buffers;
+      * the run's first WARMUP full batches are trained eagerly on a side stream (warm-up: lazy initialisation,
+        and the optimizer's state - momentum buffers, Adam's moments and device-side step counts - exists before
+        capture, so the captured step is the steady-state one);
+      * the next full batch is captured (grads set to None first, so backward allocates them from the graph's
+        private pool) and the graph replayed for it and every later full batch;
+      * the last partial batch of an epoch runs eagerly on the same model and optimizer (same results as the eager
+        trainer; it writes fresh .grad tensors, which the graph never reads: its own live in its pool);
+      * the learning rate is a constant inside the captured step, so when the scheduler has changed it the step is
+        captured again (at most once per epoch, no warm-up needed).
+
+    Warm-up and partial batches are the eager trainer's steps, and the captured step is the same sequence of
+    kernels, so a seed gives the same training as without graphs."""
+
+    WARMUP = 3
+
+    def __init__(self, model, optimizer, batch_size, images, labels):
+        self.model, self.optimizer = model, optimizer
+        self.eager = _EagerStep(model, optimizer)
+        self.static_x = torch.empty((batch_size, *images.shape[1:]), dtype=images.dtype, device=images.device)
+        self.static_y = torch.empty((batch_size, *labels.shape[1:]), dtype=labels.dtype, device=labels.device)
+        self.side_stream = torch.cuda.Stream(device=images.device)
+        self.warmup_left = self.WARMUP
+        self.graph = self.graph_lrs = self.static_loss = self.static_correct = None
+
+    def _lrs(self):
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def _capture(self):
+        self.graph = None  # drop the previous capture (its pool is freed once nothing uses it)
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.model(self.static_x)
+            loss = F.cross_entropy(logits, self.static_y)
+            loss.backward()
+            self.optimizer.step()
+            self.static_loss = loss.detach()
+            self.static_correct = (logits.argmax(1) == self.static_y).sum()
+        self.graph, self.graph_lrs = graph, self._lrs()
+
+    def __call__(self, x, y):
+        if len(y) != len(self.static_y):
+            return self.eager(x, y)
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            current = torch.cuda.current_stream()
+            self.side_stream.wait_stream(current)
+            with torch.cuda.stream(self.side_stream):
+                loss, correct = self.eager(self.static_x, self.static_y)
+            current.wait_stream(self.side_stream)
+            return loss.clone(), correct.clone()
+        if self.graph is None or self._lrs() != self.graph_lrs:
+            self._capture()
+        self.graph.replay()
+        # Copies: the replays overwrite the static outputs.
+        return self.static_loss.clone(), self.static_correct.clone()
+
+
+def _train_epoch(model, step, images, labels, batch_size, generator, desc, rank=0, world_size=1):
+    """One pass over the training set (this rank's shard of it) in a fresh random order. Returns per-batch (loss,
+    accuracy), averaged over the ranks, and the throughput in images/s (of all ranks together)."""
     model.train()
-    n = len(labels)
-    order = torch.randperm(n, generator=generator).to(images.device)
+    order = torch.randperm(len(labels), generator=generator)
+    if world_size > 1:
+        # Same permutation on every rank (same generator state); rank r takes every world_size-th image from r.
+        order = order[rank:len(order) // world_size * world_size:world_size]
+    order = order.to(images.device)
+    n = len(order)
     losses, corrects = [], []
     start_time = time.perf_counter()
-    with tqdm(total=n, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True) as bar:
+    with tqdm(total=n, desc=desc, unit="img", unit_scale=True, leave=False, dynamic_ncols=True,
+              disable=rank != 0) as bar:
         for start in range(0, n, batch_size):
             batch = order[start:start + batch_size]
-            x, y = images[batch], labels[batch]
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            # Kept on the device: calling .item() every batch would stall a GPU on each step.
-            losses.append(loss.detach())
-            corrects.append((logits.argmax(1) == y).sum())
+            # Loss and correct count stay on the device: calling .item() every batch would stall a GPU each step.
+            loss, correct = step(images[batch], labels[batch])
+            losses.append(loss)
+            corrects.append(correct)
             bar.update(len(batch))
             if len(losses) % 20 == 1:
                 bar.set_postfix(loss=f"{losses[-1].item():.4f}")
+    losses, corrects = torch.stack(losses), torch.stack(corrects)
+    if world_size > 1:  # every rank ran the same number of equal-sized batches
+        dist.all_reduce(losses)
+        dist.all_reduce(corrects)
+        losses /= world_size
+    losses, corrects = losses.tolist(), corrects.tolist()
     elapsed = time.perf_counter() - start_time
-    losses = torch.stack(losses).tolist()
-    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    accuracies = [c / s for c, s in zip(torch.stack(corrects).tolist(), sizes)]
-    return losses, accuracies, n / elapsed
+    sizes = [min(batch_size, n - s) * world_size for s in range(0, n, batch_size)]
+    accuracies = [c / s for c, s in zip(corrects, sizes)]
+    return losses, accuracies, n * world_size / elapsed
 
 
 def _write_plot(path, history):
@@ -262,58 +405,142 @@ def _write_plot(path, history):
     write_atomically(path, buffer.getvalue())
 
 
+def _state_digest(model):
+    """SHA-256 of a model's state_dict (names, dtypes, shapes and values): equal on every rank of a correct run."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_data(args, settings, device, rank, world_size):
+    """MNIST on `device`. With several processes rank 0 loads (so fetches, if needed) first and the others then
+    read its copy, so they never download at the same time."""
+    def load(download):
+        return load_mnist(args.data_dir, device, download=download, train_limit=settings["train_limit"],
+                          test_limit=args.test_limit)
+
+    if world_size == 1:
+        try:
+            return load(args.download)
+        except DataError as e:
+            raise SystemExit(f"error: {e}") from None
+    data, error = None, [None]
+    if rank == 0:
+        try:
+            data = load(args.download)
+        except DataError as e:
+            error = [str(e)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise SystemExit(f"error: {error[0]}" if rank == 0 else 1)
+    if rank != 0:
+        try:
+            data = load(False)
+        except DataError as e:
+            raise SystemExit(f"error: rank {rank}: {e}") from None
+    return data
+
+
 def main(argv=None):
-    """Run the CLI; returns the last epoch's metrics (a dict), or None when a resumed run had nothing left."""
+    """Run the CLI; returns the last epoch's metrics (a dict), or None when a resumed run had nothing left.
+    Under torchrun every process calls this; only rank 0 prints, and every rank returns the same metrics."""
     parser = build_parser()
     args = _parse_args(parser, argv)
+    env = _distributed_env()
+    if env is None:
+        return _run(parser, args, torch.device(args.device))
+    rank, world_size, local_rank = env
+    if args.device == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise SystemExit(f"LOCAL_RANK {local_rank}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             "start at most that many processes per node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        with open(os.devnull, "w") as devnull, \
+                contextlib.redirect_stdout(devnull) if rank != 0 else contextlib.nullcontext():
+            return _run(parser, args, device, rank, world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(parser, args, device, rank=0, world_size=1):
     checkpoint = load_checkpoint(args.checkpoint) if args.resume else None
-    settings = _settings(parser, args, checkpoint)
+    settings = _settings(parser, args, checkpoint, world_size)
     done = checkpoint["epoch"] if checkpoint else 0
     if done >= args.epochs:
         print(f"{args.checkpoint} already holds {done} epochs (--epochs {args.epochs}); nothing to do")
         return None
 
-    device = torch.device(args.device)
     _check_backend(args.backend, device)
-    try:
-        data = load_mnist(args.data_dir, device, download=args.download, train_limit=settings["train_limit"],
-                          test_limit=args.test_limit)
-    except DataError as e:
-        raise SystemExit(f"error: {e}") from None
+    data = _load_data(args, settings, device, rank, world_size)
 
-    torch.manual_seed(settings["seed"])
+    torch.manual_seed(settings["seed"])  # the same initial weights on every rank
     model = build_model(settings["model"], args.backend).to(device)
-    optimizer = _make_optimizer(settings, model.parameters())
+    optimizer = _make_optimizer(settings, model.parameters(), capturable=args.cuda_graphs)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=settings["lr_decay"])
     generator = torch.Generator().manual_seed(settings["seed"])  # CPU-side: batch order is device-independent
+    if world_size > 1:
+        torch.manual_seed(settings["seed"] + rank)  # dropout: each rank its own stream
     history = {"epochs": [], "steps": []}
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
+        if args.cuda_graphs:
+            _make_capturable(optimizer, device)
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
-        torch.set_rng_state(checkpoint["torch_rng"])
-        if device.type == "cuda" and checkpoint["cuda_rng"]:
-            torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
+        torch_rng, cuda_rng = checkpoint["torch_rng"], checkpoint["cuda_rng"]
+        if world_size > 1:
+            torch_rng, cuda_rng = checkpoint["rank_rng"][rank]
+        torch.set_rng_state(torch_rng)
+        if device.type == "cuda" and cuda_rng:
+            if world_size > 1:
+                torch.cuda.set_rng_state(cuda_rng, device)
+            else:
+                torch.cuda.set_rng_state_all(cuda_rng)
         history = checkpoint["history"]
         print(f"Resuming {args.checkpoint} after epoch {done} with its settings: {settings}")
+
+    net = model  # what the training step runs: the model, or its DistributedDataParallel wrapper
+    if world_size > 1:
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.cuda_graphs:
+        step = _GraphedStep(net, optimizer, settings["batch_size"], data.train_images, data.train_labels)
+    else:
+        step = _EagerStep(net, optimizer)
 
     print(f"Model {settings['model']} ({type(model).__name__}), backend {args.backend}, device {device}; "
           f"{settings['optimizer']} lr {settings['lr']}"
           + (f" momentum {settings['momentum']}" if settings["optimizer"] == "sgd" else "")
           + (f" decay x{settings['lr_decay']}/epoch" if settings["lr_decay"] != 1 else "")
-          + f", batch {settings['batch_size']}, seed {settings['seed']}")
+          + f", batch {settings['batch_size']}, seed {settings['seed']}"
+          + (f"; {world_size} processes (DDP, {dist.get_backend()}), batch {settings['batch_size']} each"
+             if world_size > 1 else "")
+          + ("; CUDA graphs" if args.cuda_graphs else ""))
     print(format_summary(summarize(model, device=device), sum(p.numel() for p in model.parameters())))
 
     metrics = None
+    rank_digests = None
     for epoch in range(done, args.epochs):
         epoch_start = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         losses, accuracies, images_per_s = _train_epoch(
-            model, optimizer, data.train_images, data.train_labels, settings["batch_size"], generator,
-            desc=f"epoch {epoch + 1}/{args.epochs}")
+            net, step, data.train_images, data.train_labels, settings["batch_size"], generator,
+            desc=f"epoch {epoch + 1}/{args.epochs}", rank=rank, world_size=world_size)
         scheduler.step()
-        test_loss, correct = _evaluate(model, data.test_images, data.test_labels)
+        if world_size > 1:
+            # DDP keeps parameters equal; buffers (batch-norm statistics) are rank 0's from each forward, then
+            # updated locally: make them rank 0's, so evaluation and checkpoints see one model.
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+        test_loss, correct = _evaluate(model, data.test_images, data.test_labels, rank, world_size)
         n_test = len(data.test_labels)
         metrics = {
             "epoch": epoch + 1,
@@ -330,8 +557,18 @@ def main(argv=None):
         print(f"epoch {epoch + 1}/{args.epochs}: test loss {test_loss:.4f}, accuracy {metrics['test_accuracy']:.2f}% "
               f"({correct}/{n_test}), {metrics['time_s']:.1f} s ({images_per_s:,.0f} img/s training)")
 
-        if args.checkpoint:
-            _save_checkpoint(args.checkpoint, {
+        rank_rng = None
+        if world_size > 1:
+            rank_digests = [None] * world_size
+            dist.all_gather_object(rank_digests, _state_digest(model))
+            if len(set(rank_digests)) != 1:
+                print(f"warning: the ranks' models differ after epoch {epoch + 1}: {rank_digests}")
+            if args.checkpoint:  # every rank's RNG, so a resumed run's dropout continues exactly
+                rank_rng = [None] * world_size
+                dist.all_gather_object(rank_rng, (torch.get_rng_state(), torch.cuda.get_rng_state(device)
+                                                  if device.type == "cuda" else []))
+        if args.checkpoint and rank == 0:
+            state = {
                 "format": CHECKPOINT_FORMAT,
                 "epoch": epoch + 1,
                 "settings": settings,
@@ -342,12 +579,17 @@ def main(argv=None):
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 "history": history,
-            })
-        if args.log_json:
+            }
+            if rank_rng is not None:
+                state["rank_rng"] = rank_rng
+            _save_checkpoint(args.checkpoint, state)
+        if args.log_json and rank == 0:
             log = {"settings": settings, "backend": args.backend, "device": str(device), "data": data.source,
-                   **history}
+                   "cuda_graphs": args.cuda_graphs, **history}
+            if rank_digests is not None:
+                log["rank_state_sha256"] = rank_digests  # the ranks' final models: all equal
             write_atomically(args.log_json, json.dumps(log, indent=1).encode())
-    if args.plot:
+    if args.plot and rank == 0:
         _write_plot(args.plot, history)
         print(f"Wrote {args.plot}")
     return metrics

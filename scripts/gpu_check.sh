@@ -8,10 +8,11 @@
 #   tests        pytest on the CUDA tests (-k cuda; the whole suite if no test id mentions cuda)
 #   memcheck     compute-sanitizer --tool memcheck  on scripts/sanitizer_case.py
 #   racecheck    compute-sanitizer --tool racecheck on scripts/sanitizer_case.py
+#   fused_memcheck, fused_racecheck   the same two tools on the fused conv2d_maxpool_relu kernel (FUSED_CASE below)
 #   large_index  scripts/sanitizer_case.py --large  (the 64-bit index path)
 #   benchmarks   python -m benchmarks.run --device cuda, if benchmarks/run.py exists
 # Writes OUTDIR/gpu_check.log, one OUTDIR/<step>.log per step, and OUTDIR/summary.json. Exits 1 if any step failed.
-# The limits add up to under 8 minutes (150 + 90 + 70 + 70 + 30 + 50 s).
+# The limits add up to under 9 minutes (150 + 90 + 70 + 70 + 30 + 30 + 30 + 50 s).
 set -u
 
 if [ $# -ne 1 ]; then
@@ -56,6 +57,18 @@ log "cnn_ext gpu_check in $(pwd), CUDA_HOME=$CUDA_HOME"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >> "$LOG" 2>&1
 python -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' >> "$LOG" 2>&1
 
+# The fused kernel's shapes: MNIST's two layers, grouped with padding and ceil_mode, and weights too many for
+# shared memory (C/groups*R*S > 4096, read from global memory); float32 and float16.
+FUSED_CASE='import torch, cnn_ext
+ops = torch.ops.cnn_ext
+for n, c, k, g, r, hw in ((4, 1, 10, 1, 5, 28), (4, 10, 20, 1, 5, 12), (2, 6, 6, 3, 3, 9), (1, 460, 3, 1, 3, 6)):
+    for dt in (torch.float32, torch.float16):
+        x = torch.randn(n, c, hw, hw, device="cuda", dtype=dt)
+        w, b = torch.randn(k, c // g, r, r, device="cuda", dtype=dt), torch.randn(k, device="cuda", dtype=dt)
+        ops.conv2d_maxpool_relu(x, w, b, [1, 1], [1, 1], [1, 1], g, [2, 2], [2, 2], [1, 1], [1, 1], True)
+torch.cuda.synchronize()
+print("fused case ok")'
+
 if run_step build 150 python -m pip install --no-build-isolation --no-deps -e .; then
   run_step tests 90 python -m pytest -x -q tests -k cuda --junitxml="$OUT/pytest.xml" -p no:cacheprovider
   if [ "$(cut -f3 "$OUT/steps.tsv" | tail -n 1)" = 5 ]; then  # pytest: nothing selected, so run everything
@@ -74,9 +87,15 @@ if run_step build 150 python -m pip install --no-build-isolation --no-deps -e .;
       run_step "$tool" 70 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
         ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 python scripts/sanitizer_case.py
     done
+    for tool in memcheck racecheck; do
+      run_step "fused_$tool" 30 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
+        ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 python -c "$FUSED_CASE"
+    done
   else
     skip_step memcheck "compute-sanitizer not found"
     skip_step racecheck "compute-sanitizer not found"
+    skip_step fused_memcheck "compute-sanitizer not found"
+    skip_step fused_racecheck "compute-sanitizer not found"
   fi
 
   run_step large_index 30 python scripts/sanitizer_case.py --large
@@ -88,6 +107,7 @@ if run_step build 150 python -m pip install --no-build-isolation --no-deps -e .;
   fi
 else
   for step in tests memcheck racecheck large_index benchmarks; do skip_step "$step" "build failed"; done
+  for step in fused_memcheck fused_racecheck; do skip_step "$step" "build failed"; done
 fi
 
 # summary.json: each step's outcome and time, pytest counts (from the JUnit XML), sanitizer verdicts.
@@ -113,7 +133,7 @@ if "tests" in steps and os.path.exists(junit):
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     steps["tests"]["counts"] = counts
 
-for tool in ("memcheck", "racecheck"):
+for tool in ("memcheck", "racecheck", "fused_memcheck", "fused_racecheck"):
     path = os.path.join(out, f"{tool}.log")
     if tool in steps and os.path.exists(path):
         text = open(path, errors="replace").read()
