@@ -12,7 +12,7 @@
 #   large_index  scripts/sanitizer_case.py --large  (the 64-bit index path)
 #   benchmarks   python -m benchmarks.run --device cuda, if benchmarks/run.py exists
 # Writes OUTDIR/gpu_check.log, one OUTDIR/<step>.log per step, and OUTDIR/summary.json. Exits 1 if any step failed.
-# The limits add up to under 9 minutes (150 + 90 + 70 + 70 + 30 + 30 + 30 + 50 s).
+# The limits add up to under 8 minutes (150 + 90 + 60 + 60 + 25 + 25 + 25 + 40 = 475 s).
 set -u
 
 if [ $# -ne 1 ]; then
@@ -84,11 +84,11 @@ if run_step build 150 python -m pip install --no-build-isolation --no-deps -e .;
     FILTER=()
     if "$SANITIZER" --help 2>/dev/null | grep -q -- '--kernel-name'; then FILTER=(--kernel-name kns=cnn_ext); fi
     for tool in memcheck racecheck; do
-      run_step "$tool" 70 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
+      run_step "$tool" 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
         ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 python scripts/sanitizer_case.py
     done
     for tool in memcheck racecheck; do
-      run_step "fused_$tool" 30 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
+      run_step "fused_$tool" 25 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool "$tool" \
         ${FILTER[@]+"${FILTER[@]}"} --error-exitcode 1 python -c "$FUSED_CASE"
     done
   else
@@ -98,10 +98,10 @@ if run_step build 150 python -m pip install --no-build-isolation --no-deps -e .;
     skip_step fused_racecheck "compute-sanitizer not found"
   fi
 
-  run_step large_index 30 python scripts/sanitizer_case.py --large
+  run_step large_index 25 python scripts/sanitizer_case.py --large
 
   if [ -f benchmarks/run.py ]; then
-    run_step benchmarks 50 python -m benchmarks.run --device cuda --json "$OUT/bench.json"
+    run_step benchmarks 40 python -m benchmarks.run --device cuda --json "$OUT/bench.json"
   else
     skip_step benchmarks "benchmarks/run.py is absent"
   fi
