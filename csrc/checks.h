@@ -330,6 +330,11 @@ ConvPoolShape<T> check_conv2d_maxpool_relu(const char* op, const at::Tensor& inp
                                            c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation,
                                            bool ceil_mode) {
   auto conv = check_conv2d<T>(op, input, weight, bias, stride, padding, dilation, groups);
+  // Checked here too so that messages name the fused op's own argument names.
+  check_pair(op, pool_kernel_size, "pool_kernel_size", 1);
+  check_pair(op, pool_stride, "pool_stride", 1);
+  check_pair(op, pool_padding, "pool_padding", 0);
+  check_pair(op, pool_dilation, "pool_dilation", 1);
   auto conv_out = conv.output_sizes();
   auto pool = pool2d_shape<T>(op, conv_out, pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode);
   return {conv, pool};

@@ -68,7 +68,7 @@ ILLEGAL = [
 ]
 
 
-# csrc/cpu/conv2d.cpp, wgrad's explicit (non-stride-1) path: gather_col_t points `row` at in_h*W + w_off, which for a
+# Found in csrc/cpu/conv2d.cpp, wgrad's explicit (non-stride-1) path, since fixed: gather_col_t points `row` at in_h*W + w_off, which for a
 # window lying wholly in the left padding is before the input row (far before it when the padding is large), and
 # copy_run then reads a 64-byte block from there even when it copies nothing (n == 0): it only checks the block's end
 # against the buffer's end, never its start. With padding 2**24 that address is unmapped: SIGSEGV. With small padding it
@@ -84,8 +84,7 @@ big = 2**24
 # Only the centre output's window (which starts at 0) sees the input: grad_weight = x.
 gw = torch.ops.cnn_ext.conv2d_backward_weight(grad_output, x, [1, 1, 1, 1], [big, big], [big, big], [1, 1], 1)
 assert torch.equal(gw, x), (gw, x)
-""",
-         bug="open bug: wgrad reads before the input for windows wholly in the left padding (SIGSEGV)"),
+"""),
     dict(id="conv2d-autograd-stride-and-padding-2**31",
          code="""
 import sys, torch, cnn_ext
@@ -95,6 +94,5 @@ w = torch.randn(3, 2, 5, 5, dtype=torch.float64, device=device, requires_grad=Tr
 out = cnn_ext.functional.conv2d(x, w, stride=2**31, padding=2**31)
 out.sum().backward()
 assert torch.allclose(w.grad, x[:, :, :5, :5].detach().sum(0).expand(3, 2, 5, 5))
-""",
-         bug="open bug: wgrad reads before the input for windows wholly in the left padding (SIGSEGV)"),
+"""),
 ]

@@ -16,11 +16,16 @@
 // the result is copied out. For small images im2col costs more than the GEMM itself, and the window copy is
 // RS times smaller. dgrad is the same product on the zero-padded dY with flipped taps, so it needs no col2im
 // either (used when Cg fills the GEMM's row tiles; tiny Cg such as a 1-channel input keeps the dcol form, whose
-// GEMM has Cg*RS rows). wgrad reduces along the output positions of both dY and the shifted windows; with few
-// output channels it uses the dot-tile kernel on the same windows, with dY copied to the window layout and
-// zeros in the wasted columns. Otherwise (strided, or many output channels) the convolutions use explicit
-// im2col, and wgrad gathers col^T rows from a channels-last copy of the input, where one kernel tap's channels
-// (and, for dilation 1, a whole kernel row's) are one contiguous run.
+// GEMM has Cg*RS rows). When the implicit dgrad would waste most of its columns (valid convolutions on small
+// images: dX windows W + (S-1)*dil wide for Q-wide dY rows), dgrad is dcol = W_g^T · dY_g read in place, with
+// col2im as contiguous row adds into a padded dX plane. wgrad reduces along the output positions of both dY and
+// the shifted windows; with few output channels (or a 1×1 kernel) it uses the dot-tile kernel on the same windows,
+// with dY copied to the window layout and zeros in the wasted columns. Otherwise (strided, or many output
+// channels) the convolutions use explicit im2col, and wgrad gathers col^T rows from a channels-last copy of the
+// input, where one kernel tap's channels (and, for dilation 1, a whole kernel row's) are one contiguous run.
+//
+// The fused conv2d_maxpool_relu runs the fprop a chunk of pooled output rows at a time into item scratch and
+// pools + ReLUs from there (see its section below), so the convolution's output is never stored.
 //
 // Parallelism and determinism: fprop and dgrad split the work into independent items (image × group × row or
 // channel chunk) that write disjoint outputs, so any schedule gives the same bits. wgrad splits its reduction
@@ -35,8 +40,15 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #include "../checks.h"
 #include "gemm.h"
@@ -113,10 +125,12 @@ void for_each_output_row(const Conv& cv, T* plane, int64_t r, int64_t s, int64_t
 // Copies n elements. Short runs (the common case: one output row, a few channels or one kernel row) are moved as
 // one 64-byte block when the source allows it; the bytes past n land on elements the caller writes later (it
 // fills its buffer strictly left to right) or in 64 bytes of slack after the buffer. A libc memmove call per
-// run would cost more than the copy.
+// run would cost more than the copy. An empty run's src may point outside the source (a window wholly in the
+// padding), so it reads nothing.
 template <typename T>
 inline T* copy_run(T* dst, const T* src, int64_t n, const T* src_end) {
   constexpr int64_t kBlock = 64 / sizeof(T);
+  if (n <= 0) return dst;
   if (n <= kBlock && src + kBlock <= src_end) {
     std::memcpy(dst, src, 64);
   } else {
@@ -290,10 +304,16 @@ struct Window {
   template <typename T>
   std::pair<int64_t, int64_t> fill(const T* src, int64_t item, T* dst) const {
     const int64_t y0 = item * rows_per_item, y1 = std::min(out_h, y0 + rows_per_item);
+    fill_rows(src, y0, y1, dst);
+    return {y0, y1};
+  }
+
+  // The windows for output rows [y0, y1) (at most rows_per_item of them).
+  template <typename T>
+  void fill_rows(const T* src, int64_t y0, int64_t y1, T* dst) const {
     for (int64_t ch = 0; ch < channels; ++ch) {
       copy_window(src + ch * src_h * src_w, src_h, src_w, top - y0, left, y1 - y0 + halo, cols, dst + ch * plane);
     }
-    return {y0, y1};
   }
 };
 
@@ -494,9 +514,134 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// dgrad, stride 1, when the implicit product would waste most of its columns (valid convolutions on small images:
+// its dX windows are W + (S-1)*dil wide but dY only Q): dcol = W_g^T · dY_g, a GEMM with no wasted columns that
+// reads dY in place, then col2im into a zero-padded dX plane (Hp × Wp = (H + 2*ph) × (W + 2*pw)), where every
+// (c, r, s) row of dcol adds its P rows of Q values at plane offset r*dh*Wp + s*dw: P contiguous vector adds.
+// One item = (image, group, chunk of input channels): items write disjoint dX planes, in a fixed order.
+// ---------------------------------------------------------------------------------------------------------------
+
+// dst[i*dst_stride + j] += src[i*src_stride + j] for i < rows, j < len. Compiled per ISA (see gemm.h).
+template <typename T>
+inline __attribute__((always_inline)) void add_rows_body(T* __restrict dst, int64_t dst_stride,
+                                                         const T* __restrict src, int64_t src_stride, int64_t rows,
+                                                         int64_t len) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict d = dst + i * dst_stride;
+    const T* __restrict s = src + i * src_stride;
+    for (int64_t j = 0; j < len; ++j) d[j] += s[j];
+  }
+}
+
+template <typename T>
+using AddRowsFn = void (*)(T*, int64_t, const T*, int64_t, int64_t, int64_t);
+
+#if defined(__x86_64__) || defined(__i386__)
+template <typename T>
+__attribute__((target("avx512f,avx512vl"))) void add_rows_avx512(T* dst, int64_t dst_stride, const T* src,
+                                                                 int64_t src_stride, int64_t rows, int64_t len) {
+  add_rows_body<T>(dst, dst_stride, src, src_stride, rows, len);
+}
+template <typename T>
+__attribute__((target("avx2"))) void add_rows_avx2(T* dst, int64_t dst_stride, const T* src, int64_t src_stride,
+                                                   int64_t rows, int64_t len) {
+  add_rows_body<T>(dst, dst_stride, src, src_stride, rows, len);
+}
+#endif
+template <typename T>
+void add_rows_baseline(T* dst, int64_t dst_stride, const T* src, int64_t src_stride, int64_t rows, int64_t len) {
+  add_rows_body<T>(dst, dst_stride, src, src_stride, rows, len);
+}
+
+template <typename T>
+AddRowsFn<T> add_rows_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const AddRowsFn<T> fn = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+                                     ? &add_rows_avx512<T>
+                                 : __builtin_cpu_supports("avx2") ? &add_rows_avx2<T>
+                                                                  : &add_rows_baseline<T>;
+  return fn;
+#else
+  return &add_rows_baseline<T>;
+#endif
+}
+
+struct DcolPlan {
+  int64_t wp, hp, cc, channel_chunks;
+};
+
+DcolPlan dcol_plan(const Conv& cv) {
+  DcolPlan d{};
+  d.wp = cv.w + 2 * cv.pw;
+  d.hp = cv.h + 2 * cv.ph;
+  d.channel_chunks = std::min(cv.cg, ceil_div(2 * num_threads(), cv.n * cv.groups));
+  d.cc = ceil_div(cv.cg, d.channel_chunks);
+  return d;
+}
+
+template <typename T>
+void conv2d_backward_input_dcol(const Conv& cv, const DcolPlan& d, const T* dy, const T* w, T* dx) {
+  const int64_t rows = d.cc * cv.rs;  // GEMM M for a full chunk
+  const MicroKernel<T> uk = pick_micro_kernel<T>(rows, cv.pq);
+  const std::vector<int64_t> dy_rows = row_offsets(cv.kg, cv.pq);
+  const bool padded = cv.ph != 0 || cv.pw != 0;  // dX planes are the padded planes unless there is no padding
+  const AddRowsFn<T> add_rows = add_rows_kernel<T>();
+
+  // A = W_g^T restricted to the chunk's rows: element (i, k) at w[(g*Kg + k)*CgRS + c0*RS + i].
+  const int64_t a_panel = packed_a_size(rows, cv.kg, uk.mr);
+  std::vector<T> a_packed(cv.groups * d.channel_chunks * a_panel);
+  for (int64_t g = 0; g < cv.groups; ++g) {
+    for (int64_t ci = 0; ci < d.channel_chunks; ++ci) {
+      const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
+      if (c0 >= c1) continue;
+      pack_a((c1 - c0) * cv.rs, cv.kg, w + g * cv.kg * cv.crs + c0 * cv.rs, int64_t(1), cv.crs, uk.mr,
+             a_packed.data() + (g * d.channel_chunks + ci) * a_panel);
+    }
+  }
+
+  const int64_t items = cv.n * cv.groups * d.channel_chunks;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<T> dcol(rows * cv.pq);
+    std::vector<T> dxp(padded ? d.hp * d.wp : 0);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t img = item / (cv.groups * d.channel_chunks), g = item / d.channel_chunks % cv.groups;
+      const int64_t ci = item % d.channel_chunks;
+      const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
+      if (c0 >= c1) continue;
+      gemm(uk, (c1 - c0) * cv.rs, cv.pq, cv.kg, a_packed.data() + (g * d.channel_chunks + ci) * a_panel,
+           dy + (img * cv.k + g * cv.kg) * cv.pq, dy_rows.data(), dcol.data(), cv.pq, false);
+      for (int64_t c = c0; c < c1; ++c) {
+        T* plane = dx + (img * cv.c + g * cv.cg + c) * cv.hw;
+        T* acc = padded ? dxp.data() : plane;
+        std::fill_n(acc, d.hp * d.wp, T(0));
+        for (int64_t r = 0; r < cv.r; ++r) {
+          for (int64_t s = 0; s < cv.s; ++s) {
+            add_rows(acc + r * cv.dh * d.wp + s * cv.dw, d.wp, dcol.data() + (((c - c0) * cv.r + r) * cv.s + s) * cv.pq,
+                     cv.q, cv.p, cv.q);
+          }
+        }
+        if (padded) {
+          for (int64_t y = 0; y < cv.h; ++y) std::copy_n(acc + (y + cv.ph) * d.wp + cv.pw, cv.w, plane + y * cv.w);
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void conv2d_backward_input_impl(const Conv& cv, const T* dy, const T* w, T* dx) {
   if (cv.unit_stride()) {
+    // The dcol form when the implicit product's wasted columns cost more than half again the useful ones (valid
+    // convolutions on small images), and its dcol stays within the scratch budget.
+    const DcolPlan d = dcol_plan(cv);
+    const double implicit_cols = double(cv.h) * (cv.w + (cv.s - 1) * cv.dw);
+    if (implicit_cols > 1.5 * double(cv.pq) && d.cc * cv.rs * cv.pq * int64_t(sizeof(T)) <= 2 * kScratchBytes) {
+      conv2d_backward_input_dcol(cv, d, dy, w, dx);
+      return;
+    }
     const int64_t bytes_per_row = cv.kg * (cv.w + (cv.s - 1) * cv.dw) * sizeof(T);
     const Window win(cv, true, rows_per_item(cv, true, cv.n * cv.groups, bytes_per_row));
     const MicroKernel<T> uk = pick_micro_kernel<T>(cv.cg, win.rows_per_item * win.cols);
@@ -544,8 +689,10 @@ void conv2d_backward_weight_implicit(const Conv& cv, const T* dy, const T* x, T*
           const auto [y0, y1] = win.fill(x + (img * cv.c + g * cv.cg) * cv.hw, (s0 + i) % chunks,
                                          windows.data() + i * seg_x);
           T* d = dy_windows.data() + i * seg_dy;
-          std::fill_n(d, seg_dy, T(0));
+          // Only the columns past the rows copied below may hold stale values (a previous, longer chunk's rows);
+          // the wasted columns inside each row are never written, so they are still zero.
           for (int64_t kk = 0; kk < cv.kg; ++kk) {
+            std::fill(d + kk * seg_len + (y1 - y0) * cols, d + (kk + 1) * seg_len, T(0));
             for (int64_t y = y0; y < y1; ++y) {
               copy_row(d + kk * seg_len + (y - y0) * cols, dy + ((img * cv.k + g * cv.kg + kk) * cv.p + y) * cv.q,
                        cv.q);
@@ -627,25 +774,370 @@ void conv2d_backward_weight_explicit(const Conv& cv, const T* dy, const T* xn, T
 // ---------------------------------------------------------------------------------------------------------------
 // bias gradient: one output channel per task, summed in a fixed order.
 // ---------------------------------------------------------------------------------------------------------------
+// Accumulate in double (exactly as many bits for float64) across kLanes independent lanes, so the inner loop
+// vectorises without reassociating anything. Compiled per ISA (see gemm.h); every ISA adds in the same order, so
+// the result does not depend on it.
+template <typename T>
+inline __attribute__((always_inline)) double bias_sum_body(const T* dy, int64_t n, int64_t k, int64_t kk,
+                                                           int64_t pq) {
+  constexpr int64_t kLanes = 16;
+  double lanes[kLanes] = {};
+  for (int64_t img = 0; img < n; ++img) {
+    const T* plane = dy + (img * k + kk) * pq;
+    int64_t j = 0;
+    for (; j + kLanes <= pq; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += plane[j + l];
+    }
+    for (int64_t l = 0; j < pq; ++j, ++l) lanes[l] += plane[j];
+  }
+  double sum = 0;
+  for (double v : lanes) sum += v;
+  return sum;
+}
+
+template <typename T>
+using BiasSumFn = double (*)(const T*, int64_t, int64_t, int64_t, int64_t);
+
+#if defined(__x86_64__) || defined(__i386__)
+template <typename T>
+__attribute__((target("avx512f,avx512vl"))) double bias_sum_avx512(const T* dy, int64_t n, int64_t k, int64_t kk,
+                                                                   int64_t pq) {
+  return bias_sum_body<T>(dy, n, k, kk, pq);
+}
+template <typename T>
+__attribute__((target("avx2"))) double bias_sum_avx2(const T* dy, int64_t n, int64_t k, int64_t kk, int64_t pq) {
+  return bias_sum_body<T>(dy, n, k, kk, pq);
+}
+#endif
+template <typename T>
+double bias_sum_baseline(const T* dy, int64_t n, int64_t k, int64_t kk, int64_t pq) {
+  return bias_sum_body<T>(dy, n, k, kk, pq);
+}
+
 template <typename T>
 void conv2d_backward_bias_impl(const T* dy, int64_t n, int64_t k, int64_t pq, T* db) {
-  // Accumulate in double (exactly as many bits for float64) across kLanes independent lanes, so the inner loop
-  // vectorises without reassociating anything.
-  constexpr int64_t kLanes = 16;
+#if defined(__x86_64__) || defined(__i386__)
+  static const BiasSumFn<T> sum = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")
+                                      ? &bias_sum_avx512<T>
+                                  : __builtin_cpu_supports("avx2") ? &bias_sum_avx2<T>
+                                                                   : &bias_sum_baseline<T>;
+#else
+  static const BiasSumFn<T> sum = &bias_sum_baseline<T>;
+#endif
 #pragma omp parallel for num_threads(num_threads())
-  for (int64_t kk = 0; kk < k; ++kk) {
-    double lanes[kLanes] = {};
-    for (int64_t img = 0; img < n; ++img) {
-      const T* plane = dy + (img * k + kk) * pq;
-      int64_t j = 0;
-      for (; j + kLanes <= pq; j += kLanes) {
-        for (int64_t l = 0; l < kLanes; ++l) lanes[l] += plane[j + l];
-      }
-      for (int64_t l = 0; j < pq; ++j, ++l) lanes[l] += plane[j];
+  for (int64_t kk = 0; kk < k; ++kk) db[kk] = static_cast<T>(sum(dy, n, k, kk, pq));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused conv2d + max_pool2d + ReLU (cnn_ext.conv2d_maxpool_relu). One item = (image, group, chunk of pooled output
+// rows): the convolution rows those pooling windows read are computed into item-local scratch by the fprop
+// machinery above (implicit im2col for stride 1, explicit im2col otherwise), bias added, and pooled + ReLU'd from
+// there, so the convolution's output never reaches memory. Chunks of pooled rows write disjoint outputs; when pooling
+// windows overlap (pool stride < window) the conv rows they share are recomputed by both chunks, which gives the
+// same bits (a C element's sum does not depend on the GEMM's tiling). The pooling follows pool2d.cpp exactly:
+// windows clipped to the conv output, a value takes over when greater or NaN (ties keep the first tap in row-major
+// window order), a window wholly in padding gives -inf (ReLU: 0) and index -1.
+// ---------------------------------------------------------------------------------------------------------------
+
+// One axis of the pooling windows over the conv output (pool2d.cpp's WindowAxis): output o reads positions
+// begin[o], begin[o] + dilation, ... below end[o]; begin >= end means the window is all padding.
+struct PoolAxis {
+  std::vector<int64_t> begin, end;
+
+  PoolAxis(int64_t out_size, int64_t in_size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation)
+      : begin(out_size), end(out_size) {
+    const int64_t span = (kernel - 1) * dilation + 1;
+    for (int64_t o = 0; o < out_size; ++o) {
+      const int64_t start = o * stride - pad;
+      int64_t first = start;
+      while (first < 0) first += dilation;
+      begin[o] = first;
+      end[o] = std::min(start + span, in_size);
     }
-    double sum = 0;
-    for (double v : lanes) sum += v;
-    db[kk] = static_cast<T>(sum);
+  }
+
+  // The positions [lo, hi) read by outputs [o0, o1); lo >= hi when they read none.
+  std::pair<int64_t, int64_t> span(int64_t o0, int64_t o1) const {
+    int64_t lo = 0, hi = 0;
+    for (int64_t o = o0; o < o1; ++o) {
+      if (begin[o] >= end[o]) continue;
+      if (lo >= hi) lo = begin[o];
+      hi = std::max(hi, end[o]);
+    }
+    return {lo, hi};
+  }
+};
+
+template <typename T>
+inline T relu(T v) {
+  return v > T(0) || v != v ? v : T(0);  // NaN propagates, as torch.relu
+}
+
+// Plane offset of a 2×2 window's winning tap, in an integer as wide as T so that the selects vectorise.
+template <typename T>
+using tap_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+
+// n adjacent 2×2 stride-2 windows over rows r0 and r1 (conv values, plus b): out[k] = relu(max), tap[k] = the
+// winner's offset from the window's first tap (0, 1, row_w, row_w + 1). Taps in row-major window order; a value
+// takes over when greater or NaN. Compiled per ISA (see gemm.h): the build has no -m flags.
+template <typename T>
+inline __attribute__((always_inline)) void max2x2_body(const T* __restrict r0, const T* __restrict r1, int64_t n,
+                                                       T b, tap_t<T> row_w, T* __restrict out,
+                                                       tap_t<T>* __restrict tap) {
+  // Whole blocks of L windows (no scalar tail): out and tap have room for n rounded up to L, and the rows are
+  // readable that far (the caller's slack); the extra results are never used.
+  constexpr int64_t L = 64 / sizeof(T);
+  for (int64_t k0 = 0; k0 < n; k0 += L) {
+#pragma GCC unroll 1
+    for (int64_t k = k0; k < k0 + L; ++k) {
+      T best = r0[2 * k] + b;
+      tap_t<T> t = 0;
+      T v = r0[2 * k + 1] + b;
+      bool take = v > best || v != v;
+      best = take ? v : best;
+      t = take ? tap_t<T>(1) : t;
+      v = r1[2 * k] + b;
+      take = v > best || v != v;
+      best = take ? v : best;
+      t = take ? row_w : t;
+      v = r1[2 * k + 1] + b;
+      take = v > best || v != v;
+      best = take ? v : best;
+      t = take ? tap_t<T>(row_w + 1) : t;
+      out[k] = best > T(0) || best != best ? best : T(0);
+      tap[k] = t;
+    }
+  }
+}
+
+template <typename T>
+using Max2x2Fn = void (*)(const T*, const T*, int64_t, T, tap_t<T>, T*, tap_t<T>*);
+
+#if defined(__x86_64__) || defined(__i386__)
+template <typename T>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) void max2x2_avx512(const T* r0, const T* r1, int64_t n,
+                                                                                  T b, tap_t<T> row_w, T* out,
+                                                                                  tap_t<T>* tap) {
+  max2x2_body<T>(r0, r1, n, b, row_w, out, tap);
+}
+template <typename T>
+__attribute__((target("avx2"))) void max2x2_avx2(const T* r0, const T* r1, int64_t n, T b, tap_t<T> row_w, T* out,
+                                                 tap_t<T>* tap) {
+  max2x2_body<T>(r0, r1, n, b, row_w, out, tap);
+}
+#endif
+template <typename T>
+void max2x2_baseline(const T* r0, const T* r1, int64_t n, T b, tap_t<T> row_w, T* out, tap_t<T>* tap) {
+  max2x2_body<T>(r0, r1, n, b, row_w, out, tap);
+}
+
+template <typename T>
+Max2x2Fn<T> max2x2_kernel() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const Max2x2Fn<T> fn = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                                        __builtin_cpu_supports("avx512dq")
+                                    ? &max2x2_avx512<T>
+                                : __builtin_cpu_supports("avx2") ? &max2x2_avx2<T>
+                                                                 : &max2x2_baseline<T>;
+  return fn;
+#else
+  return &max2x2_baseline<T>;
+#endif
+}
+
+// Row r < rows of the 2×2 kernel's results (values/taps, rows ld apart) to the pooled planes: out[r*q + ow] =
+// values[r*ld + ow], idx[r*q + ow] = first + r*first_step + 2*ow + taps[r*ld + ow], for ow < cols.
+template <typename T>
+inline __attribute__((always_inline)) void store_pooled_rows_body(const T* values, const tap_t<T>* taps,
+                                                                  int64_t rows, int64_t ld, int64_t cols,
+                                                                  int64_t first, int64_t first_step, T* out,
+                                                                  int64_t* idx, int64_t q) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* __restrict v = values + r * ld;
+    const tap_t<T>* __restrict t = taps + r * ld;
+    T* __restrict o_row = out + r * q;
+    int64_t* __restrict i_row = idx + r * q;
+    const int64_t base = first + r * first_step;
+    for (int64_t ow = 0; ow < cols; ++ow) {
+      o_row[ow] = v[ow];
+      i_row[ow] = base + 2 * ow + t[ow];
+    }
+  }
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// float with AVX-512: each row as masked 16-lane stores (pooled rows are short, 4 to 12 columns for MNIST, so a
+// scalar tail per row would dominate).
+__attribute__((target("avx512f,avx512vl"))) void store_pooled_rows_avx512(const float* values, const int32_t* taps,
+                                                                 int64_t rows, int64_t ld, int64_t cols,
+                                                                 int64_t first, int64_t first_step, float* out,
+                                                                 int64_t* idx, int64_t q) {
+  const __m512i lanes_lo = _mm512_set_epi64(14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i lanes_hi = _mm512_set_epi64(30, 28, 26, 24, 22, 20, 18, 16);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t base = first + r * first_step;
+    for (int64_t ow = 0; ow < cols; ow += 16) {
+      const int64_t n = std::min<int64_t>(16, cols - ow);
+      const __mmask16 m = static_cast<__mmask16>((1u << n) - 1u);
+      _mm512_mask_storeu_ps(out + r * q + ow, m, _mm512_maskz_loadu_ps(m, values + r * ld + ow));
+      const __mmask8 m_lo = static_cast<__mmask8>(m & 0xFF), m_hi = static_cast<__mmask8>(m >> 8);
+      const __m512i t_lo = _mm512_maskz_cvtepi32_epi64(0xFF, _mm256_maskz_loadu_epi32(m_lo, taps + r * ld + ow));
+      const __m512i t_hi = _mm512_maskz_cvtepi32_epi64(0xFF, _mm256_maskz_loadu_epi32(m_hi, taps + r * ld + ow + 8));
+      const __m512i b = _mm512_set1_epi64(base + 2 * ow);
+      _mm512_mask_storeu_epi64(idx + r * q + ow, m_lo, _mm512_add_epi64(_mm512_add_epi64(b, lanes_lo), t_lo));
+      _mm512_mask_storeu_epi64(idx + r * q + ow + 8, m_hi, _mm512_add_epi64(_mm512_add_epi64(b, lanes_hi), t_hi));
+    }
+  }
+}
+#endif
+
+template <typename T>
+void store_pooled_rows(const T* values, const tap_t<T>* taps, int64_t rows, int64_t ld, int64_t cols, int64_t first,
+                       int64_t first_step, T* out, int64_t* idx, int64_t q) {
+#if defined(__x86_64__) || defined(__i386__)
+  if constexpr (std::is_same_v<T, float>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    if (avx512) {
+      store_pooled_rows_avx512(values, taps, rows, ld, cols, first, first_step, out, idx, q);
+      return;
+    }
+  }
+#endif
+  store_pooled_rows_body<T>(values, taps, rows, ld, cols, first, first_step, out, idx, q);
+}
+
+// Whether the pooling is 2×2 windows with stride 2 and no padding or dilation (the MNIST pattern), whose full
+// windows go through the vector kernel.
+template <typename T>
+bool is_two_by_two(const PoolShape<int64_t>& ps) {
+  return ps.kh == 2 && ps.kw == 2 && ps.stride_h == 2 && ps.stride_w == 2 && ps.pad_h == 0 && ps.pad_w == 0 &&
+         ps.dil_h == 1 && ps.dil_w == 1 && ps.h * ps.w < std::numeric_limits<tap_t<T>>::max();
+}
+
+// Pooled rows [u0, u1) of one channel: relu(max over each window of conv + b). Conv row y sits at
+// buf + (y - y0)*ld_row (the rows the windows read are all there); out and idx are the channel's pooled plane.
+// values/taps: scratch of at least two_by_two_scratch(...) elements for the 2×2 kernel.
+template <typename T>
+void pool_relu_rows(const PoolShape<int64_t>& ps, const PoolAxis& prow, const PoolAxis& pcol, int64_t u0, int64_t u1,
+                    const T* buf, int64_t y0, int64_t ld_row, T b, T* __restrict out, int64_t* __restrict idx,
+                    T* values, tap_t<T>* taps) {
+  const T lowest = -std::numeric_limits<T>::infinity();
+  const int64_t plane_w = ps.w;  // conv output width: indices are h*Q + w
+  int64_t generic_from = u0;     // pooled rows from here on take the generic loop (all columns)
+  int64_t generic_col = 0;       // ... and rows before it the columns from here on
+  if (is_two_by_two<T>(ps)) {
+    // The pooled rows with full windows are a prefix of [u0, u1) (only a ceil_mode last row can be cut short),
+    // reading conv row pairs y0 + 2*(oh - u0) + {0, 1}. Window J of row pair j at column ow = J - j*ld_row reads
+    // buf[2J], buf[2J + 1], buf[ld_row + 2J], buf[ld_row + 2J + 1]: one kernel call covers every full row, with
+    // the J past each row's last window computing discarded values.
+    int64_t rows = 0;
+    while (u0 + rows < u1 && prow.end[u0 + rows] - prow.begin[u0 + rows] == 2) ++rows;
+    const int64_t cols = std::min(ps.q, plane_w / 2);
+    if (rows > 0 && cols > 0) {
+      max2x2_kernel<T>()(buf, buf + ld_row, (rows - 1) * ld_row + cols, b, static_cast<tap_t<T>>(plane_w), values,
+                         taps);
+      store_pooled_rows<T>(values, taps, rows, ld_row, cols, prow.begin[u0] * plane_w, 2 * plane_w, out + u0 * ps.q,
+                           idx + u0 * ps.q, ps.q);
+      generic_from = u0 + rows;
+      generic_col = cols;
+    }
+  }
+  for (int64_t oh = u0; oh < u1; ++oh) {
+    T* o_row = out + oh * ps.q;
+    int64_t* i_row = idx + oh * ps.q;
+    const int64_t hb = prow.begin[oh], he = prow.end[oh];
+    for (int64_t ow = oh < generic_from ? generic_col : 0; ow < ps.q; ++ow) {
+      const int64_t wb = pcol.begin[ow], we = pcol.end[ow];
+      if (hb >= he || wb >= we) {
+        o_row[ow] = relu(lowest);
+        i_row[ow] = -1;
+        continue;
+      }
+      T best = lowest;
+      int64_t best_index = hb * plane_w + wb;
+      for (int64_t h = hb; h < he; h += ps.dil_h) {
+        const T* row = buf + (h - y0) * ld_row;
+        for (int64_t w = wb; w < we; w += ps.dil_w) {
+          const T v = row[w] + b;
+          if (v > best || v != v) {
+            best = v;
+            best_index = h * plane_w + w;
+          }
+        }
+      }
+      o_row[ow] = relu(best);
+      i_row[ow] = best_index;
+    }
+  }
+}
+
+template <typename T>
+void conv2d_maxpool_relu_impl(const Conv& cv, const PoolShape<int64_t>& ps, const T* x, const T* w, const T* bias,
+                              T* out, int64_t* idx) {
+  const PoolAxis prow(ps.p, ps.h, ps.kh, ps.stride_h, ps.pad_h, ps.dil_h);
+  const PoolAxis pcol(ps.q, ps.w, ps.kw, ps.stride_w, ps.pad_w, ps.dil_w);
+  const bool implicit = cv.unit_stride();
+  const int64_t row_len = implicit ? cv.q + (cv.s - 1) * cv.dw : cv.q;  // scratch row stride of a conv row
+  const int64_t bytes_per_row = (cv.kg * row_len + (implicit ? cv.cg * row_len : cv.crs * cv.q)) * sizeof(T);
+
+  // Pooled rows per item: enough items for every thread, and the conv rows of one item within the scratch budget.
+  int64_t urows = ceil_div(ps.p, ceil_div(2 * num_threads(), cv.n * cv.groups));
+  while (urows > 1 && ((urows - 1) * ps.stride_h + (ps.kh - 1) * ps.dil_h + 1) * bytes_per_row > kScratchBytes) {
+    --urows;
+  }
+  const int64_t chunks = ceil_div(ps.p, urows);
+  int64_t rows_cap = 1;  // most conv rows any item needs
+  for (int64_t ci = 0; ci < chunks; ++ci) {
+    const auto [y0, y1] = prow.span(ci * urows, std::min(ps.p, (ci + 1) * urows));
+    rows_cap = std::max(rows_cap, y1 - y0);
+  }
+
+  const Window win(cv, false, implicit ? rows_cap : 1);
+  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, rows_cap * row_len);
+  const std::vector<T> w_packed = pack_weights(cv, w, uk.mr);
+  const int64_t w_panel = packed_a_size(cv.kg, cv.crs, uk.mr);
+  const int64_t ld = rows_cap * row_len;  // scratch plane of one output channel
+  const int64_t col_ld = implicit ? 0 : cpu::padded_cols(rows_cap * cv.q, uk.nr);
+  const std::vector<int64_t> col_rows = implicit ? std::vector<int64_t>() : row_offsets(cv.crs, col_ld);
+  const T* x_end = x + cv.n * cv.c * cv.hw;
+
+  const int64_t pool_scratch = is_two_by_two<T>(ps) ? (rows_cap / 2 + 1) * row_len + 64 : 0;
+
+  const int64_t items = cv.n * cv.groups * chunks;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<T> scratch(implicit ? win.buffer_size() : cv.crs * col_ld + 64 / sizeof(T));
+    // Slack: the 2×2 pooling kernel reads a row and whole vector blocks past the last row pair's last window.
+    std::vector<T> product(cv.kg * ld + row_len + 2 * 64);
+    // Its results, one per window position of the item's row pairs, rounded up to whole vector blocks.
+    std::vector<T> pool_values(pool_scratch);
+    std::vector<tap_t<T>> pool_taps(pool_scratch);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t img = item / (cv.groups * chunks), g = item / chunks % cv.groups, ci = item % chunks;
+      const int64_t u0 = ci * urows, u1 = std::min(ps.p, u0 + urows);
+      const auto [y0, y1] = prow.span(u0, u1);
+      const T* xg = x + (img * cv.c + g * cv.cg) * cv.hw;
+      const T* a = w_packed.data() + g * w_panel;
+      if (y0 < y1) {
+        if (implicit) {
+          win.fill_rows(xg, y0, y1, scratch.data());
+          gemm(uk, cv.kg, (y1 - y0 - 1) * win.cols + cv.q, static_cast<int64_t>(win.taps.size()), a,
+               scratch.data(), win.taps.data(), product.data(), ld, false, true);
+        } else {
+          im2col(cv, xg, x_end, y0 * cv.q, y1 * cv.q, col_ld, scratch.data());
+          gemm(uk, cv.kg, (y1 - y0) * cv.q, cv.crs, a, scratch.data(), col_rows.data(), product.data(), ld, false,
+               true);
+        }
+      }
+      for (int64_t i = 0; i < cv.kg; ++i) {
+        const int64_t ch = g * cv.kg + i;
+        const int64_t plane = (img * cv.k + ch) * ps.p * ps.q;
+        pool_relu_rows(ps, prow, pcol, u0, u1, product.data() + i * ld, y0, row_len,
+                       bias != nullptr ? bias[ch] : T(0), out + plane, idx + plane, pool_values.data(),
+                       pool_taps.data());
+      }
+    }
   }
 }
 
@@ -703,8 +1195,10 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   // Dot tiles for stride 1 with few output channels. The colT GEMM pays a gather of PQ × CgRS elements per image,
   // which its GEMM reuses Kg times; the dot tiles copy only the input windows but pay the wasted columns and a
   // horizontal sum per tile and batch, which dominate for many channels on small images (measured: dot tiles
-  // 1.4× faster at Kg = 20 on 8×8 outputs, GEMM 1.3–2× faster at Kg >= 64 on ResNet shapes).
-  const bool dot_tiles = cv.unit_stride() && cv.kg <= 32;
+  // 1.4× faster at Kg = 20 on 8×8 outputs, GEMM 1.3–2× faster at Kg >= 64 on ResNet 3×3 shapes). A 1×1 kernel has
+  // no wasted columns and its GEMM would pay the channels-last copy of the whole input: dot tiles measured 2.3×
+  // faster on ResNet's 1×1 256->64 (8×256×56²).
+  const bool dot_tiles = cv.unit_stride() && (cv.kg <= 32 || cv.rs == 1);
   // The GEMM path gathers from a channels-last copy (see gather_col_t).
   const at::Tensor x = dot_tiles ? input.contiguous() : input.permute({0, 2, 3, 1}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_backward_weight_cpu", [&] {
@@ -733,6 +1227,99 @@ at::Tensor conv2d_backward_bias_cpu(const at::Tensor& grad_output) {
   return grad_bias;
 }
 
+std::tuple<at::Tensor, at::Tensor> conv2d_maxpool_relu_cpu(
+    const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+    c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+    c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride, c10::IntArrayRef pool_padding,
+    c10::IntArrayRef pool_dilation, bool ceil_mode) {
+  constexpr const char* op = "cnn_ext.conv2d_maxpool_relu";
+  const auto shape = check_conv2d_maxpool_relu<int64_t>(op, input, weight, bias, stride, padding, dilation, groups,
+                                                        pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+                                                        ceil_mode);
+  check_backend_dtype(op, input, "input", {at::kFloat, at::kDouble}, "CPU");
+  const Conv cv(shape.conv);
+  const auto sizes = shape.pool.output_sizes();
+  at::Tensor out = at::empty(sizes, input.options());
+  at::Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
+  if (out.numel() == 0) return {out, indices};
+  const at::Tensor x = input.contiguous(), w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_maxpool_relu_cpu", [&] {
+    conv2d_maxpool_relu_impl<scalar_t>(cv, shape.pool, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                                       b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
+                                       indices.data_ptr<int64_t>());
+  });
+  return {out, indices};
+}
+
+
+// grad planes (plane_in each) = sum of go over the outputs whose index points there and whose output is > 0 (or
+// NaN); first_bad[plane] = the first output with an index neither in [0, plane_in) nor -1.
+template <typename T>
+void unpool_relu_backward(const T* go, const T* out, const int64_t* idx, int64_t planes, int64_t plane_out,
+                          int64_t plane_in, T* grad, int64_t* first_bad) {
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t plane = 0; plane < planes; ++plane) {
+    T* g = grad + plane * plane_in;
+    std::fill_n(g, plane_in, T(0));
+    const int64_t base = plane * plane_out;
+    for (int64_t o = 0; o < plane_out; ++o) {
+      const int64_t i = idx[base + o];
+      if (static_cast<uint64_t>(i) < static_cast<uint64_t>(plane_in)) {
+        if (!(out[base + o] <= T(0))) g[i] += go[base + o];
+      } else if (i != -1 && first_bad[plane] < 0) {
+        first_bad[plane] = o;
+      }
+    }
+  }
+}
+
+// The gradient of the fused op's convolution output (the CompositeExplicitAutograd op in ops.cpp is ReLU's
+// threshold_backward followed by max_pool2d_backward): one pass per (image, channel) plane that zeroes it and adds
+// grad_output[o] at indices[o] where output[o] > 0 (or NaN), in output order as max_pool2d_backward does, so the
+// result is the same bits. Invalid indices are reported as max_pool2d_backward reports them.
+at::Tensor conv2d_maxpool_relu_backward_pool_cpu(const at::Tensor& grad_output_, const at::Tensor& output_,
+                                                 const at::Tensor& indices_, const at::Tensor& input,
+                                                 const at::Tensor& weight, c10::IntArrayRef stride,
+                                                 c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                                                 c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+                                                 c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation,
+                                                 bool ceil_mode) {
+  constexpr const char* op = "cnn_ext.conv2d_maxpool_relu_backward_pool";
+  const auto shape = check_conv2d_maxpool_relu<int64_t>(op, input, weight, c10::nullopt, stride, padding, dilation,
+                                                        groups, pool_kernel_size, pool_stride, pool_padding,
+                                                        pool_dilation, ceil_mode);
+  const auto conv_out = shape.conv.output_sizes();
+  const auto ps = check_max_pool2d_backward<int64_t>(op, grad_output_, indices_, c10::IntArrayRef(conv_out),
+                                                     pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+                                                     ceil_mode);
+  check_dim(op, output_, "output", 4, "(N, K, P, Q)");
+  check_same_dtype_device(op, {{&grad_output_, "grad_output"}, {&output_, "output"}});
+  TORCH_CHECK_VALUE(output_.sizes() == grad_output_.sizes(), op, ": output has shape ", output_.sizes(),
+                    " but grad_output has shape ", grad_output_.sizes());
+  check_backend_dtype(op, grad_output_, "grad_output", {at::kFloat, at::kDouble}, "CPU");
+  const at::Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
+  const at::Tensor indices = indices_.contiguous();
+  at::Tensor grad = at::empty(conv_out, grad_output.options());
+  if (grad.numel() == 0) return grad;
+  const int64_t plane_in = ps.h * ps.w, plane_out = ps.p * ps.q, planes = ps.n * ps.c;
+  std::vector<int64_t> first_bad(planes, -1);  // per plane, so the first bad index overall is reported
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnn_ext_conv2d_maxpool_relu_backward_pool_cpu", [&] {
+    unpool_relu_backward<scalar_t>(grad_output.const_data_ptr<scalar_t>(), output.const_data_ptr<scalar_t>(),
+                                   indices.const_data_ptr<int64_t>(), planes, plane_out, plane_in,
+                                   grad.mutable_data_ptr<scalar_t>(), first_bad.data());
+  });
+  for (int64_t plane = 0; plane < planes; ++plane) {
+    if (first_bad[plane] < 0) continue;
+    const int64_t o = first_bad[plane];
+    TORCH_CHECK_VALUE(false, op, ": indices[", plane / ps.c, ", ", plane % ps.c, ", ", o / ps.q, ", ", o % ps.q,
+                      "] = ", indices.const_data_ptr<int64_t>()[plane * plane_out + o],
+                      " is not a position in the convolution's output plane: it must be in [0, P*Q) = [0, ",
+                      plane_in, ") for an output of height ", ps.h, " and width ", ps.w);
+  }
+  return grad;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
@@ -740,6 +1327,8 @@ TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
   m.impl("conv2d_backward_input", &conv2d_backward_input_cpu);
   m.impl("conv2d_backward_weight", &conv2d_backward_weight_cpu);
   m.impl("conv2d_backward_bias", &conv2d_backward_bias_cpu);
+  m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_cpu);
+  m.impl("conv2d_maxpool_relu_backward_pool", &conv2d_maxpool_relu_backward_pool_cpu);
 }
 
 }  // namespace cnn_ext
