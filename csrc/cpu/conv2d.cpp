@@ -346,6 +346,25 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
   }
 }
 
+// Every implicit item of a pass, (image, group, chunk of rows), across the threads, each with its own window and
+// product buffers. Group g of image img reads src_of(img, g) and writes the m planes at dst_of(img, g), with
+// a_packed + g*a_panel as its A operand and bias + g*m (if any) added.
+template <typename T, typename SrcOf, typename DstOf>
+void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>& uk, int64_t m, const T* a_packed,
+                        int64_t a_panel, SrcOf src_of, DstOf dst_of, const T* bias) {
+  const int64_t chunks = win.items(), items = cv.n * cv.groups * chunks;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<T> window(win.buffer_size()), product(m * win.rows_per_item * win.cols);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t img = item / (cv.groups * chunks), g = item / chunks % cv.groups;
+      implicit_conv_item(win, uk, m, a_packed + g * a_panel, src_of(img, g), item % chunks, window.data(),
+                         product.data(), dst_of(img, g), bias != nullptr ? bias + g * m : nullptr);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // fprop: one item = (image, group, chunk of output rows) by implicit im2col for stride 1, (image, group, chunk of
 // output positions) by explicit im2col otherwise.
@@ -368,18 +387,10 @@ void conv2d_forward_implicit(const Conv& cv, const T* x, const T* w, const T* bi
   const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, win.rows_per_item * win.cols);
   const std::vector<T> w_packed = pack_weights(cv, w, uk.mr);
   const int64_t w_panel = packed_a_size(cv.kg, cv.crs, uk.mr);
-  const int64_t chunks = win.items(), items = cv.n * cv.groups * chunks;
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<T> window(win.buffer_size()), product(cv.kg * win.rows_per_item * win.cols);
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t img = item / (cv.groups * chunks), g = item / chunks % cv.groups;
-      implicit_conv_item(win, uk, cv.kg, w_packed.data() + g * w_panel, x + (img * cv.c + g * cv.cg) * cv.hw,
-                         item % chunks, window.data(), product.data(), y + (img * cv.k + g * cv.kg) * cv.pq,
-                         bias != nullptr ? bias + g * cv.kg : nullptr);
-    }
-  }
+  run_implicit_items(
+      cv, win, uk, cv.kg, w_packed.data(), w_panel,
+      [&](int64_t img, int64_t g) { return x + (img * cv.c + g * cv.cg) * cv.hw; },
+      [&](int64_t img, int64_t g) { return y + (img * cv.k + g * cv.kg) * cv.pq; }, bias);
 }
 
 template <typename T>
@@ -450,18 +461,11 @@ void conv2d_backward_input_implicit(const Conv& cv, const MicroKernel<T>& uk, co
       pack_a(cv.cg, cv.kg * cv.rs, wt.data(), cv.kg * cv.rs, int64_t(1), uk.mr, a_packed.data() + g * a_panel);
     }
   }
-  const int64_t chunks = win.items(), items = cv.n * cv.groups * chunks;
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<T> window(win.buffer_size()), product(cv.cg * win.rows_per_item * win.cols);
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < items; ++item) {
-      const int64_t img = item / (cv.groups * chunks), g = item / chunks % cv.groups;
-      implicit_conv_item(win, uk, cv.cg, a_packed.data() + g * a_panel, dy + (img * cv.k + g * cv.kg) * cv.pq,
-                         item % chunks, window.data(), product.data(), dx + (img * cv.c + g * cv.cg) * cv.hw,
-                         static_cast<const T*>(nullptr));
-    }
-  }
+  run_implicit_items(
+      cv, win, uk, cv.cg, a_packed.data(), a_panel,
+      [&](int64_t img, int64_t g) { return dy + (img * cv.k + g * cv.kg) * cv.pq; },
+      [&](int64_t img, int64_t g) { return dx + (img * cv.c + g * cv.cg) * cv.hw; },
+      static_cast<const T*>(nullptr));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
