@@ -51,36 +51,25 @@ CHECKPOINT_FORMAT = "cnn_ext.train/1"
 EVAL_BATCH = 1000
 
 
-def _positive(kind):
+def _checked(kind, noun, accept, wanted):
+    """An argparse type: the text parsed as `kind` (called a `noun` in errors), kept where accept(value) holds."""
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+            raise argparse.ArgumentTypeError(f"expected a {noun}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
         return value
     return parse
 
 
-def _fraction(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+def _positive(kind):
+    return _checked(kind, kind.__name__, lambda v: v > 0, "positive")
 
 
-def _decay(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+_fraction = _checked(float, "number", lambda v: 0 <= v < 1, "in [0, 1)")
+_decay = _checked(float, "number", lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def _recipe_help(name):
