@@ -2,6 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+
+import cnn_ext
 
 
 def cuda_kernels_available():
@@ -58,3 +61,36 @@ def grads(output, inputs, grad_output):
     wanted = [t for t in inputs if t is not None and t.requires_grad]
     got = iter(torch.autograd.grad(output, wanted, grad_output))
     return [next(got) if t is not None and t.requires_grad else None for t in inputs]
+
+
+def check_max_pool2d(x, case, dtype, grad_generator):
+    """Our max_pool2d on x (a leaf requiring grad) against torch's: output, int64 indices (exactly) and the input
+    gradient. `case` holds kernel, stride, padding, dilation and ceil_mode."""
+    args = dict(kernel_size=case["kernel"], stride=case["stride"], padding=case["padding"],
+                dilation=case["dilation"], ceil_mode=case["ceil_mode"], return_indices=True)
+    out, idx = cnn_ext.functional.max_pool2d(x, **args)
+    ref, ref_idx = F.max_pool2d(x, **args)
+    assert out.shape == ref.shape and idx.shape == ref_idx.shape
+    assert idx.dtype == torch.int64
+    assert_close(out, ref, dtype, msg="forward")
+    assert torch.equal(idx, ref_idx), f"indices differ:\n{idx}\n{ref_idx}"
+    _check_input_grad(out, ref, x, dtype, grad_generator)
+
+
+def check_avg_pool2d(x, case, dtype, grad_generator):
+    """Our avg_pool2d on x against torch's: output and input gradient. `case` holds kernel, stride, padding,
+    ceil_mode, count_include_pad and divisor_override."""
+    args = dict(kernel_size=case["kernel"], stride=case["stride"], padding=case["padding"],
+                ceil_mode=case["ceil_mode"], count_include_pad=case["count_include_pad"],
+                divisor_override=case["divisor_override"])
+    out = cnn_ext.functional.avg_pool2d(x, **args)
+    ref = F.avg_pool2d(x, **args)
+    assert out.shape == ref.shape
+    assert_close(out, ref, dtype, msg="forward")
+    _check_input_grad(out, ref, x, dtype, grad_generator)
+
+
+def _check_input_grad(out, ref, x, dtype, grad_generator):
+    grad_out = make_tensor(ref.shape, dtype, x.device, "contiguous", grad_generator)
+    (got,), (want,) = grads(out, [x], grad_out), grads(ref, [x], grad_out)
+    assert_close(got, want, dtype, msg="grad input")

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import cnn_ext
 import regressions
-from _support import DEVICES, LAYOUTS, assert_close, grads, make_tensor
+from _support import DEVICES, LAYOUTS, assert_close, check_avg_pool2d, check_max_pool2d, grads, make_tensor
 
 EXAMPLES = int(os.environ.get("CNN_EXT_FUZZ_EXAMPLES", "200"))
 
@@ -214,31 +214,12 @@ def _pool_input(case, device):
 
 def check_max_pool(case, device):
     x, g = _pool_input(case, device)
-    args = dict(kernel_size=case["kernel"], stride=case["stride"], padding=case["padding"],
-                dilation=case["dilation"], ceil_mode=case["ceil_mode"], return_indices=True)
-    out, idx = cnn_ext.functional.max_pool2d(x, **args)
-    ref, ref_idx = F.max_pool2d(x, **args)
-    assert out.shape == ref.shape and idx.shape == ref_idx.shape
-    assert idx.dtype == torch.int64
-    assert_close(out, ref, case["dtype"], msg="forward")
-    assert torch.equal(idx, ref_idx), f"indices differ:\n{idx}\n{ref_idx}"
-    grad_out = make_tensor(ref.shape, case["dtype"], device, "contiguous", g)
-    (got,), (want,) = grads(out, [x], grad_out), grads(ref, [x], grad_out)
-    assert_close(got, want, case["dtype"], msg="grad input")
+    check_max_pool2d(x, case, case["dtype"], g)
 
 
 def check_avg_pool(case, device):
     x, g = _pool_input(case, device)
-    args = dict(kernel_size=case["kernel"], stride=case["stride"], padding=case["padding"],
-                ceil_mode=case["ceil_mode"], count_include_pad=case["count_include_pad"],
-                divisor_override=case["divisor_override"])
-    out = cnn_ext.functional.avg_pool2d(x, **args)
-    ref = F.avg_pool2d(x, **args)
-    assert out.shape == ref.shape
-    assert_close(out, ref, case["dtype"], msg="forward")
-    grad_out = make_tensor(ref.shape, case["dtype"], device, "contiguous", g)
-    (got,), (want,) = grads(out, [x], grad_out), grads(ref, [x], grad_out)
-    assert_close(got, want, case["dtype"], msg="grad input")
+    check_avg_pool2d(x, case, case["dtype"], g)
 
 
 # A window larger than the whole input is legal with ceil_mode and a large stride (torch's output-size formula gives

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from _support import DEVICES, LAYOUTS, assert_close, grads, make_tensor
+from _support import DEVICES, LAYOUTS, assert_close, check_avg_pool2d, check_max_pool2d, make_tensor
 
 _pair = torch.nn.modules.utils._pair
 
@@ -75,32 +75,11 @@ def _input(case, dtype, device, layout="contiguous", seed=0, ties=False):
 
 
 def run_max_pool_parity(case, dtype, device, layout="contiguous", ties=False):
-    x = _input(case, dtype, device, layout, ties=ties)
-    args = dict(kernel_size=case["kernel"], stride=case["stride"], padding=case["padding"],
-                dilation=case["dilation"], ceil_mode=case["ceil_mode"], return_indices=True)
-    out, idx = cnn_ext.functional.max_pool2d(x, **args)
-    ref, ref_idx = F.max_pool2d(x, **args)
-    assert out.shape == ref.shape
-    assert idx.dtype == torch.int64
-    assert_close(out, ref, dtype, msg="forward")
-    assert torch.equal(idx, ref_idx), "indices differ"
-    grad_out = make_tensor(ref.shape, dtype, device, "contiguous", torch.Generator().manual_seed(1))
-    (got,), (want,) = grads(out, [x], grad_out), grads(ref, [x], grad_out)
-    assert_close(got, want, dtype, msg="grad input")
+    check_max_pool2d(_input(case, dtype, device, layout, ties=ties), case, dtype, torch.Generator().manual_seed(1))
 
 
 def run_avg_pool_parity(case, dtype, device, layout="contiguous"):
-    x = _input(case, dtype, device, layout)
-    args = dict(kernel_size=case["kernel"], stride=case["stride"], padding=case["padding"],
-                ceil_mode=case["ceil_mode"], count_include_pad=case["count_include_pad"],
-                divisor_override=case["divisor_override"])
-    out = cnn_ext.functional.avg_pool2d(x, **args)
-    ref = F.avg_pool2d(x, **args)
-    assert out.shape == ref.shape
-    assert_close(out, ref, dtype, msg="forward")
-    grad_out = make_tensor(ref.shape, dtype, device, "contiguous", torch.Generator().manual_seed(1))
-    (got,), (want,) = grads(out, [x], grad_out), grads(ref, [x], grad_out)
-    assert_close(got, want, dtype, msg="grad input")
+    check_avg_pool2d(_input(case, dtype, device, layout), case, dtype, torch.Generator().manual_seed(1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
