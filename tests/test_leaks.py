@@ -103,7 +103,8 @@ def test_cpu_memory_stays_flat(op, one_thread):
     gc.collect()
     grown = _rss_bytes() - rss
     assert grown < RSS_SLACK, f"RSS grew by {grown / 2**20:.1f} MB over {ITERATIONS} iterations of {op}"
-    assert _live_tensors() == tensors, "Python-visible tensors were left alive"
+    # <=, not ==: tensors cached by earlier tests (torch.export, say) may be collected meanwhile.
+    assert _live_tensors() <= tensors, "Python-visible tensors were left alive"
 
 
 @pytest.mark.skipif(not cuda_kernels_available(), reason="needs a GPU and cnn_ext's CUDA kernels")
