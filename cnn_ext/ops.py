@@ -74,15 +74,22 @@ def _conv2d_maxpool_relu_setup_context(ctx, inputs, output):
     input, weight, bias, *args = inputs
     out, indices = output
     ctx.mark_non_differentiable(indices)
+    ctx.set_materialize_grads(False)  # the indices' gradient is never used: don't allocate zeros for it
     ctx.save_for_backward(input, weight, out, indices)
     ctx.has_bias = bias is not None
     ctx.args = args  # stride, padding, dilation, groups, then the pooling arguments
 
 
 def _conv2d_maxpool_relu_backward(ctx, grad_output, _grad_indices):
+    no_grads = (None, None, None) + (None,) * len(ctx.args)
+    if grad_output is None:
+        return no_grads
     input, weight, out, indices = ctx.saved_tensors
-    grad_conv_output = _ops.conv2d_maxpool_relu_backward_pool(grad_output, out, indices, input, weight, *ctx.args)
-    return _conv2d_grads(ctx, grad_conv_output, input, weight, ctx.args[:4]) + (None,) * len(ctx.args)
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    if not any(mask):
+        return no_grads
+    grads = _ops.conv2d_maxpool_relu_backward(grad_output, out, indices, input, weight, *ctx.args, mask)
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask)) + no_grads[3:]
 
 
 torch.library.register_autograd("cnn_ext::conv2d_maxpool_relu", _conv2d_maxpool_relu_backward,

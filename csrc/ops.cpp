@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "composite.h"
 
 namespace cnn_ext {
 namespace {
@@ -120,6 +121,38 @@ at::Tensor conv2d_maxpool_relu_backward_pool(const at::Tensor& grad_output, cons
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_maxpool_relu_backward_composite(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& indices, const at::Tensor& input,
+    const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+    int64_t groups, c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride, c10::IntArrayRef pool_padding,
+    c10::IntArrayRef pool_dilation, bool ceil_mode, std::array<bool, 3> output_mask) {
+  using ConvBackward = at::Tensor(const at::Tensor&, const at::Tensor&, SymIntArrayRef, c10::IntArrayRef,
+                                  c10::IntArrayRef, c10::IntArrayRef, int64_t);
+  static auto backward_pool =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("cnn_ext::conv2d_maxpool_relu_backward_pool", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t,
+                            c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, bool)>();
+  static auto backward_input =
+      c10::Dispatcher::singleton().findSchemaOrThrow("cnn_ext::conv2d_backward_input", "").typed<ConvBackward>();
+  static auto backward_weight =
+      c10::Dispatcher::singleton().findSchemaOrThrow("cnn_ext::conv2d_backward_weight", "").typed<ConvBackward>();
+  static auto backward_bias =
+      c10::Dispatcher::singleton().findSchemaOrThrow("cnn_ext::conv2d_backward_bias", "").typed<at::Tensor(
+          const at::Tensor&)>();
+  const at::Tensor grad_conv =
+      backward_pool.call(grad_output, output, indices, input, weight, stride, padding, dilation, groups,
+                         pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode);
+  const auto none = [&] { return at::empty({0}, grad_output.options()); };
+  return {output_mask[0] ? backward_input.call(grad_conv, weight, input.sym_sizes(), stride, padding, dilation, groups)
+                         : none(),
+          output_mask[1]
+              ? backward_weight.call(grad_conv, input, weight.sym_sizes(), stride, padding, dilation, groups)
+              : none(),
+          output_mask[2] ? backward_bias.call(grad_conv) : none()};
+}
+
 TORCH_LIBRARY(cnn_ext, m) {
   m.def("conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, int[2] dilation, "
         "int groups) -> Tensor");
@@ -143,10 +176,16 @@ TORCH_LIBRARY(cnn_ext, m) {
   m.def("conv2d_maxpool_relu_backward_pool(Tensor grad_output, Tensor output, Tensor indices, Tensor input, "
         "Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, int[2] pool_kernel_size, "
         "int[2] pool_stride, int[2] pool_padding, int[2] pool_dilation, bool ceil_mode) -> Tensor");
+  // The fused op's gradients with respect to (input, weight, bias), as far as output_mask asks (empty otherwise).
+  m.def("conv2d_maxpool_relu_backward(Tensor grad_output, Tensor output, Tensor indices, Tensor input, "
+        "Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, int[2] pool_kernel_size, "
+        "int[2] pool_stride, int[2] pool_padding, int[2] pool_dilation, bool ceil_mode, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cnn_ext, CompositeExplicitAutograd, m) {
   m.impl("conv2d_maxpool_relu_backward_pool", &conv2d_maxpool_relu_backward_pool);
+  m.impl("conv2d_maxpool_relu_backward", &conv2d_maxpool_relu_backward_composite);
 }
 
 TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {

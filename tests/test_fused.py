@@ -188,15 +188,25 @@ def _opcheck_samples(device):
     pool_odd = ([3, 2], [2, 1], [1, 1], [1, 1], True)
     out, idx = ops.conv2d_maxpool_relu(x, w, b, *conv, *pool_odd)
     gy = t(*out.shape)
+    # float32 with 17 images: the CPU's batch-in-lanes kernels (a full block of 16 and a partial one).
+    x32, w32 = x.detach().float().repeat(9, 2, 1, 1)[:17], w.detach().float().repeat(1, 4, 1, 1)
+    conv32 = ([1, 1], [1, 0], [1, 1], 1)
+    out32, idx32 = ops.conv2d_maxpool_relu(x32, w32, None, *conv32, *pool)
+    fused_backward = (out.detach(), idx, x.detach(), w.detach(), *conv, *pool_odd)
     return [
         (ops.conv2d_maxpool_relu, (x, w, b, *conv, *pool)),
         (ops.conv2d_maxpool_relu, (x, w, None, [2, 1], [0, 1], [1, 2], 1 * 2, *pool_odd)),
-        (ops.conv2d_maxpool_relu_backward_pool, (gy, out.detach(), idx, x.detach(), w.detach(), *conv, *pool_odd)),
+        (ops.conv2d_maxpool_relu_backward_pool, (gy, *fused_backward)),
+        (ops.conv2d_maxpool_relu_backward, (gy, *fused_backward, [True, True, True])),
+        (ops.conv2d_maxpool_relu_backward, (gy, *fused_backward, [False, True, False])),
+        (ops.conv2d_maxpool_relu, (x32, w32, None, *conv32, *pool)),
+        (ops.conv2d_maxpool_relu_backward,
+         (torch.randn_like(out32), out32, idx32, x32, w32, *conv32, *pool, [True, True, False])),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(7))
 def test_fused_opcheck(index, device):
     op, args = _opcheck_samples(device)[index]
     torch.library.opcheck(op, args)

@@ -39,6 +39,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -51,7 +52,10 @@
 #endif
 
 #include "../checks.h"
+#include "../composite.h"
+#include "conv2d_lanes.h"
 #include "gemm.h"
+#include "window_axis.h"
 
 namespace cnn_ext {
 namespace {
@@ -62,6 +66,7 @@ using cpu::pack_a;
 using cpu::packed_a_size;
 using cpu::pick_micro_kernel;
 using cpu::row_offsets;
+using cpu::WindowAxis;
 
 // Scratch (im2col and friends) per work item is kept to about this size so it stays in the 2 MiB L2 alongside
 // the packed weights.
@@ -843,35 +848,6 @@ void conv2d_backward_bias_impl(const T* dy, int64_t n, int64_t k, int64_t pq, T*
 // window order), a window wholly in padding gives -inf (ReLU: 0) and index -1.
 // ---------------------------------------------------------------------------------------------------------------
 
-// One axis of the pooling windows over the conv output (pool2d.cpp's WindowAxis): output o reads positions
-// begin[o], begin[o] + dilation, ... below end[o]; begin >= end means the window is all padding.
-struct PoolAxis {
-  std::vector<int64_t> begin, end;
-
-  PoolAxis(int64_t out_size, int64_t in_size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation)
-      : begin(out_size), end(out_size) {
-    const int64_t span = (kernel - 1) * dilation + 1;
-    for (int64_t o = 0; o < out_size; ++o) {
-      const int64_t start = o * stride - pad;
-      int64_t first = start;
-      while (first < 0) first += dilation;
-      begin[o] = first;
-      end[o] = std::min(start + span, in_size);
-    }
-  }
-
-  // The positions [lo, hi) read by outputs [o0, o1); lo >= hi when they read none.
-  std::pair<int64_t, int64_t> span(int64_t o0, int64_t o1) const {
-    int64_t lo = 0, hi = 0;
-    for (int64_t o = o0; o < o1; ++o) {
-      if (begin[o] >= end[o]) continue;
-      if (lo >= hi) lo = begin[o];
-      hi = std::max(hi, end[o]);
-    }
-    return {lo, hi};
-  }
-};
-
 template <typename T>
 inline T relu(T v) {
   return v > T(0) || v != v ? v : T(0);  // NaN propagates, as torch.relu
@@ -1022,7 +998,7 @@ bool is_two_by_two(const PoolShape<int64_t>& ps) {
 // buf + (y - y0)*ld_row (the rows the windows read are all there); out and idx are the channel's pooled plane.
 // values/taps: scratch of at least two_by_two_scratch(...) elements for the 2×2 kernel.
 template <typename T>
-void pool_relu_rows(const PoolShape<int64_t>& ps, const PoolAxis& prow, const PoolAxis& pcol, int64_t u0, int64_t u1,
+void pool_relu_rows(const PoolShape<int64_t>& ps, const WindowAxis& prow, const WindowAxis& pcol, int64_t u0, int64_t u1,
                     const T* buf, int64_t y0, int64_t ld_row, T b, T* __restrict out, int64_t* __restrict idx,
                     T* values, tap_t<T>* taps) {
   const T lowest = -std::numeric_limits<T>::infinity();
@@ -1078,8 +1054,8 @@ void pool_relu_rows(const PoolShape<int64_t>& ps, const PoolAxis& prow, const Po
 template <typename T>
 void conv2d_maxpool_relu_impl(const Conv& cv, const PoolShape<int64_t>& ps, const T* x, const T* w, const T* bias,
                               T* out, int64_t* idx) {
-  const PoolAxis prow(ps.p, ps.h, ps.kh, ps.stride_h, ps.pad_h, ps.dil_h);
-  const PoolAxis pcol(ps.q, ps.w, ps.kw, ps.stride_w, ps.pad_w, ps.dil_w);
+  const WindowAxis prow(ps.p, ps.h, ps.kh, ps.stride_h, ps.pad_h, ps.dil_h);
+  const WindowAxis pcol(ps.q, ps.w, ps.kw, ps.stride_w, ps.pad_w, ps.dil_w);
   const bool implicit = cv.unit_stride();
   const int64_t row_len = implicit ? cv.q + (cv.s - 1) * cv.dw : cv.q;  // scratch row stride of a conv row
   const int64_t bytes_per_row = (cv.kg * row_len + (implicit ? cv.cg * row_len : cv.crs * cv.q)) * sizeof(T);
@@ -1159,6 +1135,13 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (cpu::lanes::suits(shape)) {
+        cpu::lanes::conv2d_forward(shape, x.data_ptr<float>(), w.data_ptr<float>(),
+                                   b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>());
+        return;
+      }
+    }
     conv2d_forward_impl<scalar_t>(cv, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                   b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
   });
@@ -1178,6 +1161,13 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   if (grad_output.numel() == 0) return grad_input.zero_();  // no output channels: nothing flows back
   const at::Tensor dy = grad_output.contiguous(), w = weight.contiguous();
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnn_ext_conv2d_backward_input_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (cpu::lanes::suits_dgrad(shape)) {
+        cpu::lanes::conv2d_backward_input(shape, dy.data_ptr<float>(), w.data_ptr<float>(),
+                                          grad_input.data_ptr<float>());
+        return;
+      }
+    }
     conv2d_backward_input_impl<scalar_t>(cv, dy.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                          grad_input.data_ptr<scalar_t>());
   });
@@ -1203,9 +1193,17 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   // no wasted columns and its GEMM would pay the channels-last copy of the whole input: dot tiles measured 2.3×
   // faster on ResNet's 1×1 256->64 (8×256×56²).
   const bool dot_tiles = cv.unit_stride() && (cv.kg <= 32 || cv.rs == 1);
+  const bool lanes = input.scalar_type() == at::kFloat && cpu::lanes::suits(shape);
   // The GEMM path gathers from a channels-last copy (see gather_col_t).
-  const at::Tensor x = dot_tiles ? input.contiguous() : input.permute({0, 2, 3, 1}).contiguous();
+  const at::Tensor x = dot_tiles || lanes ? input.contiguous() : input.permute({0, 2, 3, 1}).contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_backward_weight_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (lanes) {
+        cpu::lanes::conv2d_backward_weight(shape, dy.data_ptr<float>(), x.data_ptr<float>(),
+                                           grad_weight.data_ptr<float>());
+        return;
+      }
+    }
     if (dot_tiles) {
       conv2d_backward_weight_implicit<scalar_t>(cv, dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                                 grad_weight.data_ptr<scalar_t>());
@@ -1249,6 +1247,14 @@ std::tuple<at::Tensor, at::Tensor> conv2d_maxpool_relu_cpu(
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_maxpool_relu_cpu", [&] {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (cpu::lanes::suits(shape.conv)) {
+        cpu::lanes::conv2d_maxpool_relu(shape.conv, shape.pool, x.data_ptr<float>(), w.data_ptr<float>(),
+                                        b.defined() ? b.data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                                        indices.data_ptr<int64_t>());
+        return;
+      }
+    }
     conv2d_maxpool_relu_impl<scalar_t>(cv, shape.pool, x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                                        b.defined() ? b.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>(),
                                        indices.data_ptr<int64_t>());
@@ -1282,6 +1288,28 @@ void unpool_relu_backward(const T* go, const T* out, const int64_t* idx, int64_t
 // threshold_backward followed by max_pool2d_backward): one pass per (image, channel) plane that zeroes it and adds
 // grad_output[o] at indices[o] where output[o] > 0 (or NaN), in output order as max_pool2d_backward does, so the
 // result is the same bits. Invalid indices are reported as max_pool2d_backward reports them.
+// The arguments of the fused op's backward ops, checked: the convolution's shape and the pooling's (over the
+// convolution output).
+std::pair<ConvShape<int64_t>, PoolShape<int64_t>> check_fused_backward(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& indices,
+    const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups, c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation, bool ceil_mode) {
+  const auto shape = check_conv2d_maxpool_relu<int64_t>(op, input, weight, c10::nullopt, stride, padding, dilation,
+                                                        groups, pool_kernel_size, pool_stride, pool_padding,
+                                                        pool_dilation, ceil_mode);
+  const auto conv_out = shape.conv.output_sizes();
+  const auto ps = check_max_pool2d_backward<int64_t>(op, grad_output, indices, c10::IntArrayRef(conv_out),
+                                                     pool_kernel_size, pool_stride, pool_padding, pool_dilation,
+                                                     ceil_mode);
+  check_dim(op, output, "output", 4, "(N, K, P, Q)");
+  check_same_dtype_device(op, {{&grad_output, "grad_output"}, {&output, "output"}});
+  TORCH_CHECK_VALUE(output.sizes() == grad_output.sizes(), op, ": output has shape ", output.sizes(),
+                    " but grad_output has shape ", grad_output.sizes());
+  check_backend_dtype(op, grad_output, "grad_output", {at::kFloat, at::kDouble}, "CPU");
+  return {shape.conv, ps};
+}
+
 at::Tensor conv2d_maxpool_relu_backward_pool_cpu(const at::Tensor& grad_output_, const at::Tensor& output_,
                                                  const at::Tensor& indices_, const at::Tensor& input,
                                                  const at::Tensor& weight, c10::IntArrayRef stride,
@@ -1290,18 +1318,10 @@ at::Tensor conv2d_maxpool_relu_backward_pool_cpu(const at::Tensor& grad_output_,
                                                  c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation,
                                                  bool ceil_mode) {
   constexpr const char* op = "cnn_ext.conv2d_maxpool_relu_backward_pool";
-  const auto shape = check_conv2d_maxpool_relu<int64_t>(op, input, weight, c10::nullopt, stride, padding, dilation,
-                                                        groups, pool_kernel_size, pool_stride, pool_padding,
-                                                        pool_dilation, ceil_mode);
-  const auto conv_out = shape.conv.output_sizes();
-  const auto ps = check_max_pool2d_backward<int64_t>(op, grad_output_, indices_, c10::IntArrayRef(conv_out),
-                                                     pool_kernel_size, pool_stride, pool_padding, pool_dilation,
-                                                     ceil_mode);
-  check_dim(op, output_, "output", 4, "(N, K, P, Q)");
-  check_same_dtype_device(op, {{&grad_output_, "grad_output"}, {&output_, "output"}});
-  TORCH_CHECK_VALUE(output_.sizes() == grad_output_.sizes(), op, ": output has shape ", output_.sizes(),
-                    " but grad_output has shape ", grad_output_.sizes());
-  check_backend_dtype(op, grad_output_, "grad_output", {at::kFloat, at::kDouble}, "CPU");
+  const auto [conv, ps] = check_fused_backward(op, grad_output_, output_, indices_, input, weight, stride, padding,
+                                               dilation, groups, pool_kernel_size, pool_stride, pool_padding,
+                                               pool_dilation, ceil_mode);
+  const auto conv_out = conv.output_sizes();
   const at::Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
   const at::Tensor indices = indices_.contiguous();
   at::Tensor grad = at::empty(conv_out, grad_output.options());
@@ -1324,6 +1344,43 @@ at::Tensor conv2d_maxpool_relu_backward_pool_cpu(const at::Tensor& grad_output_,
   return grad;
 }
 
+// All the fused op's gradients at once. For float32 convolutions that the lanes kernels take, the convolution's
+// output gradient is built block by block in their layout and never stored; otherwise, or when an index is not
+// one of its window's taps, the general composite (backward_pool, then the convolution's backward ops).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_maxpool_relu_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& indices, const at::Tensor& input,
+    const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding, c10::IntArrayRef dilation,
+    int64_t groups, c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride, c10::IntArrayRef pool_padding,
+    c10::IntArrayRef pool_dilation, bool ceil_mode, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "cnn_ext.conv2d_maxpool_relu_backward";
+  const auto [conv, ps] = check_fused_backward(op, grad_output, output, indices, input, weight, stride, padding,
+                                               dilation, groups, pool_kernel_size, pool_stride, pool_padding,
+                                               pool_dilation, ceil_mode);
+  const at::Tensor* operands[] = {&grad_output, &output, &input, &weight};
+  const bool all_float_cpu = std::all_of(std::begin(operands), std::end(operands), [](const at::Tensor* t) {
+    return t->scalar_type() == at::kFloat && t->device().is_cpu();
+  });
+  if (all_float_cpu && grad_output.numel() > 0 && cpu::lanes::suits(conv) &&
+      (!output_mask[0] || cpu::lanes::suits_dgrad(conv))) {
+    const auto options = input.options();
+    at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), options) : at::empty({0}, options);
+    at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), options) : at::empty({0}, options);
+    at::Tensor grad_bias = output_mask[2] ? at::empty({conv.k}, options) : at::empty({0}, options);
+    const at::Tensor go = grad_output.contiguous(), out = output.contiguous(), idx = indices.contiguous();
+    const at::Tensor x = input.contiguous(), w = weight.contiguous();
+    if (cpu::lanes::conv2d_maxpool_relu_backward(
+            conv, ps, go.data_ptr<float>(), out.data_ptr<float>(), idx.data_ptr<int64_t>(), x.data_ptr<float>(),
+            w.data_ptr<float>(), output_mask[0] ? grad_input.data_ptr<float>() : nullptr,
+            output_mask[1] ? grad_weight.data_ptr<float>() : nullptr,
+            output_mask[2] ? grad_bias.data_ptr<float>() : nullptr)) {
+      return {grad_input, grad_weight, grad_bias};
+    }
+  }
+  return conv2d_maxpool_relu_backward_composite(grad_output, output, indices, input, weight, stride, padding,
+                                                dilation, groups, pool_kernel_size, pool_stride, pool_padding,
+                                                pool_dilation, ceil_mode, output_mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
@@ -1333,6 +1390,7 @@ TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
   m.impl("conv2d_backward_bias", &conv2d_backward_bias_cpu);
   m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_cpu);
   m.impl("conv2d_maxpool_relu_backward_pool", &conv2d_maxpool_relu_backward_pool_cpu);
+  m.impl("conv2d_maxpool_relu_backward", &conv2d_maxpool_relu_backward_cpu);
 }
 
 }  // namespace cnn_ext

@@ -28,9 +28,12 @@
 #include <vector>
 
 #include "../checks.h"
+#include "window_axis.h"
 
 namespace cnn_ext {
 namespace {
+
+using cpu::WindowAxis;
 
 constexpr const char* kMaxPool = "cnn_ext.max_pool2d";
 constexpr const char* kMaxPoolBackward = "cnn_ext.max_pool2d_backward";
@@ -40,32 +43,6 @@ constexpr const char* kAvgPoolBackward = "cnn_ext.avg_pool2d_backward";
 // Index recorded for a max-pool window that holds no input element at all (possible only with dilation, when every
 // tap lands on padding). Its output is -inf and the backward pass gives it no gradient.
 constexpr int64_t kNoIndex = -1;
-
-// The windows of one spatial dimension: for output position o, the input positions begin[o], begin[o] + dilation,
-// ... up to (excluding) end[o], clipped to the input. Outputs in [interior_begin, interior_end) have windows that
-// lie wholly inside the input, so their taps need no clipping.
-struct WindowAxis {
-  std::vector<int64_t> begin, end;
-  int64_t interior_begin = 0, interior_end = 0;
-
-  WindowAxis(int64_t out_size, int64_t in_size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation)
-      : begin(out_size), end(out_size) {
-    const int64_t span = (kernel - 1) * dilation + 1;
-    bool seen_interior = false;
-    for (int64_t o = 0; o < out_size; ++o) {
-      const int64_t start = o * stride - pad;
-      int64_t first = start;
-      while (first < 0) first += dilation;  // first tap inside the input, as ATen steps over the padding
-      begin[o] = first;
-      end[o] = std::min(start + span, in_size);
-      if (start >= 0 && start + span <= in_size) {
-        if (!seen_interior) interior_begin = o;
-        interior_end = o + 1;
-        seen_interior = true;
-      }
-    }
-  }
-};
 
 // The divisor of every avg-pool window, in output (P×Q) order; the forward and backward kernels share it.
 template <typename scalar_t>

@@ -1,0 +1,778 @@
+// float32 convolution kernels with the batch in the vector lanes, for the small convolutions of MNIST-sized
+// networks on AVX-512 machines.
+//
+// Per image, such a convolution is a product of tiny matrices (MNIST's second conv: 20 × 250 × 64), where the
+// GEMMs of conv2d.cpp spend their time on ragged tiles, short reductions and the columns their implicit im2col
+// wastes. Here 16 images share every instruction instead. A block of 16 images is transposed into
+//   X_t[c][row][col][lane]   (lane = image; the convolution's zero padding materialised)
+// so that any tap of any output position is one vector load, every weight one broadcast, and no lane is wasted on
+// geometry (only a batch that is not a multiple of 16 leaves lanes idle, as zeros). fprop, the fused conv +
+// max-pool + ReLU, dgrad and wgrad run register tiles over this layout (channels × adjacent output columns, or
+// output channels × kernel taps for wgrad); AVX-512 gathers transpose blocks in and out.
+//
+// Results: fprop and the fused op give the same bits as conv2d.cpp's GEMM path (each output is the FMA chain over
+// the taps in (c, r, s) order starting from 0, then + bias), so the fused op still equals our unfused ops bit for
+// bit. dgrad sums over (k, r, s) in order; wgrad's partial sums follow a fixed split of the batch per thread count,
+// as conv2d.cpp's does. No atomics: every item writes its own outputs.
+//
+// Used when suits()/suits_dgrad() say so: x86-64 with AVX-512F (picked at run time, like gemm.h's kernels), one
+// group, at least 16 images, small planes and channel counts. Everything else, double and other machines included,
+// takes conv2d.cpp's GEMMs: the portable path.
+#include "conv2d_lanes.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <limits>
+#include <memory>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "window_axis.h"
+
+namespace cnn_ext {
+namespace cpu {
+namespace lanes {
+
+#if defined(__x86_64__)
+
+namespace {
+
+#define CNN_EXT_LANES __attribute__((target("avx512f")))
+
+constexpr int64_t L = 16;  // images per block: the float lanes of a 512-bit vector
+// A block's transposed input or output planes hold at most this many positions × 16 lanes (1 MiB), so that one
+// block's data stays in L2 while its tiles re-read it.
+constexpr int64_t kMaxBlockPositions = 16384;
+// Register tiles: accumulators + operands within the 32 vector registers.
+constexpr int kFpropChannels = 12;  // fprop: 12 output channels × 2 output columns
+constexpr int kWgradChannels = 4;   // wgrad: 4 output channels × 5 kernel taps
+constexpr int kWgradTaps = 5;
+constexpr int kDgradChannels = 12;  // dgrad: 12 input channels × 2 input columns
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Per-thread scratch, left uninitialised (every element is written before it is read, except unpack's slack).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
+// unpack's slack after its source: it loads whole groups of 16 positions.
+constexpr int64_t kSlack = 16 * 16;
+
+struct Geo {
+  int64_t n, c, h, w, k, r, s, p, q, sh, sw, ph, pw, dh, dw, hp, wp;
+
+  explicit Geo(const ConvShape<int64_t>& x)
+      : n(x.n), c(x.c), h(x.h), w(x.w), k(x.k), r(x.r), s(x.s), p(x.p), q(x.q), sh(x.stride_h), sw(x.stride_w),
+        ph(x.pad_h), pw(x.pad_w), dh(x.dil_h), dw(x.dil_w), hp(x.h + 2 * x.pad_h), wp(x.w + 2 * x.pad_w) {}
+
+  // The padded input rows [in_begin(p0), in_end(p1)) feed output rows [p0, p1).
+  int64_t in_begin(int64_t p0) const { return p0 * sh; }
+  int64_t in_end(int64_t p1) const { return (p1 - 1) * sh + (r - 1) * dh + 1; }
+};
+
+// Output rows per item when `blocks` blocks of images are split into items of rows: enough items for every thread.
+int64_t rows_per_item(int64_t blocks, int64_t rows) {
+  const int64_t chunks = std::min(rows, ceil_div(2 * static_cast<int64_t>(at::get_num_threads()), blocks));
+  return ceil_div(rows, std::max<int64_t>(chunks, 1));
+}
+
+inline __mmask16 lane_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+// Transposes the 16 × 16 matrix whose rows are v[0..15] (row i, column j -> row j, column i). The maskz forms
+// with a full mask: GCC 12's unmasked unpack/shuffle intrinsics warn about their undefined pass-through operand.
+CNN_EXT_LANES inline void transpose16(__m512 v[16]) {
+  constexpr __mmask16 kAll = 0xFFFF;
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_maskz_unpacklo_ps(kAll, v[i], v[i + 1]);
+    t[i + 1] = _mm512_maskz_unpackhi_ps(kAll, v[i], v[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+    v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_maskz_shuffle_f32x4(kAll, v[i], v[i + 4], 0x88);
+    t[i + 4] = _mm512_maskz_shuffle_f32x4(kAll, v[i], v[i + 4], 0xDD);
+    t[i + 8] = _mm512_maskz_shuffle_f32x4(kAll, v[i + 8], v[i + 12], 0x88);
+    t[i + 12] = _mm512_maskz_shuffle_f32x4(kAll, v[i + 8], v[i + 12], 0xDD);
+  }
+  for (int i = 0; i < 8; ++i) {
+    v[i] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[i + 8], 0x88);
+    v[i + 8] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[i + 8], 0xDD);
+  }
+}
+
+// 16 elements at p (masked), as float lanes: floats as they are; int64 indices saturated to int32, as their bits
+// (a saturated index matches no position, so a corrupt one is still caught).
+CNN_EXT_LANES inline __m512 load_lanes(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+CNN_EXT_LANES inline __m512 load_lanes(const int64_t* p, __mmask16 m) {
+  // maskz forms for the same reason as in transpose16.
+  const __m256i lo = _mm512_maskz_cvtsepi64_epi32(0xFF, _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m), p));
+  const __m256i hi = _mm512_maskz_cvtsepi64_epi32(0xFF, _mm512_maskz_loadu_epi64(static_cast<__mmask8>(m >> 8), p + 8));
+  const __m512i both = _mm512_maskz_inserti64x4(0xFF, _mm512_maskz_inserti64x4(0xFF, _mm512_setzero_si512(), lo, 0),
+                                                hi, 1);
+  return _mm512_castsi512_ps(both);
+}
+
+// dst[ch][row - row0][col][lane] = image `lane` of src at plane ch, position (row - top, col - left); 0 in the
+// padding and in lanes >= nb. Images are image_stride elements apart, planes h*w. Each run of 16 columns is 16
+// masked row loads (one per image) transposed in registers.
+template <typename T>
+CNN_EXT_LANES void pack(const T* src, int64_t nb, int64_t image_stride, int64_t planes, int64_t h, int64_t w,
+                        int64_t top, int64_t left, int64_t row0, int64_t row1, int64_t cols, float* dst) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t ch = 0; ch < planes; ++ch) {
+    for (int64_t row = row0; row < row1; ++row, dst += cols * L) {
+      const int64_t ih = row - top;
+      if (ih < 0 || ih >= h) {
+        for (int64_t col = 0; col < cols; ++col) _mm512_storeu_ps(dst + col * L, zero);
+        continue;
+      }
+      const T* s = src + (ch * h + ih) * w;
+      for (int64_t col0 = 0; col0 < cols; col0 += L) {
+        // Columns col0 + j inside the image: left <= col0 + j < left + w.
+        const int64_t lo = std::clamp<int64_t>(left - col0, 0, L), hi = std::clamp<int64_t>(left + w - col0, 0, L);
+        const __mmask16 inside = static_cast<__mmask16>(lane_mask(hi) & ~lane_mask(lo));
+        __m512 v[L];
+        for (int64_t lane = 0; lane < L; ++lane) {
+          // Masked-off columns are not read, so the (possibly out-of-row) base address is never dereferenced there.
+          v[lane] = lane < nb && inside != 0 ? load_lanes(s + lane * image_stride + (col0 - left), inside) : zero;
+        }
+        transpose16(v);
+        const int64_t n = std::min(L, cols - col0);
+        for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(dst + (col0 + j) * L, v[j]);
+      }
+    }
+  }
+}
+
+// dst[lane*image_stride + ch*plane_stride + i] = src[(ch*run + i)*16 + lane] for lane < nb, ch < planes, i < run:
+// the inverse of pack for destination planes whose run elements are contiguous. src needs 16 vectors of slack
+// after its last plane (the last 16-position group is loaded whole).
+CNN_EXT_LANES void unpack(const float* src, int64_t nb, int64_t planes, int64_t run, float* dst,
+                          int64_t image_stride, int64_t plane_stride) {
+  for (int64_t ch = 0; ch < planes; ++ch) {
+    for (int64_t i = 0; i < run; i += L) {
+      __m512 v[L];
+      for (int64_t j = 0; j < L; ++j) v[j] = _mm512_loadu_ps(src + (ch * run + i + j) * L);
+      transpose16(v);
+      const __mmask16 m = lane_mask(std::min(L, run - i));
+      for (int64_t lane = 0; lane < nb; ++lane) {
+        _mm512_mask_storeu_ps(dst + lane * image_stride + ch * plane_stride + i, m, v[lane]);
+      }
+    }
+  }
+}
+
+// unpack for int32 lanes widened to int64 (the pooling indices).
+CNN_EXT_LANES void unpack_index(const int32_t* src, int64_t nb, int64_t planes, int64_t run, int64_t* dst,
+                                int64_t image_stride, int64_t plane_stride) {
+  for (int64_t ch = 0; ch < planes; ++ch) {
+    for (int64_t i = 0; i < run; i += L) {
+      __m512 v[L];
+      for (int64_t j = 0; j < L; ++j) {
+        v[j] = _mm512_castsi512_ps(_mm512_loadu_si512(src + (ch * run + i + j) * L));
+      }
+      transpose16(v);
+      const __mmask16 m = lane_mask(std::min(L, run - i));
+      for (int64_t lane = 0; lane < nb; ++lane) {
+        const __m512i x = _mm512_castps_si512(v[lane]);
+        // maskz forms for the same reason as in transpose16.
+        const __m256i lo = _mm512_maskz_extracti64x4_epi64(0xF, x, 0), hi = _mm512_maskz_extracti64x4_epi64(0xF, x, 1);
+        int64_t* d = dst + lane * image_stride + ch * plane_stride + i;
+        _mm512_mask_storeu_epi64(d, static_cast<__mmask8>(m), _mm512_maskz_cvtepi32_epi64(0xFF, lo));
+        _mm512_mask_storeu_epi64(d + 8, static_cast<__mmask8>(m >> 8), _mm512_maskz_cvtepi32_epi64(0xFF, hi));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// fprop: y[k][p][q] = sum over taps (c, r, s) of W[k][c][r][s] * X_t[c][p*sh + r*dh][q*sw + s*dw] (+ bias[k]).
+// ---------------------------------------------------------------------------------------------------------------
+
+// Weights tap-major, wt[((c*R + r)*S + s)*K + k] = W[k][c][r][s]: one tap's output channels are contiguous.
+std::vector<float> pack_taps(const Geo& g, const float* w) {
+  std::vector<float> wt(g.k * g.c * g.r * g.s);
+  const int64_t crs = g.c * g.r * g.s;
+  for (int64_t k = 0; k < g.k; ++k) {
+    for (int64_t t = 0; t < crs; ++t) wt[t * g.k + k] = w[k * crs + t];
+  }
+  return wt;
+}
+
+// Output channels [k0, k0 + KB) × columns [q, q + QB) of one output row: x is X_t at channel 0 and that output
+// position's first tap (x_plane elements per channel, x_row per row), wt the packed weights at channel k0, y the
+// first output vector (y_plane elements per channel). bias may be null.
+template <int KB, int QB>
+CNN_EXT_LANES void fprop_tile(const Geo& g, const float* x, int64_t x_plane, int64_t x_row, const float* wt,
+                              const float* bias, float* y, int64_t y_plane) {
+  __m512 acc[KB][QB];
+#pragma GCC unroll 16
+  for (int kk = 0; kk < KB; ++kk) {
+#pragma GCC unroll 4
+    for (int j = 0; j < QB; ++j) acc[kk][j] = _mm512_setzero_ps();
+  }
+  for (int64_t c = 0; c < g.c; ++c) {
+    for (int64_t r = 0; r < g.r; ++r) {
+      const float* xr = x + c * x_plane + r * g.dh * x_row;
+      for (int64_t s = 0; s < g.s; ++s, wt += g.k) {
+        __m512 xv[QB];
+#pragma GCC unroll 4
+        for (int j = 0; j < QB; ++j) xv[j] = _mm512_loadu_ps(xr + (s * g.dw + j * g.sw) * L);
+#pragma GCC unroll 16
+        for (int kk = 0; kk < KB; ++kk) {
+          const __m512 wv = _mm512_set1_ps(wt[kk]);
+#pragma GCC unroll 4
+          for (int j = 0; j < QB; ++j) acc[kk][j] = _mm512_fmadd_ps(xv[j], wv, acc[kk][j]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int kk = 0; kk < KB; ++kk) {
+    const __m512 b = _mm512_set1_ps(bias != nullptr ? bias[kk] : 0.0f);
+#pragma GCC unroll 4
+    for (int j = 0; j < QB; ++j) {
+      _mm512_storeu_ps(y + kk * y_plane + j * L, bias != nullptr ? _mm512_add_ps(acc[kk][j], b) : acc[kk][j]);
+    }
+  }
+}
+
+using FpropTile = void (*)(const Geo&, const float*, int64_t, int64_t, const float*, const float*, float*, int64_t);
+
+template <int QB, int... KB>
+constexpr std::array<FpropTile, sizeof...(KB)> fprop_tiles(std::integer_sequence<int, KB...>) {
+  return {&fprop_tile<KB + 1, QB>...};
+}
+
+// Output rows [p0, p1) of a block into y_t[k][p - p0][q][lane], from x_t holding the padded input rows from
+// in_begin(p0) on (x_rows of them per channel).
+void fprop_rows(const Geo& g, const float* x_t, int64_t x_rows, const float* wt, const float* bias, int64_t p0,
+                int64_t p1, float* y_t) {
+  static const auto pairs = fprop_tiles<2>(std::make_integer_sequence<int, kFpropChannels>());
+  static const auto singles = fprop_tiles<1>(std::make_integer_sequence<int, kFpropChannels>());
+  const int64_t x_row = g.wp * L, x_plane = x_rows * x_row, y_plane = (p1 - p0) * g.q * L;
+  const int64_t k_step = ceil_div(g.k, ceil_div(g.k, kFpropChannels));  // even channel blocks
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* xp = x_t + (p - p0) * g.sh * x_row;
+    for (int64_t k0 = 0; k0 < g.k; k0 += k_step) {
+      const int64_t kn = std::min(k_step, g.k - k0);
+      float* yp = y_t + k0 * y_plane + (p - p0) * g.q * L;
+      for (int64_t q = 0; q < g.q; q += 2) {
+        const auto& tiles = g.q - q >= 2 ? pairs : singles;
+        tiles[kn - 1](g, xp + q * g.sw * L, x_plane, x_row, wt + k0, bias != nullptr ? bias + k0 : nullptr,
+                      yp + q * L, y_plane);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused max-pool + ReLU over conv rows in the lanes layout, with conv2d.cpp's pool_relu_rows semantics: windows
+// clipped to the conv output, a value takes over when greater or NaN (ties keep the first tap in row-major window
+// order), ReLU keeps NaN, a window wholly in padding gives 0 and index -1.
+// ---------------------------------------------------------------------------------------------------------------
+
+// Pooled rows [u0, u1) of every channel into out_t/idx_t[k][oh - u0][ow][lane], from conv rows y0, y0 + 1, ... in
+// y_t (K planes of `rows` rows × Q × lanes, bias not yet added).
+CNN_EXT_LANES void pool_relu_rows(const Geo& g, const PoolShape<int64_t>& ps, const WindowAxis& prow,
+                                  const WindowAxis& pcol, const float* y_t, int64_t y0, int64_t rows,
+                                  const float* bias, int64_t u0, int64_t u1, float* out_t, int32_t* idx_t) {
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t k = 0; k < g.k; ++k) {
+    const __m512 b = _mm512_set1_ps(bias != nullptr ? bias[k] : 0.0f);
+    const float* plane = y_t + k * rows * g.q * L;
+    for (int64_t oh = u0; oh < u1; ++oh) {
+      const int64_t hb = prow.begin[oh], he = prow.end[oh];
+      for (int64_t ow = 0; ow < ps.q; ++ow, out_t += L, idx_t += L) {
+        const int64_t wb = pcol.begin[ow], we = pcol.end[ow];
+        if (hb >= he || wb >= we) {
+          _mm512_storeu_ps(out_t, zero);
+          _mm512_storeu_si512(idx_t, _mm512_set1_epi32(-1));
+          continue;
+        }
+        __m512 best = lowest;
+        __m512i best_index = _mm512_set1_epi32(static_cast<int>(hb * g.q + wb));
+        for (int64_t h = hb; h < he; h += ps.dil_h) {
+          for (int64_t w = wb; w < we; w += ps.dil_w) {
+            const __m512 v = _mm512_add_ps(_mm512_loadu_ps(plane + ((h - y0) * g.q + w) * L), b);
+            const __mmask16 take = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ) | _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+            best = _mm512_mask_mov_ps(best, take, v);
+            best_index = _mm512_mask_mov_epi32(best_index, take, _mm512_set1_epi32(static_cast<int>(h * g.q + w)));
+          }
+        }
+        // ReLU: keep values > 0 and NaN (not <= 0, unordered), else +0.
+        _mm512_storeu_ps(out_t, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(best, zero, _CMP_NLE_UQ), best));
+        _mm512_storeu_si512(idx_t, best_index);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// wgrad: dW[k][c][r][s] = sum over images, output rows and columns of dY_t[k][p][q] * X_t[c][p*sh + r*dh][q*sw + s*dw].
+// ---------------------------------------------------------------------------------------------------------------
+
+// The lanes of v added pairwise in a fixed order.
+CNN_EXT_LANES inline float sum_lanes(__m512 v) {
+  float lane[L];
+  _mm512_storeu_ps(lane, v);
+  for (int64_t width = L / 2; width > 0; width /= 2) {
+    for (int64_t i = 0; i < width; ++i) lane[i] += lane[i + width];
+  }
+  return lane[0];
+}
+
+// dw[kk*ldk + j] (a vector of per-lane sums: the lanes are added up once, at the end) += the sum for output
+// channels [k0, k0 + KB) and taps (c, r, s0 + j), j < SB, over `rows`
+// output rows: dy is dY_t at channel k0 and column 0 (dy_plane elements per channel, dy_row per row), x is X_t
+// at channel c, padded row r*dh, column s0*dw (x_row elements per row).
+template <int KB, int SB>
+CNN_EXT_LANES void wgrad_tile(const Geo& g, int64_t rows, const float* dy, int64_t dy_plane, int64_t dy_row,
+                              const float* x, int64_t x_row, float* dw, int64_t ldk) {
+  __m512 acc[KB][SB];
+#pragma GCC unroll 8
+  for (int kk = 0; kk < KB; ++kk) {
+#pragma GCC unroll 8
+    for (int j = 0; j < SB; ++j) acc[kk][j] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* dyi = dy + i * dy_row;
+    const float* xi = x + i * g.sh * x_row;
+    for (int64_t q = 0; q < g.q; ++q) {
+      __m512 d[KB];
+#pragma GCC unroll 8
+      for (int kk = 0; kk < KB; ++kk) d[kk] = _mm512_loadu_ps(dyi + kk * dy_plane + q * L);
+      const float* xq = xi + q * g.sw * L;
+#pragma GCC unroll 8
+      for (int j = 0; j < SB; ++j) {
+        const __m512 xv = _mm512_loadu_ps(xq + j * g.dw * L);
+#pragma GCC unroll 8
+        for (int kk = 0; kk < KB; ++kk) acc[kk][j] = _mm512_fmadd_ps(d[kk], xv, acc[kk][j]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int kk = 0; kk < KB; ++kk) {
+#pragma GCC unroll 8
+    for (int j = 0; j < SB; ++j) {
+      float* at = dw + (kk * ldk + j) * L;
+      _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), acc[kk][j]));
+    }
+  }
+}
+
+using WgradTile = void (*)(const Geo&, int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                           int64_t);
+
+template <int KB, int... SB>
+constexpr std::array<WgradTile, sizeof...(SB)> wgrad_tiles_row(std::integer_sequence<int, SB...>) {
+  return {&wgrad_tile<KB, SB + 1>...};
+}
+
+template <int... KB>
+constexpr std::array<std::array<WgradTile, kWgradTaps>, sizeof...(KB)> wgrad_tiles(std::integer_sequence<int, KB...>) {
+  return {wgrad_tiles_row<KB + 1>(std::make_integer_sequence<int, kWgradTaps>())...};
+}
+
+// Adds one unit's contribution (output rows p0 + [0, rows) of a block, dy_t and x_t packed from those rows) to dw,
+// K*C*R*S vectors of per-lane partial sums. dy_t rows are dy_cols columns wide, output column q at column dy_left + q.
+void wgrad_unit(const Geo& g, int64_t rows, const float* dy_t, int64_t dy_cols, int64_t dy_left, const float* x_t,
+                int64_t x_rows, float* dw) {
+  static const auto tiles = wgrad_tiles(std::make_integer_sequence<int, kWgradChannels>());
+  const int64_t dy_row = dy_cols * L, dy_plane = rows * dy_row, x_row = g.wp * L, x_plane = x_rows * x_row;
+  const int64_t rs = g.r * g.s, ldk = g.c * rs;
+  for (int64_t k0 = 0; k0 < g.k; k0 += kWgradChannels) {
+    const int64_t kn = std::min<int64_t>(kWgradChannels, g.k - k0);
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t r = 0; r < g.r; ++r) {
+        for (int64_t s0 = 0; s0 < g.s; s0 += kWgradTaps) {
+          const int64_t sn = std::min<int64_t>(kWgradTaps, g.s - s0);
+          tiles[kn - 1][sn - 1](g, rows, dy_t + k0 * dy_plane + dy_left * L, dy_plane, dy_row,
+                                x_t + c * x_plane + r * g.dh * x_row + s0 * g.dw * L, x_row,
+                                dw + (k0 * ldk + c * rs + r * g.s + s0) * L, ldk);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dgrad (stride 1): dX[c][h][w] = sum over k and the taps (r, s) with p = h + ph - r*dh in [0, P) and
+// q = w + pw - s*dw in [0, Q) of W[k][c][r][s] * dY_t[k][p][q]. dY_t carries (S-1)*dw zero columns on the left
+// (and zeros on the right), so a tile of two adjacent columns w, w + 1 can run the union of their taps: the
+// taps only one of them has read zeros for the other.
+// ---------------------------------------------------------------------------------------------------------------
+
+// Weights for dgrad, wd[((k*R + r)*S + s)*C + c] = W[k][c][r][s]: one tap's input channels are contiguous.
+std::vector<float> pack_taps_dgrad(const Geo& g, const float* w) {
+  std::vector<float> wd(g.k * g.c * g.r * g.s);
+  const int64_t rs = g.r * g.s;
+  for (int64_t k = 0; k < g.k; ++k) {
+    for (int64_t c = 0; c < g.c; ++c) {
+      for (int64_t t = 0; t < rs; ++t) wd[(k * rs + t) * g.c + c] = w[(k * g.c + c) * rs + t];
+    }
+  }
+  return wd;
+}
+
+// Input channels [c0, c0 + CB) × columns [w, w + WB) of one dX row over the taps r in [r0, r1), s in [s0, s1):
+// at is the offset in dy_t of the tap (0, 0) for column w (the row p = h + ph, column q = w + pw, shifted by
+// dY_t's left padding); wd is the packed weights at channel c0.
+template <int CB, int WB>
+CNN_EXT_LANES void dgrad_tile(const Geo& g, const float* dy_t, int64_t at, int64_t dy_plane, int64_t dy_row,
+                              int64_t r0, int64_t r1, int64_t s0, int64_t s1, const float* wd, float* dx,
+                              int64_t dx_plane) {
+  __m512 acc[CB][WB];
+#pragma GCC unroll 16
+  for (int cc = 0; cc < CB; ++cc) {
+#pragma GCC unroll 4
+    for (int j = 0; j < WB; ++j) acc[cc][j] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < g.k; ++k) {
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t s = s0; s < s1; ++s) {
+        const float* d = dy_t + at + k * dy_plane - r * g.dh * dy_row - s * g.dw * L;
+        const float* wk = wd + ((k * g.r + r) * g.s + s) * g.c;
+        __m512 dv[WB];
+#pragma GCC unroll 4
+        for (int j = 0; j < WB; ++j) dv[j] = _mm512_loadu_ps(d + j * L);
+#pragma GCC unroll 16
+        for (int cc = 0; cc < CB; ++cc) {
+          const __m512 wv = _mm512_set1_ps(wk[cc]);
+#pragma GCC unroll 4
+          for (int j = 0; j < WB; ++j) acc[cc][j] = _mm512_fmadd_ps(dv[j], wv, acc[cc][j]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int cc = 0; cc < CB; ++cc) {
+#pragma GCC unroll 4
+    for (int j = 0; j < WB; ++j) _mm512_storeu_ps(dx + cc * dx_plane + j * L, acc[cc][j]);
+  }
+}
+
+using DgradTile = void (*)(const Geo&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                           const float*, float*, int64_t);
+
+template <int WB, int... CB>
+constexpr std::array<DgradTile, sizeof...(CB)> dgrad_tiles(std::integer_sequence<int, CB...>) {
+  return {&dgrad_tile<CB + 1, WB>...};
+}
+
+// The taps [lo, hi) of a kernel axis (size taps, dilation dil) that reach output positions [0, out) from input
+// position i + pad: those with 0 <= i + pad - t*dil < out.
+std::pair<int64_t, int64_t> valid_taps(int64_t i, int64_t pad, int64_t dil, int64_t taps, int64_t out) {
+  const int64_t lo = std::max<int64_t>(0, ceil_div(std::max<int64_t>(0, i + pad - out + 1), dil));
+  const int64_t hi = std::min<int64_t>(taps, (i + pad) / dil + 1);
+  return {lo, std::max(lo, hi)};
+}
+
+// dX rows [h0, h1) of a block into dx_t[c][h - h0][w][lane], from dy_t holding dY rows [p_lo, ...) with
+// dy_cols columns of which the first (S-1)*dw are padding.
+void dgrad_rows(const Geo& g, const float* dy_t, int64_t dy_rows, int64_t p_lo, int64_t dy_cols, const float* wd,
+                int64_t h0, int64_t h1, float* dx_t) {
+  static const auto pairs = dgrad_tiles<2>(std::make_integer_sequence<int, kDgradChannels>());
+  static const auto singles = dgrad_tiles<1>(std::make_integer_sequence<int, kDgradChannels>());
+  const int64_t dy_row = dy_cols * L, dy_plane = dy_rows * dy_row, dx_plane = (h1 - h0) * g.w * L;
+  const int64_t left = (g.s - 1) * g.dw;
+  const int64_t c_step = ceil_div(g.c, ceil_div(g.c, kDgradChannels));
+  for (int64_t h = h0; h < h1; ++h) {
+    const auto [r0, r1] = valid_taps(h, g.ph, g.dh, g.r, g.p);
+    for (int64_t c0 = 0; c0 < g.c; c0 += c_step) {
+      const int64_t cn = std::min(c_step, g.c - c0);
+      float* dxh = dx_t + c0 * dx_plane + (h - h0) * g.w * L;
+      for (int64_t w = 0; w < g.w; w += 2) {
+        const int64_t wn = std::min<int64_t>(2, g.w - w);
+        // The union of the columns' taps: [first tap of w, last tap of w + wn - 1].
+        const int64_t s0 = valid_taps(w, g.pw, g.dw, g.s, g.q).first;
+        const int64_t s1 = std::max(s0, valid_taps(w + wn - 1, g.pw, g.dw, g.s, g.q).second);
+        const int64_t at = (h + g.ph - p_lo) * dy_row + (w + g.pw + left) * L;
+        (wn == 2 ? pairs : singles)[cn - 1](g, dy_t, at, dy_plane, dy_row, r0, r1, s0, s1, wd + c0, dxh + w * L,
+                                            dx_plane);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Fused backward of conv + max-pool + ReLU: the convolution's output gradient dY is built in the lanes layout
+// straight from the pooled gradient (never as an NCHW tensor), then wgrad, the bias gradient and dgrad read it.
+// ---------------------------------------------------------------------------------------------------------------
+
+// dy_t[k][h][dy_left + w][lane] = the sum, in pooled-output order, of go over the pooled outputs of channel k whose
+// index is h*Q + w and whose output is > 0 or NaN (ReLU's derivative, then max_pool2d_backward: the same adds in
+// the same order as the unfused ops). Only the window's own taps are compared, so an index elsewhere (not -1)
+// cannot be placed: returns false, and the caller takes the general path, which places or reports it.
+CNN_EXT_LANES bool unpool_relu(const Geo& g, const PoolShape<int64_t>& ps, const WindowAxis& prow,
+                               const WindowAxis& pcol, int64_t nb, const float* go_t, const float* out_t,
+                               const float* idx_t, int64_t dy_cols, int64_t dy_left, float* dy_t) {
+  const __m512 zero = _mm512_setzero_ps();
+  const __mmask16 used = lane_mask(nb);
+  const int64_t dy_plane = g.p * dy_cols * L;
+  for (int64_t i = 0; i < g.k * dy_plane; i += L) _mm512_storeu_ps(dy_t + i, zero);
+  for (int64_t k = 0; k < g.k; ++k) {
+    float* plane = dy_t + k * dy_plane + dy_left * L;
+    for (int64_t oh = 0; oh < ps.p; ++oh) {
+      for (int64_t ow = 0; ow < ps.q; ++ow, go_t += L, out_t += L, idx_t += L) {
+        const __m512 grad = _mm512_loadu_ps(go_t);
+        const __m512i index = _mm512_loadu_si512(idx_t);
+        const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_loadu_ps(out_t), zero, _CMP_NLE_UQ);
+        __mmask16 placed = _mm512_cmpeq_epi32_mask(index, _mm512_set1_epi32(-1));
+        for (int64_t h = prow.begin[oh]; h < prow.end[oh]; h += ps.dil_h) {
+          for (int64_t w = pcol.begin[ow]; w < pcol.end[ow]; w += ps.dil_w) {
+            const __mmask16 hit = _mm512_cmpeq_epi32_mask(index, _mm512_set1_epi32(static_cast<int>(h * g.q + w)));
+            placed |= hit;
+            if ((hit & keep) != 0) {
+              float* at = plane + (h * dy_cols + w) * L;
+              const __m512 old = _mm512_loadu_ps(at);
+              _mm512_storeu_ps(at, _mm512_mask_add_ps(old, hit & keep, old, grad));
+            }
+          }
+        }
+        if ((~placed & used) != 0) return false;
+      }
+    }
+  }
+  return true;
+}
+
+// db[k] (a vector of per-lane sums) += the sum of dy_t's channel k (rows of dy_cols columns, zero outside the
+// output).
+CNN_EXT_LANES void bias_sums(const Geo& g, const float* dy_t, int64_t dy_cols, float* db) {
+  const int64_t dy_plane = g.p * dy_cols * L;
+  for (int64_t k = 0; k < g.k; ++k) {
+    __m512 acc = _mm512_loadu_ps(db + k * L);
+    for (int64_t i = 0; i < dy_plane; i += L) acc = _mm512_add_ps(acc, _mm512_loadu_ps(dy_t + k * dy_plane + i));
+    _mm512_storeu_ps(db + k * L, acc);
+  }
+}
+
+// out[i] = the sum of vector i over the `parts` equal slices of partial (slice order), then of its lanes (fixed
+// pairwise order); nothing when out is null.
+CNN_EXT_LANES void add_partials(const std::vector<float>& partial, int64_t parts, float* out) {
+  if (out == nullptr) return;
+  const int64_t size = static_cast<int64_t>(partial.size()) / parts / L;
+  for (int64_t i = 0; i < size; ++i) {
+    __m512 v = _mm512_loadu_ps(partial.data() + i * L);
+    for (int64_t t = 1; t < parts; ++t) v = _mm512_add_ps(v, _mm512_loadu_ps(partial.data() + (t * size + i) * L));
+    out[i] = sum_lanes(v);
+  }
+}
+
+bool has_avx512() {
+  static const bool supported = __builtin_cpu_supports("avx512f");
+  return supported;
+}
+
+}  // namespace
+
+bool suits(const ConvShape<int64_t>& cs) {
+  if (!has_avx512() || cs.groups != 1 || cs.n < L) return false;
+  // Small planes and channel counts: the per-image products are tiny (where the GEMM path is weakest) and one
+  // block's transposed planes fit in L2. The int32 gather offsets (15 images apart) then fit easily.
+  const int64_t hp = cs.h + 2 * cs.pad_h, wp = cs.w + 2 * cs.pad_w;
+  return cs.c * cs.r * cs.s <= 512 && cs.k <= 64 && cs.c * hp * wp <= kMaxBlockPositions &&
+         cs.k * cs.p * cs.q <= kMaxBlockPositions && cs.c * cs.h * cs.w <= kMaxBlockPositions;
+}
+
+bool suits_dgrad(const ConvShape<int64_t>& cs) {
+  // Few input channels would leave the dgrad tile mostly loads (conv2d.cpp's dcol GEMM does better there).
+  const int64_t dy_cols = cs.w + cs.pad_w + 2 * (cs.s - 1) * cs.dil_w;
+  return suits(cs) && cs.stride_h == 1 && cs.stride_w == 1 && cs.c >= 8 &&
+         cs.k * cs.p * dy_cols <= kMaxBlockPositions;
+}
+
+void conv2d_forward(const ConvShape<int64_t>& cs, const float* x, const float* w, const float* bias, float* y) {
+  const Geo g(cs);
+  const std::vector<float> wt = pack_taps(g, w);
+  const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.p), chunks = ceil_div(g.p, rows);
+  const int64_t x_rows = g.in_end(rows) - g.in_begin(0);
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const auto x_t = scratch<float>(g.c * x_rows * g.wp * L), y_t = scratch<float>(g.k * rows * g.q * L + kSlack);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < blocks * chunks; ++item) {
+      const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
+      const int64_t p0 = item % chunks * rows, p1 = std::min(g.p, p0 + rows);
+      const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
+      pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t.get());
+      fprop_rows(g, x_t.get(), r1 - r0, wt.data(), bias, p0, p1, y_t.get());
+      unpack(y_t.get(), nb, g.k, (p1 - p0) * g.q, y + n0 * g.k * g.p * g.q + p0 * g.q, g.k * g.p * g.q, g.p * g.q);
+    }
+  }
+}
+
+void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>& ps, const float* x, const float* w,
+                         const float* bias, float* out, int64_t* idx) {
+  const Geo g(cs);
+  const WindowAxis prow(ps.p, ps.h, ps.kh, ps.stride_h, ps.pad_h, ps.dil_h);
+  const WindowAxis pcol(ps.q, ps.w, ps.kw, ps.stride_w, ps.pad_w, ps.dil_w);
+  const std::vector<float> wt = pack_taps(g, w);
+  const int64_t blocks = ceil_div(g.n, L), urows = rows_per_item(blocks, ps.p), chunks = ceil_div(ps.p, urows);
+  int64_t rows_cap = 1;  // most conv rows any item needs
+  for (int64_t ci = 0; ci < chunks; ++ci) {
+    const auto [y0, y1] = prow.span(ci * urows, std::min(ps.p, (ci + 1) * urows));
+    rows_cap = std::max(rows_cap, y1 - y0);
+  }
+  const int64_t x_rows = g.in_end(rows_cap) - g.in_begin(0);
+  const int64_t out_plane = ps.p * ps.q;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const auto x_t = scratch<float>(g.c * x_rows * g.wp * L), y_t = scratch<float>(g.k * rows_cap * g.q * L);
+    const auto out_t = scratch<float>(g.k * urows * ps.q * L + kSlack);
+    const auto idx_t = scratch<int32_t>(g.k * urows * ps.q * L + kSlack);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < blocks * chunks; ++item) {
+      const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
+      const int64_t u0 = item % chunks * urows, u1 = std::min(ps.p, u0 + urows);
+      const auto [y0, y1] = prow.span(u0, u1);
+      if (y0 < y1) {
+        const int64_t r0 = g.in_begin(y0), r1 = g.in_end(y1);
+        pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t.get());
+        fprop_rows(g, x_t.get(), r1 - r0, wt.data(), nullptr, y0, y1, y_t.get());
+      }
+      pool_relu_rows(g, ps, prow, pcol, y_t.get(), y0, y1 - y0, bias, u0, u1, out_t.get(), idx_t.get());
+      const int64_t at = n0 * g.k * out_plane + u0 * ps.q, run = (u1 - u0) * ps.q;
+      unpack(out_t.get(), nb, g.k, run, out + at, g.k * out_plane, out_plane);
+      unpack_index(idx_t.get(), nb, g.k, run, idx + at, g.k * out_plane, out_plane);
+    }
+  }
+}
+
+void conv2d_backward_input(const ConvShape<int64_t>& cs, const float* dy, const float* w, float* dx) {
+  const Geo g(cs);
+  const std::vector<float> wd = pack_taps_dgrad(g, w);
+  const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.h), chunks = ceil_div(g.h, rows);
+  const int64_t left = (g.s - 1) * g.dw, dy_cols = g.w + g.pw + 2 * left;
+  const int64_t dy_rows_cap = std::min(g.p, rows + (g.r - 1) * g.dh);
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    const auto dy_t = scratch<float>(g.k * dy_rows_cap * dy_cols * L), dx_t = scratch<float>(g.c * rows * g.w * L + kSlack);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < blocks * chunks; ++item) {
+      const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
+      const int64_t h0 = item % chunks * rows, h1 = std::min(g.h, h0 + rows);
+      // The dY rows these dX rows read.
+      const int64_t p_lo = std::clamp<int64_t>(h0 + g.ph - (g.r - 1) * g.dh, 0, g.p);
+      const int64_t p_hi = std::clamp<int64_t>(h1 + g.ph, p_lo, g.p);
+      pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, left, p_lo, p_hi, dy_cols, dy_t.get());
+      dgrad_rows(g, dy_t.get(), p_hi - p_lo, p_lo, dy_cols, wd.data(), h0, h1, dx_t.get());
+      unpack(dx_t.get(), nb, g.c, (h1 - h0) * g.w, dx + n0 * g.c * g.h * g.w + h0 * g.w, g.c * g.h * g.w, g.h * g.w);
+    }
+  }
+}
+
+void conv2d_backward_weight(const ConvShape<int64_t>& cs, const float* dy, const float* x, float* dw) {
+  const Geo g(cs);
+  const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.p), chunks = ceil_div(g.p, rows);
+  const int64_t units = blocks * chunks, size = g.k * g.c * g.r * g.s;
+  const int64_t x_rows = g.in_end(rows) - g.in_begin(0);
+  // Each thread sums a fixed range of units into its own partial; the partials are added in thread order, so the
+  // result depends only on the thread count.
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * size * L, 0.0f);
+#pragma omp parallel num_threads(threads)
+  {
+    const auto x_t = scratch<float>(g.c * x_rows * g.wp * L), dy_t = scratch<float>(g.k * rows * g.q * L);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < threads; ++t) {
+      for (int64_t unit = units * t / threads; unit < units * (t + 1) / threads; ++unit) {
+        const int64_t n0 = unit / chunks * L, nb = std::min(L, g.n - n0);
+        const int64_t p0 = unit % chunks * rows, p1 = std::min(g.p, p0 + rows);
+        const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
+        pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, 0, p0, p1, g.q, dy_t.get());
+        pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t.get());
+        wgrad_unit(g, p1 - p0, dy_t.get(), g.q, 0, x_t.get(), r1 - r0, partial.data() + t * size * L);
+      }
+    }
+  }
+  add_partials(partial, threads, dw);
+}
+
+bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<int64_t>& ps, const float* go,
+                                  const float* out, const int64_t* idx, const float* x, const float* w, float* dx,
+                                  float* dw, float* db) {
+  const Geo g(cs);
+  const WindowAxis prow(ps.p, ps.h, ps.kh, ps.stride_h, ps.pad_h, ps.dil_h);
+  const WindowAxis pcol(ps.q, ps.w, ps.kw, ps.stride_w, ps.pad_w, ps.dil_w);
+  const std::vector<float> wd = dx != nullptr ? pack_taps_dgrad(g, w) : std::vector<float>();
+  // dY rows as dgrad reads them (zero columns either side) when it runs, else just the Q columns.
+  const int64_t dy_left = dx != nullptr ? (g.s - 1) * g.dw : 0;
+  const int64_t dy_cols = dx != nullptr ? g.w + g.pw + 2 * dy_left : g.q;
+  const int64_t pooled = g.k * ps.p * ps.q, x_rows = g.hp, crs = g.c * g.r * g.s;
+  const int64_t blocks = ceil_div(g.n, L), threads = at::get_num_threads();
+  // Whole blocks per item (dY_t is built once per block); wgrad and bias partials per thread, added in thread
+  // order, as in conv2d_backward_weight.
+  std::vector<float> partial_w(dw != nullptr ? threads * g.k * crs * L : 0, 0.0f);
+  std::vector<float> partial_b(db != nullptr ? threads * g.k * L : 0, 0.0f);
+  std::atomic<bool> placed{true};
+#pragma omp parallel num_threads(threads)
+  {
+    const auto go_t = scratch<float>(pooled * L), out_t = scratch<float>(pooled * L);
+    const auto idx_t = scratch<float>(pooled * L), dy_t = scratch<float>(g.k * g.p * dy_cols * L);
+    const auto x_t = scratch<float>(dw != nullptr ? g.c * x_rows * g.wp * L : 0);
+    const auto dx_t = scratch<float>(dx != nullptr ? g.c * g.h * g.w * L + kSlack : 0);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < threads; ++t) {
+      for (int64_t block = blocks * t / threads; block < blocks * (t + 1) / threads && placed; ++block) {
+        const int64_t n0 = block * L, nb = std::min(L, g.n - n0);
+        pack(go + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, go_t.get());
+        pack(out + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, out_t.get());
+        pack(idx + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, idx_t.get());
+        if (!unpool_relu(g, ps, prow, pcol, nb, go_t.get(), out_t.get(), idx_t.get(), dy_cols, dy_left,
+                         dy_t.get())) {
+          placed = false;
+          break;
+        }
+        if (db != nullptr) bias_sums(g, dy_t.get(), dy_cols, partial_b.data() + t * g.k * L);
+        if (dw != nullptr) {
+          pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, 0, x_rows, g.wp, x_t.get());
+          wgrad_unit(g, g.p, dy_t.get(), dy_cols, dy_left, x_t.get(), x_rows, partial_w.data() + t * g.k * crs * L);
+        }
+        if (dx != nullptr) {
+          dgrad_rows(g, dy_t.get(), g.p, 0, dy_cols, wd.data(), 0, g.h, dx_t.get());
+          unpack(dx_t.get(), nb, g.c, g.h * g.w, dx + n0 * g.c * g.h * g.w, g.c * g.h * g.w, g.h * g.w);
+        }
+      }
+    }
+  }
+  if (!placed) return false;
+  add_partials(partial_w, threads, dw);
+  add_partials(partial_b, threads, db);
+  return true;
+}
+
+#else  // not x86-64: the GEMM path everywhere
+
+bool suits(const ConvShape<int64_t>&) { return false; }
+bool suits_dgrad(const ConvShape<int64_t>&) { return false; }
+void conv2d_forward(const ConvShape<int64_t>&, const float*, const float*, const float*, float*) {}
+void conv2d_maxpool_relu(const ConvShape<int64_t>&, const PoolShape<int64_t>&, const float*, const float*,
+                         const float*, float*, int64_t*) {}
+void conv2d_backward_input(const ConvShape<int64_t>&, const float*, const float*, float*) {}
+void conv2d_backward_weight(const ConvShape<int64_t>&, const float*, const float*, float*) {}
+bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>&, const PoolShape<int64_t>&, const float*, const float*,
+                                  const int64_t*, const float*, const float*, float*, float*, float*) {
+  return false;
+}
+
+#endif
+
+}  // namespace lanes
+}  // namespace cpu
+}  // namespace cnn_ext
