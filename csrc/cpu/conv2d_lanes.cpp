@@ -12,7 +12,7 @@
 //
 // Results: fprop and the fused op give the same bits as conv2d.cpp's GEMM path (each output is the FMA chain over
 // the taps in (c, r, s) order starting from 0, then + bias), so the fused op still equals our unfused ops bit for
-// bit. dgrad sums over (k, r, s) in order; wgrad's partial sums follow a fixed split of the batch per thread count,
+// bit. dgrad sums over (r, s, k) in order; wgrad's partial sums follow a fixed split of the batch per thread count,
 // as conv2d.cpp's does. No atomics: every item writes its own outputs.
 //
 // Used when suits()/suits_dgrad() say so: x86-64 with AVX-512F (picked at run time, like gemm.h's kernels), one
@@ -26,7 +26,9 @@
 #include <array>
 #include <atomic>
 #include <limits>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <utility>
 #include <vector>
 
@@ -52,16 +54,26 @@ constexpr int64_t L = 16;  // images per block: the float lanes of a 512-bit vec
 constexpr int64_t kMaxBlockPositions = 16384;
 // Register tiles: accumulators + operands within the 32 vector registers.
 constexpr int kFpropChannels = 12;  // fprop: 12 output channels × 2 output columns
-constexpr int kWgradChannels = 4;   // wgrad: 4 output channels × 5 kernel taps
+constexpr int kWgradChannels = 5;   // wgrad: up to 5 output channels × 5 kernel taps
 constexpr int kWgradTaps = 5;
 constexpr int kDgradChannels = 12;  // dgrad: 12 input channels × 2 input columns
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Per-thread scratch, left uninitialised (every element is written before it is read, except unpack's slack).
+// Per-thread scratch, 64-byte aligned (a vector never straddles two cache lines) and left uninitialised (every
+// element is written before it is read, except unpack's slack).
+struct FreeScratch {
+  void operator()(void* p) const { std::free(p); }
+};
 template <typename T>
-std::unique_ptr<T[]> scratch(int64_t n) {
-  return std::unique_ptr<T[]>(new T[n]);
+using Scratch = std::unique_ptr<T[], FreeScratch>;
+
+template <typename T>
+Scratch<T> scratch(int64_t n) {
+  const size_t bytes = (std::max<size_t>(n * sizeof(T), 1) + 63) / 64 * 64;  // aligned_alloc: whole alignments
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (p == nullptr) throw std::bad_alloc();
+  return Scratch<T>(p);
 }
 // unpack's slack after its source: it loads whole groups of 16 positions.
 constexpr int64_t kSlack = 16 * 16;
@@ -395,8 +407,9 @@ void wgrad_unit(const Geo& g, int64_t rows, const float* dy_t, int64_t dy_cols, 
   static const auto tiles = wgrad_tiles(std::make_integer_sequence<int, kWgradChannels>());
   const int64_t dy_row = dy_cols * L, dy_plane = rows * dy_row, x_row = g.wp * L, x_plane = x_rows * x_row;
   const int64_t rs = g.r * g.s, ldk = g.c * rs;
-  for (int64_t k0 = 0; k0 < g.k; k0 += kWgradChannels) {
-    const int64_t kn = std::min<int64_t>(kWgradChannels, g.k - k0);
+  const int64_t k_step = ceil_div(g.k, ceil_div(g.k, kWgradChannels));  // even channel blocks
+  for (int64_t k0 = 0; k0 < g.k; k0 += k_step) {
+    const int64_t kn = std::min(k_step, g.k - k0);
     for (int64_t c = 0; c < g.c; ++c) {
       for (int64_t r = 0; r < g.r; ++r) {
         for (int64_t s0 = 0; s0 < g.s; s0 += kWgradTaps) {
@@ -411,7 +424,7 @@ void wgrad_unit(const Geo& g, int64_t rows, const float* dy_t, int64_t dy_cols, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// dgrad (stride 1): dX[c][h][w] = sum over k and the taps (r, s) with p = h + ph - r*dh in [0, P) and
+// dgrad (stride 1): dX[c][h][w] = sum over the taps (r, s) and then k, with p = h + ph - r*dh in [0, P) and
 // q = w + pw - s*dw in [0, Q) of W[k][c][r][s] * dY_t[k][p][q]. dY_t carries (S-1)*dw zero columns on the left
 // (and zeros on the right), so a tile of two adjacent columns w, w + 1 can run the union of their taps: the
 // taps only one of them has read zeros for the other.
@@ -442,11 +455,14 @@ CNN_EXT_LANES void dgrad_tile(const Geo& g, const float* dy_t, int64_t at, int64
 #pragma GCC unroll 4
     for (int j = 0; j < WB; ++j) acc[cc][j] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < g.k; ++k) {
-    for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t s = s0; s < s1; ++s) {
-        const float* d = dy_t + at + k * dy_plane - r * g.dh * dy_row - s * g.dw * L;
-        const float* wk = wd + ((k * g.r + r) * g.s + s) * g.c;
+  // Output channels innermost: their count is fixed, while the tap ranges change from tile to tile (a short
+  // inner loop of varying length would end in a mispredicted branch every few iterations).
+  const int64_t w_step = g.r * g.s * g.c;
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t s = s0; s < s1; ++s) {
+      const float* d = dy_t + at - r * g.dh * dy_row - s * g.dw * L;
+      const float* wk = wd + (r * g.s + s) * g.c;
+      for (int64_t k = 0; k < g.k; ++k, d += dy_plane, wk += w_step) {
         __m512 dv[WB];
 #pragma GCC unroll 4
         for (int j = 0; j < WB; ++j) dv[j] = _mm512_loadu_ps(d + j * L);
@@ -537,11 +553,11 @@ CNN_EXT_LANES bool unpool_relu(const Geo& g, const PoolShape<int64_t>& ps, const
           for (int64_t w = pcol.begin[ow]; w < pcol.end[ow]; w += ps.dil_w) {
             const __mmask16 hit = _mm512_cmpeq_epi32_mask(index, _mm512_set1_epi32(static_cast<int>(h * g.q + w)));
             placed |= hit;
-            if ((hit & keep) != 0) {
-              float* at = plane + (h * dy_cols + w) * L;
-              const __m512 old = _mm512_loadu_ps(at);
-              _mm512_storeu_ps(at, _mm512_mask_add_ps(old, hit & keep, old, grad));
-            }
+            // Unconditionally (lanes that miss store their old value): which tap wins is data, a branch on it
+            // would be mispredicted.
+            float* at = plane + (h * dy_cols + w) * L;
+            const __m512 old = _mm512_loadu_ps(at);
+            _mm512_storeu_ps(at, _mm512_mask_add_ps(old, hit & keep, old, grad));
           }
         }
         if ((~placed & used) != 0) return false;
