@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from . import ops
+
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu"]
 
 _ops = torch.ops.cnn_ext
@@ -111,10 +113,10 @@ def conv2d_maxpool_relu(input, weight, bias=None, stride=1, padding=0, dilation=
     input, unbatched, stride, padding, dilation = _conv_args(input, weight, bias, stride, padding, dilation, groups,
                                                              op)
     pool_kernel_size = _pair(pool_kernel_size, "pool_kernel_size", op)
-    out, _ = _ops.conv2d_maxpool_relu(input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
-                                      _pool_stride(pool_stride, pool_kernel_size, op, "pool_stride"),
-                                      _pair(pool_padding, "pool_padding", op),
-                                      _pair(pool_dilation, "pool_dilation", op), bool(ceil_mode))
+    out, _ = ops.conv2d_maxpool_relu(input, weight, bias, stride, padding, dilation, groups, pool_kernel_size,
+                                     _pool_stride(pool_stride, pool_kernel_size, op, "pool_stride"),
+                                     _pair(pool_padding, "pool_padding", op),
+                                     _pair(pool_dilation, "pool_dilation", op), bool(ceil_mode))
     return out.squeeze(0) if unbatched else out
 
 
