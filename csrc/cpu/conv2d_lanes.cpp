@@ -532,15 +532,33 @@ void dgrad_rows(const Geo& g, const float* dy_t, int64_t dy_rows, int64_t p_lo, 
 
 // dy_t[k][h][dy_left + w][lane] = the sum, in pooled-output order, of go over the pooled outputs of channel k whose
 // index is h*Q + w and whose output is > 0 or NaN (ReLU's derivative, then max_pool2d_backward: the same adds in
-// the same order as the unfused ops). Only the window's own taps are compared, so an index elsewhere (not -1)
-// cannot be placed: returns false, and the caller takes the general path, which places or reports it.
+// the same order as the unfused ops); every other element of dy_t is 0. Only the window's own taps are compared,
+// so an index elsewhere (not -1) cannot be placed: returns false, and the caller takes the general path, which
+// places or reports it. When the windows tile the plane (kernel = stride, no padding or dilation: MNIST's 2×2
+// pooling) each position has at most one window, so its value is stored directly and only the positions outside
+// every window are zeroed first; otherwise dy_t is zeroed and each window adds into it.
 CNN_EXT_LANES bool unpool_relu(const Geo& g, const PoolShape<int64_t>& ps, const WindowAxis& prow,
                                const WindowAxis& pcol, int64_t nb, const float* go_t, const float* out_t,
                                const float* idx_t, int64_t dy_cols, int64_t dy_left, float* dy_t) {
   const __m512 zero = _mm512_setzero_ps();
   const __mmask16 used = lane_mask(nb);
-  const int64_t dy_plane = g.p * dy_cols * L;
-  for (int64_t i = 0; i < g.k * dy_plane; i += L) _mm512_storeu_ps(dy_t + i, zero);
+  const int64_t dy_row = dy_cols * L, dy_plane = g.p * dy_row;
+  const bool tiled = ps.kh == ps.stride_h && ps.kw == ps.stride_w && ps.pad_h == 0 && ps.pad_w == 0 &&
+                     ps.dil_h == 1 && ps.dil_w == 1;
+  if (tiled) {
+    // Rows [0, rows) and columns [dy_left, dy_left + cols) are covered by windows.
+    const int64_t rows = ps.p > 0 ? prow.end[ps.p - 1] : 0, cols = ps.q > 0 ? pcol.end[ps.q - 1] : 0;
+    for (int64_t k = 0; k < g.k; ++k) {
+      for (int64_t h = 0; h < g.p; ++h) {
+        float* row = dy_t + k * dy_plane + h * dy_row;
+        for (int64_t col = 0; col < dy_cols; ++col) {
+          if (h >= rows || col < dy_left || col >= dy_left + cols) _mm512_storeu_ps(row + col * L, zero);
+        }
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < g.k * dy_plane; i += L) _mm512_storeu_ps(dy_t + i, zero);
+  }
   for (int64_t k = 0; k < g.k; ++k) {
     float* plane = dy_t + k * dy_plane + dy_left * L;
     for (int64_t oh = 0; oh < ps.p; ++oh) {
@@ -553,11 +571,15 @@ CNN_EXT_LANES bool unpool_relu(const Geo& g, const PoolShape<int64_t>& ps, const
           for (int64_t w = pcol.begin[ow]; w < pcol.end[ow]; w += ps.dil_w) {
             const __mmask16 hit = _mm512_cmpeq_epi32_mask(index, _mm512_set1_epi32(static_cast<int>(h * g.q + w)));
             placed |= hit;
-            // Unconditionally (lanes that miss store their old value): which tap wins is data, a branch on it
-            // would be mispredicted.
-            float* at = plane + (h * dy_cols + w) * L;
-            const __m512 old = _mm512_loadu_ps(at);
-            _mm512_storeu_ps(at, _mm512_mask_add_ps(old, hit & keep, old, grad));
+            // Unconditionally (lanes that miss store 0, or their old value): which tap wins is data, a branch on
+            // it would be mispredicted.
+            float* at = plane + h * dy_row + w * L;
+            if (tiled) {
+              _mm512_storeu_ps(at, _mm512_maskz_mov_ps(hit & keep, grad));
+            } else {
+              const __m512 old = _mm512_loadu_ps(at);
+              _mm512_storeu_ps(at, _mm512_mask_add_ps(old, hit & keep, old, grad));
+            }
           }
         }
         if ((~placed & used) != 0) return false;
