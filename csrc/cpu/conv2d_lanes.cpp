@@ -144,6 +144,23 @@ template <typename T>
 CNN_EXT_LANES void pack(const T* src, int64_t nb, int64_t image_stride, int64_t planes, int64_t h, int64_t w,
                         int64_t top, int64_t left, int64_t row0, int64_t row1, int64_t cols, float* dst) {
   const __m512 zero = _mm512_setzero_ps();
+  if (top == 0 && left == 0 && cols == w && row0 >= 0 && row1 <= h) {
+    // No padding: each plane's rows are one contiguous run on both sides, packed 16 positions at a time
+    // regardless of row ends (short rows would otherwise leave most of each 16-column group empty).
+    const int64_t run = (row1 - row0) * w;
+    for (int64_t ch = 0; ch < planes; ++ch, dst += run * L) {
+      const T* s = src + (ch * h + row0) * w;
+      for (int64_t i = 0; i < run; i += L) {
+        const __mmask16 m = lane_mask(std::min(L, run - i));
+        __m512 v[L];
+        for (int64_t lane = 0; lane < L; ++lane) v[lane] = lane < nb ? load_lanes(s + lane * image_stride + i, m) : zero;
+        transpose16(v);
+        const int64_t n = std::min(L, run - i);
+        for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(dst + (i + j) * L, v[j]);
+      }
+    }
+    return;
+  }
   for (int64_t ch = 0; ch < planes; ++ch) {
     for (int64_t row = row0; row < row1; ++row, dst += cols * L) {
       const int64_t ih = row - top;
