@@ -348,6 +348,30 @@ void avg_pool_row(const PoolShape<int64_t>& s, const WindowAxis& rows, const Win
   for (int64_t k = 0; k < n; ++k) sum[k] /= divisors[q0 + k];
 }
 
+// Whether the windows are 2×2 with stride 2 tiling the whole input with no padding, each averaging 4 elements (the
+// MNIST model's pooling): then row pair m of the stacked planes (N*C*H rows) is output row m, and the kernels below
+// run over all of them as one flat loop, without per-row window bookkeeping.
+bool is_tiled_2x2(const PoolShape<int64_t>& s, c10::optional<int64_t> divisor_override) {
+  return s.kh == 2 && s.kw == 2 && s.stride_h == 2 && s.stride_w == 2 && s.pad_h == 0 && s.pad_w == 0 &&
+         s.h == 2 * s.p && s.w == 2 * s.q && (!divisor_override.has_value() || *divisor_override == 4);
+}
+
+// out[m][j] = (((0 + a[2j]) + a[2j + 1]) + b[2j]) + b[2j + 1]) / 4 with a, b the rows of pair m: the generic path's
+// summation order (from 0, taps in row-major order), so the same bits.
+template <typename scalar_t>
+void avg_pool_forward_tiled_2x2(const PoolShape<int64_t>& s, const scalar_t* input, scalar_t* output) {
+  const int64_t pairs = s.n * s.c * s.p, q = s.q, w = s.w;
+  at::parallel_for(0, pairs, grain_for(4 * q), [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      const scalar_t* __restrict a = input + m * 2 * w;
+      const scalar_t* __restrict b = a + w;
+      scalar_t* __restrict o = output + m * q;
+      for (int64_t j = 0; j < q; ++j) o[j] = (((scalar_t(0) + a[2 * j]) + a[2 * j + 1]) + b[2 * j]) + b[2 * j + 1];
+      for (int64_t j = 0; j < q; ++j) o[j] /= scalar_t(4);
+    }
+  });
+}
+
 template <typename scalar_t, typename Win>
 void avg_pool_forward(const PoolShape<int64_t>& s, const scalar_t* input, const std::vector<scalar_t>& divisors,
                       scalar_t* output) {
@@ -376,6 +400,10 @@ at::Tensor avg_pool2d_cpu(const at::Tensor& input_, c10::IntArrayRef kernel_size
     const auto divisors = avg_pool_divisors<scalar_t>(s, count_include_pad, divisor_override);
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    if (is_tiled_2x2(s, divisor_override)) {
+      avg_pool_forward_tiled_2x2<scalar_t>(s, in, out);
+      return;
+    }
     dispatch_fixed_window(s, [&](auto window) {
       avg_pool_forward<scalar_t, decltype(window)>(s, in, divisors, out);
     });
@@ -453,6 +481,22 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output_, c10::IntArray
     const CoveringOutputs cols(s.w, s.q, s.kw, s.stride_w, s.pad_w);
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
+    if (is_tiled_2x2(s, divisor_override)) {
+      // Each input element takes its window's share, 0 + go / 4, as the disjoint-window path below.
+      const int64_t pairs = s.n * s.c * s.p, q = s.q, w = s.w;
+      at::parallel_for(0, pairs, grain_for(4 * q), [&](int64_t first, int64_t last) {
+        for (int64_t m = first; m < last; ++m) {
+          const scalar_t* __restrict g = go + m * q;
+          scalar_t* __restrict a = gi + m * 2 * w;
+          scalar_t* __restrict b = a + w;
+          for (int64_t j = 0; j < q; ++j) {
+            const scalar_t share = scalar_t(0) + g[j] / scalar_t(4);
+            a[2 * j] = a[2 * j + 1] = b[2 * j] = b[2 * j + 1] = share;
+          }
+        }
+      });
+      return;
+    }
     dispatch_fixed_window(s, [&](auto window) {
       at::parallel_for(0, s.n * s.c, grain_for(plane_in + plane_out), [&](int64_t first, int64_t last) {
         std::vector<scalar_t> share(plane_out);  // each window's share of its gradient: grad_output / divisor
