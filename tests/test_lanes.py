@@ -179,3 +179,27 @@ def test_lanes_results_are_reproducible():
 
     for a, b_ in zip(run(), run()):
         assert torch.equal(a, b_)
+
+
+def test_lanes_results_with_one_thread_and_several():
+    """fprop and the fused forward do not depend on the thread count (each output has one fixed sum); the
+    gradients' split of the batch does, within float32 rounding."""
+    x, w, b, conv = _case(CONFIGS[1], seed=6)
+    pool = POOLS["2x2"]
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, max(2, before)):
+            torch.set_num_threads(threads)
+            out, idx = ops.conv2d_maxpool_relu(x, w, b, *conv, *pool)
+            grad_output = torch.ones_like(out)
+            results.append((ops.conv2d(x, w, b, *conv), out, idx,
+                            *ops.conv2d_maxpool_relu_backward(grad_output, out, idx, x, w, *conv, *pool,
+                                                              [True, True, True])))
+    finally:
+        torch.set_num_threads(before)
+    one, several = results
+    for a, b_ in zip(one[:3], several[:3]):
+        assert torch.equal(a, b_)
+    for a, b_ in zip(one[3:], several[3:]):
+        assert_close(a, b_, torch.float32, scale=30)

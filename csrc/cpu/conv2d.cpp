@@ -1,4 +1,6 @@
-// CPU kernels for cnn_ext.conv2d and its backward ops, as GEMMs (gemm.h), parallelised with OpenMP.
+// CPU kernels for cnn_ext.conv2d and its backward ops, as GEMMs (gemm.h), parallelised with OpenMP. float32
+// convolutions that conv2d_lanes.h's suits() accepts (small ones, 16+ images, AVX-512) go to the batch-in-lanes
+// kernels instead; the entry points at the end of this file choose.
 //
 // Names follow checks.h (CUTLASS): input N×C×H×W, weight K×(C/G)×R×S, output N×K×P×Q, G groups; per group
 // Cg = C/G input and Kg = K/G output channels. "col" is the im2col matrix of one image and group: row (c, r, s),
