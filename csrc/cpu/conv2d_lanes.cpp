@@ -103,25 +103,61 @@ inline __mmask16 lane_mask(int64_t n) { return static_cast<__mmask16>((1u << n) 
 CNN_EXT_LANES inline void transpose16(__m512 v[16]) {
   constexpr __mmask16 kAll = 0xFFFF;
   __m512 t[16];
+#pragma GCC unroll 16
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_maskz_unpacklo_ps(kAll, v[i], v[i + 1]);
     t[i + 1] = _mm512_maskz_unpackhi_ps(kAll, v[i], v[i + 1]);
   }
+#pragma GCC unroll 16
   for (int i = 0; i < 16; i += 4) {
     v[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
     v[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
     v[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
     v[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
   }
+#pragma GCC unroll 16
   for (int i = 0; i < 4; ++i) {
     t[i] = _mm512_maskz_shuffle_f32x4(kAll, v[i], v[i + 4], 0x88);
     t[i + 4] = _mm512_maskz_shuffle_f32x4(kAll, v[i], v[i + 4], 0xDD);
     t[i + 8] = _mm512_maskz_shuffle_f32x4(kAll, v[i + 8], v[i + 12], 0x88);
     t[i + 12] = _mm512_maskz_shuffle_f32x4(kAll, v[i + 8], v[i + 12], 0xDD);
   }
+#pragma GCC unroll 16
   for (int i = 0; i < 8; ++i) {
     v[i] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[i + 8], 0x88);
     v[i + 8] = _mm512_maskz_shuffle_f32x4(kAll, t[i], t[i + 8], 0xDD);
+  }
+}
+
+// v[j] = column j of the 16 × 16 matrix whose row i is the 16 floats at src + i*stride. Cheaper than loading
+// the rows and calling transpose16: the 128-bit-block half of the transpose is done by the loads (each vector
+// takes one 4-float block from each of 4 rows by zero-masked loads, each from an address shifted so the block
+// lands in its 128-bit lane, and ORs them), leaving only the in-block 4 × 4 transposes (8 shuffles per 4 vectors
+// instead of 16).
+CNN_EXT_LANES inline void load_transposed16(const float* src, int64_t stride, __m512 v[16]) {
+  constexpr __mmask16 kAll = 0xFFFF;
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {  // 4-float block c of every row: columns 4c .. 4c + 3
+    __m512 u[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {  // u[k], 128-bit lane g = block c of row 4g + k
+      const float* block = src + k * stride + 4 * c;
+      const __m512 b0 = _mm512_maskz_loadu_ps(0x000F, block);
+      const __m512 b1 = _mm512_maskz_loadu_ps(0x00F0, block + 4 * stride - 4);
+      const __m512 b2 = _mm512_maskz_loadu_ps(0x0F00, block + 8 * stride - 8);
+      const __m512 b3 = _mm512_maskz_loadu_ps(0xF000, block + 12 * stride - 12);
+      u[k] = _mm512_castsi512_ps(
+          _mm512_or_si512(_mm512_or_si512(_mm512_castps_si512(b0), _mm512_castps_si512(b1)),
+                          _mm512_or_si512(_mm512_castps_si512(b2), _mm512_castps_si512(b3))));
+    }
+    // In every 128-bit lane, transpose the 4 × 4 block held by u[0..3]: v[4c + d] lane g = column 4c + d of rows
+    // 4g .. 4g + 3. maskz forms for the same reason as in transpose16.
+    const __m512 t0 = _mm512_maskz_unpacklo_ps(kAll, u[0], u[1]), t1 = _mm512_maskz_unpackhi_ps(kAll, u[0], u[1]);
+    const __m512 t2 = _mm512_maskz_unpacklo_ps(kAll, u[2], u[3]), t3 = _mm512_maskz_unpackhi_ps(kAll, u[2], u[3]);
+    v[4 * c + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
+    v[4 * c + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+    v[4 * c + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
+    v[4 * c + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
   }
 }
 
@@ -153,10 +189,15 @@ CNN_EXT_LANES void pack(const T* src, int64_t nb, int64_t image_stride, int64_t 
       for (int64_t i = 0; i < run; i += L) {
         const __mmask16 m = lane_mask(std::min(L, run - i));
         __m512 v[L];
-        for (int64_t lane = 0; lane < L; ++lane) v[lane] = lane < nb ? load_lanes(s + lane * image_stride + i, m) : zero;
+        // Constant trip counts, fully unrolled, so that v[] stays in registers (a run-time index would spill it).
+#pragma GCC unroll 16
+        for (int lane = 0; lane < L; ++lane) v[lane] = lane < nb ? load_lanes(s + lane * image_stride + i, m) : zero;
         transpose16(v);
         const int64_t n = std::min(L, run - i);
-        for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(dst + (i + j) * L, v[j]);
+#pragma GCC unroll 16
+        for (int j = 0; j < L; ++j) {
+          if (j < n) _mm512_storeu_ps(dst + (i + j) * L, v[j]);
+        }
       }
     }
     return;
@@ -174,13 +215,17 @@ CNN_EXT_LANES void pack(const T* src, int64_t nb, int64_t image_stride, int64_t 
         const int64_t lo = std::clamp<int64_t>(left - col0, 0, L), hi = std::clamp<int64_t>(left + w - col0, 0, L);
         const __mmask16 inside = static_cast<__mmask16>(lane_mask(hi) & ~lane_mask(lo));
         __m512 v[L];
-        for (int64_t lane = 0; lane < L; ++lane) {
+#pragma GCC unroll 16
+        for (int lane = 0; lane < L; ++lane) {
           // Masked-off columns are not read, so the (possibly out-of-row) base address is never dereferenced there.
           v[lane] = lane < nb && inside != 0 ? load_lanes(s + lane * image_stride + (col0 - left), inside) : zero;
         }
         transpose16(v);
         const int64_t n = std::min(L, cols - col0);
-        for (int64_t j = 0; j < n; ++j) _mm512_storeu_ps(dst + (col0 + j) * L, v[j]);
+#pragma GCC unroll 16
+        for (int j = 0; j < L; ++j) {
+          if (j < n) _mm512_storeu_ps(dst + (col0 + j) * L, v[j]);
+        }
       }
     }
   }
@@ -194,10 +239,11 @@ CNN_EXT_LANES void unpack(const float* src, int64_t nb, int64_t planes, int64_t 
   for (int64_t ch = 0; ch < planes; ++ch) {
     for (int64_t i = 0; i < run; i += L) {
       __m512 v[L];
-      for (int64_t j = 0; j < L; ++j) v[j] = _mm512_loadu_ps(src + (ch * run + i + j) * L);
-      transpose16(v);
+      load_transposed16(src + (ch * run + i) * L, L, v);
       const __mmask16 m = lane_mask(std::min(L, run - i));
-      for (int64_t lane = 0; lane < nb; ++lane) {
+#pragma GCC unroll 16
+      for (int lane = 0; lane < L; ++lane) {
+        if (lane >= nb) break;
         _mm512_mask_storeu_ps(dst + lane * image_stride + ch * plane_stride + i, m, v[lane]);
       }
     }
@@ -210,12 +256,11 @@ CNN_EXT_LANES void unpack_index(const int32_t* src, int64_t nb, int64_t planes, 
   for (int64_t ch = 0; ch < planes; ++ch) {
     for (int64_t i = 0; i < run; i += L) {
       __m512 v[L];
-      for (int64_t j = 0; j < L; ++j) {
-        v[j] = _mm512_castsi512_ps(_mm512_loadu_si512(src + (ch * run + i + j) * L));
-      }
-      transpose16(v);
+      load_transposed16(reinterpret_cast<const float*>(src + (ch * run + i) * L), L, v);
       const __mmask16 m = lane_mask(std::min(L, run - i));
-      for (int64_t lane = 0; lane < nb; ++lane) {
+#pragma GCC unroll 16
+      for (int lane = 0; lane < L; ++lane) {
+        if (lane >= nb) break;
         const __m512i x = _mm512_castps_si512(v[lane]);
         // maskz forms for the same reason as in transpose16.
         const __m256i lo = _mm512_maskz_extracti64x4_epi64(0xF, x, 0), hi = _mm512_maskz_extracti64x4_epi64(0xF, x, 1);
