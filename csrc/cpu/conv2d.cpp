@@ -1000,9 +1000,9 @@ bool is_two_by_two(const PoolShape<int64_t>& ps) {
 // buf + (y - y0)*ld_row (the rows the windows read are all there); out and idx are the channel's pooled plane.
 // values/taps: scratch of at least two_by_two_scratch(...) elements for the 2×2 kernel.
 template <typename T>
-void pool_relu_rows(const PoolShape<int64_t>& ps, const WindowAxis& prow, const WindowAxis& pcol, int64_t u0, int64_t u1,
-                    const T* buf, int64_t y0, int64_t ld_row, T b, T* __restrict out, int64_t* __restrict idx,
-                    T* values, tap_t<T>* taps) {
+void pool_relu_rows(const PoolShape<int64_t>& ps, const WindowAxis& prow, const WindowAxis& pcol, int64_t u0,
+                    int64_t u1, const T* buf, int64_t y0, int64_t ld_row, T b, T* __restrict out,
+                    int64_t* __restrict idx, T* values, tap_t<T>* taps) {
   const T lowest = -std::numeric_limits<T>::infinity();
   const int64_t plane_w = ps.w;  // conv output width: indices are h*Q + w
   int64_t generic_from = u0;     // pooled rows from here on take the generic loop (all columns)

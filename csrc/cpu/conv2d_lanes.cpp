@@ -8,7 +8,7 @@
 // so that any tap of any output position is one vector load, every weight one broadcast, and no lane is wasted on
 // geometry (only a batch that is not a multiple of 16 leaves lanes idle, as zeros). fprop, the fused conv +
 // max-pool + ReLU, dgrad and wgrad run register tiles over this layout (channels × adjacent output columns, or
-// output channels × kernel taps for wgrad); AVX-512 gathers transpose blocks in and out.
+// output channels × kernel taps for wgrad); 16 × 16 in-register transposes move blocks in and out.
 //
 // Results: fprop and the fused op give the same bits as conv2d.cpp's GEMM path (each output is the FMA chain over
 // the taps in (c, r, s) order starting from 0, then + bias), so the fused op still equals our unfused ops bit for
@@ -21,12 +21,13 @@
 #include "conv2d_lanes.h"
 
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <limits>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 #include <new>
 #include <utility>
@@ -77,6 +78,20 @@ Scratch<T> scratch(int64_t n) {
 }
 // unpack's slack after its source: it loads whole groups of 16 positions.
 constexpr int64_t kSlack = 16 * 16;
+
+// Scratch for each thread of a parallel region, allocated before the region (an exception, such as a failed
+// allocation, cannot leave an OpenMP region): get() is the calling thread's n elements, 64-byte aligned.
+template <typename T>
+class PerThread {
+ public:
+  PerThread(int64_t threads, int64_t n)
+      : n_((std::max<int64_t>(n, 1) + 63) / 64 * 64), data_(scratch<T>(threads * n_)) {}
+  T* get() const { return data_.get() + omp_get_thread_num() * n_; }
+
+ private:
+  int64_t n_;
+  Scratch<T> data_;
+};
 
 struct Geo {
   int64_t n, c, h, w, k, r, s, p, q, sh, sw, ph, pw, dh, dw, hp, wp;
@@ -702,17 +717,20 @@ void conv2d_forward(const ConvShape<int64_t>& cs, const float* x, const float* w
   const std::vector<float> wt = pack_taps(g, w);
   const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.p), chunks = ceil_div(g.p, rows);
   const int64_t x_rows = g.in_end(rows) - g.in_begin(0);
-#pragma omp parallel num_threads(at::get_num_threads())
+  const int threads = at::get_num_threads();
+  const PerThread<float> x_ts(threads, g.c * x_rows * g.wp * L), y_ts(threads, g.k * rows * g.q * L + kSlack);
+#pragma omp parallel num_threads(threads)
   {
-    const auto x_t = scratch<float>(g.c * x_rows * g.wp * L), y_t = scratch<float>(g.k * rows * g.q * L + kSlack);
+    float* x_t = x_ts.get();
+    float* y_t = y_ts.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < blocks * chunks; ++item) {
       const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
       const int64_t p0 = item % chunks * rows, p1 = std::min(g.p, p0 + rows);
       const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
-      pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t.get());
-      fprop_rows(g, x_t.get(), r1 - r0, wt.data(), bias, p0, p1, y_t.get());
-      unpack(y_t.get(), nb, g.k, (p1 - p0) * g.q, y + n0 * g.k * g.p * g.q + p0 * g.q, g.k * g.p * g.q, g.p * g.q);
+      pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
+      fprop_rows(g, x_t, r1 - r0, wt.data(), bias, p0, p1, y_t);
+      unpack(y_t, nb, g.k, (p1 - p0) * g.q, y + n0 * g.k * g.p * g.q + p0 * g.q, g.k * g.p * g.q, g.p * g.q);
     }
   }
 }
@@ -731,11 +749,16 @@ void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>&
   }
   const int64_t x_rows = g.in_end(rows_cap) - g.in_begin(0);
   const int64_t out_plane = ps.p * ps.q;
-#pragma omp parallel num_threads(at::get_num_threads())
+  const int threads = at::get_num_threads();
+  const PerThread<float> x_ts(threads, g.c * x_rows * g.wp * L), y_ts(threads, g.k * rows_cap * g.q * L);
+  const PerThread<float> out_ts(threads, g.k * urows * ps.q * L + kSlack);
+  const PerThread<int32_t> idx_ts(threads, g.k * urows * ps.q * L + kSlack);
+#pragma omp parallel num_threads(threads)
   {
-    const auto x_t = scratch<float>(g.c * x_rows * g.wp * L), y_t = scratch<float>(g.k * rows_cap * g.q * L);
-    const auto out_t = scratch<float>(g.k * urows * ps.q * L + kSlack);
-    const auto idx_t = scratch<int32_t>(g.k * urows * ps.q * L + kSlack);
+    float* x_t = x_ts.get();
+    float* y_t = y_ts.get();
+    float* out_t = out_ts.get();
+    int32_t* idx_t = idx_ts.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < blocks * chunks; ++item) {
       const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
@@ -743,13 +766,13 @@ void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>&
       const auto [y0, y1] = prow.span(u0, u1);
       if (y0 < y1) {
         const int64_t r0 = g.in_begin(y0), r1 = g.in_end(y1);
-        pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t.get());
-        fprop_rows(g, x_t.get(), r1 - r0, wt.data(), nullptr, y0, y1, y_t.get());
+        pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
+        fprop_rows(g, x_t, r1 - r0, wt.data(), nullptr, y0, y1, y_t);
       }
-      pool_relu_rows(g, ps, prow, pcol, y_t.get(), y0, y1 - y0, bias, u0, u1, out_t.get(), idx_t.get());
+      pool_relu_rows(g, ps, prow, pcol, y_t, y0, y1 - y0, bias, u0, u1, out_t, idx_t);
       const int64_t at = n0 * g.k * out_plane + u0 * ps.q, run = (u1 - u0) * ps.q;
-      unpack(out_t.get(), nb, g.k, run, out + at, g.k * out_plane, out_plane);
-      unpack_index(idx_t.get(), nb, g.k, run, idx + at, g.k * out_plane, out_plane);
+      unpack(out_t, nb, g.k, run, out + at, g.k * out_plane, out_plane);
+      unpack_index(idx_t, nb, g.k, run, idx + at, g.k * out_plane, out_plane);
     }
   }
 }
@@ -760,9 +783,12 @@ void conv2d_backward_input(const ConvShape<int64_t>& cs, const float* dy, const 
   const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.h), chunks = ceil_div(g.h, rows);
   const int64_t left = (g.s - 1) * g.dw, dy_cols = g.w + g.pw + 2 * left;
   const int64_t dy_rows_cap = std::min(g.p, rows + (g.r - 1) * g.dh);
-#pragma omp parallel num_threads(at::get_num_threads())
+  const int threads = at::get_num_threads();
+  const PerThread<float> dy_ts(threads, g.k * dy_rows_cap * dy_cols * L), dx_ts(threads, g.c * rows * g.w * L + kSlack);
+#pragma omp parallel num_threads(threads)
   {
-    const auto dy_t = scratch<float>(g.k * dy_rows_cap * dy_cols * L), dx_t = scratch<float>(g.c * rows * g.w * L + kSlack);
+    float* dy_t = dy_ts.get();
+    float* dx_t = dx_ts.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < blocks * chunks; ++item) {
       const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
@@ -770,9 +796,9 @@ void conv2d_backward_input(const ConvShape<int64_t>& cs, const float* dy, const 
       // The dY rows these dX rows read.
       const int64_t p_lo = std::clamp<int64_t>(h0 + g.ph - (g.r - 1) * g.dh, 0, g.p);
       const int64_t p_hi = std::clamp<int64_t>(h1 + g.ph, p_lo, g.p);
-      pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, left, p_lo, p_hi, dy_cols, dy_t.get());
-      dgrad_rows(g, dy_t.get(), p_hi - p_lo, p_lo, dy_cols, wd.data(), h0, h1, dx_t.get());
-      unpack(dx_t.get(), nb, g.c, (h1 - h0) * g.w, dx + n0 * g.c * g.h * g.w + h0 * g.w, g.c * g.h * g.w, g.h * g.w);
+      pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, left, p_lo, p_hi, dy_cols, dy_t);
+      dgrad_rows(g, dy_t, p_hi - p_lo, p_lo, dy_cols, wd.data(), h0, h1, dx_t);
+      unpack(dx_t, nb, g.c, (h1 - h0) * g.w, dx + n0 * g.c * g.h * g.w + h0 * g.w, g.c * g.h * g.w, g.h * g.w);
     }
   }
 }
@@ -786,18 +812,20 @@ void conv2d_backward_weight(const ConvShape<int64_t>& cs, const float* dy, const
   // result depends only on the thread count.
   const int64_t threads = at::get_num_threads();
   std::vector<float> partial(threads * size * L, 0.0f);
+  const PerThread<float> x_ts(threads, g.c * x_rows * g.wp * L), dy_ts(threads, g.k * rows * g.q * L);
 #pragma omp parallel num_threads(threads)
   {
-    const auto x_t = scratch<float>(g.c * x_rows * g.wp * L), dy_t = scratch<float>(g.k * rows * g.q * L);
+    float* x_t = x_ts.get();
+    float* dy_t = dy_ts.get();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < threads; ++t) {
       for (int64_t unit = units * t / threads; unit < units * (t + 1) / threads; ++unit) {
         const int64_t n0 = unit / chunks * L, nb = std::min(L, g.n - n0);
         const int64_t p0 = unit % chunks * rows, p1 = std::min(g.p, p0 + rows);
         const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
-        pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, 0, p0, p1, g.q, dy_t.get());
-        pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t.get());
-        wgrad_unit(g, p1 - p0, dy_t.get(), g.q, 0, x_t.get(), r1 - r0, partial.data() + t * size * L);
+        pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, 0, p0, p1, g.q, dy_t);
+        pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
+        wgrad_unit(g, p1 - p0, dy_t, g.q, 0, x_t, r1 - r0, partial.data() + t * size * L);
       }
     }
   }
@@ -821,32 +849,38 @@ bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<
   std::vector<float> partial_w(dw != nullptr ? threads * g.k * crs * L : 0, 0.0f);
   std::vector<float> partial_b(db != nullptr ? threads * g.k * L : 0, 0.0f);
   std::atomic<bool> placed{true};
+  const PerThread<float> go_ts(threads, pooled * L), out_ts(threads, pooled * L), idx_ts(threads, pooled * L);
+  const PerThread<float> dy_ts(threads, g.k * g.p * dy_cols * L);
+  const PerThread<float> x_ts(threads, dw != nullptr ? g.c * x_rows * g.wp * L : 0);
+  const PerThread<float> dx_ts(threads, dx != nullptr ? g.c * g.h * g.w * L + kSlack : 0);
 #pragma omp parallel num_threads(threads)
   {
-    const auto go_t = scratch<float>(pooled * L), out_t = scratch<float>(pooled * L);
-    const auto idx_t = scratch<float>(pooled * L), dy_t = scratch<float>(g.k * g.p * dy_cols * L);
-    const auto x_t = scratch<float>(dw != nullptr ? g.c * x_rows * g.wp * L : 0);
-    const auto dx_t = scratch<float>(dx != nullptr ? g.c * g.h * g.w * L + kSlack : 0);
+    float* go_t = go_ts.get();
+    float* out_t = out_ts.get();
+    float* idx_t = idx_ts.get();
+    float* dy_t = dy_ts.get();
+    float* x_t = x_ts.get();
+    float* dx_t = dx_ts.get();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < threads; ++t) {
       for (int64_t block = blocks * t / threads; block < blocks * (t + 1) / threads && placed; ++block) {
         const int64_t n0 = block * L, nb = std::min(L, g.n - n0);
-        pack(go + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, go_t.get());
-        pack(out + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, out_t.get());
-        pack(idx + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, idx_t.get());
-        if (!unpool_relu(g, ps, prow, pcol, nb, go_t.get(), out_t.get(), idx_t.get(), dy_cols, dy_left,
-                         dy_t.get())) {
+        pack(go + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, go_t);
+        pack(out + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, out_t);
+        pack(idx + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, idx_t);
+        if (!unpool_relu(g, ps, prow, pcol, nb, go_t, out_t, idx_t, dy_cols, dy_left,
+                         dy_t)) {
           placed = false;
           break;
         }
-        if (db != nullptr) bias_sums(g, dy_t.get(), dy_cols, partial_b.data() + t * g.k * L);
+        if (db != nullptr) bias_sums(g, dy_t, dy_cols, partial_b.data() + t * g.k * L);
         if (dw != nullptr) {
-          pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, 0, x_rows, g.wp, x_t.get());
-          wgrad_unit(g, g.p, dy_t.get(), dy_cols, dy_left, x_t.get(), x_rows, partial_w.data() + t * g.k * crs * L);
+          pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, 0, x_rows, g.wp, x_t);
+          wgrad_unit(g, g.p, dy_t, dy_cols, dy_left, x_t, x_rows, partial_w.data() + t * g.k * crs * L);
         }
         if (dx != nullptr) {
-          dgrad_rows(g, dy_t.get(), g.p, 0, dy_cols, wd.data(), 0, g.h, dx_t.get());
-          unpack(dx_t.get(), nb, g.c, g.h * g.w, dx + n0 * g.c * g.h * g.w, g.c * g.h * g.w, g.h * g.w);
+          dgrad_rows(g, dy_t, g.p, 0, dy_cols, wd.data(), 0, g.h, dx_t);
+          unpack(dx_t, nb, g.c, g.h * g.w, dx + n0 * g.c * g.h * g.w, g.c * g.h * g.w, g.h * g.w);
         }
       }
     }
