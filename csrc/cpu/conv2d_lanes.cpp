@@ -698,8 +698,8 @@ bool has_avx512() {
 
 bool suits(const ConvShape<int64_t>& cs) {
   if (!has_avx512() || cs.groups != 1 || cs.n < L) return false;
-  // Small planes and channel counts: the per-image products are tiny (where the GEMM path is weakest) and one
-  // block's transposed planes fit in L2. The int32 gather offsets (15 images apart) then fit easily.
+  // Small planes and channel counts: the per-image products are tiny (where the GEMM path is weakest), one
+  // block's transposed planes fit in L2, and conv output positions (the pooling indices) fit in int32 lanes.
   const int64_t hp = cs.h + 2 * cs.pad_h, wp = cs.w + 2 * cs.pad_w;
   return cs.c * cs.r * cs.s <= 512 && cs.k <= 64 && cs.c * hp * wp <= kMaxBlockPositions &&
          cs.k * cs.p * cs.q <= kMaxBlockPositions && cs.c * cs.h * cs.w <= kMaxBlockPositions;
