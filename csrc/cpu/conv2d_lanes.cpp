@@ -144,32 +144,31 @@ CNN_EXT_LANES inline void transpose16(__m512 v[16]) {
   }
 }
 
-// v[j] = column j of the 16 × 16 matrix whose row i is the 16 floats at src + i*stride. Cheaper than loading
-// the rows and calling transpose16: the 128-bit-block half of the transpose is done while loading (each vector
-// gathers one 4-float block from each of 4 rows: a load and three inserts from memory, which need no shuffle
-// of whole vectors), leaving only the in-block 4 × 4 transposes (8 shuffles per 4 vectors instead of 16).
-CNN_EXT_LANES inline void load_transposed16(const float* src, int64_t stride, __m512 v[16]) {
+// v[d] = column 4c + d (d < 4) of the 16 × 16 matrix whose row i is the 16 floats at src + i*stride: a quarter of
+// a transpose. Cheaper than loading the rows and calling transpose16: the 128-bit-block half of the transpose is
+// done while loading (each vector takes block c of 4 rows: a load and three inserts from memory, which need no
+// shuffle of whole vectors), leaving the in-block 4 × 4 transpose (8 shuffles for 4 vectors instead of 16). Done a
+// quarter at a time so that the caller stores each result at once: a whole transpose's 64 loads would be hoisted
+// and spilled.
+CNN_EXT_LANES inline void load_transposed_quarter(const float* src, int64_t stride, int c, __m512 v[4]) {
   constexpr __mmask16 kAll = 0xFFFF;
+  __m512 u[4];
 #pragma GCC unroll 4
-  for (int c = 0; c < 4; ++c) {  // 4-float block c of every row: columns 4c .. 4c + 3
-    __m512 u[4];
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {  // u[k], 128-bit lane g = block c of row 4g + k
-      const float* block = src + k * stride + 4 * c;
-      __m512 t = _mm512_zextps128_ps512(_mm_loadu_ps(block));
-      t = _mm512_mask_insertf32x4(t, kAll, t, _mm_loadu_ps(block + 4 * stride), 1);
-      t = _mm512_mask_insertf32x4(t, kAll, t, _mm_loadu_ps(block + 8 * stride), 2);
-      u[k] = _mm512_mask_insertf32x4(t, kAll, t, _mm_loadu_ps(block + 12 * stride), 3);
-    }
-    // In every 128-bit lane, transpose the 4 × 4 block held by u[0..3]: v[4c + d] lane g = column 4c + d of rows
-    // 4g .. 4g + 3. Masked forms (inserts above too) for the same reason as in transpose16.
-    const __m512 t0 = _mm512_maskz_unpacklo_ps(kAll, u[0], u[1]), t1 = _mm512_maskz_unpackhi_ps(kAll, u[0], u[1]);
-    const __m512 t2 = _mm512_maskz_unpacklo_ps(kAll, u[2], u[3]), t3 = _mm512_maskz_unpackhi_ps(kAll, u[2], u[3]);
-    v[4 * c + 0] = _mm512_shuffle_ps(t0, t2, 0x44);
-    v[4 * c + 1] = _mm512_shuffle_ps(t0, t2, 0xEE);
-    v[4 * c + 2] = _mm512_shuffle_ps(t1, t3, 0x44);
-    v[4 * c + 3] = _mm512_shuffle_ps(t1, t3, 0xEE);
+  for (int k = 0; k < 4; ++k) {  // u[k], 128-bit lane g = block c of row 4g + k
+    const float* block = src + k * stride + 4 * c;
+    __m512 t = _mm512_zextps128_ps512(_mm_loadu_ps(block));
+    t = _mm512_mask_insertf32x4(t, kAll, t, _mm_loadu_ps(block + 4 * stride), 1);
+    t = _mm512_mask_insertf32x4(t, kAll, t, _mm_loadu_ps(block + 8 * stride), 2);
+    u[k] = _mm512_mask_insertf32x4(t, kAll, t, _mm_loadu_ps(block + 12 * stride), 3);
   }
+  // In every 128-bit lane, transpose the 4 × 4 block held by u[0..3]: v[d] lane g = column 4c + d of rows
+  // 4g .. 4g + 3. Masked forms (inserts above too) for the same reason as in transpose16.
+  const __m512 t0 = _mm512_maskz_unpacklo_ps(kAll, u[0], u[1]), t1 = _mm512_maskz_unpackhi_ps(kAll, u[0], u[1]);
+  const __m512 t2 = _mm512_maskz_unpacklo_ps(kAll, u[2], u[3]), t3 = _mm512_maskz_unpackhi_ps(kAll, u[2], u[3]);
+  v[0] = _mm512_shuffle_ps(t0, t2, 0x44);
+  v[1] = _mm512_shuffle_ps(t0, t2, 0xEE);
+  v[2] = _mm512_shuffle_ps(t1, t3, 0x44);
+  v[3] = _mm512_shuffle_ps(t1, t3, 0xEE);
 }
 
 // 16 elements at p (masked), as float lanes: floats as they are; int64 indices saturated to int32, as their bits
@@ -249,13 +248,15 @@ CNN_EXT_LANES void unpack(const float* src, int64_t nb, int64_t planes, int64_t 
                           int64_t image_stride, int64_t plane_stride) {
   for (int64_t ch = 0; ch < planes; ++ch) {
     for (int64_t i = 0; i < run; i += L) {
-      __m512 v[L];
-      load_transposed16(src + (ch * run + i) * L, L, v);
       const __mmask16 m = lane_mask(std::min(L, run - i));
-#pragma GCC unroll 16
-      for (int lane = 0; lane < L; ++lane) {
-        if (lane >= nb) break;
-        _mm512_mask_storeu_ps(dst + lane * image_stride + ch * plane_stride + i, m, v[lane]);
+      for (int c = 0; 4 * c < nb; ++c) {  // images 4c .. 4c + 3
+        __m512 v[4];
+        load_transposed_quarter(src + (ch * run + i) * L, L, c, v);
+#pragma GCC unroll 4
+        for (int d = 0; d < 4; ++d) {
+          const int64_t lane = 4 * c + d;
+          if (lane < nb) _mm512_mask_storeu_ps(dst + lane * image_stride + ch * plane_stride + i, m, v[d]);
+        }
       }
     }
   }
@@ -266,18 +267,22 @@ CNN_EXT_LANES void unpack_index(const int32_t* src, int64_t nb, int64_t planes, 
                                 int64_t image_stride, int64_t plane_stride) {
   for (int64_t ch = 0; ch < planes; ++ch) {
     for (int64_t i = 0; i < run; i += L) {
-      __m512 v[L];
-      load_transposed16(reinterpret_cast<const float*>(src + (ch * run + i) * L), L, v);
       const __mmask16 m = lane_mask(std::min(L, run - i));
-#pragma GCC unroll 16
-      for (int lane = 0; lane < L; ++lane) {
-        if (lane >= nb) break;
-        const __m512i x = _mm512_castps_si512(v[lane]);
-        // maskz forms for the same reason as in transpose16.
-        const __m256i lo = _mm512_maskz_extracti64x4_epi64(0xF, x, 0), hi = _mm512_maskz_extracti64x4_epi64(0xF, x, 1);
-        int64_t* d = dst + lane * image_stride + ch * plane_stride + i;
-        _mm512_mask_storeu_epi64(d, static_cast<__mmask8>(m), _mm512_maskz_cvtepi32_epi64(0xFF, lo));
-        _mm512_mask_storeu_epi64(d + 8, static_cast<__mmask8>(m >> 8), _mm512_maskz_cvtepi32_epi64(0xFF, hi));
+      for (int c = 0; 4 * c < nb; ++c) {  // images 4c .. 4c + 3
+        __m512 v[4];
+        load_transposed_quarter(reinterpret_cast<const float*>(src + (ch * run + i) * L), L, c, v);
+#pragma GCC unroll 4
+        for (int d = 0; d < 4; ++d) {
+          const int64_t lane = 4 * c + d;
+          if (lane >= nb) break;
+          const __m512i x = _mm512_castps_si512(v[d]);
+          // maskz forms for the same reason as in transpose16.
+          const __m256i lo = _mm512_maskz_extracti64x4_epi64(0xF, x, 0);
+          const __m256i hi = _mm512_maskz_extracti64x4_epi64(0xF, x, 1);
+          int64_t* out = dst + lane * image_stride + ch * plane_stride + i;
+          _mm512_mask_storeu_epi64(out, static_cast<__mmask8>(m), _mm512_maskz_cvtepi32_epi64(0xFF, lo));
+          _mm512_mask_storeu_epi64(out + 8, static_cast<__mmask8>(m >> 8), _mm512_maskz_cvtepi32_epi64(0xFF, hi));
+        }
       }
     }
   }
