@@ -30,6 +30,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -79,18 +80,38 @@ Scratch<T> scratch(int64_t n) {
 // unpack's slack after its source: it loads whole groups of 16 positions.
 constexpr int64_t kSlack = 16 * 16;
 
-// Scratch for each thread of a parallel region, allocated before the region (an exception, such as a failed
-// allocation, cannot leave an OpenMP region): get() is the calling thread's n elements, 64-byte aligned.
+// Scratch buffers of one calling thread, kept from call to call (allocating megabytes on every call would cost
+// page faults every time): at most kSlots buffers per call, each as large as the largest request so far. Bounded
+// by suits(): a few MiB per calling thread.
+constexpr int kSlots = 8;
+
+char* slot_buffer(int slot, size_t bytes) {
+  thread_local std::array<Scratch<char>, kSlots> buffers;
+  thread_local std::array<size_t, kSlots> sizes{};
+  if (sizes[slot] < bytes) {
+    buffers[slot].reset();
+    buffers[slot] = scratch<char>(bytes);
+    sizes[slot] = bytes;
+  }
+  return buffers[slot].get();
+}
+
+// n elements for each of `threads` threads in slot `slot` (distinct slots for the buffers of one call), 64-byte
+// aligned. Made before the parallel region: an exception, such as a failed allocation, cannot leave an OpenMP
+// region. get() is the calling OpenMP thread's slice, slice(t) slice t.
 template <typename T>
 class PerThread {
  public:
-  PerThread(int64_t threads, int64_t n)
-      : n_((std::max<int64_t>(n, 1) + 63) / 64 * 64), data_(scratch<T>(threads * n_)) {}
-  T* get() const { return data_.get() + omp_get_thread_num() * n_; }
+  PerThread(int slot, int64_t threads, int64_t n)
+      : n_((std::max<int64_t>(n, 1) + 63) / 64 * 64),
+        data_(reinterpret_cast<T*>(slot_buffer(slot, static_cast<size_t>(threads * n_) * sizeof(T)))) {}
+  T* get() const { return slice(omp_get_thread_num()); }
+  T* slice(int64_t t) const { return data_ + t * n_; }
+  int64_t size() const { return n_; }
 
  private:
   int64_t n_;
-  Scratch<T> data_;
+  T* data_;
 };
 
 struct Geo {
@@ -197,6 +218,17 @@ CNN_EXT_LANES void pack(const T* src, int64_t nb, int64_t image_stride, int64_t 
     for (int64_t ch = 0; ch < planes; ++ch, dst += run * L) {
       const T* s = src + (ch * h + row0) * w;
       for (int64_t i = 0; i < run; i += L) {
+        if constexpr (std::is_same_v<T, float>) {
+          if (nb == L && i + L <= run) {  // all 16 images and positions present: no masks needed
+            for (int c = 0; c < 4; ++c) {
+              __m512 v[4];
+              load_transposed_quarter(s + i, image_stride, c, v);
+#pragma GCC unroll 4
+              for (int d = 0; d < 4; ++d) _mm512_storeu_ps(dst + (i + 4 * c + d) * L, v[d]);
+            }
+            continue;
+          }
+        }
         const __mmask16 m = lane_mask(std::min(L, run - i));
         __m512 v[L];
         // Constant trip counts, fully unrolled, so that v[] stays in registers (a run-time index would spill it).
@@ -678,14 +710,13 @@ CNN_EXT_LANES void bias_sums(const Geo& g, const float* dy_t, int64_t dy_cols, f
   }
 }
 
-// out[i] = the sum of vector i over the `parts` equal slices of partial (slice order), then of its lanes (fixed
-// pairwise order); nothing when out is null.
-CNN_EXT_LANES void add_partials(const std::vector<float>& partial, int64_t parts, float* out) {
+// out[i] = the sum of vector i over the first `parts` slices of partial (slice order), then of its lanes (fixed
+// pairwise order), for i < n; nothing when out is null.
+CNN_EXT_LANES void add_partials(const PerThread<float>& partial, int64_t parts, int64_t n, float* out) {
   if (out == nullptr) return;
-  const int64_t size = static_cast<int64_t>(partial.size()) / parts / L;
-  for (int64_t i = 0; i < size; ++i) {
-    __m512 v = _mm512_loadu_ps(partial.data() + i * L);
-    for (int64_t t = 1; t < parts; ++t) v = _mm512_add_ps(v, _mm512_loadu_ps(partial.data() + (t * size + i) * L));
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 v = _mm512_loadu_ps(partial.slice(0) + i * L);
+    for (int64_t t = 1; t < parts; ++t) v = _mm512_add_ps(v, _mm512_loadu_ps(partial.slice(t) + i * L));
     out[i] = sum_lanes(v);
   }
 }
@@ -719,7 +750,7 @@ void conv2d_forward(const ConvShape<int64_t>& cs, const float* x, const float* w
   const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.p), chunks = ceil_div(g.p, rows);
   const int64_t x_rows = g.in_end(rows) - g.in_begin(0);
   const int threads = at::get_num_threads();
-  const PerThread<float> x_ts(threads, g.c * x_rows * g.wp * L), y_ts(threads, g.k * rows * g.q * L + kSlack);
+  const PerThread<float> x_ts(0, threads, g.c * x_rows * g.wp * L), y_ts(1, threads, g.k * rows * g.q * L + kSlack);
 #pragma omp parallel num_threads(threads)
   {
     float* x_t = x_ts.get();
@@ -751,9 +782,9 @@ void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>&
   const int64_t x_rows = g.in_end(rows_cap) - g.in_begin(0);
   const int64_t out_plane = ps.p * ps.q;
   const int threads = at::get_num_threads();
-  const PerThread<float> x_ts(threads, g.c * x_rows * g.wp * L), y_ts(threads, g.k * rows_cap * g.q * L);
-  const PerThread<float> out_ts(threads, g.k * urows * ps.q * L + kSlack);
-  const PerThread<int32_t> idx_ts(threads, g.k * urows * ps.q * L + kSlack);
+  const PerThread<float> x_ts(0, threads, g.c * x_rows * g.wp * L), y_ts(1, threads, g.k * rows_cap * g.q * L);
+  const PerThread<float> out_ts(2, threads, g.k * urows * ps.q * L + kSlack);
+  const PerThread<int32_t> idx_ts(3, threads, g.k * urows * ps.q * L + kSlack);
 #pragma omp parallel num_threads(threads)
   {
     float* x_t = x_ts.get();
@@ -785,7 +816,8 @@ void conv2d_backward_input(const ConvShape<int64_t>& cs, const float* dy, const 
   const int64_t left = (g.s - 1) * g.dw, dy_cols = g.w + g.pw + 2 * left;
   const int64_t dy_rows_cap = std::min(g.p, rows + (g.r - 1) * g.dh);
   const int threads = at::get_num_threads();
-  const PerThread<float> dy_ts(threads, g.k * dy_rows_cap * dy_cols * L), dx_ts(threads, g.c * rows * g.w * L + kSlack);
+  const PerThread<float> dy_ts(0, threads, g.k * dy_rows_cap * dy_cols * L);
+  const PerThread<float> dx_ts(1, threads, g.c * rows * g.w * L + kSlack);
 #pragma omp parallel num_threads(threads)
   {
     float* dy_t = dy_ts.get();
@@ -812,25 +844,26 @@ void conv2d_backward_weight(const ConvShape<int64_t>& cs, const float* dy, const
   // Each thread sums a fixed range of units into its own partial; the partials are added in thread order, so the
   // result depends only on the thread count.
   const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(threads * size * L, 0.0f);
-  const PerThread<float> x_ts(threads, g.c * x_rows * g.wp * L), dy_ts(threads, g.k * rows * g.q * L);
+  const PerThread<float> partial(0, threads, size * L);
+  const PerThread<float> x_ts(1, threads, g.c * x_rows * g.wp * L), dy_ts(2, threads, g.k * rows * g.q * L);
 #pragma omp parallel num_threads(threads)
   {
     float* x_t = x_ts.get();
     float* dy_t = dy_ts.get();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < threads; ++t) {
+      std::fill_n(partial.slice(t), size * L, 0.0f);
       for (int64_t unit = units * t / threads; unit < units * (t + 1) / threads; ++unit) {
         const int64_t n0 = unit / chunks * L, nb = std::min(L, g.n - n0);
         const int64_t p0 = unit % chunks * rows, p1 = std::min(g.p, p0 + rows);
         const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
         pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, 0, p0, p1, g.q, dy_t);
         pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
-        wgrad_unit(g, p1 - p0, dy_t, g.q, 0, x_t, r1 - r0, partial.data() + t * size * L);
+        wgrad_unit(g, p1 - p0, dy_t, g.q, 0, x_t, r1 - r0, partial.slice(t));
       }
     }
   }
-  add_partials(partial, threads, dw);
+  add_partials(partial, threads, size, dw);
 }
 
 bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<int64_t>& ps, const float* go,
@@ -847,13 +880,13 @@ bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<
   const int64_t blocks = ceil_div(g.n, L), threads = at::get_num_threads();
   // Whole blocks per item (dY_t is built once per block); wgrad and bias partials per thread, added in thread
   // order, as in conv2d_backward_weight.
-  std::vector<float> partial_w(dw != nullptr ? threads * g.k * crs * L : 0, 0.0f);
-  std::vector<float> partial_b(db != nullptr ? threads * g.k * L : 0, 0.0f);
+  const PerThread<float> partial_w(0, threads, dw != nullptr ? g.k * crs * L : 0);
+  const PerThread<float> partial_b(1, threads, db != nullptr ? g.k * L : 0);
   std::atomic<bool> placed{true};
-  const PerThread<float> go_ts(threads, pooled * L), out_ts(threads, pooled * L), idx_ts(threads, pooled * L);
-  const PerThread<float> dy_ts(threads, g.k * g.p * dy_cols * L);
-  const PerThread<float> x_ts(threads, dw != nullptr ? g.c * x_rows * g.wp * L : 0);
-  const PerThread<float> dx_ts(threads, dx != nullptr ? g.c * g.h * g.w * L + kSlack : 0);
+  const PerThread<float> go_ts(2, threads, pooled * L), out_ts(3, threads, pooled * L), idx_ts(4, threads, pooled * L);
+  const PerThread<float> dy_ts(5, threads, g.k * g.p * dy_cols * L);
+  const PerThread<float> x_ts(6, threads, dw != nullptr ? g.c * x_rows * g.wp * L : 0);
+  const PerThread<float> dx_ts(7, threads, dx != nullptr ? g.c * g.h * g.w * L + kSlack : 0);
 #pragma omp parallel num_threads(threads)
   {
     float* go_t = go_ts.get();
@@ -864,20 +897,21 @@ bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<
     float* dx_t = dx_ts.get();
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < threads; ++t) {
+      if (dw != nullptr) std::fill_n(partial_w.slice(t), g.k * crs * L, 0.0f);
+      if (db != nullptr) std::fill_n(partial_b.slice(t), g.k * L, 0.0f);
       for (int64_t block = blocks * t / threads; block < blocks * (t + 1) / threads && placed; ++block) {
         const int64_t n0 = block * L, nb = std::min(L, g.n - n0);
         pack(go + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, go_t);
         pack(out + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, out_t);
         pack(idx + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, idx_t);
-        if (!unpool_relu(g, ps, prow, pcol, nb, go_t, out_t, idx_t, dy_cols, dy_left,
-                         dy_t)) {
+        if (!unpool_relu(g, ps, prow, pcol, nb, go_t, out_t, idx_t, dy_cols, dy_left, dy_t)) {
           placed = false;
           break;
         }
-        if (db != nullptr) bias_sums(g, dy_t, dy_cols, partial_b.data() + t * g.k * L);
+        if (db != nullptr) bias_sums(g, dy_t, dy_cols, partial_b.slice(t));
         if (dw != nullptr) {
           pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, 0, x_rows, g.wp, x_t);
-          wgrad_unit(g, g.p, dy_t, dy_cols, dy_left, x_t, x_rows, partial_w.data() + t * g.k * crs * L);
+          wgrad_unit(g, g.p, dy_t, dy_cols, dy_left, x_t, x_rows, partial_w.slice(t));
         }
         if (dx != nullptr) {
           dgrad_rows(g, dy_t, g.p, 0, dy_cols, wd.data(), 0, g.h, dx_t);
@@ -887,8 +921,8 @@ bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<
     }
   }
   if (!placed) return false;
-  add_partials(partial_w, threads, dw);
-  add_partials(partial_b, threads, db);
+  add_partials(partial_w, threads, g.k * crs, dw);
+  add_partials(partial_b, threads, g.k, db);
   return true;
 }
 
