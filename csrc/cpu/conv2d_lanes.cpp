@@ -273,12 +273,13 @@ CNN_EXT_LANES void pack(const T* src, int64_t nb, int64_t image_stride, int64_t 
   }
 }
 
-// dst[lane*image_stride + ch*plane_stride + i] = src[(ch*run + i)*16 + lane] for lane < nb, ch < planes, i < run:
-// the inverse of pack for destination planes whose run elements are contiguous. src needs 16 vectors of slack
-// after its last plane (the last 16-position group is loaded whole).
+// dst[lane*image_stride + ch*plane_stride + i] = src[(ch*run + i)*16 + lane] (+ bias[ch] when bias is not null)
+// for lane < nb, ch < planes, i < run: the inverse of pack for destination planes whose run elements are
+// contiguous. src needs 16 vectors of slack after its last plane (the last 16-position group is loaded whole).
 CNN_EXT_LANES void unpack(const float* src, int64_t nb, int64_t planes, int64_t run, float* dst,
-                          int64_t image_stride, int64_t plane_stride) {
+                          int64_t image_stride, int64_t plane_stride, const float* bias = nullptr) {
   for (int64_t ch = 0; ch < planes; ++ch) {
+    const __m512 b = _mm512_set1_ps(bias != nullptr ? bias[ch] : 0.0f);
     for (int64_t i = 0; i < run; i += L) {
       const __mmask16 m = lane_mask(std::min(L, run - i));
       for (int c = 0; 4 * c < nb; ++c) {  // images 4c .. 4c + 3
@@ -287,7 +288,10 @@ CNN_EXT_LANES void unpack(const float* src, int64_t nb, int64_t planes, int64_t 
 #pragma GCC unroll 4
         for (int d = 0; d < 4; ++d) {
           const int64_t lane = 4 * c + d;
-          if (lane < nb) _mm512_mask_storeu_ps(dst + lane * image_stride + ch * plane_stride + i, m, v[d]);
+          if (lane < nb) {
+            _mm512_mask_storeu_ps(dst + lane * image_stride + ch * plane_stride + i, m,
+                                  bias != nullptr ? _mm512_add_ps(v[d], b) : v[d]);
+          }
         }
       }
     }
@@ -336,10 +340,11 @@ std::vector<float> pack_taps(const Geo& g, const float* w) {
 
 // Output channels [k0, k0 + KB) × columns [q, q + QB) of one output row: x is X_t at channel 0 and that output
 // position's first tap (x_plane elements per channel, x_row per row), wt the packed weights at channel k0, y the
-// first output vector (y_plane elements per channel). bias may be null.
+// first output vector (y_plane elements per channel). The bias is added later (unpack, or the pooling), off the
+// FMA ports this loop saturates.
 template <int KB, int QB>
 CNN_EXT_LANES void fprop_tile(const Geo& g, const float* x, int64_t x_plane, int64_t x_row, const float* wt,
-                              const float* bias, float* y, int64_t y_plane) {
+                              float* y, int64_t y_plane) {
   __m512 acc[KB][QB];
 #pragma GCC unroll 16
   for (int kk = 0; kk < KB; ++kk) {
@@ -364,25 +369,22 @@ CNN_EXT_LANES void fprop_tile(const Geo& g, const float* x, int64_t x_plane, int
   }
 #pragma GCC unroll 16
   for (int kk = 0; kk < KB; ++kk) {
-    const __m512 b = _mm512_set1_ps(bias != nullptr ? bias[kk] : 0.0f);
 #pragma GCC unroll 4
-    for (int j = 0; j < QB; ++j) {
-      _mm512_storeu_ps(y + kk * y_plane + j * L, bias != nullptr ? _mm512_add_ps(acc[kk][j], b) : acc[kk][j]);
-    }
+    for (int j = 0; j < QB; ++j) _mm512_storeu_ps(y + kk * y_plane + j * L, acc[kk][j]);
   }
 }
 
-using FpropTile = void (*)(const Geo&, const float*, int64_t, int64_t, const float*, const float*, float*, int64_t);
+using FpropTile = void (*)(const Geo&, const float*, int64_t, int64_t, const float*, float*, int64_t);
 
 template <int QB, int... KB>
 constexpr std::array<FpropTile, sizeof...(KB)> fprop_tiles(std::integer_sequence<int, KB...>) {
   return {&fprop_tile<KB + 1, QB>...};
 }
 
-// Output rows [p0, p1) of a block into y_t[k][p - p0][q][lane], from x_t holding the padded input rows from
-// in_begin(p0) on (x_rows of them per channel).
-void fprop_rows(const Geo& g, const float* x_t, int64_t x_rows, const float* wt, const float* bias, int64_t p0,
-                int64_t p1, float* y_t) {
+// Output rows [p0, p1) of a block into y_t[k][p - p0][q][lane] (no bias), from x_t holding the padded input rows
+// from in_begin(p0) on (x_rows of them per channel).
+void fprop_rows(const Geo& g, const float* x_t, int64_t x_rows, const float* wt, int64_t p0, int64_t p1,
+                float* y_t) {
   static const auto pairs = fprop_tiles<2>(std::make_integer_sequence<int, kFpropChannels>());
   static const auto singles = fprop_tiles<1>(std::make_integer_sequence<int, kFpropChannels>());
   const int64_t x_row = g.wp * L, x_plane = x_rows * x_row, y_plane = (p1 - p0) * g.q * L;
@@ -394,8 +396,7 @@ void fprop_rows(const Geo& g, const float* x_t, int64_t x_rows, const float* wt,
       float* yp = y_t + k0 * y_plane + (p - p0) * g.q * L;
       for (int64_t q = 0; q < g.q; q += 2) {
         const auto& tiles = g.q - q >= 2 ? pairs : singles;
-        tiles[kn - 1](g, xp + q * g.sw * L, x_plane, x_row, wt + k0, bias != nullptr ? bias + k0 : nullptr,
-                      yp + q * L, y_plane);
+        tiles[kn - 1](g, xp + q * g.sw * L, x_plane, x_row, wt + k0, yp + q * L, y_plane);
       }
     }
   }
@@ -761,8 +762,8 @@ void conv2d_forward(const ConvShape<int64_t>& cs, const float* x, const float* w
       const int64_t p0 = item % chunks * rows, p1 = std::min(g.p, p0 + rows);
       const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
       pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
-      fprop_rows(g, x_t, r1 - r0, wt.data(), bias, p0, p1, y_t);
-      unpack(y_t, nb, g.k, (p1 - p0) * g.q, y + n0 * g.k * g.p * g.q + p0 * g.q, g.k * g.p * g.q, g.p * g.q);
+      fprop_rows(g, x_t, r1 - r0, wt.data(), p0, p1, y_t);
+      unpack(y_t, nb, g.k, (p1 - p0) * g.q, y + n0 * g.k * g.p * g.q + p0 * g.q, g.k * g.p * g.q, g.p * g.q, bias);
     }
   }
 }
@@ -799,7 +800,7 @@ void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>&
       if (y0 < y1) {
         const int64_t r0 = g.in_begin(y0), r1 = g.in_end(y1);
         pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
-        fprop_rows(g, x_t, r1 - r0, wt.data(), nullptr, y0, y1, y_t);
+        fprop_rows(g, x_t, r1 - r0, wt.data(), y0, y1, y_t);
       }
       pool_relu_rows(g, ps, prow, pcol, y_t, y0, y1 - y0, bias, u0, u1, out_t, idx_t);
       const int64_t at = n0 * g.k * out_plane + u0 * ps.q, run = (u1 - u0) * ps.q;
