@@ -120,4 +120,3 @@ def conv2d_maxpool_relu(*args):
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args[:3])):
         return _ConvMaxPoolReLU.apply(*args)
     return _ops.conv2d_maxpool_relu(*args)
-
