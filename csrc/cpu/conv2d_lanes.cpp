@@ -324,6 +324,40 @@ CNN_EXT_LANES void unpack_index(const int32_t* src, int64_t nb, int64_t planes, 
   }
 }
 
+// The register tiles of fprop and dgrad: I × J accumulators, each step a rank-1 update acc[i][j] += b[j] * a[i]
+// from J vectors at b, b + b_step, ... and I broadcast scalars a[0 .. I).
+template <int I, int J>
+CNN_EXT_LANES inline void tile_zero(__m512 (&acc)[I][J]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < I; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+}
+
+template <int I, int J>
+CNN_EXT_LANES inline void tile_update(__m512 (&acc)[I][J], const float* a, const float* b, int64_t b_step) {
+  __m512 bv[J];
+#pragma GCC unroll 4
+  for (int j = 0; j < J; ++j) bv[j] = _mm512_loadu_ps(b + j * b_step);
+#pragma GCC unroll 16
+  for (int i = 0; i < I; ++i) {
+    const __m512 av = _mm512_set1_ps(a[i]);
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) acc[i][j] = _mm512_fmadd_ps(bv[j], av, acc[i][j]);
+  }
+}
+
+// acc[i][j] to out + i*row_step + j*16.
+template <int I, int J>
+CNN_EXT_LANES inline void tile_store(const __m512 (&acc)[I][J], float* out, int64_t row_step) {
+#pragma GCC unroll 16
+  for (int i = 0; i < I; ++i) {
+#pragma GCC unroll 4
+    for (int j = 0; j < J; ++j) _mm512_storeu_ps(out + i * row_step + j * L, acc[i][j]);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // fprop: y[k][p][q] = sum over taps (c, r, s) of W[k][c][r][s] * X_t[c][p*sh + r*dh][q*sw + s*dw] (+ bias[k]).
 // ---------------------------------------------------------------------------------------------------------------
@@ -346,32 +380,14 @@ template <int KB, int QB>
 CNN_EXT_LANES void fprop_tile(const Geo& g, const float* x, int64_t x_plane, int64_t x_row, const float* wt,
                               float* y, int64_t y_plane) {
   __m512 acc[KB][QB];
-#pragma GCC unroll 16
-  for (int kk = 0; kk < KB; ++kk) {
-#pragma GCC unroll 4
-    for (int j = 0; j < QB; ++j) acc[kk][j] = _mm512_setzero_ps();
-  }
+  tile_zero(acc);
   for (int64_t c = 0; c < g.c; ++c) {
     for (int64_t r = 0; r < g.r; ++r) {
       const float* xr = x + c * x_plane + r * g.dh * x_row;
-      for (int64_t s = 0; s < g.s; ++s, wt += g.k) {
-        __m512 xv[QB];
-#pragma GCC unroll 4
-        for (int j = 0; j < QB; ++j) xv[j] = _mm512_loadu_ps(xr + (s * g.dw + j * g.sw) * L);
-#pragma GCC unroll 16
-        for (int kk = 0; kk < KB; ++kk) {
-          const __m512 wv = _mm512_set1_ps(wt[kk]);
-#pragma GCC unroll 4
-          for (int j = 0; j < QB; ++j) acc[kk][j] = _mm512_fmadd_ps(xv[j], wv, acc[kk][j]);
-        }
-      }
+      for (int64_t s = 0; s < g.s; ++s, wt += g.k) tile_update(acc, wt, xr + s * g.dw * L, g.sw * L);
     }
   }
-#pragma GCC unroll 16
-  for (int kk = 0; kk < KB; ++kk) {
-#pragma GCC unroll 4
-    for (int j = 0; j < QB; ++j) _mm512_storeu_ps(y + kk * y_plane + j * L, acc[kk][j]);
-  }
+  tile_store(acc, y, y_plane);
 }
 
 using FpropTile = void (*)(const Geo&, const float*, int64_t, int64_t, const float*, float*, int64_t);
@@ -467,11 +483,7 @@ template <int KB, int SB>
 CNN_EXT_LANES void wgrad_tile(const Geo& g, int64_t rows, const float* dy, int64_t dy_plane, int64_t dy_row,
                               const float* x, int64_t x_row, float* dw, int64_t ldk) {
   __m512 acc[KB][SB];
-#pragma GCC unroll 8
-  for (int kk = 0; kk < KB; ++kk) {
-#pragma GCC unroll 8
-    for (int j = 0; j < SB; ++j) acc[kk][j] = _mm512_setzero_ps();
-  }
+  tile_zero(acc);
   for (int64_t i = 0; i < rows; ++i) {
     const float* dyi = dy + i * dy_row;
     const float* xi = x + i * g.sh * x_row;
@@ -561,11 +573,7 @@ CNN_EXT_LANES void dgrad_tile(const Geo& g, const float* dy_t, int64_t at, int64
                               int64_t r0, int64_t r1, int64_t s0, int64_t s1, const float* wd, float* dx,
                               int64_t dx_plane) {
   __m512 acc[CB][WB];
-#pragma GCC unroll 16
-  for (int cc = 0; cc < CB; ++cc) {
-#pragma GCC unroll 4
-    for (int j = 0; j < WB; ++j) acc[cc][j] = _mm512_setzero_ps();
-  }
+  tile_zero(acc);
   // Output channels innermost: their count is fixed, while the tap ranges change from tile to tile (a short
   // inner loop of varying length would end in a mispredicted branch every few iterations).
   const int64_t w_step = g.r * g.s * g.c;
@@ -573,24 +581,10 @@ CNN_EXT_LANES void dgrad_tile(const Geo& g, const float* dy_t, int64_t at, int64
     for (int64_t s = s0; s < s1; ++s) {
       const float* d = dy_t + at - r * g.dh * dy_row - s * g.dw * L;
       const float* wk = wd + (r * g.s + s) * g.c;
-      for (int64_t k = 0; k < g.k; ++k, d += dy_plane, wk += w_step) {
-        __m512 dv[WB];
-#pragma GCC unroll 4
-        for (int j = 0; j < WB; ++j) dv[j] = _mm512_loadu_ps(d + j * L);
-#pragma GCC unroll 16
-        for (int cc = 0; cc < CB; ++cc) {
-          const __m512 wv = _mm512_set1_ps(wk[cc]);
-#pragma GCC unroll 4
-          for (int j = 0; j < WB; ++j) acc[cc][j] = _mm512_fmadd_ps(dv[j], wv, acc[cc][j]);
-        }
-      }
+      for (int64_t k = 0; k < g.k; ++k, d += dy_plane, wk += w_step) tile_update(acc, wk, d, L);
     }
   }
-#pragma GCC unroll 16
-  for (int cc = 0; cc < CB; ++cc) {
-#pragma GCC unroll 4
-    for (int j = 0; j < WB; ++j) _mm512_storeu_ps(dx + cc * dx_plane + j * L, acc[cc][j]);
-  }
+  tile_store(acc, dx, dx_plane);
 }
 
 using DgradTile = void (*)(const Geo&, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
