@@ -14,8 +14,6 @@ from . import ops
 
 __all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu"]
 
-_ops = torch.ops.cnn_ext
-
 
 def _pair(value, name, op):
     """An int or a sequence of ints, as a list of two (a single-element sequence is repeated, as in torch)."""
@@ -100,7 +98,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D convolution, as torch.nn.functional.conv2d."""
     input, unbatched, stride, padding, dilation = _conv_args(input, weight, bias, stride, padding, dilation, groups,
                                                              "conv2d")
-    out = _ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
+    out = ops.conv2d(input, weight, bias, stride, padding, dilation, groups)
     return out.squeeze(0) if unbatched else out
 
 
@@ -126,8 +124,8 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     input, unbatched = _batched(input, op)
     kernel_size = _pair(kernel_size, "kernel_size", op)
     stride = _pool_stride(stride, kernel_size, op)
-    out, indices = _ops.max_pool2d(input, kernel_size, stride, _pair(padding, "padding", op),
-                                   _pair(dilation, "dilation", op), bool(ceil_mode))
+    out, indices = ops.max_pool2d(input, kernel_size, stride, _pair(padding, "padding", op),
+                                  _pair(dilation, "dilation", op), bool(ceil_mode))
     if unbatched:
         out, indices = out.squeeze(0), indices.squeeze(0)
     return (out, indices) if return_indices else out
@@ -142,6 +140,6 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     stride = _pool_stride(stride, kernel_size, op)
     if divisor_override is not None and (isinstance(divisor_override, bool) or not isinstance(divisor_override, int)):
         raise TypeError(f"{op}: divisor_override must be an int or None, got {divisor_override!r}")
-    out = _ops.avg_pool2d(input, kernel_size, stride, _pair(padding, "padding", op), bool(ceil_mode),
-                          bool(count_include_pad), divisor_override)
+    out = ops.avg_pool2d(input, kernel_size, stride, _pair(padding, "padding", op), bool(ceil_mode),
+                         bool(count_include_pad), divisor_override)
     return out.squeeze(0) if unbatched else out

@@ -280,20 +280,3 @@ def test_fused_backward_pool_matches_its_definition(device):
         bad[1, 2, 0, 0] = 10**6
         with pytest.raises(ValueError, match=r"conv2d_maxpool_relu_backward_pool: indices\[1, 2, 0, 0\]"):
             ops.conv2d_maxpool_relu_backward_pool(gy, out, bad, x, w, *conv, *pool)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_eager_autograd_equals_registered_autograd(device):
-    """cnn_ext.functional records the fused op through its own autograd.Function in eager mode (the registered
-    formula costs a per-call argument pass); both give the same bits."""
-    g = torch.Generator().manual_seed(11)
-    x = torch.randn(20, 3, 14, 14, generator=g).to(device).requires_grad_(True)
-    w = torch.randn(8, 3, 3, 3, generator=g).to(device).requires_grad_(True)
-    b = torch.randn(8, generator=g).to(device).requires_grad_(True)
-    eager = cnn_ext.functional.conv2d_maxpool_relu(x, w, b, padding=1, pool_kernel_size=2)
-    registered, _ = ops.conv2d_maxpool_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1, [2, 2], [2, 2], [0, 0], [1, 1], False)
-    assert eager.grad_fn is not None and torch.equal(eager, registered)
-    grad_output = torch.randn(eager.shape, generator=g).to(device)
-    for a, b_ in zip(torch.autograd.grad(eager, (x, w, b), grad_output),
-                     torch.autograd.grad(registered, (x, w, b), grad_output)):
-        assert torch.equal(a, b_)

@@ -1,5 +1,6 @@
 """Operator registration checks: torch.library.opcheck (schema, fake/meta kernels, autograd registration,
-AOT dispatch with dynamic shapes) for every op, and torch.autograd.gradcheck for every differentiable op."""
+AOT dispatch with dynamic shapes) for every op, torch.autograd.gradcheck for every differentiable op, and the eager
+autograd path of cnn_ext.functional against the registered one."""
 
 import pytest
 import torch
@@ -72,3 +73,36 @@ def test_gradcheck_avg_pool2d(device):
     for kwargs in (dict(ceil_mode=True, count_include_pad=False), dict(divisor_override=2)):
         assert torch.autograd.gradcheck(
             lambda x: cnn_ext.functional.avg_pool2d(x, 3, stride=2, padding=1, **kwargs), (x,))
+
+
+_EAGER_CASES = {
+    "conv2d": (lambda x, w, b: cnn_ext.functional.conv2d(x, w, b, stride=(2, 1), padding=1, dilation=(1, 2)),
+               lambda x, w, b: ops.conv2d(x, w, b, [2, 1], [1, 1], [1, 2], 1)),
+    "max_pool2d": (lambda x, w, b: cnn_ext.functional.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+                   lambda x, w, b: ops.max_pool2d(x, [3, 3], [2, 2], [1, 1], [1, 1], True)[0]),
+    "avg_pool2d": (lambda x, w, b: cnn_ext.functional.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+                   lambda x, w, b: ops.avg_pool2d(x, [3, 3], [2, 2], [1, 1], False, False, None)),
+    "conv2d_maxpool_relu": (
+        lambda x, w, b: cnn_ext.functional.conv2d_maxpool_relu(x, w, b, padding=1, pool_kernel_size=2),
+        lambda x, w, b: ops.conv2d_maxpool_relu(x, w, b, [1, 1], [1, 1], [1, 1], 1, [2, 2], [2, 2], [0, 0], [1, 1],
+                                                False)[0]),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(_EAGER_CASES))
+def test_eager_autograd_equals_registered_autograd(name, device):
+    """cnn_ext.functional records our ops through autograd.Functions in eager mode (the registered formulas cost a
+    per-call argument pass); both give the same bits, forward and backward, including the batch-in-lanes sizes."""
+    eager_fn, registered_fn = _EAGER_CASES[name]
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(20, 3, 14, 14, generator=g).to(device).requires_grad_(True)
+    w = torch.randn(8, 3, 3, 3, generator=g).to(device).requires_grad_(True)
+    b = torch.randn(8, generator=g).to(device).requires_grad_(True)
+    eager, registered = eager_fn(x, w, b), registered_fn(x, w, b)
+    assert eager.grad_fn is not None and torch.equal(eager, registered)
+    inputs = (x, w, b) if name.startswith("conv") else (x,)
+    grad_output = torch.randn(eager.shape, generator=g).to(device)
+    for a, b_ in zip(torch.autograd.grad(eager, inputs, grad_output),
+                     torch.autograd.grad(registered, inputs, grad_output)):
+        assert torch.equal(a, b_)
