@@ -132,6 +132,19 @@ int64_t rows_per_item(int64_t blocks, int64_t rows) {
   return ceil_div(rows, std::max<int64_t>(chunks, 1));
 }
 
+// fn(n0, nb, i0, i1) for every item of a pass, across the threads: the block of nb <= 16 images from image n0 and
+// rows [i0, i1) of `rows`, in chunks of `chunk` rows. Items write disjoint outputs, so any schedule gives the same
+// bits.
+template <typename Fn>
+void for_each_item(int64_t n, int64_t rows, int64_t chunk, Fn&& fn) {
+  const int64_t chunks = ceil_div(rows, chunk), items = ceil_div(n, L) * chunks;
+#pragma omp parallel for schedule(dynamic) num_threads(at::get_num_threads())
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t n0 = item / chunks * L, i0 = item % chunks * chunk;
+    fn(n0, std::min(L, n - n0), i0, std::min(rows, i0 + chunk));
+  }
+}
+
 inline __mmask16 lane_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
 // Transposes the 16 × 16 matrix whose rows are v[0..15] (row i, column j -> row j, column i). The maskz forms
@@ -742,24 +755,17 @@ bool suits_dgrad(const ConvShape<int64_t>& cs) {
 void conv2d_forward(const ConvShape<int64_t>& cs, const float* x, const float* w, const float* bias, float* y) {
   const Geo g(cs);
   const std::vector<float> wt = pack_taps(g, w);
-  const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.p), chunks = ceil_div(g.p, rows);
-  const int64_t x_rows = g.in_end(rows) - g.in_begin(0);
+  const int64_t rows = rows_per_item(ceil_div(g.n, L), g.p), x_rows = g.in_end(rows) - g.in_begin(0);
   const int threads = at::get_num_threads();
   const PerThread<float> x_ts(0, threads, g.c * x_rows * g.wp * L), y_ts(1, threads, g.k * rows * g.q * L + kSlack);
-#pragma omp parallel num_threads(threads)
-  {
+  for_each_item(g.n, g.p, rows, [&](int64_t n0, int64_t nb, int64_t p0, int64_t p1) {
     float* x_t = x_ts.get();
     float* y_t = y_ts.get();
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < blocks * chunks; ++item) {
-      const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
-      const int64_t p0 = item % chunks * rows, p1 = std::min(g.p, p0 + rows);
-      const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
-      pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
-      fprop_rows(g, x_t, r1 - r0, wt.data(), p0, p1, y_t);
-      unpack(y_t, nb, g.k, (p1 - p0) * g.q, y + n0 * g.k * g.p * g.q + p0 * g.q, g.k * g.p * g.q, g.p * g.q, bias);
-    }
-  }
+    const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
+    pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
+    fprop_rows(g, x_t, r1 - r0, wt.data(), p0, p1, y_t);
+    unpack(y_t, nb, g.k, (p1 - p0) * g.q, y + n0 * g.k * g.p * g.q + p0 * g.q, g.k * g.p * g.q, g.p * g.q, bias);
+  });
 }
 
 void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>& ps, const float* x, const float* w,
@@ -768,7 +774,7 @@ void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>&
   const WindowAxis prow(ps.p, ps.h, ps.kh, ps.stride_h, ps.pad_h, ps.dil_h);
   const WindowAxis pcol(ps.q, ps.w, ps.kw, ps.stride_w, ps.pad_w, ps.dil_w);
   const std::vector<float> wt = pack_taps(g, w);
-  const int64_t blocks = ceil_div(g.n, L), urows = rows_per_item(blocks, ps.p), chunks = ceil_div(ps.p, urows);
+  const int64_t urows = rows_per_item(ceil_div(g.n, L), ps.p), chunks = ceil_div(ps.p, urows);
   int64_t rows_cap = 1;  // most conv rows any item needs
   for (int64_t ci = 0; ci < chunks; ++ci) {
     const auto [y0, y1] = prow.span(ci * urows, std::min(ps.p, (ci + 1) * urows));
@@ -780,55 +786,43 @@ void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>&
   const PerThread<float> x_ts(0, threads, g.c * x_rows * g.wp * L), y_ts(1, threads, g.k * rows_cap * g.q * L);
   const PerThread<float> out_ts(2, threads, g.k * urows * ps.q * L + kSlack);
   const PerThread<int32_t> idx_ts(3, threads, g.k * urows * ps.q * L + kSlack);
-#pragma omp parallel num_threads(threads)
-  {
+  for_each_item(g.n, ps.p, urows, [&](int64_t n0, int64_t nb, int64_t u0, int64_t u1) {
     float* x_t = x_ts.get();
     float* y_t = y_ts.get();
     float* out_t = out_ts.get();
     int32_t* idx_t = idx_ts.get();
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < blocks * chunks; ++item) {
-      const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
-      const int64_t u0 = item % chunks * urows, u1 = std::min(ps.p, u0 + urows);
-      const auto [y0, y1] = prow.span(u0, u1);
-      if (y0 < y1) {
-        const int64_t r0 = g.in_begin(y0), r1 = g.in_end(y1);
-        pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
-        fprop_rows(g, x_t, r1 - r0, wt.data(), y0, y1, y_t);
-      }
-      pool_relu_rows(g, ps, prow, pcol, y_t, y0, y1 - y0, bias, u0, u1, out_t, idx_t);
-      const int64_t at = n0 * g.k * out_plane + u0 * ps.q, run = (u1 - u0) * ps.q;
-      unpack(out_t, nb, g.k, run, out + at, g.k * out_plane, out_plane);
-      unpack_index(idx_t, nb, g.k, run, idx + at, g.k * out_plane, out_plane);
+    const auto [y0, y1] = prow.span(u0, u1);
+    if (y0 < y1) {
+      const int64_t r0 = g.in_begin(y0), r1 = g.in_end(y1);
+      pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
+      fprop_rows(g, x_t, r1 - r0, wt.data(), y0, y1, y_t);
     }
-  }
+    pool_relu_rows(g, ps, prow, pcol, y_t, y0, y1 - y0, bias, u0, u1, out_t, idx_t);
+    const int64_t at = n0 * g.k * out_plane + u0 * ps.q, run = (u1 - u0) * ps.q;
+    unpack(out_t, nb, g.k, run, out + at, g.k * out_plane, out_plane);
+    unpack_index(idx_t, nb, g.k, run, idx + at, g.k * out_plane, out_plane);
+  });
 }
 
 void conv2d_backward_input(const ConvShape<int64_t>& cs, const float* dy, const float* w, float* dx) {
   const Geo g(cs);
   const std::vector<float> wd = pack_taps_dgrad(g, w);
-  const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.h), chunks = ceil_div(g.h, rows);
+  const int64_t rows = rows_per_item(ceil_div(g.n, L), g.h);
   const int64_t left = (g.s - 1) * g.dw, dy_cols = g.w + g.pw + 2 * left;
   const int64_t dy_rows_cap = std::min(g.p, rows + (g.r - 1) * g.dh);
   const int threads = at::get_num_threads();
   const PerThread<float> dy_ts(0, threads, g.k * dy_rows_cap * dy_cols * L);
   const PerThread<float> dx_ts(1, threads, g.c * rows * g.w * L + kSlack);
-#pragma omp parallel num_threads(threads)
-  {
+  for_each_item(g.n, g.h, rows, [&](int64_t n0, int64_t nb, int64_t h0, int64_t h1) {
     float* dy_t = dy_ts.get();
     float* dx_t = dx_ts.get();
-#pragma omp for schedule(dynamic)
-    for (int64_t item = 0; item < blocks * chunks; ++item) {
-      const int64_t n0 = item / chunks * L, nb = std::min(L, g.n - n0);
-      const int64_t h0 = item % chunks * rows, h1 = std::min(g.h, h0 + rows);
-      // The dY rows these dX rows read.
-      const int64_t p_lo = std::clamp<int64_t>(h0 + g.ph - (g.r - 1) * g.dh, 0, g.p);
-      const int64_t p_hi = std::clamp<int64_t>(h1 + g.ph, p_lo, g.p);
-      pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, left, p_lo, p_hi, dy_cols, dy_t);
-      dgrad_rows(g, dy_t, p_hi - p_lo, p_lo, dy_cols, wd.data(), h0, h1, dx_t);
-      unpack(dx_t, nb, g.c, (h1 - h0) * g.w, dx + n0 * g.c * g.h * g.w + h0 * g.w, g.c * g.h * g.w, g.h * g.w);
-    }
-  }
+    // The dY rows these dX rows read.
+    const int64_t p_lo = std::clamp<int64_t>(h0 + g.ph - (g.r - 1) * g.dh, 0, g.p);
+    const int64_t p_hi = std::clamp<int64_t>(h1 + g.ph, p_lo, g.p);
+    pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, left, p_lo, p_hi, dy_cols, dy_t);
+    dgrad_rows(g, dy_t, p_hi - p_lo, p_lo, dy_cols, wd.data(), h0, h1, dx_t);
+    unpack(dx_t, nb, g.c, (h1 - h0) * g.w, dx + n0 * g.c * g.h * g.w + h0 * g.w, g.c * g.h * g.w, g.h * g.w);
+  });
 }
 
 void conv2d_backward_weight(const ConvShape<int64_t>& cs, const float* dy, const float* x, float* dw) {
