@@ -44,6 +44,22 @@ __host__ __device__ __forceinline__ T minimum(T a, T b) {
   return b < a ? b : a;
 }
 
+// The taps of a max-pool window along one axis (the CUDA twin of cpu/window_axis.h): output position o reads input
+// positions first, first + dilation, ... below end, where first skips the leading padding and end is clipped to the
+// input; first >= end when every tap is in the padding. Shared by max_pool2d and the fused conv + max-pool kernels.
+template <typename index_t>
+struct WindowTaps {
+  index_t first, end;
+};
+
+template <typename index_t>
+__device__ __forceinline__ WindowTaps<index_t> window_taps(index_t o, index_t stride, index_t pad, index_t kernel,
+                                                           index_t dilation, index_t size) {
+  const index_t start = o * stride - pad;
+  const index_t first = start >= 0 ? start : start + ceil_div<index_t>(-start, dilation) * dilation;
+  return {first, minimum(start + (kernel - 1) * dilation + 1, size)};
+}
+
 template <typename T>
 __host__ __device__ __forceinline__ T maximum(T a, T b) {
   return a < b ? b : a;

@@ -80,12 +80,6 @@ bool fused_fits_int32(const ConvPoolShape<int64_t>& shape) {
                      ps.pad_w, (ps.kh - 1) * ps.dil_h + 1, (ps.kw - 1) * ps.dil_w + 1});
 }
 
-// First tap of a dilated window starting at `start` that is not in the leading padding (as in pool2d.cu).
-template <typename index_t>
-__device__ __forceinline__ index_t first_tap_inside(index_t start, index_t dilation) {
-  return start >= 0 ? start : start + ceil_div<index_t>(-start, dilation) * dilation;
-}
-
 // Convolution output [img][channel k][ph][pw] before the bias: the sum over (c, r, s) in that order, in acc_t, with
 // padding taps contributing 0·weight. This is the order and arithmetic of the unfused CUDA convolution (the direct
 // kernel, and the implicit GEMM when it does not split K), so the values agree with it bit for bit there.
@@ -143,12 +137,8 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       g.by_pq.divmod(ppq, pool_row, pool_col);
       const scalar_t* in_group = input + (img * g.c + group * g.cg) * plane_in;
       // The pool window over the convolution output plane, clipped as in max_pool2d_kernel.
-      const index_t h_start = pool_row * g.pool_stride_h - g.pool_pad_h;
-      const index_t w_start = pool_col * g.pool_stride_w - g.pool_pad_w;
-      const index_t h_end = minimum(h_start + (g.pool_kh - 1) * g.pool_dil_h + 1, g.p);
-      const index_t w_end = minimum(w_start + (g.pool_kw - 1) * g.pool_dil_w + 1, g.q);
-      const index_t h_first = first_tap_inside(h_start, g.pool_dil_h);
-      const index_t w_first = first_tap_inside(w_start, g.pool_dil_w);
+      const auto [h_first, h_end] = window_taps(pool_row, g.pool_stride_h, g.pool_pad_h, g.pool_kh, g.pool_dil_h, g.p);
+      const auto [w_first, w_end] = window_taps(pool_col, g.pool_stride_w, g.pool_pad_w, g.pool_kw, g.pool_dil_w, g.q);
       acc_t max_value = at::numeric_limits<acc_t>::lower_bound();
       const bool has_tap = h_first < h_end && w_first < w_end;
       index_t max_index = has_tap ? h_first * g.q + w_first : index_t(-1);

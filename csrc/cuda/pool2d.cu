@@ -50,12 +50,6 @@ bool pool_fits_int32(const PoolShape<int64_t>& s) {
 // Max pooling.
 // ---------------------------------------------------------------------------------------------------------------
 
-// First tap of a dilated window starting at `start` that is not in the leading padding.
-template <typename index_t>
-__device__ __forceinline__ index_t first_tap_inside(index_t start, index_t dilation) {
-  return start >= 0 ? start : start + ceil_div<index_t>(-start, dilation) * dilation;
-}
-
 // As torch: taps scanned in row-major order, a tap replaces the maximum if strictly greater or NaN (so ties keep
 // the first, and the last NaN wins). The index starts at the first in-bounds tap, so an all -inf window still
 // points inside it. A window with no tap inside the input at all (dilation can step over it from the padding) gets
@@ -68,12 +62,8 @@ __global__ void max_pool2d_kernel(const scalar_t* input, scalar_t* output, int64
     index_t rest, plane, p, q;
     g.by_q.divmod(idx, rest, q);
     g.by_p.divmod(rest, plane, p);
-    const index_t h_start = p * g.stride_h - g.pad_h;
-    const index_t w_start = q * g.stride_w - g.pad_w;
-    const index_t h_end = minimum(h_start + (g.kh - 1) * g.dil_h + 1, g.h);
-    const index_t w_end = minimum(w_start + (g.kw - 1) * g.dil_w + 1, g.w);
-    const index_t h_first = first_tap_inside(h_start, g.dil_h);
-    const index_t w_first = first_tap_inside(w_start, g.dil_w);
+    const auto [h_first, h_end] = window_taps(p, g.stride_h, g.pad_h, g.kh, g.dil_h, g.h);
+    const auto [w_first, w_end] = window_taps(q, g.stride_w, g.pad_w, g.kw, g.dil_w, g.w);
     const scalar_t* in_plane = input + plane * g.h * g.w;
     acc_t max_value = at::numeric_limits<acc_t>::lower_bound();
     const bool has_tap = h_first < h_end && w_first < w_end;
