@@ -145,6 +145,22 @@ void for_each_item(int64_t n, int64_t rows, int64_t chunk, Fn&& fn) {
   }
 }
 
+// The items of for_each_item in a fixed partition, for passes that reduce over them (wgrad): share t < threads takes
+// items [items*t/threads, items*(t+1)/threads) in order, after begin(t), as fn(t, n0, nb, i0, i1); fn returns false
+// to end its share early. Each share sums into its own partial, so results depend only on the thread count.
+template <typename Begin, typename Fn>
+void for_each_share(int64_t threads, int64_t n, int64_t rows, int64_t chunk, Begin&& begin, Fn&& fn) {
+  const int64_t chunks = ceil_div(rows, chunk), items = ceil_div(n, L) * chunks;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t t = 0; t < threads; ++t) {
+    begin(t);
+    for (int64_t item = items * t / threads; item < items * (t + 1) / threads; ++item) {
+      const int64_t n0 = item / chunks * L, i0 = item % chunks * chunk;
+      if (!fn(t, n0, std::min(L, n - n0), i0, std::min(rows, i0 + chunk))) break;
+    }
+  }
+}
+
 inline __mmask16 lane_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
 // Transposes the 16 × 16 matrix whose rows are v[0..15] (row i, column j -> row j, column i). The maskz forms
@@ -827,31 +843,22 @@ void conv2d_backward_input(const ConvShape<int64_t>& cs, const float* dy, const 
 
 void conv2d_backward_weight(const ConvShape<int64_t>& cs, const float* dy, const float* x, float* dw) {
   const Geo g(cs);
-  const int64_t blocks = ceil_div(g.n, L), rows = rows_per_item(blocks, g.p), chunks = ceil_div(g.p, rows);
-  const int64_t units = blocks * chunks, size = g.k * g.c * g.r * g.s;
+  const int64_t rows = rows_per_item(ceil_div(g.n, L), g.p), size = g.k * g.c * g.r * g.s;
   const int64_t x_rows = g.in_end(rows) - g.in_begin(0);
-  // Each thread sums a fixed range of units into its own partial; the partials are added in thread order, so the
-  // result depends only on the thread count.
   const int64_t threads = at::get_num_threads();
   const PerThread<float> partial(0, threads, size * L);
   const PerThread<float> x_ts(1, threads, g.c * x_rows * g.wp * L), dy_ts(2, threads, g.k * rows * g.q * L);
-#pragma omp parallel num_threads(threads)
-  {
-    float* x_t = x_ts.get();
-    float* dy_t = dy_ts.get();
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < threads; ++t) {
-      std::fill_n(partial.slice(t), size * L, 0.0f);
-      for (int64_t unit = units * t / threads; unit < units * (t + 1) / threads; ++unit) {
-        const int64_t n0 = unit / chunks * L, nb = std::min(L, g.n - n0);
-        const int64_t p0 = unit % chunks * rows, p1 = std::min(g.p, p0 + rows);
+  for_each_share(
+      threads, g.n, g.p, rows, [&](int64_t t) { std::fill_n(partial.slice(t), size * L, 0.0f); },
+      [&](int64_t t, int64_t n0, int64_t nb, int64_t p0, int64_t p1) {
+        float* x_t = x_ts.get();
+        float* dy_t = dy_ts.get();
         const int64_t r0 = g.in_begin(p0), r1 = g.in_end(p1);
         pack(dy + n0 * g.k * g.p * g.q, nb, g.k * g.p * g.q, g.k, g.p, g.q, 0, 0, p0, p1, g.q, dy_t);
         pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, r0, r1, g.wp, x_t);
         wgrad_unit(g, p1 - p0, dy_t, g.q, 0, x_t, r1 - r0, partial.slice(t));
-      }
-    }
-  }
+        return true;
+      });
   add_partials(partial, threads, size, dw);
 }
 
@@ -866,9 +873,9 @@ bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<
   const int64_t dy_left = dx != nullptr ? (g.s - 1) * g.dw : 0;
   const int64_t dy_cols = dx != nullptr ? g.w + g.pw + 2 * dy_left : g.q;
   const int64_t pooled = g.k * ps.p * ps.q, x_rows = g.hp, crs = g.c * g.r * g.s;
-  const int64_t blocks = ceil_div(g.n, L), threads = at::get_num_threads();
-  // Whole blocks per item (dY_t is built once per block); wgrad and bias partials per thread, added in thread
-  // order, as in conv2d_backward_weight.
+  const int64_t threads = at::get_num_threads();
+  // Whole blocks per item (dY_t is built once per block); wgrad and bias partials per share, as in
+  // conv2d_backward_weight.
   const PerThread<float> partial_w(0, threads, dw != nullptr ? g.k * crs * L : 0);
   const PerThread<float> partial_b(1, threads, db != nullptr ? g.k * L : 0);
   std::atomic<bool> placed{true};
@@ -876,39 +883,37 @@ bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<
   const PerThread<float> dy_ts(5, threads, g.k * g.p * dy_cols * L);
   const PerThread<float> x_ts(6, threads, dw != nullptr ? g.c * x_rows * g.wp * L : 0);
   const PerThread<float> dx_ts(7, threads, dx != nullptr ? g.c * g.h * g.w * L + kSlack : 0);
-#pragma omp parallel num_threads(threads)
-  {
-    float* go_t = go_ts.get();
-    float* out_t = out_ts.get();
-    float* idx_t = idx_ts.get();
-    float* dy_t = dy_ts.get();
-    float* x_t = x_ts.get();
-    float* dx_t = dx_ts.get();
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < threads; ++t) {
-      if (dw != nullptr) std::fill_n(partial_w.slice(t), g.k * crs * L, 0.0f);
-      if (db != nullptr) std::fill_n(partial_b.slice(t), g.k * L, 0.0f);
-      for (int64_t block = blocks * t / threads; block < blocks * (t + 1) / threads && placed; ++block) {
-        const int64_t n0 = block * L, nb = std::min(L, g.n - n0);
+  for_each_share(
+      threads, g.n, g.p, g.p,
+      [&](int64_t t) {
+        if (dw != nullptr) std::fill_n(partial_w.slice(t), g.k * crs * L, 0.0f);
+        if (db != nullptr) std::fill_n(partial_b.slice(t), g.k * L, 0.0f);
+      },
+      [&](int64_t t, int64_t n0, int64_t nb, int64_t, int64_t) {
+        float* go_t = go_ts.get();
+        float* out_t = out_ts.get();
+        float* idx_t = idx_ts.get();
+        float* dy_t = dy_ts.get();
         pack(go + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, go_t);
         pack(out + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, out_t);
         pack(idx + n0 * pooled, nb, pooled, g.k, ps.p, ps.q, 0, 0, 0, ps.p, ps.q, idx_t);
-        if (!unpool_relu(g, ps, prow, pcol, nb, go_t, out_t, idx_t, dy_cols, dy_left, dy_t)) {
+        if (!placed || !unpool_relu(g, ps, prow, pcol, nb, go_t, out_t, idx_t, dy_cols, dy_left, dy_t)) {
           placed = false;
-          break;
+          return false;
         }
         if (db != nullptr) bias_sums(g, dy_t, dy_cols, partial_b.slice(t));
         if (dw != nullptr) {
+          float* x_t = x_ts.get();
           pack(x + n0 * g.c * g.h * g.w, nb, g.c * g.h * g.w, g.c, g.h, g.w, g.ph, g.pw, 0, x_rows, g.wp, x_t);
           wgrad_unit(g, g.p, dy_t, dy_cols, dy_left, x_t, x_rows, partial_w.slice(t));
         }
         if (dx != nullptr) {
+          float* dx_t = dx_ts.get();
           dgrad_rows(g, dy_t, g.p, 0, dy_cols, wd.data(), 0, g.h, dx_t);
           unpack(dx_t, nb, g.c, g.h * g.w, dx + n0 * g.c * g.h * g.w, g.c * g.h * g.w, g.h * g.w);
         }
-      }
-    }
-  }
+        return true;
+      });
   if (!placed) return false;
   add_partials(partial_w, threads, g.k * crs, dw);
   add_partials(partial_b, threads, g.k, db);
