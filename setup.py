@@ -2,6 +2,8 @@
 
 Environment variables:
   CNN_EXT_CPU_ONLY=1        build the C++ kernels only, even where nvcc exists.
+  CNN_EXT_NO_EMULATOR=1     skip cnn_ext._cuda_emulator, the CUDA kernels compiled for the CPU against an emulation
+                            of CUDA's execution model (built by default: it needs only the C++ compiler).
   CUDA_HOME=/path           the CUDA toolkit to use (default: /usr/local/cuda, else the one holding nvcc).
   TORCH_CUDA_ARCH_LIST      GPU architectures to compile for. Default: the visible GPUs' architectures, or "9.0"
                             (H100/H200) when no GPU is visible, so machines without a GPU (CI) still compile and
@@ -89,7 +91,17 @@ else:
     extension = CppExtension("cnn_ext._C", sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=["-fopenmp"])
 
+extensions = [extension]
+if not _env_flag("CNN_EXT_NO_EMULATOR"):
+    # The same CUDA sources, compiled by the host compiler against csrc/emulator/cuda_emulator.h.
+    extensions.append(CppExtension(
+        "cnn_ext._cuda_emulator",
+        sorted(glob.glob("csrc/emulator/*.cpp")) + ["csrc/composite.cpp"],
+        extra_compile_args={"cxx": ["-O2", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-DCNN_EXT_CUDA_EMULATION"]},
+        extra_link_args=["-fopenmp"],
+    ))
+
 setup(
-    ext_modules=[extension],
+    ext_modules=extensions,
     cmdclass={"build_ext": BuildExtension},
 )

@@ -24,7 +24,9 @@ def _load_extension():
 _load_extension()
 
 from . import ops  # noqa: E402,F401  (autograd formulas; must follow the library load)
-from . import functional, nn  # noqa: E402
+from . import cuda_emulation, functional, nn  # noqa: E402
 from .convert import convert  # noqa: E402
 
-__all__ = ["functional", "nn", "convert", "ops"]
+cuda_emulation.enable_from_environment()
+
+__all__ = ["functional", "nn", "convert", "ops", "cuda_emulation"]

@@ -293,6 +293,17 @@ PoolShape<T> check_max_pool2d_backward(const char* op, const at::Tensor& grad_ou
   return s;
 }
 
+// The one report of a bad max-pool index, for every kernel that reads them: `position` is the (lowest) flat
+// position in `indices` whose value is neither a position of its `plane` (the pooled input plane, of `extent`
+// H*W elements) nor -1, the index of a window with no tap.
+[[noreturn]] inline void fail_bad_max_pool_index(const char* op, const PoolShape<int64_t>& s, int64_t position,
+                                                 int64_t value, const char* plane, const char* extent) {
+  const int64_t plane_out = s.p * s.q, n_c = position / plane_out, o = position % plane_out;
+  TORCH_CHECK_VALUE(false, op, ": indices[", n_c / s.c, ", ", n_c % s.c, ", ", o / s.q, ", ", o % s.q, "] = ", value,
+                    " is not a position in the ", plane, ": it must be in [0, ", extent, ") = [0, ", s.h * s.w,
+                    ") for a plane of height ", s.h, " and width ", s.w);
+}
+
 inline void check_divisor_override(const char* op, c10::optional<int64_t> divisor_override) {
   TORCH_CHECK_VALUE(!divisor_override.has_value() || *divisor_override != 0, op,
                     ": divisor_override must be non-zero");

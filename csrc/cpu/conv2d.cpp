@@ -1337,11 +1337,9 @@ at::Tensor conv2d_maxpool_relu_backward_pool_cpu(const at::Tensor& grad_output_,
   });
   for (int64_t plane = 0; plane < planes; ++plane) {
     if (first_bad[plane] < 0) continue;
-    const int64_t o = first_bad[plane];
-    TORCH_CHECK_VALUE(false, op, ": indices[", plane / ps.c, ", ", plane % ps.c, ", ", o / ps.q, ", ", o % ps.q,
-                      "] = ", indices.const_data_ptr<int64_t>()[plane * plane_out + o],
-                      " is not a position in the convolution's output plane: it must be in [0, P*Q) = [0, ",
-                      plane_in, ") for an output of height ", ps.h, " and width ", ps.w);
+    const int64_t position = plane * plane_out + first_bad[plane];
+    fail_bad_max_pool_index(op, ps, position, indices.const_data_ptr<int64_t>()[position],
+                            "convolution's output plane", "P*Q");
   }
   return grad;
 }

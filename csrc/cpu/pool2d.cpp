@@ -281,11 +281,8 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output_, const at::Ten
   });
 
   if (bad_position >= 0) {
-    const int64_t plane = bad_position / plane_out, o = bad_position % plane_out;
-    TORCH_CHECK_VALUE(false, kMaxPoolBackward, ": indices[", plane / s.c, ", ", plane % s.c, ", ", o / s.q, ", ",
-                      o % s.q, "] = ", indices.const_data_ptr<int64_t>()[bad_position],
-                      " is not a position in the input plane: it must be in [0, H*W) = [0, ", plane_in,
-                      ") for an input of height ", s.h, " and width ", s.w);
+    fail_bad_max_pool_index(kMaxPoolBackward, s, bad_position, indices.const_data_ptr<int64_t>()[bad_position],
+                            "input plane", "H*W");
   }
   return grad_input;
 }

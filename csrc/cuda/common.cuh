@@ -1,23 +1,18 @@
 // Helpers shared by the CUDA kernels: index-width selection, fast integer division, launch sizing and a
 // deterministic block reduction.
-//
-// Header note: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers, which the toolkit used to build this
-// project need not have, so only the c10/cuda headers are used.
 #pragma once
 
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
 
-#include <cuda_runtime.h>
-
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
 
 #include "../checks.h"
+#include "runtime.cuh"
 
 namespace cnn_ext::gpu {
 
@@ -65,16 +60,24 @@ __host__ __device__ __forceinline__ T maximum(T a, T b) {
   return a < b ? b : a;
 }
 
+// -inf in acc_t (float or double): where a max-pool window's maximum starts.
+template <typename acc_t>
+__host__ __device__ __forceinline__ acc_t negative_infinity() {
+  return static_cast<acc_t>(-INFINITY);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Index width. Kernels are templated on index_t; 32-bit arithmetic (and fast division) is used only when every
 // tensor and every hyper-parameter extent is below 2^29, so that sums of a few such values, tile overhang and
-// grid-stride steps cannot overflow int32.
+// grid-stride steps cannot overflow int32. force_int64_indices() (runtime.cuh) makes every launch take the 64-bit
+// path, so that tests can run it on small shapes.
 // ---------------------------------------------------------------------------------------------------------------
 
 constexpr int64_t kMaxInt32Extent = std::numeric_limits<int32_t>::max() / 4;
 
 inline bool fits_int32(std::initializer_list<int64_t> extents) {
-  return std::all_of(extents.begin(), extents.end(), [](int64_t e) { return e <= kMaxInt32Extent; });
+  return !force_int64_indices() &&
+         std::all_of(extents.begin(), extents.end(), [](int64_t e) { return e <= kMaxInt32Extent; });
 }
 
 // Calls f(int32_t{}) or f(int64_t{}); the callee recovers the type with decltype.
@@ -139,12 +142,6 @@ struct Divmod<int32_t> {
 // ---------------------------------------------------------------------------------------------------------------
 // Launch sizing.
 // ---------------------------------------------------------------------------------------------------------------
-
-inline int multiprocessor_count() {
-  int count = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  return count;
-}
 
 // Blocks for a grid-stride loop over `total` (> 0) elements.
 inline unsigned elementwise_blocks(int64_t total) {
