@@ -25,6 +25,7 @@ class Row:
     max_err: float | None  # max |ours - torch| / max |torch|
     torch_samples: list[float]  # seconds per call, one per repetition
     ours_samples: list[float] = field(default_factory=list)  # empty where ours could not run
+    kernels: dict | None = None  # GPU kernels one call launches, {"ours": n, "torch": m} (the train step on CUDA)
 
     @property
     def ours_s(self):

@@ -27,6 +27,20 @@ def _train_step(backend, state, images, labels):
     return step
 
 
+def count_kernels(fn):
+    """GPU kernels one call of fn launches (after a warm-up call), from torch.profiler's CUDA activity; memory
+    copies and fills are not kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and not e.name.startswith(("Memcpy", "Memset")))
+
+
 def run(device, time_pair, log):
     batch = cases.TRAIN_BATCH
     images = torch.randn(batch, 1, 28, 28, device=device)
@@ -39,9 +53,12 @@ def run(device, time_pair, log):
     fns = {"ours": _train_step("ext", state, images, labels)} if runnable else {}
     fns["torch"] = _train_step("torch", state, images, labels)
     samples = time_pair(fns)
+    kernels = {name: count_kernels(fn) for name, fn in fns.items()} if device == "cuda" else None
     row = Row(section="train", case="mnist.train_step", op="fwd+loss+bwd+sgd", dtype="float32", batch=batch,
               shape=f"{batch}x1x28² MNISTClassifier", work=None, unit=None, peak=None,
               target=cases.target_ratio(device, "mnist", "train"), check=check, max_err=max_err,
-              torch_samples=samples["torch"], ours_samples=samples.get("ours", []))
+              torch_samples=samples["torch"], ours_samples=samples.get("ours", []), kernels=kernels)
     log(row)
+    if kernels:
+        print(f"mnist.train_step: {kernels.get('ours', '-')} GPU kernels per step (torch: {kernels['torch']})")
     return [row]

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
+from cnn_ext import cuda_emulation
 
 
 def cuda_kernels_available():
@@ -17,12 +18,39 @@ def _cuda_skip_reason():
     return "cnn_ext was built without CUDA kernels"
 
 
-# Every device-parametrised test runs on CPU and, where a GPU and a CUDA build exist, on CUDA; otherwise the CUDA
-# cases show as skipped with the reason.
-DEVICES = [
-    "cpu",
-    pytest.param("cuda", marks=pytest.mark.skipif(not cuda_kernels_available(), reason=_cuda_skip_reason())),
-]
+class Emulated(str):
+    """The device "cpu" (tensors live there) for a test whose cnn_ext operators run the CUDA kernels on the CPU
+    emulator (cnn_ext.cuda_emulation); conftest.py switches the emulation on for tests marked `emulated`."""
+
+    def __new__(cls):
+        return super().__new__(cls, "cpu")
+
+
+def is_emulated(device):
+    return isinstance(device, Emulated)
+
+
+def cpu_kernels_serve(device):
+    """Whether cnn_ext's CPU kernels (not CUDA's, nor the emulated CUDA ones) serve tensors on `device`."""
+    return device == "cpu" and not is_emulated(device)
+
+
+# Every device-parametrised test runs on CPU, on the CUDA kernels through the CPU emulator (id "emulated") and,
+# where a GPU and a CUDA build exist, on CUDA (marked `gpu`); otherwise the CUDA cases show as skipped with the
+# reason.
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu,
+                                   pytest.mark.skipif(not cuda_kernels_available(), reason=_cuda_skip_reason())])
+EMULATED = pytest.param(Emulated(), id="emulated", marks=[
+    pytest.mark.emulated,
+    pytest.mark.skipif(not cuda_emulation.available(), reason="cnn_ext was built without the CUDA emulator")])
+DEVICES = ["cpu", CUDA, EMULATED]
+# Where cnn_ext's CUDA kernels run: on a GPU, and on the CPU through the emulator.
+CUDA_KERNEL_DEVICES = [CUDA, EMULATED]
+
+
+def needs_gpu(test):
+    """Marks a test that needs a CUDA GPU and cnn_ext's CUDA kernels `gpu`; elsewhere it is skipped, with the reason."""
+    return pytest.mark.gpu(pytest.mark.skipif(not cuda_kernels_available(), reason=_cuda_skip_reason())(test))
 
 # Tolerances for comparing with torch's built-ins. float64 is tight: only summation order differs.
 # float32 values here are O(1) sums of up to a few hundred products.
@@ -94,3 +122,34 @@ def _check_input_grad(out, ref, x, dtype, grad_generator):
     grad_out = make_tensor(ref.shape, dtype, x.device, "contiguous", grad_generator)
     (got,), (want,) = grads(out, [x], grad_out), grads(ref, [x], grad_out)
     assert_close(got, want, dtype, msg="grad input")
+
+
+# Unit roundoff (half the machine epsilon) of the formats the CUDA kernels store, and half their smallest subnormal.
+UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+HALF_SUBNORMAL = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
+
+
+def accumulation_bound(magnitude, reference, terms, dtype):
+    """The largest |result - reference| a kernel may make, per element, when it takes `dtype` (float16/bfloat16)
+    inputs, sums `terms` products of them in float32 in any order and rounds the sum once to `dtype`.
+
+    Products of two such inputs are exact in float32, so the error is the float32 summation's, at most
+    γ·Σ|a·b| with γ = n·u32/(1 - n·u32) (Higham, Accuracy and Stability of Numerical Algorithms, §4.2), plus the
+    final rounding's, u·|value| (and half the smallest subnormal). `magnitude` is Σ|a·b| and `reference` the exact
+    (float64) result. Summing in `dtype` instead errs by up to about n·u·Σ|a·b| and exceeds this bound
+    (test_low_precision.py shows it)."""
+    u32 = UNIT_ROUNDOFF[torch.float32]
+    gamma = terms * u32 / (1 - terms * u32)
+    summation = gamma * magnitude
+    return UNIT_ROUNDOFF[dtype] * (reference.abs() + summation) + summation + HALF_SUBNORMAL[dtype]
+
+
+def assert_within_bound(got, reference, bound, what):
+    """got (any dtype, any device) against a float64 reference on the CPU, element by element."""
+    error = (got.detach().double().cpu() - reference).abs()
+    excess = error - bound
+    worst = int(excess.argmax())
+    assert (excess <= 0).all(), (
+        f"{what}: {int((excess > 0).sum())} of {error.numel()} elements exceed their accumulation bound; worst "
+        f"error {error.flatten()[worst]:.3g} > bound {bound.flatten()[worst]:.3g} (reference "
+        f"{reference.flatten()[worst]:.6g})")

@@ -1,16 +1,19 @@
-"""CUDA-only checks: CPU-vs-CUDA agreement, float16/bfloat16 parity, multi-GPU device guards and streams.
-Skipped, with the reason, where no GPU (or no CUDA build) is present; the device-parametrised suites cover the rest
-of the CUDA semantics."""
+"""CUDA-only checks: CPU-vs-CUDA agreement, multi-GPU device guards, streams and CUDA graphs. Skipped, with the
+reason, where no GPU (or no CUDA build) is present; the device-parametrised suites (and test_low_precision.py) cover
+the rest of the CUDA semantics, on a GPU and on the emulator."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from _support import TOLERANCES, cuda_kernels_available, grads
+from _support import cuda_kernels_available, grads
 
-pytestmark = pytest.mark.skipif(not cuda_kernels_available(),
-                                reason="no CUDA GPU visible or cnn_ext built without CUDA kernels")
+ops = torch.ops.cnn_ext
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not cuda_kernels_available(),
+                                                  reason="no CUDA GPU visible or cnn_ext built without CUDA kernels")]
 
 CONV_CONFIGS = [
     dict(shape=(4, 8, 17, 15), weight=(12, 8, 3, 3), stride=1, padding=1, dilation=1, groups=1),
@@ -41,42 +44,6 @@ def test_conv2d_cpu_and_cuda_agree(cfg):
         torch.testing.assert_close(c.cpu(), a, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
-@pytest.mark.parametrize("cfg", CONV_CONFIGS)
-def test_conv2d_low_precision_matches_float32_reference(cfg, dtype):
-    """Low-precision inputs, float32 accumulation: compared with torch's float32 result on the same (rounded)
-    inputs, to the tolerance of one rounding of the output (plus accumulation-order noise)."""
-    g = torch.Generator().manual_seed(0)
-    x, w, b = (torch.randn(s, generator=g).to(dtype).cuda().requires_grad_()
-               for s in (cfg["shape"], cfg["weight"], (cfg["weight"][0],)))
-    ours, grad_out = _conv_all(cnn_ext.functional.conv2d, x, w, b, cfg)
-    ref32 = [t.detach().float().requires_grad_() for t in (x, w, b)]
-    with torch.backends.cudnn.flags(allow_tf32=False):
-        ref, _ = _conv_all(F.conv2d, *ref32, cfg, grad_out.float())
-    fan_in = cfg["weight"][1] * cfg["weight"][2] * cfg["weight"][3]
-    for name, got, want in zip(("out", "grad_input", "grad_weight", "grad_bias"), ours, ref):
-        assert got.dtype == dtype
-        scale = want.abs().max().item() + 1
-        torch.testing.assert_close(got.float(), want, rtol=TOLERANCES[dtype]["rtol"],
-                                   atol=TOLERANCES[dtype]["atol"] * scale, msg=f"{name} (fan-in {fan_in})")
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
-def test_pooling_low_precision_matches_torch(dtype):
-    x = torch.randn(4, 6, 15, 13, device="cuda").to(dtype).requires_grad_()
-    out, idx = cnn_ext.functional.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
-    ref, ref_idx = F.max_pool2d(x, 3, 2, 1, ceil_mode=True, return_indices=True)
-    assert torch.equal(out, ref) and torch.equal(idx, ref_idx)  # max is exact in any precision
-    grad_out = torch.randn_like(out)
-    assert torch.equal(grads(out, [x], grad_out)[0], grads(ref, [x], grad_out)[0])
-    avg = cnn_ext.functional.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
-    avg_ref = F.avg_pool2d(x, 3, 2, 1, count_include_pad=False)
-    tol = TOLERANCES[dtype]
-    torch.testing.assert_close(avg, avg_ref, **tol)
-    grad_out = torch.randn_like(avg)
-    torch.testing.assert_close(grads(avg, [x], grad_out)[0], grads(avg_ref, [x], grad_out)[0], **tol)
-
-
 def test_kernels_run_on_the_current_stream():
     x = torch.randn(8, 4, 16, 16, device="cuda")
     w = torch.randn(8, 4, 3, 3, device="cuda")
@@ -98,3 +65,76 @@ def test_tensors_on_second_gpu():
     out.sum().backward()
     ref = F.max_pool2d(F.conv2d(x.detach(), w.detach(), padding=1), 2)
     torch.testing.assert_close(out, ref)
+
+
+def _every_op(x, w, b, x_split, w_split):
+    """Every cnn_ext operator once (the conv GEMMs with and without split-K, the direct kernels), on the current
+    stream."""
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    y = ops.conv2d(x, w, b, *conv)
+    pooled, idx = ops.max_pool2d(y, *pool)
+    avg = ops.avg_pool2d(y, [3, 3], [2, 2], [1, 1], True, False, None)
+    fused, fused_idx = ops.conv2d_maxpool_relu(x, w, b, *conv, *pool)
+    y_split = ops.conv2d(x_split, w_split, None, *conv)
+    depthwise = (w[:, :1].contiguous(), [1, 1], [1, 1], [1, 1], x.shape[1])  # direct kernels
+    y_depthwise = ops.conv2d(x, depthwise[0], None, *depthwise[1:])
+    return [y, pooled, idx, avg, fused, fused_idx, y_split, y_depthwise,
+            ops.conv2d_backward_input(y_depthwise, depthwise[0], list(x.shape), *depthwise[1:]),
+            ops.conv2d_backward_weight(y_depthwise, x, list(depthwise[0].shape), *depthwise[1:]),
+            ops.conv2d_backward_input(y, w, list(x.shape), *conv),
+            ops.conv2d_backward_weight(y, x, list(w.shape), *conv),
+            ops.conv2d_backward_bias(y),
+            ops.max_pool2d_backward(pooled, idx, list(y.shape), *pool),
+            ops.avg_pool2d_backward(avg, list(y.shape), [3, 3], [2, 2], [1, 1], True, False, None),
+            *ops.conv2d_maxpool_relu_backward(fused, fused, fused_idx, x, w, *conv, *pool, [True, True, True]),
+            ops.conv2d_backward_input(y_split, w_split, list(x_split.shape), *conv),
+            ops.conv2d_backward_weight(y_split, x_split, list(w_split.shape), *conv)]
+
+
+def test_every_op_captures_into_a_cuda_graph_on_a_side_stream():
+    """torch.cuda.graph captures on a side stream: a kernel launched on another stream, or anything that waits for
+    the device (the max-pool backward's index check must not), breaks the capture. Replays then recompute every
+    result for new inputs, bit for bit as eager calls do."""
+    shapes = [(8, 3, 16, 16), (6, 3, 3, 3), (6,), (1, 32, 8, 8), (32, 32, 3, 3)]
+    static = [torch.randn(s, device="cuda") for s in shapes]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch's CUDA-graph notes advise
+        _every_op(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _every_op(*static)
+    for _ in range(2):
+        fresh = [torch.randn(s, device="cuda") for s in shapes]
+        for target, source in zip(static, fresh):
+            target.copy_(source)
+        graph.replay()
+        for got, want in zip(captured, _every_op(*fresh)):
+            assert torch.equal(got, want)
+
+
+def test_graphed_training_step_matches_eager_on_synthetic_data():
+    """The trainer's CUDA-graph step (warm-up on a side stream, capture, replays, an eager partial batch) against
+    its eager step, from the same weights on the same synthetic batches: same losses and weights (no MNIST)."""
+    pytest.importorskip("torchvision", reason="cnn_ext.train reads MNIST with torchvision's readers")
+    from cnn_ext.models import MNISTClassifier
+    from cnn_ext.train import _EagerStep, _GraphedStep
+
+    torch.manual_seed(0)
+    eager_model = MNISTClassifier().cuda()
+    graphed_model = copy.deepcopy(eager_model)
+    images = torch.randn(600, 1, 28, 28, device="cuda")
+    labels = torch.randint(0, 10, (600,), device="cuda")
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5) for m in (eager_model, graphed_model)]
+    eager = _EagerStep(eager_model, optimizers[0])
+    graphed = _GraphedStep(graphed_model, optimizers[1], 64, images, labels)
+    for start in range(0, 600, 64):  # 9 full batches (3 warm-up, a capture, replays) and a partial one of 24
+        x, y = images[start:start + 64], labels[start:start + 64]
+        (eager_loss, eager_correct), (graphed_loss, graphed_correct) = eager(x, y), graphed(x, y)
+        torch.testing.assert_close(graphed_loss, eager_loss, rtol=1e-5, atol=1e-6)
+        assert graphed_correct.item() == eager_correct.item()
+    assert graphed.graph is not None
+    for (name, a), b in zip(eager_model.named_parameters(), graphed_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)

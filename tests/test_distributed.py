@@ -5,6 +5,7 @@
   * `--cuda-graphs`: the captured training step against the eager one (only where a GPU and the CUDA kernels are,
     shown as skipped otherwise)."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -13,19 +14,21 @@ import sys
 
 import pytest
 import torch
-from _support import cuda_kernels_available
+from _support import cuda_kernels_available, needs_gpu
 
-import cnn_ext
-from cnn_ext import train
-from cnn_ext.models import build_model
+pytest.importorskip("torchvision", reason="the trainer reads MNIST with torchvision's readers")
+
+import cnn_ext  # noqa: E402
+from cnn_ext import train  # noqa: E402
+from cnn_ext.models import build_model  # noqa: E402
+
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # --plot needs it
 
 EXT_CPU = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"cnn_ext::{op}", "CPU")
               for op in ("conv2d", "max_pool2d", "avg_pool2d"))
 needs_gloo = pytest.mark.skipif(
     not EXT_CPU or not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
     reason="needs cnn_ext's CPU kernels and torch.distributed's gloo backend")
-
-needs_cuda = pytest.mark.skipif(not cuda_kernels_available(), reason="needs a CUDA GPU and cnn_ext's CUDA kernels")
 
 ROOT = os.path.dirname(os.path.dirname(cnn_ext.__file__))
 # 3000 training images per rank, batch 64 each: 47 steps per epoch on each rank. Measured: 92.2% after 2 epochs.
@@ -47,7 +50,8 @@ def torchrun(args, nproc=2, timeout=180):
 def two_epoch_run(tmp_path_factory, mnist_dir):
     out = tmp_path_factory.mktemp("ddp")
     result = torchrun(RECIPE + ["--data-dir", mnist_dir, "--epochs", "2", "--checkpoint", str(out / "full.pt"),
-                                "--log-json", str(out / "log.json"), "--plot", str(out / "curves.png")])
+                                "--log-json", str(out / "log.json")]
+                      + (["--plot", str(out / "curves.png")] if HAVE_MATPLOTLIB else []))
     return result, out
 
 
@@ -66,7 +70,7 @@ def test_ranks_end_with_identical_weights_and_learn(two_epoch_run):
     model = build_model("seed", "ext")
     model.load_state_dict(torch.load(out / "full.pt", weights_only=True)["model"])
     assert train._state_digest(model) == digests[0]
-    assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+    assert not HAVE_MATPLOTLIB or (out / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 
 @needs_gloo
@@ -106,11 +110,11 @@ def test_resume_with_another_process_count_is_refused(two_epoch_run, mnist_dir, 
     assert "the checkpoint was written by a run of 2 process(es), this one has 1" in capsys.readouterr().err
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_nccl_available()
                     or torch.cuda.device_count() < 2 or not cuda_kernels_available(),
                     reason="needs 2+ CUDA GPUs, nccl and cnn_ext's CUDA kernels")
-def test_ddp_nccl_on_cuda_gpus(request, tmp_path):
-    mnist_dir = _mnist_or_skip(request)
+def test_ddp_nccl_on_cuda_gpus(mnist_dir, tmp_path):
     log = tmp_path / "log.json"
     result = torchrun(["--device", "cuda", "--train-limit", "6000", "--test-limit", "2000", "--lr", "0.05",
                        "--batch-size", "64", "--seed", "1", "--epochs", "2", "--data-dir", mnist_dir,
@@ -125,15 +129,6 @@ def test_ddp_nccl_on_cuda_gpus(request, tmp_path):
 # CUDA graphs.
 # ---------------------------------------------------------------------------------------------------------------
 
-def _mnist_or_skip(request):
-    """The mnist_dir fixture, or a visible skip where MNIST can be neither found nor fetched (an offline GPU machine
-    without a copy: point CNN_EXT_DATA_DIR at one), so the CUDA-only selection (`-k cuda`) is not stopped by it."""
-    try:
-        return request.getfixturevalue("mnist_dir")
-    except Exception as e:  # noqa: BLE001 - whatever the fetchers raise offline
-        pytest.skip(f"MNIST is not available here ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-
-
 def test_cuda_graphs_need_cuda(capsys):
     """On the CPU (explicitly, or auto without a GPU) --cuda-graphs is a one-line usage error."""
     argvs = [["--cuda-graphs", "--device", "cpu"]] + ([] if torch.cuda.is_available() else [["--cuda-graphs"]])
@@ -145,15 +140,14 @@ def test_cuda_graphs_need_cuda(capsys):
         assert line.startswith("python -m cnn_ext.train: error: --cuda-graphs needs a CUDA device")
 
 
-@needs_cuda
+@needs_gpu
 @pytest.mark.parametrize("model, recipe", [
     # SGD with momentum, 46 full batches and one partial per epoch (run eagerly); the lr is constant.
     ("seed", ["--train-limit", "6000", "--lr", "0.05"]),
     # Adam (capturable), batch norm and dropout; the lr decays, so epoch 2 captures the step again.
     ("deep", ["--train-limit", "1500"]),
 ])
-def test_cuda_graphs_training_matches_eager(request, tmp_path, model, recipe):
-    mnist_dir = _mnist_or_skip(request)
+def test_cuda_graphs_training_matches_eager(mnist_dir, tmp_path, model, recipe):
     common = ["--device", "cuda", "--data-dir", mnist_dir, "--model", model, "--test-limit", "2000", "--epochs", "2",
               "--seed", "1", *recipe]
     eager = train.main(common + ["--log-json", str(tmp_path / "eager.json")])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cnn_ext
-from _support import DEVICES
+from _support import DEVICES, needs_gpu
 
 fn = cnn_ext.functional
 ops = torch.ops.cnn_ext
@@ -117,7 +117,7 @@ def test_cpu_rejects_half_precision_naming_the_dtype():
         fn.max_pool2d(_x(1, 1, 4, 4, dtype=torch.bfloat16), 2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
+@needs_gpu
 def test_cpu_and_cuda_tensors_mixed():
     x, w = _x(1, 2, 6, 6), _x(3, 2, 3, 3, device="cuda")
     with pytest.raises(ValueError, match="device"):

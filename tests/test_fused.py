@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from _support import DEVICES, assert_close, grads
+from _support import DEVICES, assert_close, cpu_kernels_serve, grads
 
 ops = torch.ops.cnn_ext
 
@@ -275,7 +275,7 @@ def test_fused_backward_pool_matches_its_definition(device):
         conv_shape = list(ops.conv2d(x, w, None, *conv).shape)
         want = ops.max_pool2d_backward(torch.ops.aten.threshold_backward(gy, out, 0), idx, conv_shape, *pool)
         assert torch.equal(got, want)
-    if device == "cpu":  # elsewhere the composite reports it as max_pool2d_backward
+    if cpu_kernels_serve(device):  # elsewhere the composite reports it as max_pool2d_backward
         bad = idx.clone()
         bad[1, 2, 0, 0] = 10**6
         with pytest.raises(ValueError, match=r"conv2d_maxpool_relu_backward_pool: indices\[1, 2, 0, 0\]"):

@@ -14,8 +14,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, example, given, settings
-from hypothesis import strategies as st
+
+pytest.importorskip("hypothesis", reason="property-based tests need hypothesis")
+
+from hypothesis import HealthCheck, assume, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 import cnn_ext
 import regressions

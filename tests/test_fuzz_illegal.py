@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from _support import DEVICES
+from _support import DEVICES, is_emulated
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -556,13 +556,18 @@ class Env:
 
         import cnn_ext
 
+        # "emulated": CPU tensors, served by the CUDA kernels on the CPU emulator.
+        cuda_kernels = device in ("cuda", "emulated")
+        if device == "emulated":
+            cnn_ext.cuda_emulation.enable()
+            device = "cpu"
         self.torch, self.fn, self.ops, self.device = torch, cnn_ext.functional, torch.ops.cnn_ext, device
         self.float = torch.float32
         half = [torch.float16, torch.bfloat16]
-        self.float_dtypes = [torch.float32, torch.float64] + (half if device == "cuda" else [])
+        self.float_dtypes = [torch.float32, torch.float64] + (half if cuda_kernels else [])
         self.integer_dtypes = [torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool]
         # Dtypes no kernel of this device takes: integers and complex; half precision has CUDA kernels only.
-        self.unsupported_dtypes = self.integer_dtypes + [torch.complex64] + (half if device == "cpu" else [])
+        self.unsupported_dtypes = self.integer_dtypes + [torch.complex64] + ([] if cuda_kernels else half)
         self.gen = torch.Generator().manual_seed(0)
 
     def tensor(self, shape, dtype):
@@ -576,7 +581,7 @@ def main(argv):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "emulated"])
     parser.add_argument("--cases", type=int, default=N_CASES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--regressions", action="store_true", help="then run tests/regressions.py's cases")
@@ -666,9 +671,10 @@ def child_outcomes():
     results = {}
 
     def run(device):
-        if device not in results:
-            results[device] = run_child("--device", device, "--cases", str(N_CASES), "--seed", "0", "--regressions")
-        return results[device]
+        name = "emulated" if is_emulated(device) else str(device)
+        if name not in results:
+            results[name] = run_child("--device", name, "--cases", str(N_CASES), "--seed", "0", "--regressions")
+        return results[name]
 
     return run
 

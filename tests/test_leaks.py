@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from _support import DEVICES, cuda_kernels_available
+from _support import DEVICES, needs_gpu
 
 fn = cnn_ext.functional
 ops = torch.ops.cnn_ext
@@ -107,7 +107,7 @@ def test_cpu_memory_stays_flat(op, one_thread):
     assert _live_tensors() <= tensors, "Python-visible tensors were left alive"
 
 
-@pytest.mark.skipif(not cuda_kernels_available(), reason="needs a GPU and cnn_ext's CUDA kernels")
+@needs_gpu
 @pytest.mark.parametrize("op", list(STEPS))
 def test_cuda_memory_stays_flat(op):
     step, inputs = STEPS[op], _inputs("cuda")

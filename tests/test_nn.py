@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-import torchvision
 
 import cnn_ext
 from _support import DEVICES
@@ -50,6 +49,7 @@ def test_initialisation_matches_torch():
 
 
 def test_convert_resnet18_keeps_logits():
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(2, 3, 96, 96)

@@ -2,7 +2,10 @@
 
 import pytest
 
-from cnn_ext import train, visualize
+pytest.importorskip("matplotlib", reason="the visualiser draws with matplotlib")
+pytest.importorskip("torchvision", reason="the visualiser reads MNIST with torchvision's readers")
+
+from cnn_ext import train, visualize  # noqa: E402
 
 
 @pytest.mark.parametrize("model, convs", [

@@ -3,7 +3,7 @@
 //
 // Switching on registers two libraries for the CPU dispatch key, replacing the CPU kernels until they are
 // destroyed: first the composite kernels that a CUDA build runs where it has no kernel of its own (the CPU build has
-// its own fused backward), then the CUDA sources' own registrations (CNN_EXT_CUDA_KERNELS blocks), which win where
+// its own fused backward ops), then the CUDA sources' own registrations (CNN_EXT_CUDA_KERNELS blocks), which win where
 // both exist. Switching off destroys them, and the CPU kernels serve again.
 #include <Python.h>
 
@@ -53,6 +53,7 @@ void install() {
   const c10::WarningUtils::WarningHandlerGuard guard(&handler);
   auto composites = std::make_unique<torch::Library>(torch::Library::IMPL, "cnn_ext", c10::DispatchKey::CPU,
                                                      __FILE__, __LINE__);
+  composites->impl("conv2d_maxpool_relu_backward_pool", &conv2d_maxpool_relu_backward_pool);
   composites->impl("conv2d_maxpool_relu_backward", &conv2d_maxpool_relu_backward_composite);
   auto kernels = std::make_unique<torch::Library>(torch::Library::IMPL, "cnn_ext", c10::DispatchKey::CPU, __FILE__,
                                                   __LINE__);

@@ -141,15 +141,16 @@ __global__ void misuse_kernel(int kind, int* sink) {
 }
 
 void misuse(const std::string& kind) {
-  static const char* kinds[] = {"divergent_barrier", "warp_deadlock", "mask_omits_caller", "mismatched_ops",
-                                "shuffle_from_inactive_lane"};
+  static const char* kinds[] = {"divergent_barrier",          "warp_deadlock",   "mask_omits_caller", "mismatched_ops",
+                                "shuffle_from_inactive_lane", "too_many_threads"};
   int code = -1;
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < 6; ++i) {
     if (kind == kinds[i]) code = i;
   }
   TORCH_CHECK(code >= 0, "unknown misuse ", kind);
-  at::Tensor sink = at::empty({64}, at::kInt);
-  launch<misuse_kernel>({1, 64}, code, sink.mutable_data_ptr<int>());
+  const unsigned threads = kind == "too_many_threads" ? 1025 : 64;  // a GPU's blocks hold at most 1024 threads
+  at::Tensor sink = at::empty({threads}, at::kInt);
+  launch<misuse_kernel>({1, threads}, code, sink.mutable_data_ptr<int>());
 }
 
 }  // namespace
