@@ -24,9 +24,11 @@ def _load_extension():
 _load_extension()
 
 from . import ops  # noqa: E402,F401  (autograd formulas; must follow the library load)
-from . import cuda_emulation, functional, nn  # noqa: E402
+from . import cpu_dispatch, cuda_emulation, functional, nn  # noqa: E402
 from .convert import convert  # noqa: E402
 
+cpu_capability = cpu_dispatch.capability
+cpu_dispatch.force_from_environment()
 cuda_emulation.enable_from_environment()
 
-__all__ = ["functional", "nn", "convert", "ops", "cuda_emulation"]
+__all__ = ["functional", "nn", "convert", "ops", "cpu_capability", "cpu_dispatch", "cuda_emulation"]

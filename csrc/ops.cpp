@@ -2,8 +2,6 @@
 //
 // The Meta kernels compute output shapes with the same checks as the CPU and CUDA kernels (checks.h), on
 // symbolic sizes, so FakeTensor, torch.compile and torch.export see every op without running it.
-#include <Python.h>
-
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -145,9 +143,3 @@ TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {
 
 }  // namespace cnn_ext
 
-// The extension is a Python module only so that `import cnn_ext._C` loads the library and runs the
-// registrations above; it defines no Python functions.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

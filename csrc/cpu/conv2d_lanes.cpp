@@ -34,21 +34,22 @@
 #include <utility>
 #include <vector>
 
-#if defined(__x86_64__)
+#include "isa.h"
+#include "window_axis.h"
+
+#if CNN_EXT_X86
 #include <immintrin.h>
 #endif
-
-#include "window_axis.h"
 
 namespace cnn_ext {
 namespace cpu {
 namespace lanes {
 
-#if defined(__x86_64__)
+#if CNN_EXT_X86
 
 namespace {
 
-#define CNN_EXT_LANES __attribute__((target("avx512f")))
+#define CNN_EXT_LANES CNN_EXT_TARGET_AVX512
 
 constexpr int64_t L = 16;  // images per block: the float lanes of a 512-bit vector
 // A block's transposed input or output planes hold at most this many positions × 16 lanes (1 MiB), so that one
@@ -745,28 +746,26 @@ CNN_EXT_LANES void add_partials(const PerThread<float>& partial, int64_t parts, 
   }
 }
 
-bool has_avx512() {
-  static const bool supported = __builtin_cpu_supports("avx512f");
-  return supported;
-}
-
 }  // namespace
 
-bool suits(const ConvShape<int64_t>& cs) {
-  if (!has_avx512() || cs.groups != 1 || cs.n < L) return false;
-  // Small planes and channel counts: the per-image products are tiny (where the GEMM path is weakest), one
-  // block's transposed planes fit in L2, and conv output positions (the pooling indices) fit in int32 lanes.
+bool supports(const ConvShape<int64_t>& cs) {
+  if (isa() != Isa::kAvx512 || cs.groups != 1 || cs.n < 1) return false;
+  // One block's transposed planes fit in L2 and the per-thread scratch, and conv output positions (the pooling
+  // indices) fit in int32 lanes.
   const int64_t hp = cs.h + 2 * cs.pad_h, wp = cs.w + 2 * cs.pad_w;
   return cs.c * cs.r * cs.s <= 512 && cs.k <= 64 && cs.c * hp * wp <= kMaxBlockPositions &&
          cs.k * cs.p * cs.q <= kMaxBlockPositions && cs.c * cs.h * cs.w <= kMaxBlockPositions;
 }
 
-bool suits_dgrad(const ConvShape<int64_t>& cs) {
-  // Few input channels would leave the dgrad tile mostly loads (conv2d.cpp's dcol GEMM does better there).
+bool supports_dgrad(const ConvShape<int64_t>& cs) {
   const int64_t dy_cols = cs.w + cs.pad_w + 2 * (cs.s - 1) * cs.dil_w;
-  return suits(cs) && cs.stride_h == 1 && cs.stride_w == 1 && cs.c >= 8 &&
-         cs.k * cs.p * dy_cols <= kMaxBlockPositions;
+  return supports(cs) && cs.stride_h == 1 && cs.stride_w == 1 && cs.k * cs.p * dy_cols <= kMaxBlockPositions;
 }
+
+// A batch of fewer than 16 images would leave lanes idle: the per-image GEMMs do better. Few input channels would
+// leave the dgrad tile mostly loads: the dcol GEMM does better there.
+bool suits(const ConvShape<int64_t>& cs) { return supports(cs) && cs.n >= L; }
+bool suits_dgrad(const ConvShape<int64_t>& cs) { return supports_dgrad(cs) && cs.n >= L && cs.c >= 8; }
 
 void conv2d_forward(const ConvShape<int64_t>& cs, const float* x, const float* w, const float* bias, float* y) {
   const Geo g(cs);
@@ -922,6 +921,8 @@ bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<
 
 #else  // not x86-64: the GEMM path everywhere
 
+bool supports(const ConvShape<int64_t>&) { return false; }
+bool supports_dgrad(const ConvShape<int64_t>&) { return false; }
 bool suits(const ConvShape<int64_t>&) { return false; }
 bool suits_dgrad(const ConvShape<int64_t>&) { return false; }
 void conv2d_forward(const ConvShape<int64_t>&, const float*, const float*, const float*, float*) {}

@@ -1,6 +1,6 @@
 // float32 convolution kernels with 16 images in the vector lanes, for small planes and channel counts on AVX-512
-// machines (see conv2d_lanes.cpp). conv2d.cpp asks suits() / suits_dgrad() and otherwise runs its GEMMs, which
-// are the portable path.
+// machines (see conv2d_lanes.cpp). dispatch.cpp asks supports() / suits() and otherwise runs the GEMMs of the
+// conv_*.cpp files, which are the portable path.
 #pragma once
 
 #include <cstdint>
@@ -11,9 +11,13 @@ namespace cnn_ext {
 namespace cpu {
 namespace lanes {
 
-// Whether the lanes kernels take this (float32) convolution's fprop, fused conv + max-pool + ReLU and wgrad.
+// Whether the lanes kernels can compute this float32 convolution's fprop, fused conv + max-pool + ReLU (forward and
+// backward) and wgrad on the ISA in use: one group, and each block's planes within their scratch.
+bool supports(const ConvShape<int64_t>& cs);
+// ... and its dgrad (stride 1, dY's padded rows within the scratch too).
+bool supports_dgrad(const ConvShape<int64_t>& cs);
+// Whether they are the better choice there (dispatch.cpp's rules): a full block of images, small channel counts.
 bool suits(const ConvShape<int64_t>& cs);
-// Whether they take its dgrad (also needs stride 1).
 bool suits_dgrad(const ConvShape<int64_t>& cs);
 
 // Contiguous NCHW tensors; the same contracts as conv2d.cpp's kernels.

@@ -15,16 +15,18 @@
 // update per k step: nv vector loads of B, mr broadcasts of A, mr*nv FMAs.
 //
 // Instruction-set choice: the kernels are written once with GCC vector extensions and instantiated per ISA with
-// __attribute__((target(...))): 64-byte vectors for AVX-512 (32 registers), 32-byte for AVX2+FMA and 16-byte
-// for the baseline (SSE2 on x86-64, NEON elsewhere). The ISA is picked at run time with __builtin_cpu_supports,
-// so the build needs no -m flags and the library runs on any x86-64 machine. Results are deterministic on a
-// given machine; different ISAs may differ in the last bits (FMA contraction, tiles, lane counts).
+// isa.h's target attributes: 64-byte vectors for AVX-512 (32 registers), 32-byte for AVX2+FMA and 16-byte for the
+// baseline (SSE2 on x86-64, NEON elsewhere). isa.h picks the ISA at run time, so the build needs no -m flags and
+// the library runs on any x86-64 machine. Results are deterministic for a given ISA; different ISAs may differ in
+// the last bits (FMA contraction, tiles, lane counts).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "isa.h"
 
 namespace cnn_ext {
 namespace cpu {
@@ -97,21 +99,17 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
   }
 }
 
-#if defined(__x86_64__) || defined(__i386__)
-#define CNN_EXT_X86 1
 template <typename T, int MR, int NV>
-__attribute__((target("avx512f,fma"))) void micro_kernel_avx512(int64_t kc, const T* a, const T* b,
-                                                                const int64_t* b_off, T* c, int64_t ldc,
-                                                                bool accumulate) {
+CNN_EXT_TARGET_AVX512 void micro_kernel_avx512(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c,
+                                               int64_t ldc, bool accumulate) {
   micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV>(kc, a, b, b_off, c, ldc, accumulate);
 }
 
 template <typename T, int MR, int NV>
-__attribute__((target("avx2,fma"))) void micro_kernel_avx2(int64_t kc, const T* a, const T* b, const int64_t* b_off,
-                                                           T* c, int64_t ldc, bool accumulate) {
+CNN_EXT_TARGET_AVX2 void micro_kernel_avx2(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c,
+                                           int64_t ldc, bool accumulate) {
   micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV>(kc, a, b, b_off, c, ldc, accumulate);
 }
-#endif
 
 template <typename T, int MR, int NV>
 void micro_kernel_baseline(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c, int64_t ldc,
@@ -124,22 +122,20 @@ MicroKernel<T> make(MicroKernelFn<T> fn) {
   return {MR, NV * Bytes / static_cast<int>(sizeof(T)), fn};
 }
 
-// The tile shapes available on this machine, best first. Several shapes exist so that the small channel counts
-// of convolutions (10, 20, 25, ...) waste little work on zero padding; all keep mr*nv accumulators plus nv B
-// vectors and a broadcast within the register file (32 vector registers on AVX-512, 16 otherwise).
+// The tile shapes of each ISA, best first. Several shapes exist so that the small channel counts of convolutions
+// (10, 20, 25, ...) waste little work on zero padding; all keep mr*nv accumulators plus nv B vectors and a broadcast
+// within the register file (32 vector registers on AVX-512, 16 otherwise).
 template <typename T>
-std::vector<MicroKernel<T>> detect_micro_kernels() {
-#ifdef CNN_EXT_X86
-  if (__builtin_cpu_supports("avx512f")) {
-    return {make<T, 64, 6, 4>(&micro_kernel_avx512<T, 6, 4>), make<T, 64, 8, 3>(&micro_kernel_avx512<T, 8, 3>),
-            make<T, 64, 12, 2>(&micro_kernel_avx512<T, 12, 2>), make<T, 64, 5, 4>(&micro_kernel_avx512<T, 5, 4>),
-            make<T, 64, 10, 2>(&micro_kernel_avx512<T, 10, 2>)};
-  }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {make<T, 32, 6, 2>(&micro_kernel_avx2<T, 6, 2>), make<T, 32, 4, 3>(&micro_kernel_avx2<T, 4, 3>)};
-  }
-#endif
-  return {make<T, 16, 6, 2>(&micro_kernel_baseline<T, 6, 2>), make<T, 16, 4, 3>(&micro_kernel_baseline<T, 4, 3>)};
+const std::vector<MicroKernel<T>>& micro_kernels() {
+  static const std::vector<MicroKernel<T>> avx512 = {
+      make<T, 64, 6, 4>(&micro_kernel_avx512<T, 6, 4>), make<T, 64, 8, 3>(&micro_kernel_avx512<T, 8, 3>),
+      make<T, 64, 12, 2>(&micro_kernel_avx512<T, 12, 2>), make<T, 64, 5, 4>(&micro_kernel_avx512<T, 5, 4>),
+      make<T, 64, 10, 2>(&micro_kernel_avx512<T, 10, 2>)};
+  static const std::vector<MicroKernel<T>> avx2 = {make<T, 32, 6, 2>(&micro_kernel_avx2<T, 6, 2>),
+                                                   make<T, 32, 4, 3>(&micro_kernel_avx2<T, 4, 3>)};
+  static const std::vector<MicroKernel<T>> portable = {make<T, 16, 6, 2>(&micro_kernel_baseline<T, 6, 2>),
+                                                       make<T, 16, 4, 3>(&micro_kernel_baseline<T, 4, 3>)};
+  return *by_isa(&avx512, &avx2, &portable);
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -150,7 +146,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // faster shape).
 template <typename T>
 MicroKernel<T> pick_micro_kernel(int64_t M, int64_t N) {
-  static const std::vector<MicroKernel<T>> kernels = detail::detect_micro_kernels<T>();
+  const std::vector<MicroKernel<T>>& kernels = detail::micro_kernels<T>();
   MicroKernel<T> best = kernels.front();
   int64_t best_work = -1;
   for (const auto& k : kernels) {
@@ -316,24 +312,21 @@ inline __attribute__((always_inline)) void dot_kernel_body(int64_t segments, int
   }
 }
 
-#ifdef CNN_EXT_X86
 template <typename T, int MR, int NT>
-__attribute__((target("avx512f,fma"))) void dot_kernel_avx512(int64_t segments, int64_t vecs, const T* a,
-                                                              int64_t lda, int64_t a_seg, const T* b,
-                                                              const int64_t* b_off, int64_t b_seg, int rows,
-                                                              int taps, T* out, int64_t ldo) {
+CNN_EXT_TARGET_AVX512 void dot_kernel_avx512(int64_t segments, int64_t vecs, const T* a, int64_t lda, int64_t a_seg,
+                                             const T* b, const int64_t* b_off, int64_t b_seg, int rows, int taps,
+                                             T* out, int64_t ldo) {
   dot_kernel_body<typename VecOf<T, 64>::type, T, MR, NT>(segments, vecs, a, lda, a_seg, b, b_off, b_seg, rows,
                                                           taps, out, ldo);
 }
 
 template <typename T, int MR, int NT>
-__attribute__((target("avx2,fma"))) void dot_kernel_avx2(int64_t segments, int64_t vecs, const T* a, int64_t lda,
-                                                         int64_t a_seg, const T* b, const int64_t* b_off,
-                                                         int64_t b_seg, int rows, int taps, T* out, int64_t ldo) {
+CNN_EXT_TARGET_AVX2 void dot_kernel_avx2(int64_t segments, int64_t vecs, const T* a, int64_t lda, int64_t a_seg,
+                                         const T* b, const int64_t* b_off, int64_t b_seg, int rows, int taps, T* out,
+                                         int64_t ldo) {
   dot_kernel_body<typename VecOf<T, 32>::type, T, MR, NT>(segments, vecs, a, lda, a_seg, b, b_off, b_seg, rows,
                                                           taps, out, ldo);
 }
-#endif
 
 template <typename T, int MR, int NT>
 void dot_kernel_baseline(int64_t segments, int64_t vecs, const T* a, int64_t lda, int64_t a_seg, const T* b,
@@ -342,24 +335,17 @@ void dot_kernel_baseline(int64_t segments, int64_t vecs, const T* a, int64_t lda
                                                           taps, out, ldo);
 }
 
-// mr*nt accumulators + mr A vectors + one B vector fill the register file (32 vectors on AVX-512, 16 otherwise).
-template <typename T>
-DotKernel<T> detect_dot_kernel() {
-#ifdef CNN_EXT_X86
-  if (__builtin_cpu_supports("avx512f")) return {5, 5, 64 / static_cast<int>(sizeof(T)), &dot_kernel_avx512<T, 5, 5>};
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {3, 4, 32 / static_cast<int>(sizeof(T)), &dot_kernel_avx2<T, 3, 4>};
-  }
-#endif
-  return {3, 4, 16 / static_cast<int>(sizeof(T)), &dot_kernel_baseline<T, 3, 4>};
-}
-
 }  // namespace detail
 
+// The dot kernel of the ISA in use: mr*nt accumulators + mr A vectors + one B vector fill the register file (32
+// vectors on AVX-512, 16 otherwise).
 template <typename T>
 const DotKernel<T>& dot_kernel() {
-  static const DotKernel<T> kernel = detail::detect_dot_kernel<T>();
-  return kernel;
+  static const DotKernel<T> avx512 = {5, 5, 64 / static_cast<int>(sizeof(T)), &detail::dot_kernel_avx512<T, 5, 5>};
+  static const DotKernel<T> avx2 = {3, 4, 32 / static_cast<int>(sizeof(T)), &detail::dot_kernel_avx2<T, 3, 4>};
+  static const DotKernel<T> portable = {3, 4, 16 / static_cast<int>(sizeof(T)),
+                                        &detail::dot_kernel_baseline<T, 3, 4>};
+  return *by_isa(&avx512, &avx2, &portable);
 }
 
 }  // namespace cpu

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "dispatch.h"
 #include "window_axis.h"
 
 namespace cnn_ext {
@@ -86,10 +87,11 @@ struct FixedWindow {
   static constexpr int kernel = Kernel, stride = Stride;
 };
 
+// f(FixedWindow<...>) for the window of s, or FixedWindow<0, 0> (nothing fixed) unless `fixed`.
 template <typename F>
-void dispatch_fixed_window(const PoolShape<int64_t>& s, F&& f) {
+void dispatch_fixed_window(const PoolShape<int64_t>& s, bool fixed, F&& f) {
   const bool square_undilated = s.kh == s.kw && s.dil_h == 1 && s.dil_w == 1;
-  const int64_t k = square_undilated ? s.kh : 0, sw = s.stride_w;
+  const int64_t k = square_undilated && fixed ? s.kh : 0, sw = fixed ? s.stride_w : 0;
   if (k == 2 && sw == 1) return f(FixedWindow<2, 1>());
   if (k == 2 && sw == 2) return f(FixedWindow<2, 2>());
   if (k == 3 && sw == 1) return f(FixedWindow<3, 1>());
@@ -227,11 +229,12 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input_, c10:
   auto out_sizes = s.output_sizes();
   at::Tensor output = at::empty(out_sizes, input.options());
   at::Tensor indices = at::empty(out_sizes, input.options().dtype(at::kLong));
+  const bool fixed = cpu::choose_max_pool_forward(s) == cpu::MaxPoolForward::kFixedWindow;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool2d_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
-    dispatch_fixed_window(s, [&](auto window) { max_pool_forward<scalar_t, decltype(window)>(s, in, out, idx); });
+    dispatch_fixed_window(s, fixed, [&](auto window) { max_pool_forward<scalar_t, decltype(window)>(s, in, out, idx); });
   });
   return {output, indices};
 }
@@ -345,14 +348,6 @@ void avg_pool_row(const PoolShape<int64_t>& s, const WindowAxis& rows, const Win
   for (int64_t k = 0; k < n; ++k) sum[k] /= divisors[q0 + k];
 }
 
-// Whether the windows are 2×2 with stride 2 tiling the whole input with no padding, each averaging 4 elements (the
-// MNIST model's pooling): then row pair m of the stacked planes (N*C*H rows) is output row m, and the kernels below
-// run over all of them as one flat loop, without per-row window bookkeeping.
-bool is_tiled_2x2(const PoolShape<int64_t>& s, c10::optional<int64_t> divisor_override) {
-  return s.kh == 2 && s.kw == 2 && s.stride_h == 2 && s.stride_w == 2 && s.pad_h == 0 && s.pad_w == 0 &&
-         s.h == 2 * s.p && s.w == 2 * s.q && (!divisor_override.has_value() || *divisor_override == 4);
-}
-
 // out[m][j] = (((0 + a[2j]) + a[2j + 1]) + b[2j]) + b[2j + 1]) / 4 with a, b the rows of pair m: the generic path's
 // summation order (from 0, taps in row-major order), so the same bits.
 template <typename scalar_t>
@@ -393,15 +388,16 @@ at::Tensor avg_pool2d_cpu(const at::Tensor& input_, c10::IntArrayRef kernel_size
   check_backend_dtype(kAvgPool, input_, "input", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor input = input_.contiguous();
   at::Tensor output = at::empty(s.output_sizes(), input.options());
+  const cpu::AvgPoolForward algorithm = cpu::choose_avg_pool_forward(s, divisor_override);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "avg_pool2d_cpu", [&] {
-    const auto divisors = avg_pool_divisors<scalar_t>(s, count_include_pad, divisor_override);
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    if (is_tiled_2x2(s, divisor_override)) {
+    if (algorithm == cpu::AvgPoolForward::kTiled2x2) {
       avg_pool_forward_tiled_2x2<scalar_t>(s, in, out);
       return;
     }
-    dispatch_fixed_window(s, [&](auto window) {
+    const auto divisors = avg_pool_divisors<scalar_t>(s, count_include_pad, divisor_override);
+    dispatch_fixed_window(s, algorithm == cpu::AvgPoolForward::kFixedWindow, [&](auto window) {
       avg_pool_forward<scalar_t, decltype(window)>(s, in, divisors, out);
     });
   });
@@ -472,13 +468,14 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output_, c10::IntArray
   const at::Tensor grad_output = grad_output_.contiguous();
   at::Tensor grad_input = at::empty(s.input_sizes(), grad_output.options());
   const int64_t plane_in = s.h * s.w, plane_out = s.p * s.q;
+  const cpu::AvgPoolBackward algorithm = cpu::choose_avg_pool_backward(s, divisor_override);
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "avg_pool2d_backward_cpu", [&] {
     const auto divisors = avg_pool_divisors<scalar_t>(s, count_include_pad, divisor_override);
     const CoveringOutputs rows(s.h, s.p, s.kh, s.stride_h, s.pad_h);
     const CoveringOutputs cols(s.w, s.q, s.kw, s.stride_w, s.pad_w);
     const scalar_t* go = grad_output.const_data_ptr<scalar_t>();
     scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
-    if (is_tiled_2x2(s, divisor_override)) {
+    if (algorithm == cpu::AvgPoolBackward::kTiled2x2) {
       // Each input element takes its window's share, 0 + go / 4, as the disjoint-window path below.
       const int64_t pairs = s.n * s.c * s.p, q = s.q, w = s.w;
       at::parallel_for(0, pairs, grain_for(4 * q), [&](int64_t first, int64_t last) {
@@ -494,7 +491,7 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output_, c10::IntArray
       });
       return;
     }
-    dispatch_fixed_window(s, [&](auto window) {
+    dispatch_fixed_window(s, true, [&](auto window) {
       at::parallel_for(0, s.n * s.c, grain_for(plane_in + plane_out), [&](int64_t first, int64_t last) {
         std::vector<scalar_t> share(plane_out);  // each window's share of its gradient: grad_output / divisor
         for (int64_t plane = first; plane < last; ++plane) {

@@ -1,0 +1,349 @@
+// The machinery the CPU convolution kernels share: conv_fprop.cpp, conv_dgrad.cpp, conv_wgrad.cpp and
+// conv_fused.cpp compute convolutions as GEMMs (gemm.h), parallelised with OpenMP; dispatch.cpp chooses between their
+// algorithms and the batch-in-lanes kernels of conv2d_lanes.cpp.
+//
+// Names follow checks.h (CUTLASS): input N×C×H×W, weight K×(C/G)×R×S, output N×K×P×Q, G groups; per group
+// Cg = C/G input and Kg = K/G output channels. "col" is the im2col matrix of one image and group: row (c, r, s),
+// column (p, q), value input[c][p*stride_h - pad_h + r*dil_h][q*stride_w - pad_w + s*dil_w] (0 in the padding).
+//
+//   fprop  Y_g[Kg × PQ]     = W_g[Kg × CgRS] · col[CgRS × PQ]          (+ bias)
+//   dgrad  dX_g             = the fprop of dY with the kernel flipped and transposed (stride 1), or
+//          dcol[CgRS × PQ]  = W_g^T · dY_g[Kg × PQ], then col2im scatter-adds dcol into dX (otherwise)
+//   wgrad  dW_g[Kg × CgRS] += dY_g[Kg × PQ] · col^T, summed over images
+//
+// Stride-1 convolutions (the common case) never build col ("implicit im2col"). The input planes are copied once
+// into a zero-padded window W + 2*pad_w wide; then col row (c, r, s) is simply window plane c read from offset
+// r*dil_h*width + s*dil_w, if output (p, q) is stored at column p*width + q. The GEMM reads its B rows in place
+// through that per-row offset table, computing width - Q wasted columns per output row that are dropped when
+// the result is copied out. For small images im2col costs more than the GEMM itself, and the window copy is
+// RS times smaller. dgrad is the same product on the zero-padded dY with flipped taps, so it needs no col2im
+// either (used when Cg fills the GEMM's row tiles; tiny Cg such as a 1-channel input keeps the dcol form, whose
+// GEMM has Cg*RS rows). When the implicit dgrad would waste most of its columns (valid convolutions on small
+// images: dX windows W + (S-1)*dil wide for Q-wide dY rows), dgrad is dcol = W_g^T · dY_g read in place, with
+// col2im as contiguous row adds into a padded dX plane. wgrad reduces along the output positions of both dY and
+// the shifted windows; with few output channels (or a 1×1 kernel) it uses the dot-tile kernel on the same windows,
+// with dY copied to the window layout and zeros in the wasted columns. Otherwise (strided, or many output
+// channels) the convolutions use explicit im2col, and wgrad gathers col^T rows from a channels-last copy of the
+// input, where one kernel tap's channels (and, for dilation 1, a whole kernel row's) are one contiguous run.
+//
+// The fused conv2d_maxpool_relu runs the fprop a chunk of pooled output rows at a time into item scratch and
+// pools + ReLUs from there (conv_fused.cpp), so the convolution's output is never stored.
+//
+// Parallelism and determinism: fprop and dgrad split the work into independent items (image × group × row or
+// channel chunk) that write disjoint outputs, so any schedule gives the same bits. wgrad splits its reduction
+// axis (images and output rows) into one fixed range per thread, each summed into its own partial weight
+// gradient; the partials are then added in thread order. The result therefore depends only on the thread count.
+// No atomics anywhere.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "../checks.h"
+#include "gemm.h"
+
+namespace cnn_ext::cpu {
+
+// Scratch (im2col and friends) per work item is kept to about this size so it stays in the 2 MiB L2 alongside
+// the packed weights.
+constexpr int64_t kScratchBytes = 512 * 1024;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Smallest i >= 0 with i*step + offset >= bound (step > 0): the first output index whose input index reaches
+// `bound`. Used to find the output positions whose input lies inside [0, size).
+inline int64_t first_reaching(int64_t bound, int64_t offset, int64_t step) {
+  const int64_t d = bound - offset;
+  return d <= 0 ? 0 : ceil_div(d, step);
+}
+
+// Per-group sizes and hyper-parameters of one convolution.
+struct Conv {
+  int64_t n, c, h, w, k, r, s, p, q, groups;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t cg, kg;  // channels per group
+  int64_t rs, crs, hw, pq;
+
+  explicit Conv(const ConvShape<int64_t>& x)
+      : n(x.n), c(x.c), h(x.h), w(x.w), k(x.k), r(x.r), s(x.s), p(x.p), q(x.q), groups(x.groups),
+        stride_h(x.stride_h), stride_w(x.stride_w), pad_h(x.pad_h), pad_w(x.pad_w), dil_h(x.dil_h), dil_w(x.dil_w),
+        cg(x.c / x.groups), kg(x.k / x.groups), rs(x.r * x.s), crs(cg * x.r * x.s), hw(x.h * x.w),
+        pq(x.p * x.q) {}
+
+  bool unit_stride() const { return stride_h == 1 && stride_w == 1; }
+};
+
+inline int num_threads() { return at::get_num_threads(); }
+
+// Calls fn(q_begin, q_end, row, first, last) for each output row met by the flattened output positions
+// [pq0, pq1) when sampling input rows with kernel tap (r, s): `row` is the input row (nullptr in the padding)
+// offset so that row[q*sw] is the input element of output column q, and [first, last) the columns whose input
+// lies inside the image. Shared by im2col and col2im so both walk the exact same positions.
+template <typename T, typename Fn>
+void for_each_output_row(const Conv& cv, T* plane, int64_t r, int64_t s, int64_t pq0, int64_t pq1, Fn&& fn) {
+  const int64_t w_off = s * cv.dil_w - cv.pad_w;
+  const int64_t q_first = first_reaching(0, w_off, cv.stride_w);
+  const int64_t q_last = first_reaching(cv.w, w_off, cv.stride_w);
+  int64_t out_p = pq0 / cv.q;
+  int64_t qa = pq0 - out_p * cv.q;
+  for (int64_t pos = pq0; pos < pq1; ++out_p, qa = 0) {
+    const int64_t qb = std::min(cv.q, qa + (pq1 - pos));
+    const int64_t in_h = out_p * cv.stride_h - cv.pad_h + r * cv.dil_h;
+    if (in_h < 0 || in_h >= cv.h) {
+      fn(qa, qb, static_cast<T*>(nullptr), qa, qa);
+    } else {
+      const int64_t first = std::clamp(q_first, qa, qb);
+      const int64_t last = std::clamp(q_last, first, qb);
+      fn(qa, qb, plane + in_h * cv.w + w_off, first, last);
+    }
+    pos += qb - qa;
+  }
+}
+
+// Copies n elements. Short runs (the common case: one output row, a few channels or one kernel row) are moved as
+// one 64-byte block when the source allows it; the bytes past n land on elements the caller writes later (it
+// fills its buffer strictly left to right) or in 64 bytes of slack after the buffer. A libc memmove call per
+// run would cost more than the copy. An empty run's src may point outside the source (a window wholly in the
+// padding), so it reads nothing.
+template <typename T>
+inline T* copy_run(T* dst, const T* src, int64_t n, const T* src_end) {
+  constexpr int64_t kBlock = 64 / sizeof(T);
+  if (n <= 0) return dst;
+  if (n <= kBlock && src + kBlock <= src_end) {
+    std::memcpy(dst, src, 64);
+  } else {
+    std::copy_n(src, n, dst);
+  }
+  return dst + n;
+}
+
+// col[(c*R + r)*S + s][i] for output positions pq0 + i, i < pq1 - pq0, from the Cg planes at x (ending at
+// x_end); rows ld elements apart. col needs 64 bytes of slack after its last row (see copy_run).
+template <typename T>
+void im2col(const Conv& cv, const T* x, const T* x_end, int64_t pq0, int64_t pq1, int64_t ld, T* col) {
+  for (int64_t c = 0; c < cv.cg; ++c) {
+    for (int64_t r = 0; r < cv.r; ++r) {
+      for (int64_t s = 0; s < cv.s; ++s) {
+        T* dst = col + ((c * cv.r + r) * cv.s + s) * ld;
+        for_each_output_row(cv, x + c * cv.hw, r, s, pq0, pq1,
+                            [&](int64_t qa, int64_t qb, const T* row, int64_t first, int64_t last) {
+                              T* d = dst - qa;  // d[q] is output column q of this output row
+                              dst += qb - qa;
+                              if (row == nullptr) {
+                                std::fill(d + qa, d + qb, T(0));
+                                return;
+                              }
+                              std::fill(d + qa, d + first, T(0));
+                              if (cv.stride_w == 1) {
+                                copy_run(d + first, row + first, last - first, x_end);
+                              } else {
+                                for (int64_t j = first; j < last; ++j) d[j] = row[j * cv.stride_w];
+                              }
+                              std::fill(d + last, d + qb, T(0));
+                            });
+      }
+    }
+  }
+}
+
+// The adjoint of im2col: dx[c][...] += dcol[(c*R + r)*S + s][i] over every tap, for channels [0, channels).
+template <typename T>
+void col2im(const Conv& cv, const T* dcol, int64_t channels, int64_t pq0, int64_t pq1, T* dx) {
+  const int64_t width = pq1 - pq0;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t r = 0; r < cv.r; ++r) {
+      for (int64_t s = 0; s < cv.s; ++s) {
+        const T* src = dcol + ((c * cv.r + r) * cv.s + s) * width;
+        for_each_output_row(cv, dx + c * cv.hw, r, s, pq0, pq1,
+                            [&](int64_t qa, int64_t qb, T* row, int64_t first, int64_t last) {
+                              const T* g = src - qa;
+                              src += qb - qa;
+                              if (row == nullptr) return;  // these taps fell in the padding
+                              if (cv.stride_w == 1) {
+                                for (int64_t j = first; j < last; ++j) row[j] += g[j];
+                              } else {
+                                for (int64_t j = first; j < last; ++j) row[j * cv.stride_w] += g[j];
+                              }
+                            });
+      }
+    }
+  }
+}
+
+// Copies n elements with fixed-size (hence inlined) block moves, overlapping to cover any n: the rows copied into
+// windows are short (one image row), and a libc memmove call per row would cost more than the copy itself.
+template <typename T>
+inline void copy_row(T* dst, const T* src, int64_t n) {
+  char* d = reinterpret_cast<char*>(dst);
+  const char* s = reinterpret_cast<const char*>(src);
+  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
+  if (bytes >= 64) {
+    for (int64_t i = 0; i + 64 < bytes; i += 64) std::memcpy(d + i, s + i, 64);
+    std::memcpy(d + bytes - 64, s + bytes - 64, 64);
+  } else if (bytes >= 32) {
+    std::memcpy(d, s, 32);
+    std::memcpy(d + bytes - 32, s + bytes - 32, 32);
+  } else if (bytes >= 16) {
+    std::memcpy(d, s, 16);
+    std::memcpy(d + bytes - 16, s + bytes - 16, 16);
+  } else if (bytes >= 8) {
+    std::memcpy(d, s, 8);
+    std::memcpy(d + bytes - 8, s + bytes - 8, 8);
+  } else if (bytes >= 4) {
+    std::memcpy(d, s, 4);
+  }
+}
+
+// dst[a][b] = src[a - top][b - left] for a < rows, b < cols; 0 where that falls outside the h × w plane src.
+template <typename T>
+void copy_window(const T* src, int64_t h, int64_t w, int64_t top, int64_t left, int64_t rows, int64_t cols,
+                 T* dst) {
+  const int64_t b0 = std::clamp<int64_t>(left, 0, cols), b1 = std::clamp<int64_t>(left + w, b0, cols);
+  for (int64_t a = 0; a < rows; ++a, dst += cols) {
+    const int64_t sa = a - top;
+    if (sa < 0 || sa >= h) {
+      std::fill_n(dst, cols, T(0));
+      continue;
+    }
+    for (int64_t b = 0; b < b0; ++b) dst[b] = T(0);
+    copy_row(dst + b0, src + sa * w + b0 - left, b1 - b0);
+    for (int64_t b = b1; b < cols; ++b) dst[b] = T(0);
+  }
+}
+
+// Implicit im2col of a stride-1 product (see the top of the file): an item covers output rows [y0, y1) of an
+// out_h × out_w plane and copies `channels` source planes (src_h × src_w) into windows of rows_per_item + halo
+// rows × `cols` columns, `plane` elements apart; output (y, x) is GEMM column (y - y0)*cols + x.
+struct Window {
+  int64_t channels, src_h, src_w, out_h, out_w;
+  int64_t top, left;  // window row 0 (for y0 = 0) and column 0 sit at source row -top and column -left
+  int64_t cols, halo, rows_per_item, plane;
+  std::vector<int64_t> taps;  // GEMM B row (channel, r, s) starts taps[(channel*R + r)*S + s] into the window
+
+  // fprop/wgrad (flip = false): windows of the input, padded by (pad_h, pad_w). dgrad (flip = true): windows of
+  // dY padded by (R-1)*dil - pad, with the taps mirrored: dX[h][w] sums dY[h + pad_h - r*dil_h][...].
+  Window(const Conv& cv, bool flip, int64_t rows)
+      : channels(flip ? cv.kg : cv.cg), src_h(flip ? cv.p : cv.h), src_w(flip ? cv.q : cv.w),
+        out_h(flip ? cv.h : cv.p), out_w(flip ? cv.w : cv.q),
+        top(flip ? (cv.r - 1) * cv.dil_h - cv.pad_h : cv.pad_h), left(flip ? (cv.s - 1) * cv.dil_w - cv.pad_w : cv.pad_w),
+        cols(out_w + (cv.s - 1) * cv.dil_w), halo((cv.r - 1) * cv.dil_h), rows_per_item(rows),
+        plane((rows + halo) * cols), taps(channels * cv.rs) {
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      for (int64_t r = 0; r < cv.r; ++r) {
+        for (int64_t s = 0; s < cv.s; ++s) {
+          const int64_t rr = flip ? cv.r - 1 - r : r, ss = flip ? cv.s - 1 - s : s;
+          taps[(ch * cv.r + r) * cv.s + s] = ch * plane + rr * cv.dil_h * cols + ss * cv.dil_w;
+        }
+      }
+    }
+  }
+
+  // Elements after the last window that GEMM and dot-tile reads may reach (whole micro-kernel panels / vectors
+  // past the last output column); kept zero.
+  int64_t slack() const { return cols + 64; }
+  int64_t buffer_size() const { return channels * plane + slack(); }
+  int64_t items() const { return ceil_div(out_h, rows_per_item); }
+
+  // Copies the windows of item `item` of the planes at src into dst; returns its rows [y0, y1).
+  template <typename T>
+  std::pair<int64_t, int64_t> fill(const T* src, int64_t item, T* dst) const {
+    const int64_t y0 = item * rows_per_item, y1 = std::min(out_h, y0 + rows_per_item);
+    fill_rows(src, y0, y1, dst);
+    return {y0, y1};
+  }
+
+  // The windows for output rows [y0, y1) (at most rows_per_item of them).
+  template <typename T>
+  void fill_rows(const T* src, int64_t y0, int64_t y1, T* dst) const {
+    for (int64_t ch = 0; ch < channels; ++ch) {
+      copy_window(src + ch * src_h * src_w, src_h, src_w, top - y0, left, y1 - y0 + halo, cols, dst + ch * plane);
+    }
+  }
+};
+
+// Output rows per item for `units` independent (image, group) units: split the rows into enough items to keep
+// every thread busy, and keep each item's windows within the scratch budget.
+inline int64_t rows_per_item(const Conv& cv, bool flip, int64_t units, int64_t bytes_per_row) {
+  const int64_t out_h = flip ? cv.h : cv.p;
+  const int64_t halo = (cv.r - 1) * cv.dil_h;
+  int64_t rows = ceil_div(out_h, ceil_div(2 * num_threads(), units));
+  rows = std::min(rows, std::max<int64_t>(1, kScratchBytes / std::max<int64_t>(1, bytes_per_row) - halo));
+  return std::max<int64_t>(1, rows);
+}
+
+// One fprop/dgrad item by implicit im2col: rows [y0, y1) of the M output planes at dst (out_h*out_w apart) =
+// A · windows (+ bias[i] on plane i); `product` holds M × rows_per_item*cols.
+template <typename T>
+void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, const T* a_packed, const T* src,
+                        int64_t item, T* window, T* product, T* dst, const T* bias) {
+  const auto [y0, y1] = win.fill(src, item, window);
+  const int64_t ld = win.rows_per_item * win.cols;
+  gemm(uk, m, (y1 - y0 - 1) * win.cols + win.out_w, static_cast<int64_t>(win.taps.size()), a_packed, window,
+       win.taps.data(), product, ld, false, true);
+  for (int64_t i = 0; i < m; ++i) {
+    const T b = bias != nullptr ? bias[i] : T(0);
+    for (int64_t y = y0; y < y1; ++y) {
+      const T* from = product + i * ld + (y - y0) * win.cols;
+      T* to = dst + (i * win.out_h + y) * win.out_w;
+      for (int64_t x = 0; x < win.out_w; ++x) to[x] = from[x] + b;
+    }
+  }
+}
+
+// Every implicit item of a pass, (image, group, chunk of rows), across the threads, each with its own window and
+// product buffers. Group g of image img reads src_of(img, g) and writes the m planes at dst_of(img, g), with
+// a_packed + g*a_panel as its A operand and bias + g*m (if any) added.
+template <typename T, typename SrcOf, typename DstOf>
+void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>& uk, int64_t m, const T* a_packed,
+                        int64_t a_panel, SrcOf src_of, DstOf dst_of, const T* bias) {
+  const int64_t chunks = win.items(), items = cv.n * cv.groups * chunks;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<T> window(win.buffer_size()), product(m * win.rows_per_item * win.cols);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t img = item / (cv.groups * chunks), g = item / chunks % cv.groups;
+      implicit_conv_item(win, uk, m, a_packed + g * a_panel, src_of(img, g), item % chunks, window.data(),
+                         product.data(), dst_of(img, g), bias != nullptr ? bias + g * m : nullptr);
+    }
+  }
+}
+
+// The packed weights, one panel per group: the A operand of every fprop item.
+template <typename T>
+std::vector<T> pack_weights(const Conv& cv, const T* w, int mr) {
+  const int64_t panel = packed_a_size(cv.kg, cv.crs, mr);
+  std::vector<T> packed(cv.groups * panel);
+  for (int64_t g = 0; g < cv.groups; ++g) {
+    pack_a(cv.kg, cv.crs, w + g * cv.kg * cv.crs, cv.crs, 1, mr, packed.data() + g * panel);
+  }
+  return packed;
+}
+
+// dgrad's dcol form (conv_dgrad.cpp): dX planes padded to hp × wp, input channels in channel_chunks chunks of cc.
+struct DcolPlan {
+  int64_t wp, hp, cc, channel_chunks;
+};
+
+inline DcolPlan dcol_plan(const Conv& cv) {
+  DcolPlan d{};
+  d.wp = cv.w + 2 * cv.pad_w;
+  d.hp = cv.h + 2 * cv.pad_h;
+  d.channel_chunks = std::min(cv.cg, ceil_div(2 * num_threads(), cv.n * cv.groups));
+  d.cc = ceil_div(cv.cg, d.channel_chunks);
+  return d;
+}
+
+// The windows of dgrad's implicit product: dY's planes with the taps flipped, rows per item within the scratch
+// budget.
+inline Window dgrad_window(const Conv& cv, int64_t element_bytes) {
+  const int64_t bytes_per_row = cv.kg * (cv.w + (cv.s - 1) * cv.dil_w) * element_bytes;
+  return Window(cv, true, rows_per_item(cv, true, cv.n * cv.groups, bytes_per_row));
+}
+
+}  // namespace cnn_ext::cpu

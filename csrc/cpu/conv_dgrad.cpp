@@ -1,0 +1,215 @@
+// CPU dgrad (cnn_ext.conv2d_backward_input): dcol = Wᵀ·dY with col2im as row adds, the fprop machinery on dY's
+// flipped windows (implicit), Wᵀ·dY panels with col2im (explicit), or the batch-in-lanes kernels; dispatch.cpp
+// chooses.
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "conv2d_lanes.h"
+#include "conv_common.h"
+#include "dispatch.h"
+#include "isa.h"
+
+namespace cnn_ext::cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------------
+// dgrad, stride 1 with enough channels: one item = (image, group, chunk of dX rows), an implicit-im2col product
+// A_g[Cg × KgRS] · windows of dY, where A_g[c][(k, r, s)] = W[g*Kg + k][c][r][s] and the windows' taps are
+// mirrored (Window, flip = true).
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_backward_input_implicit(const Conv& cv, const T* dy, const T* w, T* dx) {
+  const Window win = dgrad_window(cv, sizeof(T));
+  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.cg, win.rows_per_item * win.cols);
+  const int64_t a_panel = packed_a_size(cv.cg, cv.kg * cv.rs, uk.mr);
+  std::vector<T> a_packed(cv.groups * a_panel);
+  {
+    std::vector<T> wt(cv.cg * cv.kg * cv.rs);  // W_g transposed to [c][k][r][s]
+    for (int64_t g = 0; g < cv.groups; ++g) {
+      for (int64_t c = 0; c < cv.cg; ++c) {
+        for (int64_t kk = 0; kk < cv.kg; ++kk) {
+          std::copy_n(w + ((g * cv.kg + kk) * cv.cg + c) * cv.rs, cv.rs, wt.data() + (c * cv.kg + kk) * cv.rs);
+        }
+      }
+      pack_a(cv.cg, cv.kg * cv.rs, wt.data(), cv.kg * cv.rs, int64_t(1), uk.mr, a_packed.data() + g * a_panel);
+    }
+  }
+  run_implicit_items(
+      cv, win, uk, cv.cg, a_packed.data(), a_panel,
+      [&](int64_t img, int64_t g) { return dy + (img * cv.k + g * cv.kg) * cv.pq; },
+      [&](int64_t img, int64_t g) { return dx + (img * cv.c + g * cv.cg) * cv.hw; },
+      static_cast<const T*>(nullptr));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dgrad otherwise: one item = (image, group, chunk of input channels), so col2im of different items never touches
+// the same dX plane. Inside an item the output positions are walked in chunks that keep dcol within budget.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* dx) {
+  const int threads = num_threads();
+  const int64_t channel_chunks = std::min(cv.cg, ceil_div(2 * threads, cv.n * cv.groups));
+  const int64_t cc = ceil_div(cv.cg, channel_chunks);  // channels per item
+  const int64_t rows = cc * cv.rs;                      // GEMM M for a full chunk
+  int64_t width = std::max<int64_t>(64, kScratchBytes / std::max<int64_t>(1, rows * sizeof(T)));
+  const MicroKernel<T> uk = pick_micro_kernel<T>(rows, std::min(width, cv.pq));
+  width = std::min(cv.pq, ceil_div(width, uk.nr) * uk.nr);
+  const std::vector<int64_t> dy_rows = row_offsets(cv.kg, cv.pq);
+
+  // A = W_g^T restricted to the chunk's rows: element (i, k) at w[(g*Kg + k)*CgRS + c0*RS + i].
+  const int64_t a_panel = packed_a_size(rows, cv.kg, uk.mr);
+  std::vector<T> a_packed(cv.groups * channel_chunks * a_panel);
+  for (int64_t g = 0; g < cv.groups; ++g) {
+    for (int64_t ci = 0; ci < channel_chunks; ++ci) {
+      const int64_t c0 = ci * cc, c1 = std::min(cv.cg, c0 + cc);
+      if (c0 >= c1) continue;
+      pack_a((c1 - c0) * cv.rs, cv.kg, w + g * cv.kg * cv.crs + c0 * cv.rs, int64_t(1), cv.crs, uk.mr,
+             a_packed.data() + (g * channel_chunks + ci) * a_panel);
+    }
+  }
+
+  const int64_t items = cv.n * cv.groups * channel_chunks;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<T> dcol(rows * width);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t img = item / (cv.groups * channel_chunks), g = item / channel_chunks % cv.groups;
+      const int64_t ci = item % channel_chunks;
+      const int64_t c0 = ci * cc, c1 = std::min(cv.cg, c0 + cc);
+      if (c0 >= c1) continue;
+      const T* a = a_packed.data() + (g * channel_chunks + ci) * a_panel;
+      const T* dyg = dy + (img * cv.k + g * cv.kg) * cv.pq;
+      T* dxc = dx + (img * cv.c + g * cv.cg + c0) * cv.hw;
+      std::fill_n(dxc, (c1 - c0) * cv.hw, T(0));
+      for (int64_t pq0 = 0; pq0 < cv.pq; pq0 += width) {
+        const int64_t pq1 = std::min(cv.pq, pq0 + width);
+        gemm(uk, (c1 - c0) * cv.rs, pq1 - pq0, cv.kg, a, dyg + pq0, dy_rows.data(), dcol.data(), pq1 - pq0, false);
+        col2im(cv, dcol.data(), c1 - c0, pq0, pq1, dxc);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// dgrad, stride 1, when the implicit product would waste most of its columns (valid convolutions on small images:
+// its dX windows are W + (S-1)*dil wide but dY only Q): dcol = W_g^T · dY_g, a GEMM with no wasted columns that
+// reads dY in place, then col2im into a zero-padded dX plane (Hp × Wp = (H + 2*ph) × (W + 2*pw)), where every
+// (c, r, s) row of dcol adds its P rows of Q values at plane offset r*dh*Wp + s*dw: P contiguous vector adds.
+// One item = (image, group, chunk of input channels): items write disjoint dX planes, in a fixed order.
+// ---------------------------------------------------------------------------------------------------------------
+
+// dst[i*dst_stride + j] += src[i*src_stride + j] for i < rows, j < len. Compiled per ISA (PerIsa).
+template <typename T>
+inline __attribute__((always_inline)) void add_rows_body(T* __restrict dst, int64_t dst_stride,
+                                                         const T* __restrict src, int64_t src_stride, int64_t rows,
+                                                         int64_t len) {
+  for (int64_t i = 0; i < rows; ++i) {
+    T* __restrict d = dst + i * dst_stride;
+    const T* __restrict s = src + i * src_stride;
+    for (int64_t j = 0; j < len; ++j) d[j] += s[j];
+  }
+}
+
+template <typename T>
+void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) {
+  const DcolPlan d = dcol_plan(cv);
+  const int64_t rows = d.cc * cv.rs;  // GEMM M for a full chunk
+  const MicroKernel<T> uk = pick_micro_kernel<T>(rows, cv.pq);
+  const std::vector<int64_t> dy_rows = row_offsets(cv.kg, cv.pq);
+  const bool padded = cv.pad_h != 0 || cv.pad_w != 0;  // dX planes are the padded planes unless there is no padding
+  const auto add_rows = PerIsa<&add_rows_body<T>>::pick();
+
+  // A = W_g^T restricted to the chunk's rows: element (i, k) at w[(g*Kg + k)*CgRS + c0*RS + i].
+  const int64_t a_panel = packed_a_size(rows, cv.kg, uk.mr);
+  std::vector<T> a_packed(cv.groups * d.channel_chunks * a_panel);
+  for (int64_t g = 0; g < cv.groups; ++g) {
+    for (int64_t ci = 0; ci < d.channel_chunks; ++ci) {
+      const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
+      if (c0 >= c1) continue;
+      pack_a((c1 - c0) * cv.rs, cv.kg, w + g * cv.kg * cv.crs + c0 * cv.rs, int64_t(1), cv.crs, uk.mr,
+             a_packed.data() + (g * d.channel_chunks + ci) * a_panel);
+    }
+  }
+
+  const int64_t items = cv.n * cv.groups * d.channel_chunks;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<T> dcol(rows * cv.pq);
+    std::vector<T> dxp(padded ? d.hp * d.wp : 0);
+#pragma omp for schedule(dynamic)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t img = item / (cv.groups * d.channel_chunks), g = item / d.channel_chunks % cv.groups;
+      const int64_t ci = item % d.channel_chunks;
+      const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
+      if (c0 >= c1) continue;
+      gemm(uk, (c1 - c0) * cv.rs, cv.pq, cv.kg, a_packed.data() + (g * d.channel_chunks + ci) * a_panel,
+           dy + (img * cv.k + g * cv.kg) * cv.pq, dy_rows.data(), dcol.data(), cv.pq, false);
+      for (int64_t c = c0; c < c1; ++c) {
+        T* plane = dx + (img * cv.c + g * cv.cg + c) * cv.hw;
+        T* acc = padded ? dxp.data() : plane;
+        std::fill_n(acc, d.hp * d.wp, T(0));
+        for (int64_t r = 0; r < cv.r; ++r) {
+          for (int64_t s = 0; s < cv.s; ++s) {
+            add_rows(acc + r * cv.dil_h * d.wp + s * cv.dil_w, d.wp, dcol.data() + (((c - c0) * cv.r + r) * cv.s + s) * cv.pq,
+                     cv.q, cv.p, cv.q);
+          }
+        }
+        if (padded) {
+          for (int64_t y = 0; y < cv.h; ++y) std::copy_n(acc + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w, plane + y * cv.w);
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void conv2d_backward_input(const ConvShape<int64_t>& shape, Dgrad algorithm, const T* dy, const T* w, T* dx) {
+  const Conv cv(shape);
+  switch (algorithm) {
+    case Dgrad::kLanes:
+      if constexpr (std::is_same_v<T, float>) return lanes::conv2d_backward_input(shape, dy, w, dx);
+      break;
+    case Dgrad::kDcol:
+      return conv2d_backward_input_dcol(cv, dy, w, dx);
+    case Dgrad::kImplicit:
+      return conv2d_backward_input_implicit(cv, dy, w, dx);
+    case Dgrad::kExplicit:
+      return conv2d_backward_input_explicit(cv, dy, w, dx);
+  }
+  TORCH_INTERNAL_ASSERT(false, "cnn_ext.conv2d_backward_input: no CPU dgrad ", static_cast<int>(algorithm),
+                        " for this dtype");
+}
+
+at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Tensor& weight,
+                                     c10::IntArrayRef input_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                     c10::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "cnn_ext.conv2d_backward_input";
+  const auto shape = check_conv2d_backward_input<int64_t>(op, grad_output, weight, input_size, stride, padding,
+                                                          dilation, groups);
+  check_backend_dtype(op, grad_output, "grad_output", {at::kFloat, at::kDouble}, "CPU");
+  at::Tensor grad_input = at::empty(shape.input_sizes(), grad_output.options());
+  if (grad_input.numel() == 0) return grad_input;
+  if (grad_output.numel() == 0) return grad_input.zero_();  // no output channels: nothing flows back
+  const at::Tensor dy = grad_output.contiguous(), w = weight.contiguous();
+  const Dgrad algorithm = choose_dgrad(shape, grad_output.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnn_ext_conv2d_backward_input_cpu", [&] {
+    conv2d_backward_input<scalar_t>(shape, algorithm, dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                                    grad_input.mutable_data_ptr<scalar_t>());
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
+  m.impl("conv2d_backward_input", &conv2d_backward_input_cpu);
+}
+
+}  // namespace cnn_ext::cpu

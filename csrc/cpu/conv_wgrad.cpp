@@ -1,0 +1,264 @@
+// CPU wgrad (cnn_ext.conv2d_backward_weight): dot tiles of dY against the input windows (stride 1, few output
+// channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses. And the
+// bias gradient (cnn_ext.conv2d_backward_bias).
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "conv2d_lanes.h"
+#include "conv_common.h"
+#include "dispatch.h"
+#include "isa.h"
+
+namespace cnn_ext::cpu {
+namespace {
+
+// wgrad's dot tiles end with horizontal sums, so it batches more segments per tile: each batch of windows is
+// re-read once per tile of output channels, so it should still fit in L2.
+constexpr int64_t kWgradScratchBytes = 1536 * 1024;
+
+// colT[i][(r*S + s)*Cg + c] for output positions pq0 + i, from the channels-last image xn (H×W×C) and group g.
+// Rows ld elements apart; colT needs 64 bytes of slack after its last row (see copy_run).
+template <typename T>
+void gather_col_t(const Conv& cv, const T* xn, int64_t g, int64_t pq0, int64_t pq1, int64_t ld, T* col_t) {
+  const T* xn_end = xn + cv.hw * cv.c;
+  const bool rows_contiguous = cv.dil_w == 1 && cv.cg == cv.c;  // a kernel row's taps are one run of S*C values
+  int64_t out_p = pq0 / cv.q, out_q = pq0 % cv.q;
+  for (int64_t i = 0; i < pq1 - pq0; ++i) {
+    T* d = col_t + i * ld;
+    const int64_t w_off = out_q * cv.stride_w - cv.pad_w;
+    const int64_t s_first = std::min(cv.s, first_reaching(0, w_off, cv.dil_w));
+    const int64_t s_last = std::clamp(first_reaching(cv.w, w_off, cv.dil_w), s_first, cv.s);
+    for (int64_t r = 0; r < cv.r; ++r) {
+      const int64_t in_h = out_p * cv.stride_h - cv.pad_h + r * cv.dil_h;
+      if (in_h < 0 || in_h >= cv.h) {
+        d = std::fill_n(d, cv.s * cv.cg, T(0));
+        continue;
+      }
+      const T* row = xn + (in_h * cv.w + w_off) * cv.c + g * cv.cg;  // row[s*dw*C + c] is tap s, channel c
+      d = std::fill_n(d, s_first * cv.cg, T(0));
+      if (rows_contiguous) {
+        d = copy_run(d, row + s_first * cv.c, (s_last - s_first) * cv.c, xn_end);
+      } else {
+        for (int64_t s = s_first; s < s_last; ++s) d = copy_run(d, row + s * cv.dil_w * cv.c, cv.cg, xn_end);
+      }
+      d = std::fill_n(d, (cv.s - s_last) * cv.cg, T(0));
+    }
+    if (++out_q == cv.q) {
+      out_q = 0;
+      ++out_p;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// wgrad, stride 1 and few output channels: segments = (image, chunk of output rows); thread t sums a fixed
+// range of segments into partial[t] (K × CgRS, the layout of dW). Per batch of segments and group, the input
+// windows and dY (in the window layout, zero in the wasted columns) are copied to scratch, then dot tiles reduce
+// every (k, c, r, s) pair over the whole batch: dW[k][c][r][s] += sum_j dY'[k][j] * window_c[taps(c, r, s) + j].
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T* dw) {
+  const cpu::DotKernel<T>& dk = cpu::dot_kernel<T>();
+  const int64_t weight_numel = cv.k * cv.crs;
+  const int64_t cols = cv.q + (cv.s - 1) * cv.dil_w;
+  const Window win(cv, false, rows_per_item(cv, false, cv.n, (cv.cg + cv.kg) * cols * sizeof(T)));
+  const int64_t chunks = win.items(), segments = cv.n * chunks;
+  const int64_t parts = std::min<int64_t>(num_threads(), segments);
+  const int64_t seg_len = cpu::detail::round_up(win.rows_per_item * cols, dk.lanes);  // dY' columns per channel
+  const int64_t seg_x = cv.cg * win.plane, seg_dy = cv.kg * seg_len;                  // scratch per segment
+  const int64_t batch = std::clamp<int64_t>(kWgradScratchBytes / ((seg_x + seg_dy) * sizeof(T)), 1,
+                                            ceil_div(segments, parts));
+
+  std::vector<T> partial(parts * weight_numel, T(0));
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+  for (int64_t t = 0; t < parts; ++t) {
+    // Zero-initialised: the dot tiles multiply the slack (and stale windows past a short last chunk) by the zero
+    // columns of dY', so those must hold finite values.
+    std::vector<T> windows(batch * seg_x + win.slack()), dy_windows(batch * seg_dy);
+    T* acc = partial.data() + t * weight_numel;
+    const int64_t end = segments * (t + 1) / parts;
+    for (int64_t s0 = segments * t / parts; s0 < end; s0 += batch) {
+      const int64_t count = std::min(batch, end - s0);
+      for (int64_t g = 0; g < cv.groups; ++g) {
+        for (int64_t i = 0; i < count; ++i) {
+          const int64_t img = (s0 + i) / chunks;
+          const auto [y0, y1] = win.fill(x + (img * cv.c + g * cv.cg) * cv.hw, (s0 + i) % chunks,
+                                         windows.data() + i * seg_x);
+          T* d = dy_windows.data() + i * seg_dy;
+          // Only the columns past the rows copied below may hold stale values (a previous, longer chunk's rows);
+          // the wasted columns inside each row are never written, so they are still zero.
+          for (int64_t kk = 0; kk < cv.kg; ++kk) {
+            std::fill(d + kk * seg_len + (y1 - y0) * cols, d + (kk + 1) * seg_len, T(0));
+            for (int64_t y = y0; y < y1; ++y) {
+              copy_row(d + kk * seg_len + (y - y0) * cols, dy + ((img * cv.k + g * cv.kg + kk) * cv.p + y) * cv.q,
+                       cv.q);
+            }
+          }
+        }
+        for (int64_t k0 = 0; k0 < cv.kg; k0 += dk.mr) {
+          for (int64_t t0 = 0; t0 < cv.crs; t0 += dk.nt) {
+            dk.fn(count, seg_len / dk.lanes, dy_windows.data() + k0 * seg_len, seg_len, seg_dy, windows.data(),
+                  win.taps.data() + t0, seg_x, static_cast<int>(std::min<int64_t>(dk.mr, cv.kg - k0)),
+                  static_cast<int>(std::min<int64_t>(dk.nt, cv.crs - t0)), acc + (g * cv.kg + k0) * cv.crs + t0,
+                  cv.crs);
+          }
+        }
+      }
+    }
+  }
+
+  // dw = sum over t, in order, of partial[t].
+#pragma omp parallel for num_threads(num_threads())
+  for (int64_t e = 0; e < weight_numel; ++e) {
+    T sum = partial[e];
+    for (int64_t t = 1; t < parts; ++t) sum += partial[t * weight_numel + e];
+    dw[e] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// wgrad otherwise: thread range t of the flattened (image, p, q) axis accumulates into partial[t]; chunks of at most
+// `step` positions per GEMM keep colT within budget.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw) {
+  const int64_t weight_numel = cv.k * cv.crs;
+  const int64_t total = cv.n * cv.pq;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(num_threads(), total));
+  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, cv.crs);
+  const int64_t step = std::clamp<int64_t>(kScratchBytes / std::max<int64_t>(1, cv.crs * sizeof(T)), 16, 512);
+  // colT rows padded to whole micro-kernel panels so the GEMM reads them in place, plus copy_run's slack.
+  const int64_t col_ld = cpu::padded_cols(cv.crs, uk.nr);
+  const std::vector<int64_t> col_rows = row_offsets(step, col_ld);
+
+  // partial[t] is K × RSCg with columns in (r, s, c) order.
+  std::vector<T> partial(parts * weight_numel, T(0));
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+  for (int64_t t = 0; t < parts; ++t) {
+    std::vector<T> a_packed(packed_a_size(cv.kg, step, uk.mr));
+    std::vector<T> col_t(step * col_ld + 64 / sizeof(T));
+    T* acc = partial.data() + t * weight_numel;
+    const int64_t end = total * (t + 1) / parts;
+    for (int64_t pos = total * t / parts; pos < end;) {
+      const int64_t img = pos / cv.pq, pq0 = pos % cv.pq;
+      const int64_t pq1 = std::min({cv.pq, pq0 + step, pq0 + (end - pos)}), width = pq1 - pq0;
+      for (int64_t g = 0; g < cv.groups; ++g) {
+        pack_a(cv.kg, width, dy + (img * cv.k + g * cv.kg) * cv.pq + pq0, cv.pq, int64_t(1), uk.mr,
+               a_packed.data());
+        gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
+        gemm(uk, cv.kg, cv.crs, width, a_packed.data(), col_t.data(), col_rows.data(), acc + g * cv.kg * cv.crs,
+             cv.crs, true, true);
+      }
+      pos += width;
+    }
+  }
+
+  // dw[k][c][r][s] = sum over t, in order, of partial[t][k][(r*S + s)*Cg + c].
+#pragma omp parallel for num_threads(num_threads())
+  for (int64_t kk = 0; kk < cv.k; ++kk) {
+    for (int64_t c = 0; c < cv.cg; ++c) {
+      for (int64_t tap = 0; tap < cv.rs; ++tap) {
+        const int64_t src = kk * cv.crs + tap * cv.cg + c;
+        T sum = partial[src];
+        for (int64_t t = 1; t < parts; ++t) sum += partial[t * weight_numel + src];
+        dw[(kk * cv.cg + c) * cv.rs + tap] = sum;
+      }
+    }
+  }
+}
+template <typename T>
+void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, const T* dy, const T* x, T* dw) {
+  const Conv cv(shape);
+  switch (algorithm) {
+    case Wgrad::kLanes:
+      if constexpr (std::is_same_v<T, float>) return lanes::conv2d_backward_weight(shape, dy, x, dw);
+      break;
+    case Wgrad::kDotTiles:
+      return conv2d_backward_weight_dot_tiles(cv, dy, x, dw);
+    case Wgrad::kGemm:
+      return conv2d_backward_weight_gemm(cv, dy, x, dw);  // x channels-last: see gather_col_t
+  }
+  TORCH_INTERNAL_ASSERT(false, "cnn_ext.conv2d_backward_weight: no CPU wgrad ", static_cast<int>(algorithm),
+                        " for this dtype");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// bias gradient: one output channel per task, summed in a fixed order.
+// ---------------------------------------------------------------------------------------------------------------
+// Accumulate in double (exactly as many bits for float64) across kLanes independent lanes, so the inner loop
+// vectorises without reassociating anything. Compiled per ISA (PerIsa); every ISA adds in the same order, so the
+// result does not depend on it.
+template <typename T>
+inline __attribute__((always_inline)) double bias_sum_body(const T* dy, int64_t n, int64_t k, int64_t kk,
+                                                           int64_t pq) {
+  constexpr int64_t kLanes = 16;
+  double lanes[kLanes] = {};
+  for (int64_t img = 0; img < n; ++img) {
+    const T* plane = dy + (img * k + kk) * pq;
+    int64_t j = 0;
+    for (; j + kLanes <= pq; j += kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) lanes[l] += plane[j + l];
+    }
+    for (int64_t l = 0; j < pq; ++j, ++l) lanes[l] += plane[j];
+  }
+  double sum = 0;
+  for (double v : lanes) sum += v;
+  return sum;
+}
+
+template <typename T>
+void conv2d_backward_bias_impl(const T* dy, int64_t n, int64_t k, int64_t pq, T* db) {
+  const auto sum = PerIsa<&bias_sum_body<T>>::pick();
+#pragma omp parallel for num_threads(num_threads())
+  for (int64_t kk = 0; kk < k; ++kk) db[kk] = static_cast<T>(sum(dy, n, k, kk, pq));
+}
+
+at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::Tensor& input,
+                                      c10::IntArrayRef weight_size, c10::IntArrayRef stride,
+                                      c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "cnn_ext.conv2d_backward_weight";
+  const auto shape = check_conv2d_backward_weight<int64_t>(op, grad_output, input, weight_size, stride, padding,
+                                                           dilation, groups);
+  check_backend_dtype(op, input, "input", {at::kFloat, at::kDouble}, "CPU");
+  at::Tensor grad_weight = at::empty(shape.weight_sizes(), input.options());
+  if (grad_weight.numel() == 0) return grad_weight;
+  if (grad_output.numel() == 0) return grad_weight.zero_();  // empty batch: nothing to sum
+  const at::Tensor dy = grad_output.contiguous();
+  const Wgrad algorithm = choose_wgrad(shape, input.scalar_type());
+  // The GEMM gathers from a channels-last copy (see gather_col_t).
+  const at::Tensor x = algorithm == Wgrad::kGemm ? input.permute({0, 2, 3, 1}).contiguous() : input.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_backward_weight_cpu", [&] {
+    conv2d_backward_weight<scalar_t>(shape, algorithm, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                     grad_weight.mutable_data_ptr<scalar_t>());
+  });
+  return grad_weight;
+}
+
+at::Tensor conv2d_backward_bias_cpu(const at::Tensor& grad_output) {
+  constexpr const char* op = "cnn_ext.conv2d_backward_bias";
+  check_conv2d_backward_bias(op, grad_output);
+  check_backend_dtype(op, grad_output, "grad_output", {at::kFloat, at::kDouble}, "CPU");
+  const int64_t n = grad_output.size(0), k = grad_output.size(1), pq = grad_output.size(2) * grad_output.size(3);
+  at::Tensor grad_bias = at::empty({k}, grad_output.options());
+  if (k == 0) return grad_bias;
+  const at::Tensor dy = grad_output.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnn_ext_conv2d_backward_bias_cpu", [&] {
+    conv2d_backward_bias_impl<scalar_t>(dy.data_ptr<scalar_t>(), n, k, pq, grad_bias.data_ptr<scalar_t>());
+  });
+  return grad_bias;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
+  m.impl("conv2d_backward_weight", &conv2d_backward_weight_cpu);
+  m.impl("conv2d_backward_bias", &conv2d_backward_bias_cpu);
+}
+
+}  // namespace cnn_ext::cpu

@@ -1,0 +1,276 @@
+// The CPU dispatch tables: for each direction, its algorithms in order; a call takes the first one that can compute
+// it and whose rule prefers it (the last row of each table always does). A forced algorithm serves every call it
+// can compute. "lanes" needs float32 and an ISA with lanes kernels (isa.h); its rules are in conv2d_lanes.cpp.
+//
+// | direction         | algorithm    | chosen when                                        | why                              |
+// |-------------------|--------------|----------------------------------------------------|----------------------------------|
+// | fprop             | lanes        | lanes::suits: 16+ images, small planes/channels    | per-image GEMMs too small to fill tiles |
+// |                   | implicit     | stride 1                                           | no im2col: B read from padded windows |
+// |                   | explicit     | always                                             | im2col panels for strided convs   |
+// | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8     | as fprop                          |
+// |                   | dcol         | stride 1, implicit would compute > 1.5x the useful | no wasted columns: Wᵀ·dY in place, |
+// |                   |              | columns, dcol fits in 1 MiB                        | col2im as contiguous row adds     |
+// |                   | implicit     | stride 1, Cg fills at least half the row tiles     | the fprop machinery on flipped taps |
+// |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
+// | wgrad             | lanes        | lanes::suits                                       | as fprop                          |
+// |                   | dot_tiles    | stride 1, Kg <= 32 or a 1x1 kernel                 | few output channels: no transposed gather |
+// |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
+// | fused_forward     | lanes        | lanes::suits                                       | as fprop, pooled in registers     |
+// |                   | gemm_pool    | always                                             | fprop rows into scratch, pooled there |
+// | fused_backward    | lanes        | lanes::suits (and suits_dgrad for grad_input)      | unpooled dY built in the lanes layout, never stored |
+// |                   | composite    | always (and after lanes meets a foreign index)     | backward_pool, then dgrad/wgrad/bias |
+// | max_pool_forward  | fixed_window | column stride 1 or 2                               | compile-time windows vectorise    |
+// |                   | general      | always                                             | any window                        |
+// | avg_pool_forward  | tiled_2x2    | 2x2 windows tiling the input, stride 2, divisor 4  | one flat loop over row pairs      |
+// |                   | fixed_window | column stride 1 or 2                               | as max pooling                    |
+// |                   | general      | always                                             | any window                        |
+// | avg_pool_backward | tiled_2x2    | as avg_pool_forward                                | one flat loop over row pairs      |
+// |                   | general      | always                                             | gathers every covering window     |
+//
+// The thresholds were measured on the 2-core AVX-512 development machine (see each rule).
+#include "dispatch.h"
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <mutex>
+
+#include "conv2d_lanes.h"
+#include "conv_common.h"
+#include "isa.h"
+
+namespace cnn_ext::cpu {
+namespace {
+
+// Row of a table: the algorithm's name and the prose of the comment above.
+struct Entry {
+  const char* name;
+  const char* when;
+  const char* why;
+};
+
+struct Table {
+  const char* direction;
+  std::vector<Entry> rows;
+};
+
+const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
+  static const std::array<Table, static_cast<int>(Direction::kCount)> t = {{
+      {"fprop",
+       {{"lanes", "float32, 16+ images, small planes and channel counts (lanes::suits)",
+         "per-image GEMMs too small to fill register tiles; 16 images share every instruction"},
+        {"implicit", "stride 1", "no im2col: GEMM B rows read in place from zero-padded input windows"},
+        {"explicit", "always", "im2col panels, for strided convolutions"}}},
+      {"dgrad",
+       {{"lanes", "float32, as fprop's lanes, stride 1 and 8+ input channels (lanes::suits_dgrad)", "as fprop"},
+        {"dcol", "stride 1, the implicit product would compute over 1.5x the useful columns, dcol within 1 MiB",
+         "Wᵀ·dY read in place with no wasted columns; col2im as contiguous row adds into a padded plane"},
+        {"implicit", "stride 1 and the input channels fill at least half of each GEMM row tile",
+         "the fprop machinery on dY's zero-padded windows with flipped taps: no col2im"},
+        {"explicit", "always", "Wᵀ·dY panels, then col2im"}}},
+      {"wgrad",
+       {{"lanes", "float32, as fprop's lanes", "as fprop"},
+        {"dot_tiles", "stride 1 and at most 32 output channels per group, or a 1x1 kernel",
+         "few output channels: reduces dY against the input windows in place, no transposed gather"},
+        {"gemm", "always", "dY·colᵀ over a channels-last copy of the input, for many channels or strides"}}},
+      {"fused_forward",
+       {{"lanes", "float32, as fprop's lanes", "as fprop, pooled and ReLU'd straight from the registers' rows"},
+        {"gemm_pool", "always", "fprop rows into item scratch, pooled and ReLU'd there: never stored"}}},
+      {"fused_backward",
+       {{"lanes", "float32, as fprop's lanes (and dgrad's, when the input's gradient is wanted)",
+         "the convolution's output gradient built block by block in the lanes layout, never stored"},
+        {"composite", "always, and when lanes meets an index outside its window",
+         "conv2d_maxpool_relu_backward_pool, then the convolution's backward ops"}}},
+      {"max_pool_forward",
+       {{"fixed_window", "column stride 1 or 2 (2x2 and 3x3 undilated windows computed in registers)",
+         "compile-time window and stride: the row loops vectorise"},
+        {"general", "always", "any window"}}},
+      {"avg_pool_forward",
+       {{"tiled_2x2", "2x2 windows with stride 2 tiling the input, no padding, divisor 4",
+         "the row pairs of all planes are one flat loop"},
+        {"fixed_window", "column stride 1 or 2", "as max pooling"},
+        {"general", "always", "any window"}}},
+      {"avg_pool_backward",
+       {{"tiled_2x2", "as avg_pool_forward's tiled_2x2", "the row pairs of all planes are one flat loop"},
+        {"general", "always", "each input position gathers the windows covering it"}}},
+  }};
+  return t;
+}
+
+constexpr int kNotForced = -1;
+// The forced algorithm of each direction, plus one (zero-initialised: none forced).
+std::array<std::atomic<int>, static_cast<int>(Direction::kCount)> forced_plus_one{};
+
+std::atomic<bool> recording{false};
+std::mutex record_mutex;
+struct Recorded {
+  int direction, algorithm;
+  Isa isa;
+};
+std::vector<Recorded> record_list;
+
+// One row of a call's table: whether the algorithm can compute the call, and whether its rule prefers it.
+struct Option {
+  bool can, preferred;
+};
+
+// The forced algorithm if it can serve the call, else the first that can and is preferred.
+template <typename Algorithm>
+Algorithm choose(Direction direction, std::initializer_list<Option> options) {
+  const int wanted = forced_plus_one[static_cast<int>(direction)].load(std::memory_order_relaxed) - 1;
+  int chosen = -1, i = 0;
+  for (const Option& o : options) {
+    if (o.can && (i == wanted || (chosen < 0 && o.preferred && wanted == kNotForced))) chosen = i;
+    ++i;
+  }
+  if (chosen < 0) {  // the forced one cannot serve this call: the usual rule
+    i = 0;
+    for (const Option& o : options) {
+      if (chosen < 0 && o.can && o.preferred) chosen = i;
+      ++i;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(chosen >= 0, "cnn_ext: no CPU algorithm for ", tables()[static_cast<int>(direction)].direction);
+  record(direction, chosen);
+  return static_cast<Algorithm>(chosen);
+}
+
+bool float32(at::ScalarType dtype) { return dtype == at::kFloat; }
+
+// dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
+// wasted columns but a col2im, and its dcol buffer must stay within the scratch budget.
+bool dcol_preferred(const Conv& cv, at::ScalarType dtype) {
+  const DcolPlan d = dcol_plan(cv);
+  const double implicit_cols = double(cv.h) * (cv.w + (cv.s - 1) * cv.dil_w);
+  return implicit_cols > 1.5 * double(cv.pq) &&
+         d.cc * cv.rs * cv.pq * int64_t(c10::elementSize(dtype)) <= 2 * kScratchBytes;
+}
+
+// The implicit dgrad's GEMM has only Cg rows: worth it unless most of each micro-kernel row tile is padding.
+bool dgrad_implicit_preferred(const Conv& cv, at::ScalarType dtype) {
+  const Window win = dgrad_window(cv, int64_t(c10::elementSize(dtype)));
+  const int mr = dtype == at::kFloat ? pick_micro_kernel<float>(cv.cg, win.rows_per_item * win.cols).mr
+                                     : pick_micro_kernel<double>(cv.cg, win.rows_per_item * win.cols).mr;
+  return detail::round_up(cv.cg, mr) <= 2 * cv.cg;
+}
+
+// 2x2 windows with stride 2 tiling the whole input with no padding, each averaging 4 elements (the MNIST model's
+// pooling): row pair m of the stacked planes (N*C*H rows) is output row m.
+bool is_tiled_2x2(const PoolShape<int64_t>& s, c10::optional<int64_t> divisor_override) {
+  return s.kh == 2 && s.kw == 2 && s.stride_h == 2 && s.stride_w == 2 && s.pad_h == 0 && s.pad_w == 0 &&
+         s.h == 2 * s.p && s.w == 2 * s.q && (!divisor_override.has_value() || *divisor_override == 4);
+}
+
+// Windows fixed at compile time exist for column strides 1 and 2 (pool2d.cpp's dispatch_fixed_window).
+bool has_fixed_window(const PoolShape<int64_t>& s) { return s.stride_w == 1 || s.stride_w == 2; }
+
+}  // namespace
+
+Fprop choose_fprop(const ConvShape<int64_t>& s, at::ScalarType dtype) {
+  const Conv cv(s);
+  return choose<Fprop>(Direction::kFprop, {{float32(dtype) && lanes::supports(s), lanes::suits(s)},
+                                           {cv.unit_stride(), true},
+                                           {true, true}});
+}
+
+Dgrad choose_dgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
+  const Conv cv(s);
+  const bool stride1 = cv.unit_stride();
+  return choose<Dgrad>(Direction::kDgrad,
+                       {{float32(dtype) && lanes::supports_dgrad(s), lanes::suits_dgrad(s)},
+                        {stride1, stride1 && dcol_preferred(cv, dtype)},
+                        {stride1, stride1 && dgrad_implicit_preferred(cv, dtype)},
+                        {true, true}});
+}
+
+Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
+  const Conv cv(s);
+  // Dot tiles copy only the input windows but pay the wasted columns and a horizontal sum per tile and batch, which
+  // dominate for many channels on small images (measured: dot tiles 1.4x faster at Kg = 20 on 8x8 outputs, the GEMM
+  // 1.3-2x faster at Kg >= 64 on ResNet 3x3 shapes). A 1x1 kernel has no wasted columns and its GEMM would pay the
+  // channels-last copy of the whole input: dot tiles measured 2.3x faster on ResNet's 1x1 256->64 (8x256x56²).
+  return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s)},
+                                           {cv.unit_stride(), cv.kg <= 32 || cv.rs == 1},
+                                           {true, true}});
+}
+
+FusedForward choose_fused_forward(const ConvShape<int64_t>& s, at::ScalarType dtype) {
+  return choose<FusedForward>(Direction::kFusedForward,
+                              {{float32(dtype) && lanes::supports(s), lanes::suits(s)}, {true, true}});
+}
+
+FusedBackward choose_fused_backward(const ConvShape<int64_t>& s, at::ScalarType dtype, bool grad_input) {
+  const bool can = float32(dtype) && lanes::supports(s) && (!grad_input || lanes::supports_dgrad(s));
+  const bool preferred = lanes::suits(s) && (!grad_input || lanes::suits_dgrad(s));
+  return choose<FusedBackward>(Direction::kFusedBackward, {{can, preferred}, {true, true}});
+}
+
+MaxPoolForward choose_max_pool_forward(const PoolShape<int64_t>& s) {
+  return choose<MaxPoolForward>(Direction::kMaxPoolForward, {{has_fixed_window(s), true}, {true, true}});
+}
+
+AvgPoolForward choose_avg_pool_forward(const PoolShape<int64_t>& s, c10::optional<int64_t> divisor_override) {
+  return choose<AvgPoolForward>(Direction::kAvgPoolForward,
+                                {{is_tiled_2x2(s, divisor_override), true}, {has_fixed_window(s), true}, {true, true}});
+}
+
+AvgPoolBackward choose_avg_pool_backward(const PoolShape<int64_t>& s, c10::optional<int64_t> divisor_override) {
+  return choose<AvgPoolBackward>(Direction::kAvgPoolBackward, {{is_tiled_2x2(s, divisor_override), true}, {true, true}});
+}
+
+void record(Direction direction, int algorithm) {
+  if (!recording.load(std::memory_order_relaxed)) return;
+  std::lock_guard<std::mutex> lock(record_mutex);
+  record_list.push_back({static_cast<int>(direction), algorithm, isa()});
+}
+
+std::vector<std::pair<std::string, std::vector<TableRow>>> dispatch_tables() {
+  std::vector<std::pair<std::string, std::vector<TableRow>>> out;
+  for (const Table& t : tables()) {
+    std::vector<TableRow> rows;
+    for (const Entry& e : t.rows) rows.push_back({e.name, e.when, e.why});
+    out.emplace_back(t.direction, std::move(rows));
+  }
+  return out;
+}
+
+bool set_forced(const std::string& direction, const std::string& algorithm) {
+  for (size_t d = 0; d < tables().size(); ++d) {
+    if (direction != tables()[d].direction) continue;
+    if (algorithm.empty()) {
+      forced_plus_one[d] = 0;
+      return true;
+    }
+    const auto& rows = tables()[d].rows;
+    for (size_t a = 0; a < rows.size(); ++a) {
+      if (algorithm == rows[a].name) {
+        forced_plus_one[d] = static_cast<int>(a) + 1;
+        return true;
+      }
+    }
+  }
+  return false;
+}
+
+std::vector<std::pair<std::string, std::string>> forced_algorithms() {
+  std::vector<std::pair<std::string, std::string>> out;
+  for (size_t d = 0; d < tables().size(); ++d) {
+    const int a = forced_plus_one[d].load() - 1;
+    if (a != kNotForced) out.emplace_back(tables()[d].direction, tables()[d].rows[a].name);
+  }
+  return out;
+}
+
+void set_recording(bool on) { recording = on; }
+
+std::vector<RecordedCall> take_record() {
+  std::lock_guard<std::mutex> lock(record_mutex);
+  std::vector<RecordedCall> out;
+  for (const Recorded& r : record_list) {
+    out.push_back({tables()[r.direction].direction, tables()[r.direction].rows[r.algorithm].name, isa_name(r.isa)});
+  }
+  record_list.clear();
+  return out;
+}
+
+}  // namespace cnn_ext::cpu

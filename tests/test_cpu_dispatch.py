@@ -1,0 +1,202 @@
+"""Every CPU algorithm on every ISA this machine can run (cnn_ext.cpu_dispatch), against torch: forward and every
+gradient, on the same shapes, with the dispatch record proving which algorithm and ISA served each call. The
+"default" ISA is the portable code that machines without AVX2 (and non-x86 ones) get.
+
+Also: the ISA follows torch's ATEN_CPU_CAPABILITY, CNN_EXT_CPU_ALGORITHMS forces algorithms for a process, and the
+dispatch tables are complete."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnn_ext
+from _support import assert_close, grads
+from cnn_ext import cpu_dispatch
+
+ISAS = cpu_dispatch.available_isas()
+ops = torch.ops.cnn_ext
+
+# (n, c, h, w, k, kernel, stride, padding, dilation, groups)
+CONV_SHAPES = {
+    "3x3_same": (3, 5, 11, 13, 7, 3, 1, 1, 1, 1),
+    "17_images": (17, 4, 9, 9, 6, 3, 1, 1, 1, 1),  # a full block of 16 images in the lanes and a partial one
+    "valid_dilated": (2, 6, 12, 10, 8, (5, 3), 1, 0, 2, 1),
+    "one_channel": (16, 1, 14, 14, 10, 5, 1, 0, 1, 1),
+    "strided_grouped": (2, 6, 11, 11, 4, 3, 2, 1, 1, 2),
+}
+# What each algorithm needs beyond what every shape has (see csrc/cpu/dispatch.cpp).
+NEEDS = {"implicit": {"stride1"}, "dcol": {"stride1"}, "dot_tiles": {"stride1"},
+         "lanes": {"stride1_for_dgrad", "float32", "one_group", "avx512"}}
+
+
+def _serves(direction, algorithm, shape_name, dtype, isa):
+    """Whether `algorithm` can compute this call (else the forced choice falls back to the usual rule)."""
+    n, c, h, w, k, kernel, stride, padding, dilation, groups = CONV_SHAPES[shape_name]
+    needs = NEEDS.get(algorithm, set())
+    if "stride1" in needs and stride != 1:
+        return False
+    if algorithm == "lanes":
+        return (dtype == torch.float32 and groups == 1 and isa == "avx512"
+                and (stride == 1 or direction not in ("dgrad", "fused_backward")))
+    return True
+
+
+def _conv_case(shape_name, dtype, generator):
+    n, c, h, w, k, kernel, stride, padding, dilation, groups = CONV_SHAPES[shape_name]
+    kh, kw = torch.nn.modules.utils._pair(kernel)
+    t = lambda *s: torch.randn(s, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()  # noqa: E731
+    return (t(n, c, h, w), t(k, c // groups, kh, kw), t(k)), dict(stride=stride, padding=padding,
+                                                                  dilation=dilation, groups=groups)
+
+
+def _check_conv(inputs, args, dtype):
+    x, w, b = inputs
+    out = cnn_ext.functional.conv2d(x, w, b, **args)
+    ref = F.conv2d(x, w, b, **args)
+    assert_close(out, ref, dtype, msg="forward")
+    grad_out = torch.randn(ref.shape, dtype=dtype)
+    for name, got, want in zip(("input", "weight", "bias"), grads(out, [x, w, b], grad_out),
+                               grads(ref, [x, w, b], grad_out)):
+        scale = 1.0 if name == "input" else max(1.0, (ref.shape[0] * ref.shape[2] * ref.shape[3]) ** 0.5)
+        assert_close(got, want, dtype, scale=scale, msg=f"grad {name}")
+
+
+def _algorithms(direction):
+    return [row[0] for row in cpu_dispatch.tables()[direction]]
+
+
+CONV_CASES = [(isa, direction, algorithm) for isa in ISAS for direction in ("fprop", "dgrad", "wgrad")
+              for algorithm in _algorithms(direction)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa, direction, algorithm", CONV_CASES, ids=["-".join(c) for c in CONV_CASES])
+def test_conv_algorithm_on_isa(isa, direction, algorithm, dtype):
+    g = torch.Generator().manual_seed(0)
+    for shape_name in CONV_SHAPES:
+        inputs, args = _conv_case(shape_name, dtype, g)
+        with cpu_dispatch.forced(isa=isa, **{direction: algorithm}), cpu_dispatch.recording() as calls:
+            _check_conv(inputs, args, dtype)
+        served = [(a, i) for d, a, i in calls if d == direction]
+        assert served, f"{shape_name}: no {direction} call recorded"
+        assert all(i == isa for _, i in served), f"{shape_name}: ran on {served}, not {isa}"
+        if _serves(direction, algorithm, shape_name, dtype, isa):
+            assert all(a == algorithm for a, _ in served), f"{shape_name}: {served} instead of {algorithm}"
+        else:
+            assert all(a != algorithm for a, _ in served), f"{shape_name}: {algorithm} cannot serve this"
+
+
+FUSED_SHAPES = {  # conv shape name, pooling (kernel, stride, padding, ceil_mode)
+    "mnist_like": ("17_images", (2, 2, 0, False)),
+    "overlapping_ceil": ("3x3_same", (3, 2, 1, True)),
+    "valid_dilated": ("valid_dilated", (2, 2, 0, True)),
+}
+FUSED_CASES = [(isa, direction, algorithm) for isa in ISAS for direction in ("fused_forward", "fused_backward")
+               for algorithm in _algorithms(direction)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa, direction, algorithm", FUSED_CASES, ids=["-".join(c) for c in FUSED_CASES])
+def test_fused_algorithm_on_isa(isa, direction, algorithm, dtype):
+    g = torch.Generator().manual_seed(1)
+    for conv_name, (kernel, stride, padding, ceil_mode) in FUSED_SHAPES.values():
+        (x, w, b), args = _conv_case(conv_name, dtype, g)
+        pool = dict(pool_kernel_size=kernel, pool_stride=stride, pool_padding=padding, ceil_mode=ceil_mode)
+        with cpu_dispatch.forced(isa=isa, **{direction: algorithm}), cpu_dispatch.recording() as calls:
+            out = cnn_ext.functional.conv2d_maxpool_relu(x, w, b, **args, **pool)
+            grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(dtype)
+            got = grads(out, [x, w, b], grad_out)
+        ref = torch.relu(F.max_pool2d(F.conv2d(x, w, b, **args), kernel, stride, padding, ceil_mode=ceil_mode))
+        assert_close(out, ref, dtype, msg="forward")
+        scale = max(1.0, (ref.shape[0] * ref.shape[2] * ref.shape[3]) ** 0.5)
+        for name, a, e in zip(("input", "weight", "bias"), got, grads(ref, [x, w, b], grad_out)):
+            assert_close(a, e, dtype, scale=1.0 if name == "input" else scale * 4, msg=f"grad {name}")
+        served = [a for d, a, i in calls if d == direction and i == isa]
+        assert served, f"{conv_name}: no {direction} call on {isa} recorded ({calls})"
+        if algorithm != "lanes" or _serves(direction, algorithm, conv_name, dtype, isa):
+            assert served[0] == algorithm, f"{conv_name}: {served} instead of {algorithm}"
+
+
+POOL_CASES = [(isa, direction, algorithm) for isa in ISAS
+              for direction in ("max_pool_forward", "avg_pool_forward", "avg_pool_backward")
+              for algorithm in _algorithms(direction)]
+POOLINGS = [dict(kernel_size=2, stride=2, padding=0, ceil_mode=False),  # tiles the 24x24 input
+            dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
+            dict(kernel_size=(3, 2), stride=(1, 3), padding=(1, 0), ceil_mode=False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa, direction, algorithm", POOL_CASES, ids=["-".join(c) for c in POOL_CASES])
+def test_pool_algorithm_on_isa(isa, direction, algorithm, dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 4, 24, 24, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    ran = set()
+    for pool in POOLINGS:
+        with cpu_dispatch.forced(isa=isa, **{direction: algorithm}), cpu_dispatch.recording() as calls:
+            out, idx = cnn_ext.functional.max_pool2d(x, **pool, return_indices=True)
+            avg = cnn_ext.functional.avg_pool2d(x, **pool)
+            grad_out = torch.randn(avg.shape, generator=g, dtype=torch.float64).to(dtype)
+            (got_max,), (got_avg,) = grads(out, [x], grad_out), grads(avg, [x], grad_out)
+        ref, ref_idx = F.max_pool2d(x, **pool, return_indices=True)
+        ref_avg = F.avg_pool2d(x, **pool)
+        assert_close(out, ref, dtype)
+        assert_close(avg, ref_avg, dtype)
+        assert torch.equal(idx, ref_idx)
+        assert_close(got_max, grads(ref, [x], grad_out)[0], dtype)
+        assert_close(got_avg, grads(ref_avg, [x], grad_out)[0], dtype)
+        ran |= {a for d, a, i in calls if d == direction and i == isa}
+    assert algorithm in ran, f"{algorithm} never served {direction} ({ran})"
+
+
+def test_tables_are_complete():
+    """Every direction has its algorithms, each with a rule and a reason, and the last serves every call."""
+    tables = cpu_dispatch.tables()
+    assert set(tables) == {"fprop", "dgrad", "wgrad", "fused_forward", "fused_backward", "max_pool_forward",
+                           "avg_pool_forward", "avg_pool_backward"}
+    for direction, rows in tables.items():
+        assert all(name and when and why for name, when, why in rows), direction
+        assert rows[-1][1].startswith("always"), direction
+
+
+def test_forcing_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown fprop algorithm 'sideways'"):
+        with cpu_dispatch.forced(fprop="sideways"):
+            pass
+    with pytest.raises(ValueError, match="unknown direction 'upwards'"):
+        with cpu_dispatch.forced(upwards="lanes"):
+            pass
+    with pytest.raises(ValueError, match="unknown ISA 'sse9'"):
+        with cpu_dispatch.forced(isa="sse9"):
+            pass
+    assert cpu_dispatch.capability() == cpu_dispatch.machine_capability()
+
+
+def _python(code, **env):
+    result = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True,
+                            text=True, timeout=120)
+    return result.returncode, result.stdout.strip(), result.stderr
+
+
+@pytest.mark.parametrize("capability", ISAS)
+def test_isa_follows_aten_cpu_capability(capability):
+    """ATEN_CPU_CAPABILITY limits our kernels' ISA as it limits torch's."""
+    code = ("import torch, cnn_ext; from cnn_ext import cpu_dispatch as d; x = torch.randn(2, 3, 8, 8); "
+            "w = torch.randn(4, 3, 3, 3)\n"
+            "with d.recording() as calls: cnn_ext.functional.conv2d(x, w)\n"
+            "print(torch.backends.cpu.get_cpu_capability().lower(), cnn_ext.cpu_capability(), calls[0][2])")
+    code_, out, err = _python(code, ATEN_CPU_CAPABILITY=capability)
+    assert code_ == 0, err
+    assert out.split() == [capability, capability, capability]
+
+
+def test_algorithms_forced_by_environment():
+    code = ("import torch, cnn_ext; from cnn_ext import cpu_dispatch as d\n"
+            "with d.recording() as calls: cnn_ext.functional.conv2d(torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3))\n"
+            "print(calls[0][1])")
+    assert _python(code, CNN_EXT_CPU_ALGORITHMS="fprop=explicit, dgrad=dcol")[1] == "explicit"
+    code_, _, err = _python(code, CNN_EXT_CPU_ALGORITHMS="fprop=sideways")
+    assert code_ != 0 and "CNN_EXT_CPU_ALGORITHMS: unknown fprop algorithm 'sideways'" in err
