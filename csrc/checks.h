@@ -351,4 +351,24 @@ ConvPoolShape<T> check_conv2d_maxpool_relu(const char* op, const at::Tensor& inp
   return {conv, pool};
 }
 
+// The arguments of the fused op's backward ops (conv2d_maxpool_relu_backward and _backward_pool): the convolution's
+// shape, and the pooling's over the convolution output, which grad_output, output and indices must match.
+template <typename T>
+ConvPoolShape<T> check_conv2d_maxpool_relu_backward(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& indices,
+    const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, int64_t groups, c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
+    c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation, bool ceil_mode) {
+  auto shape = check_conv2d_maxpool_relu<T>(op, input, weight, c10::nullopt, stride, padding, dilation, groups,
+                                            pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode);
+  const auto conv_out = shape.conv.output_sizes();
+  shape.pool = check_max_pool2d_backward<T>(op, grad_output, indices, c10::ArrayRef<T>(conv_out), pool_kernel_size,
+                                            pool_stride, pool_padding, pool_dilation, ceil_mode);
+  check_dim(op, output, "output", 4, "(N, K, P, Q)");
+  check_same_dtype_device(op, {{&grad_output, "grad_output"}, {&output, "output"}, {&input, "input"}});
+  TORCH_CHECK_VALUE(sizes_of<T>(output) == sizes_of<T>(grad_output), op, ": output has shape ", sizes_of<T>(output),
+                    " but grad_output has shape ", sizes_of<T>(grad_output));
+  return shape;
+}
+
 }  // namespace cnn_ext

@@ -23,9 +23,10 @@ at::Tensor conv2d_maxpool_relu_backward_pool(const at::Tensor& grad_output, cons
                                              c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
                                              c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation,
                                              bool ceil_mode) {
-  auto s = check_conv2d_maxpool_relu<SymInt>("cnn_ext.conv2d_maxpool_relu_backward_pool", input, weight,
-                                             c10::nullopt, stride, padding, dilation, groups, pool_kernel_size,
-                                             pool_stride, pool_padding, pool_dilation, ceil_mode);
+  auto s = check_conv2d_maxpool_relu_backward<SymInt>("cnn_ext.conv2d_maxpool_relu_backward_pool", grad_output,
+                                                      output, indices, input, weight, stride, padding, dilation,
+                                                      groups, pool_kernel_size, pool_stride, pool_padding,
+                                                      pool_dilation, ceil_mode);
   static auto max_pool2d_backward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("cnn_ext::max_pool2d_backward", "")
@@ -56,6 +57,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_maxpool_relu_backward_comp
   static auto backward_bias =
       c10::Dispatcher::singleton().findSchemaOrThrow("cnn_ext::conv2d_backward_bias", "").typed<at::Tensor(
           const at::Tensor&)>();
+  check_conv2d_maxpool_relu_backward<SymInt>("cnn_ext.conv2d_maxpool_relu_backward", grad_output, output, indices,
+                                             input, weight, stride, padding, dilation, groups, pool_kernel_size,
+                                             pool_stride, pool_padding, pool_dilation, ceil_mode);
   const at::Tensor grad_conv =
       backward_pool.call(grad_output, output, indices, input, weight, stride, padding, dilation, groups,
                          pool_kernel_size, pool_stride, pool_padding, pool_dilation, ceil_mode);

@@ -22,7 +22,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import cnn_ext
 import regressions
-from _support import DEVICES, LAYOUTS, assert_close, check_avg_pool2d, check_max_pool2d, grads, make_tensor
+from _support import (DEVICES, LAYOUTS, assert_close, check_avg_pool2d, check_max_pool2d, grads, is_emulated,  # noqa: E402
+                      make_tensor)
 
 EXAMPLES = int(os.environ.get("CNN_EXT_FUZZ_EXAMPLES", "200"))
 
@@ -249,6 +250,75 @@ def test_avg_pool2d_fuzz(case, device):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The fused conv2d + max_pool2d + ReLU
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _conv_out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@st.composite
+def fused_cases(draw):
+    """A legal convolution (as conv_cases draws them) and a legal max pooling of its output."""
+    conv = draw(conv_cases())
+    pair = torch.nn.modules.utils._pair
+    if conv["padding"] == "same":
+        out_sizes = (conv["h"], conv["w"])
+    else:
+        pads = (0, 0) if conv["padding"] == "valid" else pair(conv["padding"])
+        out_sizes = tuple(_conv_out_size(size, k, s, p, d) for size, k, s, p, d in zip(
+            (conv["h"], conv["w"]), conv["kernel"], pair(conv["stride"]), pads, pair(conv["dilation"])))
+    kernel = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pads = tuple(draw(st.integers(0, k // 2)) for k in kernel)
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    ceil_mode = draw(st.booleans())
+    for size, k, s, p, d in zip(out_sizes, kernel, stride, pads, dilation):
+        out = _pool_out_size(size, k, s, p, d, ceil_mode)
+        assume(out >= 1 and not _some_window_in_padding(size, out, k, s, p, d))
+    return dict(conv, pool=dict(pool_kernel_size=_as_arg(draw, kernel), pool_stride=_as_arg(draw, stride),
+                                pool_padding=_as_arg(draw, pads), pool_dilation=_as_arg(draw, dilation),
+                                ceil_mode=ceil_mode))
+
+
+def check_fused(case, device):
+    """Inputs on a coarse grid (multiples of 1/4 and 1/8), so every convolution value is exact in both dtypes and
+    pooling ties are real: the maxima, hence the gradients' destinations, must be torch's exactly."""
+    dtype, g = case["dtype"], torch.Generator().manual_seed(case["seed"])
+
+    def grid(shape, scale, layout, requires_grad):
+        t = make_tensor(shape, torch.float64, "cpu", layout, g).mul(4).round().clamp(-4, 4).mul(scale)
+        return t.to(dtype=dtype, device=device).requires_grad_(requires_grad)
+
+    wants = case["requires_grad"]
+    x = grid(_shape(case["n"], case["c"], case["h"], case["w"]), 0.25, case["input_layout"], wants in ("all", "input"))
+    w = grid((case["k"], case["c"] // case["groups"], *case["kernel"]), 0.125, case["weight_layout"],
+             wants in ("all", "weight"))
+    b = grid((case["k"],), 0.125, "contiguous", wants == "all") if case["bias"] else None
+    conv = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
+    pool = case["pool"]
+    ours = cnn_ext.functional.conv2d_maxpool_relu(x, w, b, **conv, **pool)
+    ref = torch.relu(F.max_pool2d(F.conv2d(x, w, b, **conv), pool["pool_kernel_size"], pool["pool_stride"],
+                                  pool["pool_padding"], pool["pool_dilation"], pool["ceil_mode"]))
+    assert ours.shape == ref.shape
+    assert_close(ours, ref, dtype, msg="forward")
+    grad_out = grid(ref.shape, 0.25, "contiguous", False)
+    for name, got, want in zip(("input", "weight", "bias"), grads(ours, [x, w, b], grad_out),
+                               grads(ref, [x, w, b], grad_out)):
+        if want is not None:
+            assert_close(got, want, dtype, msg=f"grad {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@FUZZ
+@given(case=fused_cases())
+def test_conv2d_maxpool_relu_fuzz(case, device):
+    check_fused(case, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Legal but extreme hyper-parameters, beyond what torch computes (it converts them to 32-bit int and refuses): the
 # expected results are written out by hand. Offsets like o*stride - padding must be computed in 64 bits.
 # ---------------------------------------------------------------------------------------------------------------------
@@ -311,6 +381,8 @@ def test_crash_regressions(case, device):
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(tests_dir), tests_dir,
                                                        os.environ.get("PYTHONPATH", "")]))
+    if is_emulated(device):
+        env["CNN_EXT_CUDA_EMULATION"] = "1"
     proc = subprocess.run([sys.executable, "-c", case["code"], device], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, (f"{case['id']}: return code {proc.returncode} (negative: killed by that signal)\n"

@@ -520,6 +520,83 @@ def avg_pool_backward_bad(rng, env):
         lambda: env.ops.avg_pool2d_backward(go, size, *args)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The fused conv2d + max_pool2d + ReLU.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fused_base(rng):
+    """A legal fused configuration: a legal convolution whose output a 1x1 or 2x2 pooling window fits."""
+    b = _conv_base(rng)
+    b.update(padding=[max(p, 1) for p in b["padding"]], stride=[1, 1])  # a conv output of at least 2 x 2
+    b["pool"] = dict(kernel=[rng.randint(1, 2), rng.randint(1, 2)], stride=[rng.randint(1, 2), rng.randint(1, 2)],
+                     padding=[0, 0], dilation=[1, 1], ceil_mode=rng.random() < 0.5)
+    return b
+
+
+def _call_fused(env, api, x, w, bias, b):
+    p = b["pool"]
+    if api == "fn":
+        return lambda: env.fn.conv2d_maxpool_relu(x, w, bias, b["stride"], b["padding"], b["dilation"], b["groups"],
+                                                  p["kernel"], p["stride"], p["padding"], p["dilation"],
+                                                  p["ceil_mode"])
+    return lambda: env.ops.conv2d_maxpool_relu(x, w, bias, b["stride"], b["padding"], b["dilation"], b["groups"],
+                                               p["kernel"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"])
+
+
+@kind
+def fused_bad_arguments(rng, env):
+    """The fused op with a bad convolution (channels, groups, dtype) or a bad pooling (kernel, stride or dilation
+    <= 0, padding over half the window, a window larger than the padded convolution output)."""
+    b, api = _fused_base(rng), rng.choice(["fn", "ops"])
+    x, w, bias = _conv_tensors(env, b)
+    how = rng.choice(["channels", "groups", "dtype", "pool kernel", "pool stride", "pool dilation",
+                      "pool padding", "pool window too big"])
+    p = b["pool"]
+    if how == "channels":
+        w = env.tensor((b["k"], b["c"] // b["groups"] + 1, b["kh"], b["kw"]), env.float)
+    elif how == "groups":
+        b["groups"] = rng.choice([0, -1, b["c"] + 1])
+    elif how == "dtype":
+        dtype = rng.choice(env.unsupported_dtypes)
+        x, w, bias = _conv_tensors(env, b, dtype)
+    elif how in ("pool kernel", "pool stride", "pool dilation"):
+        p[how.split()[1]][rng.randint(0, 1)] = rng.choice([0, -1])
+    elif how == "pool padding":
+        p["padding"] = [p["kernel"][0] // 2 + 1, 0]
+    else:
+        p["kernel"] = [b["h"] + 2 * b["padding"][0] + rng.randint(1, 5), 1]
+    return _desc("conv2d_maxpool_relu", api, b, how=how), _call_fused(env, api, x, w, bias, b)
+
+
+@kind
+def fused_backward_bad(rng, env):
+    """conv2d_maxpool_relu_backward(_pool) with indices, output or grad_output its forward could not have made."""
+    b = _fused_base(rng)
+    x, w, bias = _conv_tensors(env, b)
+    p = b["pool"]
+    conv = (b["stride"], b["padding"], b["dilation"], b["groups"])
+    pool = (p["kernel"], p["stride"], p["padding"], p["dilation"], p["ceil_mode"])
+    out, idx = env.ops.conv2d_maxpool_relu(x, w, bias, *conv, *pool)
+    go = env.tensor(tuple(out.shape), env.float)
+    how = rng.choice(["index out of range", "index dtype", "output shape", "grad_output dtype", "pool stride 0"])
+    if how == "index out of range":
+        idx = idx.clone()
+        idx.view(-1)[rng.randrange(idx.numel())] = rng.choice([-2, 2**40, -(2**63)])
+    elif how == "index dtype":
+        idx = idx.to(env.torch.int32)
+    elif how == "output shape":
+        out = out[..., :-1] if out.shape[-1] > 1 else env.torch.cat([out, out], dim=-1)
+    elif how == "grad_output dtype":
+        go = go.to(rng.choice(env.unsupported_dtypes))
+    else:
+        pool = (p["kernel"], [0, 1], *pool[2:])
+    op = rng.choice(["conv2d_maxpool_relu_backward", "conv2d_maxpool_relu_backward_pool"])
+    mask = ([True, True, True],) if op == "conv2d_maxpool_relu_backward" else ()
+    return _desc(op, "ops", b, how=how), \
+        lambda: getattr(env.ops, op)(go, out, idx, x, w, *conv, *pool, *mask)
+
+
 def generate(seed, count, env):
     """`count` cases, the kinds taking turns (so every kind gets its share), parameters from Random(seed)."""
     rng = random.Random(seed)

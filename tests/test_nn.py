@@ -71,11 +71,13 @@ def test_convert_leaves_what_it_cannot_run_and_says_so():
         pass
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), MyConv(2, 2, 3), torch.nn.LazyConv2d(2, 3),
-                                torch.nn.AvgPool2d(2), cnn_ext.nn.MaxPool2d(2))
-    with pytest.warns(UserWarning, match=r"1 \(MyConv\).*\n.*2 \(LazyConv2d\)"):
+                                torch.nn.AvgPool2d(2), cnn_ext.nn.MaxPool2d(2),
+                                torch.nn.Conv2d(2, 2, 3, dtype=torch.complex64))
+    with pytest.warns(UserWarning, match=r"1 \(MyConv\).*\n.*2 \(LazyConv2d\).*\n.*5 \(Conv2d\): its dtype "
+                                         r"torch.complex64 is not supported"):
         cnn_ext.convert(model)
     assert [type(m) for m in model] == [cnn_ext.nn.Conv2d, MyConv, torch.nn.LazyConv2d, cnn_ext.nn.AvgPool2d,
-                                         cnn_ext.nn.MaxPool2d]
+                                         cnn_ext.nn.MaxPool2d, torch.nn.Conv2d]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cnn_ext.convert(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))  # nothing left over: no warning

@@ -91,18 +91,31 @@ _EAGER_CASES = {
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(_EAGER_CASES))
-def test_eager_autograd_equals_registered_autograd(name, device):
-    """cnn_ext.functional records our ops through autograd.Functions in eager mode (the registered formulas cost a
-    per-call argument pass); both give the same bits, forward and backward, including the batch-in-lanes sizes."""
+def test_functional_equals_direct_op_calls(name, device):
+    """cnn_ext.functional and a direct torch.ops.cnn_ext call take the same C++ autograd (csrc/autograd.cpp): the
+    same bits, forward and backward, including the batch-in-lanes sizes."""
     eager_fn, registered_fn = _EAGER_CASES[name]
     g = torch.Generator().manual_seed(11)
     x = torch.randn(20, 3, 14, 14, generator=g).to(device).requires_grad_(True)
     w = torch.randn(8, 3, 3, 3, generator=g).to(device).requires_grad_(True)
     b = torch.randn(8, generator=g).to(device).requires_grad_(True)
     eager, registered = eager_fn(x, w, b), registered_fn(x, w, b)
-    assert eager.grad_fn is not None and torch.equal(eager, registered)
+    assert type(eager.grad_fn).__name__ == "CppFunction" and torch.equal(eager, registered)
     inputs = (x, w, b) if name.startswith("conv") else (x,)
     grad_output = torch.randn(eager.shape, generator=g).to(device)
     for a, b_ in zip(torch.autograd.grad(eager, inputs, grad_output),
                      torch.autograd.grad(registered, inputs, grad_output)):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("name", list(_EAGER_CASES))
+def test_double_backward_raises_naming_the_op(name):
+    """The backward ops have no derivatives: asking for a differentiable gradient is a clear error, not a silent
+    first-order answer."""
+    eager_fn, _ = _EAGER_CASES[name]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    out = eager_fn(x, w, b)
+    with pytest.raises(RuntimeError, match=f"cnn_ext.{name}: double backward is not supported"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)

@@ -47,6 +47,24 @@ void conv2d_backward_input_implicit(const Conv& cv, const T* dy, const T* w, T* 
       static_cast<const T*>(nullptr));
 }
 
+// The A operand of the col2im forms (explicit and dcol): W_g^T in chunks of cc input channels, chunk ci of group g
+// packed (mr-row panels of packed_a_size(cc*RS, Kg, mr)) at (g*chunks + ci) panels in: element (i, k) of a chunk
+// starting at channel c0 is w[(g*Kg + k)*CgRS + c0*RS + i].
+template <typename T>
+std::vector<T> pack_transposed_chunks(const Conv& cv, const T* w, int64_t chunks, int64_t cc, int mr) {
+  const int64_t panel = packed_a_size(cc * cv.rs, cv.kg, mr);
+  std::vector<T> packed(cv.groups * chunks * panel);
+  for (int64_t g = 0; g < cv.groups; ++g) {
+    for (int64_t ci = 0; ci < chunks; ++ci) {
+      const int64_t c0 = ci * cc, c1 = std::min(cv.cg, c0 + cc);
+      if (c0 >= c1) continue;
+      pack_a((c1 - c0) * cv.rs, cv.kg, w + g * cv.kg * cv.crs + c0 * cv.rs, int64_t(1), cv.crs, mr,
+             packed.data() + (g * chunks + ci) * panel);
+    }
+  }
+  return packed;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // dgrad otherwise: one item = (image, group, chunk of input channels), so col2im of different items never touches
 // the same dX plane. Inside an item the output positions are walked in chunks that keep dcol within budget.
@@ -62,17 +80,8 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
   width = std::min(cv.pq, ceil_div(width, uk.nr) * uk.nr);
   const std::vector<int64_t> dy_rows = row_offsets(cv.kg, cv.pq);
 
-  // A = W_g^T restricted to the chunk's rows: element (i, k) at w[(g*Kg + k)*CgRS + c0*RS + i].
   const int64_t a_panel = packed_a_size(rows, cv.kg, uk.mr);
-  std::vector<T> a_packed(cv.groups * channel_chunks * a_panel);
-  for (int64_t g = 0; g < cv.groups; ++g) {
-    for (int64_t ci = 0; ci < channel_chunks; ++ci) {
-      const int64_t c0 = ci * cc, c1 = std::min(cv.cg, c0 + cc);
-      if (c0 >= c1) continue;
-      pack_a((c1 - c0) * cv.rs, cv.kg, w + g * cv.kg * cv.crs + c0 * cv.rs, int64_t(1), cv.crs, uk.mr,
-             a_packed.data() + (g * channel_chunks + ci) * a_panel);
-    }
-  }
+  const std::vector<T> a_packed = pack_transposed_chunks(cv, w, channel_chunks, cc, uk.mr);
 
   const int64_t items = cv.n * cv.groups * channel_chunks;
 #pragma omp parallel num_threads(threads)
@@ -126,17 +135,8 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
   const bool padded = cv.pad_h != 0 || cv.pad_w != 0;  // dX planes are the padded planes unless there is no padding
   const auto add_rows = PerIsa<&add_rows_body<T>>::pick();
 
-  // A = W_g^T restricted to the chunk's rows: element (i, k) at w[(g*Kg + k)*CgRS + c0*RS + i].
   const int64_t a_panel = packed_a_size(rows, cv.kg, uk.mr);
-  std::vector<T> a_packed(cv.groups * d.channel_chunks * a_panel);
-  for (int64_t g = 0; g < cv.groups; ++g) {
-    for (int64_t ci = 0; ci < d.channel_chunks; ++ci) {
-      const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
-      if (c0 >= c1) continue;
-      pack_a((c1 - c0) * cv.rs, cv.kg, w + g * cv.kg * cv.crs + c0 * cv.rs, int64_t(1), cv.crs, uk.mr,
-             a_packed.data() + (g * d.channel_chunks + ci) * a_panel);
-    }
-  }
+  const std::vector<T> a_packed = pack_transposed_chunks(cv, w, d.channel_chunks, d.cc, uk.mr);
 
   const int64_t items = cv.n * cv.groups * d.channel_chunks;
 #pragma omp parallel num_threads(num_threads())

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../composite.h"
+#include "../max_rule.h"
 #include "conv2d_lanes.h"
 #include "conv_common.h"
 #include "dispatch.h"
@@ -39,11 +40,6 @@ namespace {
 // window order), a window wholly in padding gives -inf (ReLU: 0) and index -1.
 // ---------------------------------------------------------------------------------------------------------------
 
-template <typename T>
-inline T relu(T v) {
-  return v > T(0) || v != v ? v : T(0);  // NaN propagates, as torch.relu
-}
-
 // Plane offset of a 2×2 window's winning tap, in an integer as wide as T so that the selects vectorise.
 template <typename T>
 using tap_t = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
@@ -64,18 +60,18 @@ inline __attribute__((always_inline)) void max2x2_body(const T* __restrict r0, c
       T best = r0[2 * k] + b;
       tap_t<T> t = 0;
       T v = r0[2 * k + 1] + b;
-      bool take = v > best || v != v;
+      bool take = takes_over(v, best);
       best = take ? v : best;
       t = take ? tap_t<T>(1) : t;
       v = r1[2 * k] + b;
-      take = v > best || v != v;
+      take = takes_over(v, best);
       best = take ? v : best;
       t = take ? row_w : t;
       v = r1[2 * k + 1] + b;
-      take = v > best || v != v;
+      take = takes_over(v, best);
       best = take ? v : best;
       t = take ? tap_t<T>(row_w + 1) : t;
-      out[k] = best > T(0) || best != best ? best : T(0);
+      out[k] = relu(best);
       tap[k] = t;
     }
   }
@@ -194,7 +190,7 @@ void pool_relu_rows(const PoolShape<int64_t>& ps, const WindowAxis& prow, const 
         const T* row = buf + (h - y0) * ld_row;
         for (int64_t w = wb; w < we; w += ps.dil_w) {
           const T v = row[w] + b;
-          if (v > best || v != v) {
+          if (takes_over(v, best)) {
             best = v;
             best_index = h * plane_w + w;
           }
@@ -335,26 +331,17 @@ void unpool_relu_backward(const T* go, const T* out, const int64_t* idx, int64_t
 // threshold_backward followed by max_pool2d_backward): one pass per (image, channel) plane that zeroes it and adds
 // grad_output[o] at indices[o] where output[o] > 0 (or NaN), in output order as max_pool2d_backward does, so the
 // result is the same bits. Invalid indices are reported as max_pool2d_backward reports them.
-// The arguments of the fused op's backward ops, checked: the convolution's shape and the pooling's (over the
-// convolution output).
+// check_conv2d_maxpool_relu_backward, for the CPU kernels' dtypes.
 std::pair<ConvShape<int64_t>, PoolShape<int64_t>> check_fused_backward(
     const char* op, const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& indices,
     const at::Tensor& input, const at::Tensor& weight, c10::IntArrayRef stride, c10::IntArrayRef padding,
     c10::IntArrayRef dilation, int64_t groups, c10::IntArrayRef pool_kernel_size, c10::IntArrayRef pool_stride,
     c10::IntArrayRef pool_padding, c10::IntArrayRef pool_dilation, bool ceil_mode) {
-  const auto shape = check_conv2d_maxpool_relu<int64_t>(op, input, weight, c10::nullopt, stride, padding, dilation,
-                                                        groups, pool_kernel_size, pool_stride, pool_padding,
-                                                        pool_dilation, ceil_mode);
-  const auto conv_out = shape.conv.output_sizes();
-  const auto ps = check_max_pool2d_backward<int64_t>(op, grad_output, indices, c10::IntArrayRef(conv_out),
-                                                     pool_kernel_size, pool_stride, pool_padding, pool_dilation,
-                                                     ceil_mode);
-  check_dim(op, output, "output", 4, "(N, K, P, Q)");
-  check_same_dtype_device(op, {{&grad_output, "grad_output"}, {&output, "output"}});
-  TORCH_CHECK_VALUE(output.sizes() == grad_output.sizes(), op, ": output has shape ", output.sizes(),
-                    " but grad_output has shape ", grad_output.sizes());
+  const auto shape = check_conv2d_maxpool_relu_backward<int64_t>(op, grad_output, output, indices, input, weight,
+                                                                 stride, padding, dilation, groups, pool_kernel_size,
+                                                                 pool_stride, pool_padding, pool_dilation, ceil_mode);
   check_backend_dtype(op, grad_output, "grad_output", {at::kFloat, at::kDouble}, "CPU");
-  return {shape.conv, ps};
+  return {shape.conv, shape.pool};
 }
 
 at::Tensor conv2d_maxpool_relu_backward_pool_cpu(const at::Tensor& grad_output_, const at::Tensor& output_,

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../max_rule.h"
 #include "dispatch.h"
 #include "window_axis.h"
 
@@ -121,7 +122,7 @@ void max_fixed_windows(const scalar_t* __restrict src, int64_t row_stride, int64
     for (int i = 0; i < K; ++i) {
       for (int j = 0; j < K; ++j) {
         const scalar_t v = src[i * row_stride + k * S + j];
-        const bool take = v > best || v != v;  // greater, or NaN: ties keep the first tap, the last NaN wins
+        const bool take = takes_over(v, best);
         best = take ? v : best;
         tap = take ? static_cast<tap_t<scalar_t>>(i * row_stride + j) : tap;
       }
@@ -152,7 +153,7 @@ void max_pool_row(const PoolShape<int64_t>& s, const WindowAxis& rows, const Win
     for (int64_t h = h_begin; h < h_end; h += s.dil_h) {
       for (int64_t w = w_begin; w < w_end; w += s.dil_w) {
         const scalar_t v = plane[h * s.w + w];
-        if (v > best || std::isnan(v)) {
+        if (takes_over(v, best)) {
           best = v;
           best_index = h * s.w + w;
         }
@@ -195,7 +196,7 @@ void max_pool_row(const PoolShape<int64_t>& s, const WindowAxis& rows, const Win
           const scalar_t* __restrict src = plane + first_tap + tap;
           for (int64_t k = 0; k < n; ++k) {
             const scalar_t v = src[k * sw];
-            const bool take = v > best[k] || v != v;
+            const bool take = takes_over(v, best[k]);
             best[k] = take ? v : best[k];
             best_tap[k] = take ? tap : best_tap[k];
           }

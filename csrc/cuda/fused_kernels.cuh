@@ -20,8 +20,8 @@
 // Included by fused.cu only (compiled by nvcc for a GPU, or by the host compiler for the CUDA emulator).
 #pragma once
 
-#include <ATen/NumericUtils.h>
 
+#include "../max_rule.h"
 #include "common.cuh"
 
 namespace cnn_ext::gpu {
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
           acc_t sum = conv_at<scalar_t, index_t>(in_group, channel_weights, g, ph, pw);
           if (has_bias) sum += channel_bias;
           const acc_t value = static_cast<acc_t>(static_cast<scalar_t>(sum));
-          if (value > max_value || at::_isnan(value)) {
+          if (takes_over(value, max_value)) {
             max_index = ph * g.q + pw;
             max_value = value;
           }
@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kElementwiseThreads)
       }
       const index_t out = (img * g.k + k) * g.by_ppq.divisor + ppq;
       // ReLU; NaN passes through, -inf (no tap) becomes 0.
-      output[out] = static_cast<scalar_t>(max_value > acc_t(0) || at::_isnan(max_value) ? max_value : acc_t(0));
+      output[out] = static_cast<scalar_t>(relu(max_value));
       indices[out] = max_index;
     }
   }

@@ -6,8 +6,8 @@
 // Included by pool2d.cu only (compiled by nvcc for a GPU, or by the host compiler for the CUDA emulator).
 #pragma once
 
-#include <ATen/NumericUtils.h>
 
+#include "../max_rule.h"
 #include "common.cuh"
 
 namespace cnn_ext::gpu {
@@ -47,7 +47,7 @@ __global__ void max_pool2d_kernel(const scalar_t* input, scalar_t* output, int64
     for (index_t h = h_first; h < h_end; h += g.dil_h) {
       for (index_t w = w_first; w < w_end; w += g.dil_w) {
         const acc_t value = static_cast<acc_t>(in_plane[h * g.w + w]);
-        if (value > max_value || at::_isnan(value)) {
+        if (takes_over(value, max_value)) {
           max_index = h * g.w + w;
           max_value = value;
         }

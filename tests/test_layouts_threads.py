@@ -1,0 +1,106 @@
+"""Gradients arriving in any memory layout, outputs' layout, and thread counts: 1, 2, 3 and more threads than work."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cnn_ext
+from _support import DEVICES, assert_close, grads, make_tensor
+
+fn = cnn_ext.functional
+
+
+def _ops(device):
+    """(name, ours, torch's, inputs) for every differentiable op."""
+    g = torch.Generator().manual_seed(0)
+    x = make_tensor((3, 4, 10, 9), torch.float64, device, generator=g, requires_grad=True)
+    w = make_tensor((6, 4, 3, 3), torch.float64, device, generator=g, requires_grad=True)
+    b = make_tensor((6,), torch.float64, device, generator=g, requires_grad=True)
+    return [
+        ("conv2d", lambda: fn.conv2d(x, w, b, padding=1), lambda: F.conv2d(x, w, b, padding=1), [x, w, b]),
+        ("max_pool2d", lambda: fn.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+         lambda: F.max_pool2d(x, 3, 2, 1, ceil_mode=True), [x]),
+        ("avg_pool2d", lambda: fn.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+         lambda: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False), [x]),
+        ("conv2d_maxpool_relu", lambda: fn.conv2d_maxpool_relu(x, w, b, padding=1, pool_kernel_size=2),
+         lambda: torch.relu(F.max_pool2d(F.conv2d(x, w, b, padding=1), 2)), [x, w, b]),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
+@pytest.mark.parametrize("op", ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu"])
+def test_grad_output_in_any_layout(op, layout, device):
+    """A grad_output that is channels_last or a non-contiguous view gives the same gradients as a contiguous one."""
+    name, ours, theirs, inputs = next(case for case in _ops(device) if case[0] == op)
+    out, ref = ours(), theirs()
+    grad_out = make_tensor(ref.shape, torch.float64, device, layout, torch.Generator().manual_seed(1))
+    assert not grad_out.is_contiguous()
+    for got, want in zip(grads(out, inputs, grad_out), grads(ref, inputs, grad_out.contiguous())):
+        assert_close(got, want, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_are_nchw_whatever_the_input_layout(device):
+    """Deliberately unlike torch, whose outputs follow a channels_last input: every cnn_ext kernel computes in NCHW
+    (and reads a channels_last input through one copy to NCHW), so NCHW outputs spare a channels_last model converted
+    to our layers a copy per layer each way. The values are torch's."""
+    x = make_tensor((2, 4, 9, 9), torch.float64, device, "channels_last")
+    w = make_tensor((5, 4, 3, 3), torch.float64, device, "channels_last")
+    for ours, theirs in [(fn.conv2d(x, w, padding=1), F.conv2d(x, w, padding=1)),
+                         (fn.max_pool2d(x, 2), F.max_pool2d(x, 2)), (fn.avg_pool2d(x, 2), F.avg_pool2d(x, 2)),
+                         (fn.conv2d_maxpool_relu(x, w), torch.relu(F.max_pool2d(F.conv2d(x, w), 2)))]:
+        assert theirs.is_contiguous(memory_format=torch.channels_last)
+        assert ours.is_contiguous()
+        assert_close(ours, theirs, torch.float64)
+
+
+@pytest.fixture
+def threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+def _everything(shapes, functions):
+    """Forward and every gradient of each op (functions: conv, max pool, avg pool, fused) on each (x shape, weight
+    shape), float32 (the batch-in-lanes kernels take the 17-image shape)."""
+    conv, max_pool, avg_pool, fused = functions
+    results = []
+    for x_shape, w_shape in shapes:
+        g = torch.Generator().manual_seed(2)
+        x = torch.randn(x_shape, generator=g).requires_grad_()
+        w = torch.randn(w_shape, generator=g).requires_grad_()
+        b = torch.randn(w_shape[0], generator=g).requires_grad_()
+        pad = w_shape[2] // 2
+        for out, inputs in ((conv(x, w, b, padding=pad), [x, w, b]), (max_pool(x, 2, ceil_mode=True), [x]),
+                            (avg_pool(x, 2), [x]), (fused(x, w, b, pad), [x, w, b])):
+            grad_out = torch.randn(out.shape, generator=g)
+            results.append([out.detach()] + grads(out, inputs, grad_out))
+    return results
+
+
+OURS = (fn.conv2d, fn.max_pool2d, fn.avg_pool2d, lambda x, w, b, pad: fn.conv2d_maxpool_relu(x, w, b, padding=pad))
+TORCH = (F.conv2d, F.max_pool2d, F.avg_pool2d,
+         lambda x, w, b, pad: torch.relu(F.max_pool2d(F.conv2d(x, w, b, padding=pad), 2)))
+SHAPES = [((17, 3, 12, 12), (8, 3, 3, 3)),   # batch-in-lanes
+          ((2, 6, 11, 9), (40, 6, 3, 3)),    # GEMM paths
+          ((1, 1, 3, 3), (1, 1, 3, 3))]      # one output row, one image: fewer work items than threads
+
+
+def test_results_for_1_2_and_3_threads(threads):
+    """With 1, 2 and 3 threads (3 on this 2-core machine: more threads than cores, and than work items for the
+    smallest shape) every result matches torch; everything but the weight and bias gradients (whose reductions split
+    by thread count) is bitwise the same for every count."""
+    runs = {}
+    for count in (1, 2, 3):
+        threads(count)
+        runs[count] = _everything(SHAPES, OURS)
+    threads(1)
+    reference = _everything(SHAPES, TORCH)
+    for count, results in runs.items():
+        for got, want in zip(results, reference):
+            for a, e in zip(got, want):
+                assert_close(a, e, torch.float32, scale=max(1.0, e.abs().max().item() / 10))
+    for one, three in zip(runs[1], runs[3]):
+        assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])  # outputs and input gradients
