@@ -113,6 +113,7 @@ def batch_size(device, family, quick):
 TARGET_TIME_RATIO = {
     ("cpu", "mnist_conv"): 0.5,
     ("cpu", "mnist_pool"): 0.2,
+    ("cpu", "mnist_pool", "max_pool2d.bwd"): 0.5,  # scatters into a zeroed gradient: a store-bound floor
     ("cpu", "resnet_conv"): 1 / 0.6,
     ("cpu", "train"): 0.3,
     ("cuda", "mnist_conv"): 0.5,
@@ -122,8 +123,9 @@ TARGET_TIME_RATIO = {
 }
 
 
-def target_ratio(device, family, section):
-    return TARGET_TIME_RATIO[(device, "train" if section == "train" else f"{family}_{section}")]
+def target_ratio(device, family, section, op=None):
+    group = (device, "train" if section == "train" else f"{family}_{section}")
+    return TARGET_TIME_RATIO.get((*group, op), TARGET_TIME_RATIO[group])
 
 
 # Peak rates, for the "% of peak" column. CPU: MKL sgemm as measured on the 2-core development machine (override

@@ -127,7 +127,7 @@ def run(sections, device, dtypes, device_name, settings, time_pair, log):
                               unit=case.unit,
                               peak=cases.peak_rate(device, device_name, dtype_name, case.unit,
                                                    settings.cpu_peak_flops),
-                              target=cases.target_ratio(device, case.family, case.section), check=check,
+                              target=cases.target_ratio(device, case.family, case.section, op), check=check,
                               max_err=max_err, torch_samples=samples["torch"], ours_samples=samples.get("ours", []))
                     log(row)
                     rows.append(row)

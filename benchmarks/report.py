@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import cnn_ext
+
 
 @dataclass
 class Row:
@@ -84,7 +86,9 @@ def _cpu_model():
 def machine_info(device):
     info = {
         "cpu": _cpu_model(),
-        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),  # torch's (ATEN_CPU_CAPABILITY)
+        "cnn_ext_cpu_isa": cnn_ext.cpu_capability(),  # ours: the same, unless the CPU lacks it
+        "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "(default)"),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),

@@ -30,7 +30,7 @@ CONV_SHAPES = {
 }
 # What each algorithm needs beyond what every shape has (see csrc/cpu/dispatch.cpp).
 NEEDS = {"implicit": {"stride1"}, "dcol": {"stride1"}, "dot_tiles": {"stride1"},
-         "lanes": {"stride1_for_dgrad", "float32", "one_group", "avx512"}}
+         "lanes": {"stride1_for_dgrad", "float32", "one_group", "avx2 or avx512"}}
 
 
 def _serves(direction, algorithm, shape_name, dtype, isa):
@@ -40,7 +40,7 @@ def _serves(direction, algorithm, shape_name, dtype, isa):
     if "stride1" in needs and stride != 1:
         return False
     if algorithm == "lanes":
-        return (dtype == torch.float32 and groups == 1 and isa == "avx512"
+        return (dtype == torch.float32 and groups == 1 and isa in ("avx2", "avx512")
                 and (stride == 1 or direction not in ("dgrad", "fused_backward")))
     return True
 
@@ -126,7 +126,9 @@ POOL_CASES = [(isa, direction, algorithm) for isa in ISAS
               for algorithm in _algorithms(direction)]
 POOLINGS = [dict(kernel_size=2, stride=2, padding=0, ceil_mode=False),  # tiles the 24x24 input
             dict(kernel_size=3, stride=2, padding=1, ceil_mode=True),
-            dict(kernel_size=(3, 2), stride=(1, 3), padding=(1, 0), ceil_mode=False)]
+            dict(kernel_size=(3, 2), stride=(1, 3), padding=(1, 0), ceil_mode=False),
+            dict(kernel_size=5, stride=5, padding=0, ceil_mode=True),  # the last windows clipped
+            dict(kernel_size=(3, 5), stride=(3, 5), padding=0, ceil_mode=False)]  # 4 columns in no window
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])

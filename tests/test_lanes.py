@@ -1,7 +1,8 @@
-"""The CPU's batch-in-lanes float32 kernels (csrc/cpu/conv2d_lanes.cpp), taken for batches of 16 or more images with
-small planes and channel counts on AVX-512 machines (elsewhere these tests run the GEMM path on the same shapes):
-parity with torch's float64 convolution for full and partial blocks of 16 images and every hyper-parameter, the fused
-forward bit for bit our unfused ops, and the fused backward equal to its composite of backward ops."""
+"""The CPU's batch-in-lanes float32 kernels (csrc/cpu/conv2d_lanes.cpp), taken for batches of a vector's lanes or
+more images (16 on AVX-512, 8 on AVX2) with small planes and channel counts: parity with torch's float64 convolution
+for full and partial blocks and every hyper-parameter, the fused forward bit for bit our unfused ops, and the fused
+backward equal to its composite of backward ops. Every test runs once per ISA with lanes kernels that this machine
+has (on others, on the portable ISA, where the GEMM path takes the same shapes)."""
 
 import math
 
@@ -11,8 +12,16 @@ import torch.nn.functional as F
 
 import cnn_ext  # noqa: F401  (registers the ops)
 from _support import assert_close
+from cnn_ext import cpu_dispatch
 
 ops = torch.ops.cnn_ext
+LANES_ISAS = [isa for isa in ("avx2", "avx512") if isa in cpu_dispatch.available_isas()] or ["default"]
+
+
+@pytest.fixture(autouse=True, params=LANES_ISAS)
+def isa(request):
+    with cpu_dispatch.forced(isa=request.param):
+        yield request.param
 
 # n, c, h, w, k, r, s, stride, padding, dilation
 CONFIGS = [
@@ -26,6 +35,7 @@ CONFIGS = [
     (16, 16, 8, 9, 3, 2, 4, (2, 1), (1, 2), (1, 2)),
     (31, 10, 11, 11, 64, 3, 3, 1, 1, 1),
     (18, 2, 5, 5, 1, 5, 5, 1, 0, 1),  # 1×1 output
+    (9, 8, 10, 10, 6, 3, 3, 1, 1, 1),  # AVX2: a full block of 8 and a 1-image block; AVX-512: the GEMMs
 ]
 
 
@@ -203,3 +213,22 @@ def test_lanes_results_with_one_thread_and_several():
         assert torch.equal(a, b_)
     for a, b_ in zip(one[3:], several[3:]):
         assert_close(a, b_, torch.float32, scale=30)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[1], CONFIGS[-1]], ids=lambda c: f"n{c[0]}")
+def test_lanes_serve_full_blocks(config, isa):
+    """Which kernels ran (the dispatch record): lanes on an ISA with lanes kernels once the batch fills a block."""
+    x, w, b, conv = _case(config)
+    with cpu_dispatch.recording() as calls:
+        out, idx = ops.conv2d_maxpool_relu(x, w, b, *conv, *POOLS["2x2"])
+        ops.conv2d_maxpool_relu_backward(torch.ones_like(out), out, idx, x, w, *conv, *POOLS["2x2"],
+                                         [True, True, True])
+    lanes = {"avx2": 8, "avx512": 16}.get(isa)
+    expected = "lanes" if lanes is not None and x.shape[0] >= lanes else None
+    for direction, algorithm, used_isa in calls:
+        assert used_isa == isa
+        if expected is not None:
+            assert algorithm == expected, (direction, algorithm)
+        else:
+            assert algorithm != "lanes", (direction, algorithm)
+    assert {d for d, _, _ in calls} >= {"fused_forward", "fused_backward"}

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from _support import DEVICES, LAYOUTS, assert_close, check_avg_pool2d, check_max_pool2d, make_tensor
+from _support import (DEVICES, LAYOUTS, assert_close, check_avg_pool2d, check_max_pool2d, cpu_kernels_serve,
+                      make_tensor)
 
 _pair = torch.nn.modules.utils._pair
 
@@ -153,3 +154,39 @@ def test_pool_empty_batch(device):
     assert out.shape == (0, 3, 4, 4)
     out.sum().backward()
     assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("pool", [(2, 2, False), (3, 3, True), ((2, 5), (2, 5), False), (3, 2, True)],
+                         ids=["2x2", "3x3ceil", "2x5", "3s2ceil"])
+def test_max_pool2d_backward_any_indices(device, pool):
+    """The backward adds each output's gradient at its index, whatever the forward would have said: repeated
+    indices and -1 (no gradient) too, against a scatter-add reference; a -0.0 gradient gives +0.0, as adding to zero
+    does. An in-plane index outside its own window: the CPU adds it there, as ATen's CPU kernel does; CUDA's
+    backward gathers, each input
+    position from the windows covering it, so such an index gives no gradient, as in torch's CUDA kernel."""
+    kernel, stride, ceil_mode = pool
+    (kh, kw), (sh, sw) = _pair(kernel), _pair(stride)
+    g = torch.Generator().manual_seed(7)
+    n, c, h, w = 2, 3, 11, 13
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    out, idx = F.max_pool2d(x, kernel, stride, 0, 1, ceil_mode, return_indices=True)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    go[0, 0, 0, 0] = -0.0
+    idx = idx.clone()
+    idx[0, 1, 1, 1] = 0  # outside its window
+    idx[0, 1, 1, 0] = idx[0, 1, 0, 1]  # outside its window, where another output's gradient goes too
+    idx[0, 2, 1, 1] = idx[0, 2, 1, 0] = idx[0, 2, 0, 0] if (kh, kw) != (sh, sw) else -1  # repeated (if windows overlap)
+    idx[1, 2, 0, 0] = -1  # no gradient
+    rows, cols = torch.div(idx, w, rounding_mode="floor"), idx % w
+    oh = torch.arange(out.shape[2]).view(1, 1, -1, 1)
+    ow = torch.arange(out.shape[3]).view(1, 1, 1, -1)
+    in_window = (rows >= oh * sh) & (rows < oh * sh + kh) & (cols >= ow * sw) & (cols < ow * sw + kw)
+    counted = (idx >= 0) & (True if cpu_kernels_serve(device) else in_window)
+    ref = torch.zeros(n * c, h * w, dtype=torch.float64)
+    ref.scatter_add_(1, idx.clamp(min=0).reshape(n * c, -1), torch.where(counted, go, 0.0).reshape(n * c, -1))
+    ref = ref.reshape(n, c, h, w)
+    got = torch.ops.cnn_ext.max_pool2d_backward(go.to(device), idx.to(device), [n, c, h, w], [kh, kw], [sh, sw],
+                                                 [0, 0], [1, 1], ceil_mode).cpu()
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    assert not got[got == 0].signbit().any()  # zeros are +0.0, including where the -0.0 gradient went
