@@ -8,6 +8,7 @@ into the operators' explicit form; every check and all output-size math happen o
 from collections.abc import Sequence
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
 from . import ops
@@ -143,3 +144,10 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     out = ops.avg_pool2d(input, kernel_size, stride, _pair(padding, "padding", op), bool(ceil_mode),
                          bool(count_include_pad), divisor_override)
     return out.squeeze(0) if unbatched else out
+
+
+# torch.fx records calls of these functions as calls (a symbolic trace cannot run their argument checks, which
+# look at shapes), wherever they are called from: cnn_ext.convert traces models that use them.
+for _name in __all__:
+    torch.fx.wrap(_name)
+del _name
