@@ -82,7 +82,9 @@ def test_arguments_are_checked(tmp_path):
 def test_sanitizer_cases_pass_on_the_emulator(args):
     """The cases the GPU check runs under compute-sanitizer (and its large-index case, shrunk, with 64-bit indices
     forced) are right on the emulated kernels: a mismatch on the GPU will be the GPU's."""
-    result = subprocess.run([sys.executable, "scripts/sanitizer_case.py", "--emulated", *args], cwd=ROOT,
+    # The checkout's cnn_ext, whether or not it is installed (a script's sys.path starts at scripts/).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "scripts/sanitizer_case.py", "--emulated", *args], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "0 mismatches" in result.stdout
