@@ -7,7 +7,7 @@ from torch import nn
 
 from . import nn as ext_nn
 
-__all__ = ["BACKENDS", "MODELS", "DeepMNIST", "MNISTClassifier", "build_model"]
+__all__ = ["BACKENDS", "MODELS", "DeepMNIST", "FastMNIST", "MNISTClassifier", "build_model"]
 
 BACKENDS = ("ext", "torch")
 
@@ -34,17 +34,43 @@ class MNISTClassifier(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x):
-        x = self._conv_pool_relu(self.c1, x)  # 1x28x28 -> 10x24x24 -> 10x12x12
-        x = self._conv_pool_relu(self.c2, x)  # -> 20x8x8 -> 20x4x4
+        x = _conv_pool_relu(self.c1, self.max_pooling, self.relu, x)  # 1x28x28 -> 10x24x24 -> 10x12x12
+        x = _conv_pool_relu(self.c2, self.max_pooling, self.relu, x)  # -> 20x8x8 -> 20x4x4
         return self.d1(torch.flatten(x, 1))
 
-    def _conv_pool_relu(self, conv, x):
-        """relu(max_pooling(conv(x))): one fused operator for our layers (ext_nn.conv_maxpool_relu runs torch's as
-        the three layers). The fused operator calls none of the three modules, so when any of them has forward
-        hooks (summary.summarize, feature taps) the modules themselves run, and the hooks see every call."""
-        if any(m._forward_hooks or m._forward_pre_hooks for m in (conv, self.max_pooling, self.relu)):
-            return self.relu(self.max_pooling(conv(x)))
-        return ext_nn.conv_maxpool_relu(conv, self.max_pooling, x)
+
+def _conv_pool_relu(conv, pool, relu, x):
+    """relu(pool(conv(x))): one fused operator for our layers (ext_nn.conv_maxpool_relu runs torch's as the three
+    layers). The fused operator calls none of the three modules, so when any of them has forward hooks
+    (summary.summarize, feature taps) the modules themselves run, and the hooks see every call."""
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (conv, pool, relu)):
+        return relu(pool(conv(x)))
+    return ext_nn.conv_maxpool_relu(conv, pool, x)
+
+
+class FastMNIST(nn.Module):
+    """A small network for 99% in one epoch in seconds: conv 1->12 k5, max-pool 2, relu, conv 12->24 k3, max-pool
+    2, relu, linear 600 -> 128, relu, linear 128 -> 10, both convolutions on the fused operator; 81k parameters,
+    1.04 MFLOPs per image forward. Its recipe (RECIPES in cnn_ext.train): Adam lr 0.015 betas (0.7, 0.9) on a per-batch
+    one-cycle schedule, label smoothing 0.1, batch 256, one epoch. The widths were chosen on 2 CPU cores among
+    (24, 32)/256 (the usual fast-MNIST net: 99.07% mean over seeds 0-2, 4.3 s), (16, 32)/128, (16, 24), (12, 24)
+    and (8, 16)/64 (98.90%): label smoothing gave +0.17 points, lr 0.015 +0.06 over 0.01."""
+
+    def __init__(self, backend="ext", channels=(12, 24), hidden=128):
+        super().__init__()
+        layers = _layers(backend)
+        c1, c2 = channels
+        self.c1 = layers.Conv2d(1, c1, kernel_size=5)
+        self.c2 = layers.Conv2d(c1, c2, kernel_size=3)
+        self.max_pooling = layers.MaxPool2d(2)
+        self.relu = nn.ReLU()
+        self.d1 = nn.Linear(c2 * 5 * 5, hidden)
+        self.d2 = nn.Linear(hidden, 10)
+
+    def forward(self, x):
+        x = _conv_pool_relu(self.c1, self.max_pooling, self.relu, x)  # 1x28x28 -> C1x24x24 -> C1x12x12
+        x = _conv_pool_relu(self.c2, self.max_pooling, self.relu, x)  # -> C2x10x10 -> C2x5x5
+        return self.d2(torch.relu(self.d1(torch.flatten(x, 1))))
 
 
 class DeepMNIST(nn.Module):
@@ -76,7 +102,7 @@ class DeepMNIST(nn.Module):
         return self.classifier(self.features(x))
 
 
-MODELS = {"seed": MNISTClassifier, "deep": DeepMNIST}
+MODELS = {"seed": MNISTClassifier, "fast": FastMNIST, "deep": DeepMNIST}
 
 
 def build_model(name, backend="ext"):

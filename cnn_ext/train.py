@@ -53,12 +53,21 @@ __all__ = ["RECIPES", "build_parser", "load_checkpoint", "main"]
 # notebook's; the deep model's gave the best first epoch among those tried (98.8%; Adam 1e-3 and SGD 0.05
 # momentum 0.9 gave 98.8% too).
 RECIPES = {
-    "seed": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.5, "lr_decay": 1.0},
-    "deep": {"optimizer": "adam", "lr": 3e-3, "momentum": None, "lr_decay": 0.7},
+    "seed": {"optimizer": "sgd", "lr": 0.01, "momentum": 0.5, "lr_decay": 1.0, "schedule": "epochs", "batch_size": 128},
+    "fast": {"optimizer": "adam", "lr": 0.015, "betas": (0.7, 0.9), "momentum": None, "lr_decay": 1.0,
+             "schedule": "onecycle", "batch_size": 256, "label_smoothing": 0.1},
+    "deep": {"optimizer": "adam", "lr": 3e-3, "momentum": None, "lr_decay": 1.0, "schedule": "onecycle",
+             "batch_size": 128},
 }
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# "epochs": the lr is multiplied by lr_decay after each epoch (1: constant). "onecycle": per batch, torch's
+# OneCycleLR over the whole run (cosine warm-up from lr/25 to lr over its first 30%, cosine annealing to lr/(25e4)
+# after), so its length (`cycle_epochs`) is fixed when the run starts.
+SCHEDULES = ("epochs", "onecycle")
 # The settings a checkpoint fixes: a resumed run must train exactly as the interrupted one did.
-RUN_SETTINGS = ("model", "optimizer", "lr", "momentum", "lr_decay", "batch_size", "seed", "train_limit")
+RUN_SETTINGS = ("model", "optimizer", "lr", "momentum", "lr_decay", "schedule", "batch_size", "seed", "train_limit")
+# What a checkpoint written before a setting existed trained with.
+SETTING_DEFAULTS = {"schedule": "epochs", "betas": None, "cycle_epochs": None, "label_smoothing": 0.0}
 CHECKPOINT_FORMAT = "cnn_ext.train/1"
 EVAL_BATCH = 1000
 
@@ -98,16 +107,23 @@ def build_parser():
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
                    help="where to train; auto = cuda if available, else cpu (default: auto)")
     p.add_argument("--model", choices=tuple(MODELS), default=None,
-                   help="seed: the notebook's two-conv network; deep: the deeper network (default: seed)")
+                   help="seed: the notebook's two-conv network; fast: 99%% in one epoch in seconds; deep: the deeper "
+                        "network (default: seed)")
     p.add_argument("--backend", choices=BACKENDS, default="ext",
                    help="ext: cnn_ext's conv/pool layers; torch: torch.nn's, for comparison (default: ext)")
     p.add_argument("--epochs", type=_positive(int), default=1, metavar="N", help="total epochs (default: 1)")
-    p.add_argument("--batch-size", type=_positive(int), default=None, metavar="N", help="(default: 128)")
+    p.add_argument("--batch-size", type=_positive(int), default=None, metavar="N",
+                   help=f"(default: {_recipe_help('batch_size')})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None, help=f"(default: {_recipe_help('optimizer')})")
     p.add_argument("--lr", type=_positive(float), default=None, help=f"learning rate (default: {_recipe_help('lr')})")
     p.add_argument("--momentum", type=_fraction, default=None, help="SGD's momentum (default: 0.5)")
     p.add_argument("--lr-decay", type=_decay, default=None, metavar="FACTOR",
-                   help=f"learning-rate factor applied after each epoch (default: {_recipe_help('lr_decay')})")
+                   help=f"learning-rate factor applied after each epoch, with --schedule epochs "
+                        f"(default: {_recipe_help('lr_decay')})")
+    p.add_argument("--schedule", choices=SCHEDULES, default=None,
+                   help="epochs: the lr times --lr-decay after each epoch; onecycle: per batch over the whole run "
+                        "(--epochs), warming up from --lr/25 to --lr and annealing to --lr/25e4 (torch's OneCycleLR) "
+                        f"(default: {_recipe_help('schedule')})")
     p.add_argument("--seed", type=int, default=None,
                    help="seeds initialisation, batch order and dropout (default: 0)")
     p.add_argument("--data-dir", default="./data",
@@ -163,7 +179,7 @@ def _settings(parser, args, checkpoint, world_size=1):
     also hold its number of processes (it decides the shards), which a resumed run must keep."""
     given = {name: getattr(args, name) for name in RUN_SETTINGS if getattr(args, name) is not None}
     if checkpoint is not None:
-        saved = checkpoint["settings"]
+        saved = {**SETTING_DEFAULTS, **checkpoint["settings"]}
         if saved.get("world_size", 1) != world_size:
             parser.error(f"the checkpoint was written by a run of {saved.get('world_size', 1)} process(es), this one "
                          f"has {world_size}; a resumed run keeps its settings")
@@ -172,9 +188,19 @@ def _settings(parser, args, checkpoint, world_size=1):
                 flag = "--" + name.replace("_", "-")
                 parser.error(f"{flag} {value} differs from the checkpoint's {saved[name]}; "
                                   "a resumed run keeps its settings")
-        return dict(saved)
+        if saved["schedule"] == "onecycle" and args.epochs != saved["cycle_epochs"]:
+            parser.error(f"--epochs {args.epochs}: the checkpoint's one-cycle schedule spans "
+                         f"{saved['cycle_epochs']} epochs, fixed when its run started")
+        return saved
     model = args.model or "seed"
-    settings = {"model": model, "batch_size": 128, "seed": 0, "train_limit": None, **RECIPES[model], **given}
+    settings = {"seed": 0, "train_limit": None, **SETTING_DEFAULTS, **RECIPES[model], "model": model, **given}
+    if settings["schedule"] == "onecycle":
+        if "lr_decay" in given:
+            parser.error("--lr-decay applies to --schedule epochs; onecycle anneals the lr itself")
+        settings["lr_decay"], settings["cycle_epochs"] = 1.0, args.epochs
+    if args.cuda_graphs and settings["schedule"] == "onecycle" and settings["optimizer"] == "sgd":
+        parser.error("--cuda-graphs with --schedule onecycle needs --optimizer adam or adamw: the lr changes every "
+                     "batch, so it must live on the device, and torch's SGD reads a tensor lr back to the host")
     if world_size > 1:
         settings["world_size"] = world_size
     if settings["optimizer"] == "sgd":
@@ -184,24 +210,49 @@ def _settings(parser, args, checkpoint, world_size=1):
     return settings
 
 
-def _make_optimizer(settings, params, capturable=False):
-    """The run's optimizer. `capturable` (for CUDA graphs) keeps Adam's step counts on the device; SGD has no such
-    option and needs none (its step never reads a value back to the host)."""
+def _make_optimizer(settings, params, capturable_on=None):
+    """The run's optimizer. capturable_on (for CUDA graphs: the device) keeps Adam's step counts and its learning
+    rate on the device, so that a captured step reads the lr each scheduler step writes there (a Python float would
+    be frozen into the graph). SGD has no such option and needs none for a constant lr (its step never reads a value
+    back to the host); _settings refuses it a per-batch schedule under graphs."""
     if settings["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=settings["lr"], momentum=settings["momentum"])
     optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[settings["optimizer"]]
-    return optimizer(params, lr=settings["lr"], **({"capturable": True} if capturable else {}))
+    extra = {"betas": tuple(settings["betas"])} if settings["betas"] else {}
+    if capturable_on is not None:
+        return optimizer(params, lr=torch.tensor(settings["lr"], device=capturable_on), capturable=True, **extra)
+    # fused: one kernel for all parameters instead of about ten small ops per tensor (a seventh of the fast model's
+    # CPU step).
+    return optimizer(params, lr=settings["lr"], fused=True, **extra)
 
 
-def _make_capturable(optimizer, device):
-    """After load_state_dict, which restores the checkpoint's `capturable` flag (False for an eager run's) and keeps
-    a non-capturable run's step counts on the CPU: what a captured Adam step needs."""
+def _place_optimizer_state(optimizer, capturable_on=None):
+    """After load_state_dict, which restores the checkpoint's own `capturable` flag, step counts and lr (a float from
+    an eager run, a CPU tensor from a graphed one): what this run's steps need. Captured steps (capturable_on: the
+    device) need capturable Adam with its step counts and lr on the device; eager ones a float lr."""
+    adam = isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
     for group in optimizer.param_groups:
-        if "capturable" in group:
-            group["capturable"] = True
-    for state in optimizer.state.values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].to(device=device, dtype=torch.float32)
+        lr = float(group["lr"])
+        if adam and capturable_on is not None:
+            group["capturable"], group["fused"] = True, None
+            group["lr"] = torch.tensor(lr, device=capturable_on)
+        else:
+            group["lr"] = lr
+            if adam:
+                group["capturable"], group["fused"] = False, True
+    if capturable_on is not None:
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(device=capturable_on, dtype=torch.float32)
+
+
+def _make_scheduler(settings, optimizer, steps_per_epoch):
+    """The run's lr schedule (SCHEDULES): one-cycle steps after every batch, the epoch decay after every epoch."""
+    if settings["schedule"] == "onecycle":
+        # No momentum cycling: Adam's betas are Python floats, which a captured step would freeze.
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=settings["lr"], cycle_momentum=False,
+                                                   total_steps=settings["cycle_epochs"] * steps_per_epoch)
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=settings["lr_decay"])
 
 
 def _check_backend(backend, device):
@@ -261,12 +312,12 @@ def _evaluate(model, images, labels, rank=0, world_size=1):
 class _EagerStep:
     """One optimisation step on a batch; returns its (loss, number correct), both left on the device."""
 
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model, optimizer, label_smoothing=0.0):
+        self.model, self.optimizer, self.label_smoothing = model, optimizer, label_smoothing
 
     def __call__(self, x, y):
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -285,17 +336,18 @@ class _GraphedStep:
         private pool) and the graph replayed for it and every later full batch;
       * the last partial batch of an epoch runs eagerly on the same model and optimizer (same results as the eager
         trainer; it writes fresh .grad tensors, which the graph never reads: its own live in its pool);
-      * the learning rate is a constant inside the captured step, so when the scheduler has changed it the step is
-        captured again (at most once per epoch, no warm-up needed).
+      * Adam's learning rate is a device tensor that the scheduler overwrites between replays (so a per-batch
+        schedule needs no new capture); SGD's is a constant inside the captured step, so when the epoch schedule
+        has changed it the step is captured again (at most once per epoch, no warm-up needed).
 
     Warm-up and partial batches are the eager trainer's steps, and the captured step is the same sequence of
     kernels, so a seed gives the same training as without graphs."""
 
     WARMUP = 3
 
-    def __init__(self, model, optimizer, batch_size, images, labels):
-        self.model, self.optimizer = model, optimizer
-        self.eager = _EagerStep(model, optimizer)
+    def __init__(self, model, optimizer, batch_size, images, labels, label_smoothing=0.0):
+        self.model, self.optimizer, self.label_smoothing = model, optimizer, label_smoothing
+        self.eager = _EagerStep(model, optimizer, label_smoothing)
         self.static_x = torch.empty((batch_size, *images.shape[1:]), dtype=images.dtype, device=images.device)
         self.static_y = torch.empty((batch_size, *labels.shape[1:]), dtype=labels.dtype, device=labels.device)
         self.side_stream = torch.cuda.Stream(device=images.device)
@@ -303,7 +355,8 @@ class _GraphedStep:
         self.graph = self.graph_lrs = self.static_loss = self.static_correct = None
 
     def _lrs(self):
-        return [group["lr"] for group in self.optimizer.param_groups]
+        # A tensor lr lives on the device and the graph reads it there: it never needs a new capture.
+        return [None if torch.is_tensor(group["lr"]) else group["lr"] for group in self.optimizer.param_groups]
 
     def _capture(self):
         self.graph = None  # drop the previous capture (its pool is freed once nothing uses it)
@@ -311,7 +364,7 @@ class _GraphedStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = self.model(self.static_x)
-            loss = F.cross_entropy(logits, self.static_y)
+            loss = F.cross_entropy(logits, self.static_y, label_smoothing=self.label_smoothing)
             loss.backward()
             self.optimizer.step()
             self.static_loss = loss.detach()
@@ -338,9 +391,15 @@ class _GraphedStep:
         return self.static_loss.clone(), self.static_correct.clone()
 
 
-def _train_epoch(model, step, images, labels, batch_size, generator, desc, rank=0, world_size=1):
-    """One pass over the training set (this rank's shard of it) in a fresh random order. Returns per-batch (loss,
-    accuracy), averaged over the ranks, and the throughput in images/s (of all ranks together)."""
+def _steps_per_epoch(n_train, batch_size, world_size=1):
+    """Batches in each epoch of _train_epoch (per rank)."""
+    return -(-(n_train // world_size) // batch_size)
+
+
+def _train_epoch(model, step, images, labels, batch_size, generator, desc, rank=0, world_size=1, after_batch=None):
+    """One pass over the training set (this rank's shard of it) in a fresh random order, calling after_batch() (a
+    per-batch schedule) after each step. Returns per-batch (loss, accuracy), averaged over the ranks, and the
+    throughput in images/s (of all ranks together)."""
     model.train()
     order = torch.randperm(len(labels), generator=generator)
     if world_size > 1:
@@ -356,6 +415,8 @@ def _train_epoch(model, step, images, labels, batch_size, generator, desc, rank=
             batch = order[start:start + batch_size]
             # Loss and correct count stay on the device: calling .item() every batch would stall a GPU each step.
             loss, correct = step(images[batch], labels[batch])
+            if after_batch is not None:
+                after_batch()
             losses.append(loss)
             corrects.append(correct)
             bar.update(len(batch))
@@ -484,8 +545,11 @@ def _run(parser, args, device, rank=0, world_size=1):
 
     torch.manual_seed(settings["seed"])  # the same initial weights on every rank
     model = build_model(settings["model"], args.backend).to(device)
-    optimizer = _make_optimizer(settings, model.parameters(), capturable=args.cuda_graphs)
-    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=settings["lr_decay"])
+    capturable_on = device if args.cuda_graphs else None
+    optimizer = _make_optimizer(settings, model.parameters(), capturable_on)
+    scheduler = _make_scheduler(settings, optimizer,
+                                _steps_per_epoch(len(data.train_labels), settings["batch_size"], world_size))
+    per_batch = settings["schedule"] == "onecycle"
     generator = torch.Generator().manual_seed(settings["seed"])  # CPU-side: batch order is device-independent
     if world_size > 1:
         torch.manual_seed(settings["seed"] + rank)  # dropout: each rank its own stream
@@ -493,8 +557,7 @@ def _run(parser, args, device, rank=0, world_size=1):
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if args.cuda_graphs:
-            _make_capturable(optimizer, device)
+        _place_optimizer_state(optimizer, capturable_on)
         scheduler.load_state_dict(checkpoint["scheduler"])
         generator.set_state(checkpoint["generator"])
         torch_rng, cuda_rng = checkpoint["torch_rng"], checkpoint["cuda_rng"]
@@ -513,14 +576,18 @@ def _run(parser, args, device, rank=0, world_size=1):
     if world_size > 1:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.cuda_graphs:
-        step = _GraphedStep(net, optimizer, settings["batch_size"], data.train_images, data.train_labels)
+        step = _GraphedStep(net, optimizer, settings["batch_size"], data.train_images, data.train_labels,
+                            settings["label_smoothing"])
     else:
-        step = _EagerStep(net, optimizer)
+        step = _EagerStep(net, optimizer, settings["label_smoothing"])
 
     print(f"Model {settings['model']} ({type(model).__name__}), backend {args.backend}, device {device}; "
           f"{settings['optimizer']} lr {settings['lr']}"
           + (f" momentum {settings['momentum']}" if settings["optimizer"] == "sgd" else "")
+          + (f" betas {tuple(settings['betas'])}" if settings["betas"] else "")
           + (f" decay x{settings['lr_decay']}/epoch" if settings["lr_decay"] != 1 else "")
+          + (f" one-cycle over {settings['cycle_epochs']} epoch(s)" if per_batch else "")
+          + (f", label smoothing {settings['label_smoothing']}" if settings["label_smoothing"] else "")
           + f", batch {settings['batch_size']}, seed {settings['seed']}"
           + (f"; {world_size} processes (DDP, {dist.get_backend()}), batch {settings['batch_size']} each"
              if world_size > 1 else "")
@@ -531,11 +598,13 @@ def _run(parser, args, device, rank=0, world_size=1):
     rank_digests = None
     for epoch in range(done, args.epochs):
         epoch_start = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = float(optimizer.param_groups[0]["lr"])
         losses, accuracies, images_per_s = _train_epoch(
             net, step, data.train_images, data.train_labels, settings["batch_size"], generator,
-            desc=f"epoch {epoch + 1}/{args.epochs}", rank=rank, world_size=world_size)
-        scheduler.step()
+            desc=f"epoch {epoch + 1}/{args.epochs}", rank=rank, world_size=world_size,
+            after_batch=scheduler.step if per_batch else None)
+        if not per_batch:
+            scheduler.step()
         if world_size > 1:
             # DDP keeps parameters equal; buffers (batch-norm statistics) are rank 0's from each forward, then
             # updated locally: make them rank 0's, so evaluation and checkpoints see one model.

@@ -85,17 +85,32 @@ def test_backends_build_identical_models():
     assert not any(type(m) in (torch.nn.Conv2d, torch.nn.MaxPool2d) for m in DeepMNIST("ext").modules())
 
 
-@pytest.mark.parametrize("model", ["seed", "deep"])
-def test_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model):
-    """Two epochs in one go, and one epoch then a resumed second, give bit-identical weights, optimiser state and
-    metrics. The deep model checks the parts the seed lacks: dropout's RNG, batch-norm buffers, the lr decay."""
-    common = ["--data-dir", mnist_dir, "--backend", "torch", "--test-limit", "500"]
-    recipe = ["--model", model, "--train-limit", "1280" if model == "deep" else "3000"]
+@pytest.mark.parametrize("model", ["seed", "fast", "deep"])
+def test_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model, monkeypatch):
+    """Two epochs in one go, and a two-epoch run interrupted after its first epoch then resumed, give bit-identical
+    weights, optimiser state and metrics. The deep model checks the parts the seed lacks: dropout's RNG, batch-norm
+    buffers, Adam; the fast model the per-batch one-cycle schedule, fused Adam and label smoothing."""
+    common = ["--data-dir", mnist_dir, "--backend", "torch", "--test-limit", "500", "--epochs", "2"]
+    recipe = ["--model", model, "--train-limit", {"deep": "1280", "fast": "2560"}.get(model, "3000")]
     full, part = str(tmp_path / "full.pt"), str(tmp_path / "part.pt")
-    expected = train.main(common + recipe + ["--epochs", "2", "--checkpoint", full])
-    train.main(common + recipe + ["--epochs", "1", "--checkpoint", part])
+    expected = train.main(common + recipe + ["--checkpoint", full])
+
+    epochs_run = []
+    real_train_epoch = train._train_epoch
+
+    def interrupted_after_one_epoch(*args, **kwargs):
+        if epochs_run:
+            raise KeyboardInterrupt  # Ctrl-C during the second epoch
+        epochs_run.append(1)
+        return real_train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_train_epoch", interrupted_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(common + recipe + ["--checkpoint", part])
+    monkeypatch.setattr(train, "_train_epoch", real_train_epoch)
+    assert torch.load(part, weights_only=True)["epoch"] == 1
     torch.manual_seed(12345)  # whatever the global RNG holds now must not matter
-    resumed = train.main(common + ["--epochs", "2", "--checkpoint", part, "--resume"])
+    resumed = train.main(common + ["--checkpoint", part, "--resume"])
 
     a, b = torch.load(full, weights_only=True), torch.load(part, weights_only=True)
     assert b["epoch"] == 2
@@ -104,10 +119,59 @@ def test_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model):
     for key, value in a["optimizer"]["state"].items():
         for name, tensor in value.items():
             assert torch.equal(tensor, b["optimizer"]["state"][key][name]), (key, name)
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     assert a["scheduler"] == b["scheduler"]
     assert {k: v for k, v in expected.items() if k not in ("images_per_s", "time_s")} == \
         {k: v for k, v in resumed.items() if k not in ("images_per_s", "time_s")}
     assert [s["loss"] for s in a["history"]["steps"]] == [s["loss"] for s in b["history"]["steps"]]
+
+
+def test_one_cycle_schedule_runs_per_batch_over_the_whole_run(tmp_path, mnist_dir, monkeypatch):
+    """The fast recipe's lr rises to its peak 30% of the way through the whole run and ends near zero; its
+    settings are what the checkpoint records, and a resumed run cannot change the cycle's length."""
+    checkpoint = str(tmp_path / "fast.pt")
+    lrs = []  # the lr after each scheduler step (the first inside its constructor): batch i + 1 runs with lrs[i]
+    real_step = torch.optim.lr_scheduler.OneCycleLR.step
+
+    def recording_step(scheduler, *args, **kwargs):
+        real_step(scheduler, *args, **kwargs)
+        lrs.append(scheduler.get_last_lr()[0])
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.OneCycleLR, "step", recording_step)
+    metrics = train.main(["--data-dir", mnist_dir, "--backend", "torch", "--model", "fast", "--train-limit", "2560",
+                          "--test-limit", "200", "--epochs", "2", "--checkpoint", checkpoint])
+    saved = torch.load(checkpoint, weights_only=True)
+    settings = saved["settings"]
+    assert (settings["schedule"], settings["cycle_epochs"], settings["optimizer"], settings["lr"]) == \
+        ("onecycle", 2, "adam", 0.015)
+    assert settings["label_smoothing"] == 0.1 and tuple(settings["betas"]) == (0.7, 0.9)
+    assert saved["scheduler"]["total_steps"] == 2 * 10 and saved["scheduler"]["last_epoch"] == 20
+    # 20 steps, one after every batch: the peak after step 5 (pct_start 0.3 of the 19 intervals), the last batch at the
+    # floor lr / (25 * 1e4); the lr that the 20th step computes is never used.
+    assert len(lrs) == 21 and max(lrs) == pytest.approx(0.015) and lrs.index(max(lrs)) == 5
+    assert lrs[19] == pytest.approx(0.015 / 25 / 1e4)
+    assert metrics["lr"] > 0.01  # epoch 2 starts after step 10, on the way down from the peak
+    with pytest.raises(SystemExit) as error:
+        train.main(["--data-dir", mnist_dir, "--backend", "torch", "--checkpoint", checkpoint, "--resume",
+                    "--epochs", "3"])
+    assert error.value.code == 2
+
+
+@pytest.mark.parametrize("flags, check", [
+    (["--optimizer", "adamw", "--lr", "0.002", "--lr-decay", "0.5"],
+     lambda saved, log: ([e["lr"] for e in log["epochs"]] == [0.002, 0.001]
+                         and saved["optimizer"]["param_groups"][0]["weight_decay"] == 0.01)),
+    (["--momentum", "0.9", "--batch-size", "64"],
+     lambda saved, log: (saved["optimizer"]["param_groups"][0]["momentum"] == 0.9
+                         and len(log["steps"]) == 2 * 8)),
+    (["--model", "fast", "--schedule", "epochs", "--lr", "0.001"],
+     lambda saved, log: [e["lr"] for e in log["epochs"]] == [0.001, 0.001]),
+], ids=["adamw_decay", "sgd_momentum_batch", "fast_without_cycle"])
+def test_trainer_flags_reach_the_optimizer(tmp_path, mnist_dir, flags, check):
+    checkpoint, log = tmp_path / "run.pt", tmp_path / "log.json"
+    train.main(["--data-dir", mnist_dir, "--backend", "torch", "--train-limit", "512", "--test-limit", "100",
+                "--epochs", "2", "--checkpoint", str(checkpoint), "--log-json", str(log)] + flags)
+    assert check(torch.load(checkpoint, weights_only=True), json.loads(log.read_text()))
 
 
 def test_resume_refuses_changed_settings_and_finished_runs(tmp_path, mnist_dir, capsys):
@@ -143,6 +207,8 @@ def _usage_error(argv, capsys):
     (["--resume"], "--resume needs --checkpoint PATH"),
     (["--resume", "--checkpoint", "/nonexistent/run.pt"], "--resume: checkpoint /nonexistent/run.pt does not exist"),
     (["--optimizer", "adam", "--momentum", "0.9"], "--momentum applies to --optimizer sgd only, not adam"),
+    (["--model", "fast", "--lr-decay", "0.5"], "--lr-decay applies to --schedule epochs; onecycle anneals"),
+    (["--schedule", "weekly"], "argument --schedule: invalid choice: 'weekly'"),
 ])
 def test_bad_arguments_give_one_line(argv, message, capsys):
     line = _usage_error(argv, capsys)
