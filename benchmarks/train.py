@@ -1,8 +1,11 @@
-"""The training-step benchmark: one SGD step of the MNIST classifier on a batch already on the device, with
-cnn_ext's layers ("ext") and with torch's ("torch"), from identical weights."""
+"""The training-step benchmarks: one SGD step of the MNIST classifier on a batch already on the device, with
+cnn_ext's layers ("ext") and with torch's ("torch"), from identical weights; and the same network as a user would
+write it with torch.nn, passed through cnn_ext.convert, against itself unconverted."""
 
 import torch
 import torch.nn.functional as F
+
+import cnn_ext
 from cnn_ext.models import MNISTClassifier
 
 from . import cases
@@ -10,10 +13,34 @@ from .ops import validate
 from .report import Row
 
 
-def _train_step(backend, state, images, labels):
+class TorchSeedNet(torch.nn.Module):
+    """The seed network in the style of PyTorch's MNIST example: modules for the layers with weights,
+    torch.nn.functional for pooling and ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(1, 10, kernel_size=5)
+        self.c2 = torch.nn.Conv2d(10, 20, kernel_size=5)
+        self.d1 = torch.nn.Linear(320, 10)
+
+    def forward(self, x):
+        x = F.relu(F.max_pool2d(self.c1(x), 2))
+        x = F.relu(F.max_pool2d(self.c2(x), 2))
+        return self.d1(torch.flatten(x, 1))
+
+
+def _make_model(kind):
+    """kind: "ext"/"torch" (MNISTClassifier's backends), "converted" (TorchSeedNet through cnn_ext.convert) or
+    "torch_style" (TorchSeedNet as it is)."""
+    if kind in ("ext", "torch"):
+        return MNISTClassifier(backend=kind)
+    return cnn_ext.convert(TorchSeedNet()) if kind == "converted" else TorchSeedNet()
+
+
+def _train_step(kind, state, images, labels):
     """A zero-argument callable doing forward + cross-entropy + backward + SGD(lr 0.01, momentum 0.5) on its own
     model, created from `state`; it returns the loss and the parameters after the step."""
-    model = MNISTClassifier(backend=backend).to(images.device)
+    model = _make_model(kind).to(images.device)
     model.load_state_dict(state)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.5)
 
@@ -45,20 +72,25 @@ def run(device, time_pair, log):
     batch = cases.TRAIN_BATCH
     images = torch.randn(batch, 1, 28, 28, device=device)
     labels = torch.randint(0, 10, (batch,), device=device)
-    state = MNISTClassifier(backend="torch").state_dict()
-    # Validated on a first step from identical weights (same loss, same updated parameters), then timed on fresh
-    # models, whose weights drift apart over the repetitions without changing the work per step.
-    check, max_err, runnable = validate(_train_step("ext", state, images, labels),
-                                        _train_step("torch", state, images, labels), torch.float32)
-    fns = {"ours": _train_step("ext", state, images, labels)} if runnable else {}
-    fns["torch"] = _train_step("torch", state, images, labels)
-    samples = time_pair(fns)
-    kernels = {name: count_kernels(fn) for name, fn in fns.items()} if device == "cuda" else None
-    row = Row(section="train", case="mnist.train_step", op="fwd+loss+bwd+sgd", dtype="float32", batch=batch,
-              shape=f"{batch}x1x28² MNISTClassifier", work=None, unit=None, peak=None,
-              target=cases.target_ratio(device, "mnist", "train"), check=check, max_err=max_err,
-              torch_samples=samples["torch"], ours_samples=samples.get("ours", []), kernels=kernels)
-    log(row)
-    if kernels:
-        print(f"mnist.train_step: {kernels.get('ours', '-')} GPU kernels per step (torch: {kernels['torch']})")
-    return [row]
+    rows = []
+    for case, ours, theirs, what in (("mnist.train_step", "ext", "torch", "MNISTClassifier"),
+                                     ("mnist.train_converted", "converted", "torch_style",
+                                      "torch.nn net via cnn_ext.convert")):
+        state = _make_model(theirs).state_dict()
+        # Validated on a first step from identical weights (same loss, same updated parameters), then timed on
+        # fresh models, whose weights drift apart over the repetitions without changing the work per step.
+        check, max_err, runnable = validate(_train_step(ours, state, images, labels),
+                                            _train_step(theirs, state, images, labels), torch.float32)
+        fns = {"ours": _train_step(ours, state, images, labels)} if runnable else {}
+        fns["torch"] = _train_step(theirs, state, images, labels)
+        samples = time_pair(fns)
+        kernels = {name: count_kernels(fn) for name, fn in fns.items()} if device == "cuda" else None
+        row = Row(section="train", case=case, op="fwd+loss+bwd+sgd", dtype="float32", batch=batch,
+                  shape=f"{batch}x1x28² {what}", work=None, unit=None, peak=None,
+                  target=cases.target_ratio(device, "mnist", "train"), check=check, max_err=max_err,
+                  torch_samples=samples["torch"], ours_samples=samples.get("ours", []), kernels=kernels)
+        log(row)
+        if kernels:
+            print(f"{case}: {kernels.get('ours', '-')} GPU kernels per step (torch: {kernels['torch']})")
+        rows.append(row)
+    return rows
