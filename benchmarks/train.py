@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from cnn_ext.models import MNISTClassifier
+from cnn_ext.app.models import MNISTClassifier
 
 from . import cases
 from .ops import validate

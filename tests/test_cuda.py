@@ -118,9 +118,9 @@ def test_every_op_captures_into_a_cuda_graph_on_a_side_stream():
 def test_graphed_training_step_matches_eager_on_synthetic_data():
     """The trainer's CUDA-graph step (warm-up on a side stream, capture, replays, an eager partial batch) against
     its eager step, from the same weights on the same synthetic batches: same losses and weights (no MNIST)."""
-    pytest.importorskip("torchvision", reason="cnn_ext.train reads MNIST with torchvision's readers")
-    from cnn_ext.models import MNISTClassifier
-    from cnn_ext.train import _EagerStep, _GraphedStep
+    pytest.importorskip("torchvision", reason="cnn_ext.app.data reads MNIST with torchvision's readers")
+    from cnn_ext.app.models import MNISTClassifier
+    from cnn_ext.app.steps import EagerStep, GraphedStep
 
     torch.manual_seed(0)
     eager_model = MNISTClassifier().cuda()
@@ -128,8 +128,8 @@ def test_graphed_training_step_matches_eager_on_synthetic_data():
     images = torch.randn(600, 1, 28, 28, device="cuda")
     labels = torch.randint(0, 10, (600,), device="cuda")
     optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.5) for m in (eager_model, graphed_model)]
-    eager = _EagerStep(eager_model, optimizers[0])
-    graphed = _GraphedStep(graphed_model, optimizers[1], 64, images, labels)
+    eager = EagerStep(eager_model, optimizers[0])
+    graphed = GraphedStep(graphed_model, optimizers[1], 64, images, labels)
     for start in range(0, 600, 64):  # 9 full batches (3 warm-up, a capture, replays) and a partial one of 24
         x, y = images[start:start + 64], labels[start:start + 64]
         (eager_loss, eager_correct), (graphed_loss, graphed_correct) = eager(x, y), graphed(x, y)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-torchvision = pytest.importorskip("torchvision", reason="cnn_ext.data reads MNIST with torchvision's readers")
+torchvision = pytest.importorskip("torchvision", reason="cnn_ext.app.data reads MNIST with torchvision's readers")
 
-from cnn_ext import data  # noqa: E402
+from cnn_ext.app import data  # noqa: E402
 
 FILES = [name for image_file, label_file, _ in data.SPLITS.values() for name in (image_file, label_file)]
 

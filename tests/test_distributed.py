@@ -20,7 +20,8 @@ pytest.importorskip("torchvision", reason="the trainer reads MNIST with torchvis
 
 import cnn_ext  # noqa: E402
 from cnn_ext import train  # noqa: E402
-from cnn_ext.models import build_model  # noqa: E402
+from cnn_ext.app import loop  # noqa: E402
+from cnn_ext.app.models import build_model  # noqa: E402
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # --plot needs it
 
@@ -69,7 +70,7 @@ def test_ranks_end_with_identical_weights_and_learn(two_epoch_run):
     # The checkpoint holds rank 0's model, which is the one whose digest was logged.
     model = build_model("seed", "ext")
     model.load_state_dict(torch.load(out / "full.pt", weights_only=True)["model"])
-    assert train._state_digest(model) == digests[0]
+    assert loop.state_digest(model) == digests[0]
     assert not HAVE_MATPLOTLIB or (out / "curves.png").read_bytes().startswith(b"\x89PNG")
 
 

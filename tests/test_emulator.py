@@ -360,7 +360,7 @@ def test_misuse_is_reported(kind, message):
 def test_mnist_training_steps_match_the_cpu_kernels():
     """The seed model (fused conv + max-pool + ReLU forward, its composite backward on CUDA) trained for a few SGD
     steps through the emulated CUDA kernels follows the CPU kernels' training."""
-    from cnn_ext.models import MNISTClassifier
+    from cnn_ext.app.models import MNISTClassifier
 
     torch.manual_seed(0)
     models = [MNISTClassifier(), None]

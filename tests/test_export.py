@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cnn_ext.models import build_model
+from cnn_ext.app.models import build_model
 
 EXT_CPU = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"cnn_ext::{op}", "CPU")
               for op in ("conv2d", "max_pool2d", "avg_pool2d"))

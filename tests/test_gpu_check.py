@@ -112,7 +112,7 @@ def test_missing_optional_packages_skip_only_their_tests(tmp_path):
                              "tests/test_nn.py", "-k", "not state_dicts and not compile"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    for reason in ("property-based tests need hypothesis", "cnn_ext.data reads MNIST with torchvision",
+    for reason in ("property-based tests need hypothesis", "cnn_ext.app.data reads MNIST with torchvision",
                    "the visualiser draws with matplotlib", "the trainer reads MNIST with torchvision"):
         assert reason in result.stdout
     assert " passed" in result.stdout.splitlines()[-1]  # test_build and the non-torchvision nn tests ran

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import cnn_ext
 from _support import DEVICES
-from cnn_ext.models import build_model
+from cnn_ext.app.models import build_model
 
 
 def _pairs():

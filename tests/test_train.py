@@ -14,9 +14,10 @@ import torch
 pytest.importorskip("torchvision", reason="the trainer reads MNIST with torchvision's readers")
 
 import cnn_ext  # noqa: E402
-from cnn_ext import train  # noqa: E402
-from cnn_ext.models import DeepMNIST, MNISTClassifier, build_model  # noqa: E402
-from cnn_ext.summary import summarize  # noqa: E402
+from cnn_ext import train  # noqa: E402  (the `python -m cnn_ext.train` entry point: train.main)
+from cnn_ext.app import loop  # noqa: E402
+from cnn_ext.app.models import DeepMNIST, MNISTClassifier, build_model  # noqa: E402
+from cnn_ext.app.summary import summarize  # noqa: E402
 
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None  # --plot needs it
 
@@ -96,7 +97,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model, monkeypatch
     expected = train.main(common + recipe + ["--checkpoint", full])
 
     epochs_run = []
-    real_train_epoch = train._train_epoch
+    real_train_epoch = loop.train_epoch
 
     def interrupted_after_one_epoch(*args, **kwargs):
         if epochs_run:
@@ -104,10 +105,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model, monkeypatch
         epochs_run.append(1)
         return real_train_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(train, "_train_epoch", interrupted_after_one_epoch)
+    monkeypatch.setattr(loop, "train_epoch", interrupted_after_one_epoch)
     with pytest.raises(KeyboardInterrupt):
         train.main(common + recipe + ["--checkpoint", part])
-    monkeypatch.setattr(train, "_train_epoch", real_train_epoch)
+    monkeypatch.setattr(loop, "train_epoch", real_train_epoch)
     assert torch.load(part, weights_only=True)["epoch"] == 1
     torch.manual_seed(12345)  # whatever the global RNG holds now must not matter
     resumed = train.main(common + ["--checkpoint", part, "--resume"])

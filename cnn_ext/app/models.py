@@ -5,7 +5,7 @@ weights and their state_dicts are interchangeable."""
 import torch
 from torch import nn
 
-from . import nn as ext_nn
+from .. import nn as ext_nn
 
 __all__ = ["BACKENDS", "MODELS", "DeepMNIST", "FastMNIST", "MNISTClassifier", "build_model"]
 
@@ -51,8 +51,8 @@ def _conv_pool_relu(conv, pool, relu, x):
 class FastMNIST(nn.Module):
     """A small network for 99% in one epoch in seconds: conv 1->12 k5, max-pool 2, relu, conv 12->24 k3, max-pool
     2, relu, linear 600 -> 128, relu, linear 128 -> 10, both convolutions on the fused operator; 81k parameters,
-    1.04 MFLOPs per image forward. Its recipe (RECIPES in cnn_ext.train): Adam lr 0.015 betas (0.7, 0.9) on a per-batch
-    one-cycle schedule, label smoothing 0.1, batch 256, one epoch. The widths were chosen on 2 CPU cores among
+    1.04 MFLOPs per image forward. Its recipe (RECIPES in cnn_ext.app.recipes): Adam lr 0.015 betas (0.7, 0.9) on a
+    per-batch one-cycle schedule, label smoothing 0.1, batch 256, one epoch. The widths were chosen on 2 CPU cores among
     (24, 32)/256 (the usual fast-MNIST net: 99.07% mean over seeds 0-2, 4.3 s), (16, 32)/128, (16, 24), (12, 24)
     and (8, 16)/64 (98.90%): label smoothing gave +0.17 points, lr 0.015 +0.06 over 0.01."""
 
@@ -77,7 +77,7 @@ class DeepMNIST(nn.Module):
     """The seed's closing exercise, "implement more CNN layers": two VGG-style stages of two 3x3 convolutions
     each, with batch norm (so a high learning rate is stable), a third convolution, then dropout and a linear
     classifier on its 128x5x5 output. 171k parameters, 40.6 MFLOPs per image (the seed's: 8.5k, 0.95 MFLOPs).
-    Its recipe (RECIPES in cnn_ext.train): Adam lr 3e-3, decayed x0.7 after each epoch, batch 128. Measured after
+    Its recipe (RECIPES in cnn_ext.app.recipes): Adam lr 3e-3, decayed x0.7 after each epoch, batch 128. Measured after
     one epoch on 2 CPU cores, seed 0: 98.2% test accuracy on the ext backend (62 s). On the torch backend, with the
     lr constant through the epoch, batch 256 and lr 1e-3 or 2e-3 at batch 64 gave 98.4-98.6%; Adam peaking at
     3e-3 on a per-batch one-cycle schedule over the epoch (which the trainer does not have) gave 99.2%."""
