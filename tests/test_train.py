@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("torchvision", reason="the trainer reads MNIST with torchvision's readers")
 
 import cnn_ext  # noqa: E402
+from _support import needs_gpu  # noqa: E402
 from cnn_ext import train  # noqa: E402  (the `python -m cnn_ext.train` entry point: train.main)
 from cnn_ext.app import loop  # noqa: E402
 from cnn_ext.app.models import DeepMNIST, MNISTClassifier, build_model  # noqa: E402
@@ -86,13 +87,10 @@ def test_backends_build_identical_models():
     assert not any(type(m) in (torch.nn.Conv2d, torch.nn.MaxPool2d) for m in DeepMNIST("ext").modules())
 
 
-@pytest.mark.parametrize("model", ["seed", "fast", "deep"])
-def test_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model, monkeypatch):
-    """Two epochs in one go, and a two-epoch run interrupted after its first epoch then resumed, give bit-identical
-    weights, optimiser state and metrics. The deep model checks the parts the seed lacks: dropout's RNG, batch-norm
-    buffers, Adam; the fast model the per-batch one-cycle schedule, fused Adam and label smoothing."""
-    common = ["--data-dir", mnist_dir, "--backend", "torch", "--test-limit", "500", "--epochs", "2"]
-    recipe = ["--model", model, "--train-limit", {"deep": "1280", "fast": "2560"}.get(model, "3000")]
+def _check_resume_equals_uninterrupted_run(tmp_path, monkeypatch, common, recipe):
+    """Two epochs in one go, and a two-epoch run interrupted (Ctrl-C) during its second epoch then resumed from its
+    first epoch's checkpoint: bit-identical weights, optimiser state, schedule and metrics."""
+    common = common + ["--epochs", "2"]
     full, part = str(tmp_path / "full.pt"), str(tmp_path / "part.pt")
     expected = train.main(common + recipe + ["--checkpoint", full])
 
@@ -125,6 +123,27 @@ def test_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model, monkeypatch
     assert {k: v for k, v in expected.items() if k not in ("images_per_s", "time_s")} == \
         {k: v for k, v in resumed.items() if k not in ("images_per_s", "time_s")}
     assert [s["loss"] for s in a["history"]["steps"]] == [s["loss"] for s in b["history"]["steps"]]
+
+
+@pytest.mark.parametrize("model", ["seed", "fast", "deep"])
+def test_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model, monkeypatch):
+    """The deep model checks the parts the seed lacks: dropout's RNG, batch-norm buffers, Adam; the fast model the
+    per-batch one-cycle schedule, fused Adam and label smoothing."""
+    _check_resume_equals_uninterrupted_run(
+        tmp_path, monkeypatch, ["--data-dir", mnist_dir, "--backend", "torch", "--test-limit", "500"],
+        ["--model", model, "--train-limit", {"deep": "1280", "fast": "2560"}.get(model, "3000")])
+
+
+@needs_gpu
+@pytest.mark.parametrize("model", ["seed", "fast"])
+def test_cuda_graphs_resume_equals_uninterrupted_run(tmp_path, mnist_dir, model, monkeypatch):
+    """The same under --cuda-graphs on our CUDA kernels (deterministic: no atomics), where the resumed run warms up
+    eagerly and captures again: SGD's constant lr inside the graph; the fast recipe's capturable Adam, whose lr is a
+    device tensor that the one-cycle schedule rewrites between replays, restored from the checkpoint onto the
+    device."""
+    _check_resume_equals_uninterrupted_run(
+        tmp_path, monkeypatch, ["--data-dir", mnist_dir, "--device", "cuda", "--cuda-graphs", "--test-limit", "500"],
+        ["--model", model, "--train-limit", "2560"])
 
 
 def test_one_cycle_schedule_runs_per_batch_over_the_whole_run(tmp_path, mnist_dir, monkeypatch):

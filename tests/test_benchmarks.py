@@ -1,0 +1,35 @@
+"""`python -m benchmarks.run --quick` as a smoke test: every row runs, is checked against torch and is reported.
+Speed is not asserted here (timings on a shared machine are noise for a test); the benchmark's own PASS/FAIL
+column is for that."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_quick_benchmarks_run_every_row_and_validate_it(tmp_path):
+    out = tmp_path / "bench.json"
+    args = [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--json", str(out)]
+    plot = importlib.util.find_spec("matplotlib") is not None
+    if plot:
+        args += ["--plot", str(tmp_path / "bench.png")]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "0 failed validation" in result.stdout
+
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {row["section"] for row in rows} == {"conv", "pool", "train"}
+    assert {"mnist.train_step", "mnist.train_converted"} <= {row["case"] for row in rows}
+    for row in rows:
+        where = f"{row['case']} {row['op']}"
+        assert row["check"] == "ok", where
+        assert row["ours_s"] > 0 and row["torch_s"] > 0, where
+        assert row["ratio"] == row["ours_s"] / row["torch_s"], where
+    assert report["config"]["quick"] is True and report["machine"]["cnn_ext_cpu_isa"]
+    if plot:
+        assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
