@@ -27,9 +27,11 @@ CONV_SHAPES = {
     "valid_dilated": (2, 6, 12, 10, 8, (5, 3), 1, 0, 2, 1),
     "one_channel": (16, 1, 14, 14, 10, 5, 1, 0, 1, 1),
     "strided_grouped": (2, 6, 11, 11, 4, 3, 2, 1, 1, 2),
+    "3x3_grouped_pad2": (2, 6, 9, 8, 4, 3, 1, 2, 1, 2),  # odd and even output sizes: partial Winograd tiles
+    "3x3_pad3": (1, 3, 5, 6, 2, 3, 1, 3, 1, 1),  # Winograd's forward; its dgrad needs padding <= 2
 }
 # What each algorithm needs beyond what every shape has (see csrc/cpu/dispatch.cpp).
-NEEDS = {"implicit": {"stride1"}, "dcol": {"stride1"}, "dot_tiles": {"stride1"},
+NEEDS = {"implicit": {"stride1"}, "dcol": {"stride1"}, "dot_tiles": {"stride1"}, "winograd": {"stride1"},
          "lanes": {"stride1_for_dgrad", "float32", "one_group", "avx2 or avx512"}}
 
 
@@ -39,6 +41,9 @@ def _serves(direction, algorithm, shape_name, dtype, isa):
     needs = NEEDS.get(algorithm, set())
     if "stride1" in needs and stride != 1:
         return False
+    if algorithm == "winograd":  # F(2x2, 3x3): undilated 3x3, stride 1; dgrad pads by 2 - padding
+        return (kernel == 3 and stride == 1 and dilation == 1
+                and (direction != "dgrad" or (padding != "same" and padding <= 2)))
     if algorithm == "lanes":
         return (dtype == torch.float32 and groups == 1 and isa in ("avx2", "avx512")
                 and (stride == 1 or direction not in ("dgrad", "fused_backward")))

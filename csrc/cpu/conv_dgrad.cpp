@@ -1,6 +1,6 @@
-// CPU dgrad (cnn_ext.conv2d_backward_input): dcol = Wᵀ·dY with col2im as row adds, the fprop machinery on dY's
-// flipped windows (implicit), Wᵀ·dY panels with col2im (explicit), or the batch-in-lanes kernels; dispatch.cpp
-// chooses.
+// CPU dgrad (cnn_ext.conv2d_backward_input): Winograd F(2x2, 3x3) on dY with the kernel flipped (winograd.h),
+// dcol = Wᵀ·dY with col2im as row adds, the fprop machinery on dY's flipped windows (implicit), Wᵀ·dY panels with
+// col2im (explicit), or the batch-in-lanes kernels; dispatch.cpp chooses.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +14,7 @@
 #include "conv_common.h"
 #include "dispatch.h"
 #include "isa.h"
+#include "winograd.h"
 
 namespace cnn_ext::cpu {
 namespace {
@@ -176,6 +177,10 @@ void conv2d_backward_input(const ConvShape<int64_t>& shape, Dgrad algorithm, con
     case Dgrad::kLanes:
       if constexpr (std::is_same_v<T, float>) return lanes::conv2d_backward_input(shape, dy, w, dx);
       break;
+    case Dgrad::kWinograd:  // the fprop of dY with the kernel flipped and transposed, padded by 2 - pad
+      return winograd_3x3(Winograd3x3{cv.n, cv.groups, cv.kg, cv.cg, cv.p, cv.q, cv.h, cv.w, 2 - cv.pad_h,
+                                      2 - cv.pad_w},
+                          dy, w, true, static_cast<const T*>(nullptr), dx);
     case Dgrad::kDcol:
       return conv2d_backward_input_dcol(cv, dy, w, dx);
     case Dgrad::kImplicit:

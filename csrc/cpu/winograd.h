@@ -1,0 +1,41 @@
+// Winograd F(2x2, 3x3) for stride-1, undilated 3x3 convolutions (Lavin & Gray, "Fast Algorithms for Convolutional
+// Neural Networks", 2016): each 2x2 block of outputs is computed from a 4x4 tile of input with 16 multiplications
+// per (input, output) channel pair instead of 36, i.e. 2.25x fewer.
+//
+//   Y = Aᵀ [ Σ_c (G g_kc Gᵀ) ⊙ (Bᵀ d_c B) ] A
+//
+//   Bᵀ = | 1  0 -1  0 |   G = |  1    0    0  |   Aᵀ = | 1  1  1  0 |
+//        | 0  1  1  0 |       | 1/2  1/2  1/2 |        | 0  1 -1 -1 |
+//        | 0 -1  1  0 |       | 1/2 -1/2  1/2 |
+//        | 0  1  0 -1 |       |  0    0    1  |
+//
+// The sum over channels is, for each of the 16 positions ξ of the transformed tile, one GEMM:
+// M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], on gemm.h's micro-kernels with U_ξ packed once per call.
+// An item is (image, group, a block of tile rows): its input rows are copied into a zero-padded window
+// (conv_common.h's copy_window), transformed into V (16 × in × tiles), multiplied, and transformed back into the
+// output rows. Items write disjoint outputs, so results do not depend on the schedule.
+//
+// The same routine serves the input gradient of a stride-1 3x3 convolution with padding <= 2: dX is the
+// convolution of dY with the kernel flipped and its channel axes swapped, padded by 2 - pad (flip = true).
+//
+// Error: the transforms' coefficients are ±1 and ±1/2, so the float32 error stays within a small multiple of the
+// direct product's; tests/test_winograd.py measures it against float64 per shape class (README "CPU kernels").
+#pragma once
+
+#include <cstdint>
+
+namespace cnn_ext::cpu {
+
+// One stride-1 3x3 convolution of `groups` groups, per group `in` input and `out` output channels;
+// out_h = in_h + 2*pad_h - 2, out_w likewise.
+struct Winograd3x3 {
+  int64_t n, groups, in, out, in_h, in_w, out_h, out_w, pad_h, pad_w;
+};
+
+// dst = conv(src, weights) (+ bias[channel]). Without flip, weights are K × in × 3 × 3 (K = groups*out, the
+// fprop layout); with flip they are the fprop weights of the convolution whose input gradient this computes:
+// (groups*in) × out × 3 × 3, read transposed and rotated by 180 degrees.
+template <typename T>
+void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst);
+
+}  // namespace cnn_ext::cpu
