@@ -116,15 +116,17 @@ TARGET_TIME_RATIO = {
     ("cpu", "mnist_pool", "max_pool2d.bwd"): 0.5,  # scatters into a zeroed gradient: a store-bound floor
     ("cpu", "resnet_conv"): 1 / 0.6,
     ("cpu", "train"): 0.3,
+    ("cpu", "models"): 1.0,  # a converted torchvision model must never be slower than on torch's layers
     ("cuda", "mnist_conv"): 0.5,
     ("cuda", "mnist_pool"): 0.5,
     ("cuda", "resnet_conv"): 1 / 0.7,
     ("cuda", "train"): 0.5,
+    ("cuda", "models"): 1.0,
 }
 
 
 def target_ratio(device, family, section, op=None):
-    group = (device, "train" if section == "train" else f"{family}_{section}")
+    group = (device, section if section in ("train", "models") else f"{family}_{section}")
     return TARGET_TIME_RATIO.get((*group, op), TARGET_TIME_RATIO[group])
 
 

@@ -1,11 +1,12 @@
 """Benchmark cnn_ext's operators and an MNIST training step against torch's built-ins.
 
-    python -m benchmarks.run [--device cpu|cuda] [--ops conv,pool,train] [--quick] [--json PATH] [--plot PATH]
+    python -m benchmarks.run [--device cpu|cuda] [--ops conv,pool,train,models] [--quick] [--json PATH] [--plot PATH]
                              [--repeat N] [--threads N] [--cpu-peak-gflops X]
 
 Every row is validated against torch before it is timed, then ours and torch's are timed interleaved (see
 timing.py). CPU: torch.utils.benchmark.Timer with torch's threads (or --threads). GPU: CUDA events around each op
-with L2 flushed before it, fp32 with TF32 off, plus bf16 rows; the train step is timed by wall clock on both.
+with L2 flushed before it, fp32 with TF32 off, plus bf16 rows; the train step and the whole torchvision models
+(`--ops models`, opt-in: cnn_ext.convert'ed against unconverted) are timed by wall clock on both.
 Prints the machine, then a table; exits with status 1 if any of our results failed validation (speed targets only
 inform).
 """
@@ -20,9 +21,10 @@ import torch
 
 import cnn_ext  # noqa: F401  (registers torch.ops.cnn_ext)
 
-from . import cases, ops, report, timing, train
+from . import cases, models, ops, report, timing, train
 
-SECTIONS = ("conv", "pool", "train")
+SECTIONS = ("conv", "pool", "train", "models")
+DEFAULT_SECTIONS = ("conv", "pool", "train")  # "models" (whole torchvision networks) takes minutes: opt-in
 
 # Repetitions (each timing ours and torch once) and, for wall-clock timing, the length of one repetition's block
 # of calls. --quick is a smoke test of every row (~60 s on 2 cores), not a measurement.
@@ -34,7 +36,8 @@ WARMUP = {False: 3, True: 1}
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--ops", default=",".join(SECTIONS), help="comma-separated subset of conv,pool,train")
+    parser.add_argument("--ops", default=",".join(DEFAULT_SECTIONS),
+                        help="comma-separated subset of conv,pool,train,models (default: conv,pool,train)")
     parser.add_argument("--quick", action="store_true", help="every row, few repetitions, small CPU batches")
     parser.add_argument("--json", metavar="PATH", help="write machine, settings and rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of the time ratios")
@@ -96,6 +99,8 @@ def main(argv=None):
     rows = ops.run(args.sections, device, dtypes, device_name, settings, op_timer, log)
     if "train" in args.sections:
         rows += train.run(device, wallclock, log)
+    if "models" in args.sections:
+        rows += models.run(device, wallclock, quick, log)
 
     passed = sum(r.passed for r in rows)
     invalid = [r for r in rows if r.check != "ok"]

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -33,3 +35,18 @@ def test_quick_benchmarks_run_every_row_and_validate_it(tmp_path):
     assert report["config"]["quick"] is True and report["machine"]["cnn_ext_cpu_isa"]
     if plot:
         assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_models_section_runs_converted_torchvision_models(tmp_path):
+    """`--ops models` (opt-in): resnet18, vgg11 and mobilenet_v2 through cnn_ext.convert, forward and forward +
+    backward, each validated against the unconverted model."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("the models section needs torchvision")
+    out = tmp_path / "models.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--ops", "models",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(row["case"], row["op"]) for row in rows} == {
+        (f"model.{name}", op) for name in ("resnet18", "vgg11", "mobilenet_v2") for op in ("fwd", "fwd+bwd")}
+    assert all(row["check"] == "ok" and row["ours_s"] > 0 for row in rows)
