@@ -1,7 +1,8 @@
-"""Winograd F(2x2, 3x3) on the CPU (csrc/cpu/winograd.cpp): forward and input gradient against torch in float64,
-its float32 error against a float64 reference per shape class (the README quotes these classes), the shapes that
-stress its tiling (odd sizes, padding 0-2, groups, items spanning images, 1x1 outputs), and the dispatch rule that
-chooses it. tests/test_cpu_dispatch.py runs it on every ISA as well."""
+"""Winograd on the CPU (csrc/cpu/winograd.cpp): F(2x2, 3x3) for the forward and input gradient, F(3x3, 2x2) for the
+weight gradient, against torch in float64; their float32 error against a float64 reference per shape class (the
+README quotes these classes); the shapes that stress the tiling (odd sizes, padding 0-3, groups, items spanning
+images, 1x1 outputs, channel counts past whole vectors); and the dispatch rules that choose them.
+tests/test_cpu_dispatch.py runs them on every ISA as well."""
 
 import pytest
 import torch
@@ -21,22 +22,27 @@ TILING_SHAPES = {
     "items_span_images": (9, 6, 5, 6, 4, 1, 1),  # 3x3 tiles per image: runs of tile rows cross images
     "one_output": (2, 3, 3, 3, 2, 0, 1),
     "one_pixel": (1, 2, 1, 1, 3, 1, 1),
+    # The weight gradient's transforms run along the channels: whole AVX-512 vectors and a tail, per group.
+    "channels_past_vectors": (2, 74, 6, 7, 70, 1, 2),
 }
 
 
-def _products(x, w, b, dy, padding, groups, algorithm):
-    with cpu_dispatch.forced(fprop=algorithm, dgrad=algorithm), cpu_dispatch.recording() as calls:
+def _products(x, w, b, dy, padding, groups, algorithm, wgrad_algorithm=None):
+    """y, dx and dw by the forced algorithms (wgrad's defaults to `algorithm`), and the record of what ran."""
+    forced = dict(fprop=algorithm, dgrad=algorithm, wgrad=wgrad_algorithm or algorithm)
+    with cpu_dispatch.forced(**forced), cpu_dispatch.recording() as calls:
         y = ops.conv2d(x, w, b, [1, 1], [padding, padding], [1, 1], groups)
         dx = ops.conv2d_backward_input(dy, w, list(x.shape), [1, 1], [padding, padding], [1, 1], groups)
-    return y, dx, calls
+        dw = ops.conv2d_backward_weight(dy, x, list(w.shape), [1, 1], [padding, padding], [1, 1], groups)
+    return y, dx, dw, calls
 
 
 def _reference(x, w, b, dy, padding, groups):
     x64, w64, dy64 = x.double(), w.double(), dy.double()
     y = F.conv2d(x64, w64, None if b is None else b.double(), padding=padding, groups=groups)
-    dx = torch.ops.aten.convolution_backward(dy64, x64, w64, None, [1, 1], [padding, padding], [1, 1], False, [0, 0],
-                                             groups, [True, False, False])[0]
-    return y, dx
+    dx, dw, _ = torch.ops.aten.convolution_backward(dy64, x64, w64, None, [1, 1], [padding, padding], [1, 1], False,
+                                                    [0, 0], groups, [True, True, False])
+    return y, dx, dw
 
 
 @pytest.mark.parametrize("shape", TILING_SHAPES.values(), ids=TILING_SHAPES.keys())
@@ -47,19 +53,21 @@ def test_tiling_matches_torch_in_float64(shape):
     wt = torch.randn(k, c // groups, 3, 3, generator=g, dtype=torch.float64)
     b = torch.randn(k, generator=g, dtype=torch.float64)
     dy = torch.randn(n, k, h + 2 * padding - 2, w + 2 * padding - 2, generator=g, dtype=torch.float64)
-    y, dx, calls = _products(x, wt, b, dy, padding, groups, "winograd")
-    assert [(d, a) for d, a, _ in calls] == [("fprop", "winograd"), ("dgrad", "winograd")]
-    ref_y, ref_dx = _reference(x, wt, b, dy, padding, groups)
-    torch.testing.assert_close(y, ref_y, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(dx, ref_dx, rtol=1e-10, atol=1e-10)
+    *products, calls = _products(x, wt, b, dy, padding, groups, "winograd")
+    assert [(d, a) for d, a, _ in calls] == [("fprop", "winograd"), ("dgrad", "winograd"), ("wgrad", "winograd")]
+    for ours, ref in zip(products, _reference(x, wt, b, dy, padding, groups)):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_dgrad_with_padding_over_two_falls_back():
-    """dX is Winograd on dY padded by 2 - padding: padding 3 cannot be, so the usual rule serves it."""
-    x, w, dy = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.randn(1, 3, 9, 9)
-    _, dx, calls = _products(x, w, None, dy, 3, 1, "winograd")
-    assert [(d, a) for d, a, _ in calls][0] == ("fprop", "winograd") and calls[1][1] != "winograd"
-    torch.testing.assert_close(dx, _reference(x, w, None, dy, 3, 1)[1].float(), rtol=1e-4, atol=1e-4)
+def test_padding_over_two():
+    """dX is Winograd on dY padded by 2 - padding: padding 3 cannot be, so the usual rule serves it; the forward
+    and the weight gradient take any padding (their tiles read zeros past the input)."""
+    g = torch.Generator().manual_seed(2)
+    x, w, dy = (torch.randn(s, generator=g, dtype=torch.float64) for s in ((2, 2, 5, 6), (3, 2, 3, 3), (2, 3, 9, 10)))
+    *products, calls = _products(x, w, None, dy, 3, 1, "winograd")
+    assert [a == "winograd" for _, a, _ in calls] == [True, False, True]
+    for ours, ref in zip(products, _reference(x, w, None, dy, 3, 1)):
+        torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
 # The classes whose float32 error the README states: (n, channels, size), weights scaled by 1/sqrt(fan-in) as
@@ -75,21 +83,25 @@ ERROR_CLASSES = {
 @pytest.mark.parametrize("shape", ERROR_CLASSES.values(), ids=ERROR_CLASSES.keys())
 def test_float32_error_within_the_suite_tolerance(shape):
     """float32 Winograd against the float64 reference: within the suite's float32 tolerance (1e-4 relative and
-    absolute), and no worse than twice the implicit GEMM's own error (measured: 0.3-0.5x of it, since each output
-    sums over the channels only, not channels x taps)."""
+    absolute), and no worse than twice the error of the implicit GEMM (forward, input gradient) and of the GEMM
+    (weight gradient). Measured: the forward and input gradient at 0.3-0.5x of it, since each output sums over the
+    channels only, not channels x taps; the weight gradient at 0.7-1.1x (it sums over the tiles and images as the
+    GEMM sums over the positions)."""
     n, c, size = shape
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, c, size, size, generator=g)
     w = torch.randn(c, c, 3, 3, generator=g) / (9 * c) ** 0.5
     dy = torch.randn(n, c, size, size, generator=g)
-    ref_y, ref_dx = _reference(x, w, None, dy, 1, 1)
+    refs = _reference(x, w, None, dy, 1, 1)
     errors = {}
-    for algorithm in ("winograd", "implicit"):
-        y, dx, _ = _products(x, w, None, dy, 1, 1, algorithm)
-        errors[algorithm] = max((y.double() - ref_y).abs().max().item(), (dx.double() - ref_dx).abs().max().item())
-        torch.testing.assert_close(y.double(), ref_y, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(dx.double(), ref_dx, rtol=1e-4, atol=1e-4)
-    assert errors["winograd"] <= 2 * errors["implicit"], errors
+    for algorithm, wgrad_algorithm in (("winograd", "winograd"), ("implicit", "gemm")):
+        *products, _ = _products(x, w, None, dy, 1, 1, algorithm, wgrad_algorithm)
+        for name, ours, ref in zip(("y", "dx", "dw"), products, refs):
+            errors[algorithm, name] = (ours.double() - ref).abs().max().item()
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(ours.double(), ref, rtol=1e-4, atol=1e-4 * max(1.0, scale))
+    for name in ("y", "dx", "dw"):
+        assert errors["winograd", name] <= 2 * errors["implicit", name], errors
 
 
 @pytest.mark.parametrize("shape, chosen", [
@@ -107,3 +119,19 @@ def test_dispatch_rule(shape, chosen):
         ops.conv2d_backward_input(dy, w, [n, c, size, size], [1, 1], [1, 1], [1, 1], 1)
         ops.conv2d(x, w, None, [2, 2], [1, 1], [1, 1], 1)  # strided: never Winograd
     assert [a == "winograd" for _, a, _ in calls] == [chosen, chosen, False]
+
+
+@pytest.mark.parametrize("shape, chosen", [
+    ((8, 64, 14, 14, 64), True),
+    ((1, 256, 14, 14, 256), True),  # no kernels to transform: 49 tiles are enough
+    ((1, 64, 4, 4, 128), True),
+    ((8, 16, 14, 14, 16), False),  # too few channels
+    ((32, 32, 8, 8, 32), False),  # 32 + 32 channels: a tie with the GEMMs
+])
+def test_weight_gradient_dispatch_rule(shape, chosen):
+    n, c, size, _, k = shape
+    x, dy = torch.randn(n, c, size, size), torch.randn(n, k, size, size)
+    with cpu_dispatch.recording() as calls:
+        ops.conv2d_backward_weight(dy, x, [k, c, 3, 3], [1, 1], [1, 1], [1, 1], 1)
+        ops.conv2d_backward_weight(dy[:, :, ::2, ::2], x, [k, c, 3, 3], [2, 2], [1, 1], [1, 1], 1)
+    assert [a == "winograd" for _, a, _ in calls] == [chosen, False]

@@ -1,6 +1,6 @@
-// CPU wgrad (cnn_ext.conv2d_backward_weight): dot tiles of dY against the input windows (stride 1, few output
-// channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses. And the
-// bias gradient (cnn_ext.conv2d_backward_bias).
+// CPU wgrad (cnn_ext.conv2d_backward_weight): Winograd F(3x3, 2x2) (winograd.h), dot tiles of dY against the input
+// windows (stride 1, few output channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels;
+// dispatch.cpp chooses. And the bias gradient (cnn_ext.conv2d_backward_bias).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -14,6 +14,7 @@
 #include "conv_common.h"
 #include "dispatch.h"
 #include "isa.h"
+#include "winograd.h"
 
 namespace cnn_ext::cpu {
 namespace {
@@ -179,6 +180,9 @@ void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, co
     case Wgrad::kLanes:
       if constexpr (std::is_same_v<T, float>) return lanes::conv2d_backward_weight(shape, dy, x, dw);
       break;
+    case Wgrad::kWinograd:  // dy and x channels-last
+      return winograd_3x3_wgrad<T>({cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w}, dy, x,
+                                   dw);
     case Wgrad::kDotTiles:
       return conv2d_backward_weight_dot_tiles(cv, dy, x, dw);
     case Wgrad::kGemm:
@@ -229,10 +233,13 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   at::Tensor grad_weight = at::empty(shape.weight_sizes(), input.options());
   if (grad_weight.numel() == 0) return grad_weight;
   if (grad_output.numel() == 0) return grad_weight.zero_();  // empty batch: nothing to sum
-  const at::Tensor dy = grad_output.contiguous();
   const Wgrad algorithm = choose_wgrad(shape, input.scalar_type());
-  // The GEMM gathers from a channels-last copy (see gather_col_t).
-  const at::Tensor x = algorithm == Wgrad::kGemm ? input.permute({0, 2, 3, 1}).contiguous() : input.contiguous();
+  // The GEMM gathers from a channels-last copy of x (see gather_col_t); Winograd transforms along the channels of
+  // channels-last x and dY.
+  const auto channels_last = [](const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); };
+  const bool winograd = algorithm == Wgrad::kWinograd;
+  const at::Tensor dy = winograd ? channels_last(grad_output) : grad_output.contiguous();
+  const at::Tensor x = winograd || algorithm == Wgrad::kGemm ? channels_last(input) : input.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_backward_weight_cpu", [&] {
     conv2d_backward_weight<scalar_t>(shape, algorithm, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                      grad_weight.mutable_data_ptr<scalar_t>());

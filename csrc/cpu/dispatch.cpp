@@ -16,6 +16,7 @@
 // |                   | implicit     | stride 1, Cg fills at least half the row tiles     | the fprop machinery on flipped taps |
 // |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
 // | wgrad             | lanes        | lanes::suits                                       | as fprop                          |
+// |                   | winograd     | as fprop's winograd, at any tile count             | F(3x3, 2x2): GEMMs over the tiles |
 // |                   | dot_tiles    | stride 1, Kg <= 32 or a 1x1 kernel                 | few output channels: no transposed gather |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
 // | fused_forward     | lanes        | lanes::suits                                       | as fprop, pooled in registers     |
@@ -77,6 +78,8 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"explicit", "always", "Wᵀ·dY panels, then col2im"}}},
       {"wgrad",
        {{"lanes", "float32, as fprop's lanes", "as fprop"},
+        {"winograd", "as fprop's winograd, at any number of tiles (no kernels to transform)",
+         "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
         {"dot_tiles", "stride 1 and at most 32 output channels per group, or a 1x1 kernel",
          "few output channels: reduces dY against the input windows in place, no transposed gather"},
         {"gemm", "always", "dY·colᵀ over a channels-last copy of the input, for many channels or strides"}}},
@@ -155,10 +158,15 @@ bool winograd_dgrad_can(const Conv& cv) { return winograd_can(cv) && cv.pad_h <=
 // call). Measured on the 2-core AVX-512 machine against implicit: 0.67-0.93x the time on ResNet's 3x3 64/128/256
 // layers at batch 8 and 0.8x on DeepMNIST's 64-channel layer, a tie at 32/32 channels and at 128 channels on one
 // 28x28 image, slower with 16 channels or 49 tiles.
+bool winograd_channels(int64_t in, int64_t out) { return in >= 32 && out >= 32 && in + out >= 96; }
 bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, int64_t out_w) {
   const int64_t tiles = cv.n * ceil_div(out_h, 2) * ceil_div(out_w, 2);
-  return in >= 32 && out >= 32 && in + out >= 96 && tiles >= 256;
+  return winograd_channels(in, out) && tiles >= 256;
 }
+
+// The weight gradient transforms no kernels, so it pays at any tile count: measured 0.75-0.95x the time of the
+// GEMM and dot tiles on ResNet's 3x3 64/128/256 layers at batch 1 and 8 (49-6272 tiles), a tie at 32/32 channels.
+bool winograd_wgrad_preferred(const Conv& cv) { return winograd_channels(cv.cg, cv.kg); }
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
 // wasted columns but a col2im, and its dcol buffer must stay within the scratch budget.
@@ -215,6 +223,7 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   // 1.3-2x faster at Kg >= 64 on ResNet 3x3 shapes). A 1x1 kernel has no wasted columns and its GEMM would pay the
   // channels-last copy of the whole input: dot tiles measured 2.3x faster on ResNet's 1x1 256->64 (8x256x56²).
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s)},
+                                           {winograd_can(cv), winograd_wgrad_preferred(cv)},
                                            {cv.unit_stride(), cv.kg <= 32 || cv.rs == 1},
                                            {true, true}});
 }

@@ -32,8 +32,8 @@ namespace cnn_ext {
 namespace cpu {
 
 template <typename T>
-using MicroKernelFn = void (*)(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c, int64_t ldc,
-                               bool accumulate);
+using MicroKernelFn = void (*)(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
+                               int64_t ldc, bool accumulate);
 
 // One micro-kernel: it computes an mr × nr tile of C.
 template <typename T>
@@ -60,10 +60,10 @@ struct VecOf<double, 32> { typedef double type __attribute__((vector_size(32)));
 template <>
 struct VecOf<double, 64> { typedef double type __attribute__((vector_size(64))); };
 
-// C[0:MR, 0:NV*L] (+)= sum_k a[k*MR + i] * b[b_off[k] + j]. Inlined into the per-ISA wrappers below, so the
+// C[0:MR, 0:NV*L] (+)= sum_k a[k*lda + i] * b[b_off[k] + j] (lda = MR for a packed panel). Inlined into the per-ISA wrappers below, so the
 // vector type V lowers to that ISA's registers. memcpy is an unaligned vector load/store.
 template <typename V, typename T, int MR, int NV>
-inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T* __restrict a,
+inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T* __restrict a, int64_t lda,
                                                              const T* __restrict b, const int64_t* __restrict b_off,
                                                              T* __restrict c,
                                                              int64_t ldc, bool accumulate) {
@@ -87,7 +87,7 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
     for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], bk + v * L, sizeof(V));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const T ai = a[k * MR + i];
+      const T ai = a[k * lda + i];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[i][v] += bv[v] * ai;  // contracted to FMA where the ISA has it
     }
@@ -100,21 +100,21 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
 }
 
 template <typename T, int MR, int NV>
-CNN_EXT_TARGET_AVX512 void micro_kernel_avx512(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c,
-                                               int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV>(kc, a, b, b_off, c, ldc, accumulate);
+CNN_EXT_TARGET_AVX512 void micro_kernel_avx512(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off,
+                                               T* c, int64_t ldc, bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV>(kc, a, lda, b, b_off, c, ldc, accumulate);
 }
 
 template <typename T, int MR, int NV>
-CNN_EXT_TARGET_AVX2 void micro_kernel_avx2(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c,
+CNN_EXT_TARGET_AVX2 void micro_kernel_avx2(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
                                            int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV>(kc, a, b, b_off, c, ldc, accumulate);
+  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV>(kc, a, lda, b, b_off, c, ldc, accumulate);
 }
 
 template <typename T, int MR, int NV>
-void micro_kernel_baseline(int64_t kc, const T* a, const T* b, const int64_t* b_off, T* c, int64_t ldc,
-                           bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV>(kc, a, b, b_off, c, ldc, accumulate);
+void micro_kernel_baseline(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
+                           int64_t ldc, bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV>(kc, a, lda, b, b_off, c, ldc, accumulate);
 }
 
 template <typename T, int Bytes, int MR, int NV>
@@ -188,12 +188,14 @@ inline std::vector<int64_t> row_offsets(int64_t rows, int64_t ld) {
   return off;
 }
 
-// C[M×N] = A·B (accumulate = false) or C += A·B (accumulate = true); A packed by pack_a with uk.mr, row k of B
-// at b + b_off[k]. Loop order: K blocks of kc (so a kc × nr strip of B stays in L1 while every A panel streams
-// past it from L2), then column panels, then row panels.
+namespace detail {
+
+// C (+)= A·B with element (i, k) of A at a[(i / mr) * panel_step + k * k_step + i % mr]: pack_a's panels
+// (panel_step = mr*K, k_step = mr) or A read in place (see gemm_a_in_place). Loop order: K blocks of kc (so a
+// kc × nr strip of B stays in L1 while every A panel streams past it from L2), then column panels, then row panels.
 template <typename T>
-void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b,
-          const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
+void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, int64_t panel_step,
+               int64_t k_step, const T* b, const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate) {
@@ -224,10 +226,10 @@ void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_
       }
       for (int64_t i0 = 0; i0 < M; i0 += mr) {
         const int64_t rows = std::min<int64_t>(mr, M - i0);
-        const T* a_panel = a_packed + i0 * K + k0 * mr;
+        const T* a_panel = a + i0 / mr * panel_step + k0 * k_step;
         T* c_tile = c + i0 * ldc + j0;
         if (rows == mr && cols == nr) {
-          uk.fn(kc, a_panel, b_strip, strip_off, c_tile, ldc, acc);
+          uk.fn(kc, a_panel, k_step, b_strip, strip_off, c_tile, ldc, acc);
           continue;
         }
         // Ragged tile: compute the full tile in a scratch buffer, then copy the valid part.
@@ -235,11 +237,31 @@ void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_
         if (acc) {
           for (int64_t i = 0; i < rows; ++i) std::copy_n(c_tile + i * ldc, cols, tile + i * nr);
         }
-        uk.fn(kc, a_panel, b_strip, strip_off, tile, nr, true);
+        uk.fn(kc, a_panel, k_step, b_strip, strip_off, tile, nr, true);
         for (int64_t i = 0; i < rows; ++i) std::copy_n(tile + i * nr, cols, c_tile + i * ldc);
       }
     }
   }
+}
+
+}  // namespace detail
+
+// C[M×N] = A·B (accumulate = false) or C += A·B (accumulate = true); A packed by pack_a with uk.mr, row k of B
+// at b + b_off[k].
+template <typename T>
+void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b,
+          const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
+  detail::gemm_impl(uk, M, N, K, a_packed, uk.mr * K, int64_t(uk.mr), b, b_off, c, ldc, accumulate, b_padded);
+}
+
+// As gemm, with A read in place from its transpose: element (i, k) at a[k*lda + i], i.e. A's columns are the
+// contiguous rows of an array, which is what a packed panel holds with lda = mr. The last row panel reads up to
+// mr - 1 elements past column k's M values (so past the array's end by as much): they feed rows that are not stored,
+// but must be readable.
+template <typename T>
+void gemm_a_in_place(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
+                     const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
+  detail::gemm_impl(uk, M, N, K, a, int64_t(uk.mr), lda, b, b_off, c, ldc, accumulate, b_padded);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,14 @@
 // The same routine serves the input gradient of a stride-1 3x3 convolution with padding <= 2: dX is the
 // convolution of dY with the kernel flipped and its channel axes swapped, padded by 2 - pad (flip = true).
 //
+// The weight gradient uses the dual algorithm F(3x3, 2x2) (Lavin & Gray, section 5): each 2x2 block of dY and the
+// 4x4 input tile it saw contribute to all nine taps through 16 products,
+//
+//   dW_kc = G' [ Σ_tiles (A dy_k A') ⊙ (B' d_c B) ] G      (A' = Aᵀ above, B' = Bᵀ above, G' = Gᵀ)
+//
+// so the sum over tiles and images is, per ξ, one GEMM with the tiles as its reduction: M_ξ[out × in] =
+// U_ξ[out × tiles] · V_ξ[tiles × in]. Its transforms run along the channels of channels-last copies of x and dY.
+//
 // Error: the transforms' coefficients are ±1 and ±1/2, so the float32 error stays within a small multiple of the
 // direct product's; tests/test_winograd.py measures it against float64 per shape class (README "CPU kernels").
 #pragma once
@@ -37,5 +45,10 @@ struct Winograd3x3 {
 // (groups*in) × out × 3 × 3, read transposed and rotated by 180 degrees.
 template <typename T>
 void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst);
+
+// dw (K × in × 3 × 3) = the weight gradient of that convolution, from channels-last dY (n × out_h × out_w × K)
+// and x (n × in_h × in_w × groups*in).
+template <typename T>
+void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy_nhwc, const T* x_nhwc, T* dw);
 
 }  // namespace cnn_ext::cpu
