@@ -29,6 +29,9 @@ CONV_SHAPES = {
     "strided_grouped": (2, 6, 11, 11, 4, 3, 2, 1, 1, 2),
     "3x3_grouped_pad2": (2, 6, 9, 8, 4, 3, 1, 2, 1, 2),  # odd and even output sizes: partial Winograd tiles
     "3x3_pad3": (1, 3, 5, 6, 2, 3, 1, 3, 1, 1),  # Winograd's forward; its dgrad needs padding <= 2
+    "depthwise_s2": (2, 6, 11, 10, 6, 3, 2, 1, 1, 6),
+    "depthwise_5x3_dilated": (3, 4, 9, 12, 4, (5, 3), 1, 2, 2, 4),
+    "depthwise_s3_wide": (1, 20, 13, 40, 20, 3, 3, 1, 1, 20),  # rows of several vectors, a stride of 3 phases
 }
 # What each algorithm needs beyond what every shape has (see csrc/cpu/dispatch.cpp).
 NEEDS = {"implicit": {"stride1"}, "dcol": {"stride1"}, "dot_tiles": {"stride1"}, "winograd": {"stride1"},
@@ -44,6 +47,8 @@ def _serves(direction, algorithm, shape_name, dtype, isa):
     if algorithm == "winograd":  # F(2x2, 3x3): undilated 3x3, stride 1; dgrad pads by 2 - padding
         return (kernel == 3 and stride == 1 and dilation == 1
                 and (direction != "dgrad" or (padding != "same" and padding <= 2)))
+    if algorithm == "depthwise":  # one input and one output channel per group
+        return groups == c == k
     if algorithm == "lanes":
         return (dtype == torch.float32 and groups == 1 and isa in ("avx2", "avx512")
                 and (stride == 1 or direction not in ("dgrad", "fused_backward")))

@@ -1,6 +1,7 @@
-// CPU dgrad (cnn_ext.conv2d_backward_input): Winograd F(2x2, 3x3) on dY with the kernel flipped (winograd.h),
-// dcol = Wᵀ·dY with col2im as row adds, the fprop machinery on dY's flipped windows (implicit), Wᵀ·dY panels with
-// col2im (explicit), or the batch-in-lanes kernels; dispatch.cpp chooses.
+// CPU dgrad (cnn_ext.conv2d_backward_input): direct depthwise kernels (conv_depthwise.h), Winograd F(2x2, 3x3) on
+// dY with the kernel flipped (winograd.h), dcol = Wᵀ·dY with col2im as row adds, the fprop machinery on dY's
+// flipped windows (implicit), Wᵀ·dY panels with col2im (explicit), or the batch-in-lanes kernels; dispatch.cpp
+// chooses.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +13,7 @@
 
 #include "conv2d_lanes.h"
 #include "conv_common.h"
+#include "conv_depthwise.h"
 #include "dispatch.h"
 #include "isa.h"
 #include "winograd.h"
@@ -177,6 +179,8 @@ void conv2d_backward_input(const ConvShape<int64_t>& shape, Dgrad algorithm, con
     case Dgrad::kLanes:
       if constexpr (std::is_same_v<T, float>) return lanes::conv2d_backward_input(shape, dy, w, dx);
       break;
+    case Dgrad::kDepthwise:
+      return depthwise_backward_input(cv, dy, w, dx);
     case Dgrad::kWinograd:  // the fprop of dY with the kernel flipped and transposed, padded by 2 - pad
       return winograd_3x3(Winograd3x3{cv.n, cv.groups, cv.kg, cv.cg, cv.p, cv.q, cv.h, cv.w, 2 - cv.pad_h,
                                       2 - cv.pad_w},

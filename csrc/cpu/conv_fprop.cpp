@@ -1,6 +1,6 @@
-// CPU fprop (cnn_ext.conv2d): Winograd F(2x2, 3x3) for stride-1 3x3 kernels (winograd.h), implicit im2col for
-// stride 1, explicit im2col otherwise (conv_common.h has the shared machinery), or the batch-in-lanes kernels;
-// dispatch.cpp chooses.
+// CPU fprop (cnn_ext.conv2d): direct depthwise kernels (conv_depthwise.h), Winograd F(2x2, 3x3) for stride-1 3x3
+// kernels (winograd.h), implicit im2col for stride 1, explicit im2col otherwise (conv_common.h has the shared
+// machinery), or the batch-in-lanes kernels; dispatch.cpp chooses.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +12,7 @@
 
 #include "conv2d_lanes.h"
 #include "conv_common.h"
+#include "conv_depthwise.h"
 #include "dispatch.h"
 #include "winograd.h"
 
@@ -80,6 +81,8 @@ void conv2d_forward(const ConvShape<int64_t>& shape, Fprop algorithm, const T* x
     case Fprop::kLanes:
       if constexpr (std::is_same_v<T, float>) return lanes::conv2d_forward(shape, x, w, bias, y);
       break;
+    case Fprop::kDepthwise:
+      return depthwise_forward(cv, x, w, bias, y);
     case Fprop::kWinograd:
       return winograd_3x3(Winograd3x3{cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w}, x,
                           w, false, bias, y);

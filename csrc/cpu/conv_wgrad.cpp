@@ -1,6 +1,7 @@
-// CPU wgrad (cnn_ext.conv2d_backward_weight): Winograd F(3x3, 2x2) (winograd.h), dot tiles of dY against the input
-// windows (stride 1, few output channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels;
-// dispatch.cpp chooses. And the bias gradient (cnn_ext.conv2d_backward_bias).
+// CPU wgrad (cnn_ext.conv2d_backward_weight): direct depthwise kernels (conv_depthwise.h), Winograd F(3x3, 2x2)
+// (winograd.h), dot tiles of dY against the input windows (stride 1, few output channels), a GEMM of dY against a
+// gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses. And the bias gradient
+// (cnn_ext.conv2d_backward_bias).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +13,7 @@
 
 #include "conv2d_lanes.h"
 #include "conv_common.h"
+#include "conv_depthwise.h"
 #include "dispatch.h"
 #include "isa.h"
 #include "winograd.h"
@@ -180,6 +182,8 @@ void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, co
     case Wgrad::kLanes:
       if constexpr (std::is_same_v<T, float>) return lanes::conv2d_backward_weight(shape, dy, x, dw);
       break;
+    case Wgrad::kDepthwise:
+      return depthwise_backward_weight(cv, dy, x, dw);
     case Wgrad::kWinograd:  // dy and x channels-last
       return winograd_3x3_wgrad<T>({cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w}, dy, x,
                                    dw);

@@ -5,17 +5,20 @@
 // | direction         | algorithm    | chosen when                                        | why                              |
 // |-------------------|--------------|----------------------------------------------------|----------------------------------|
 // | fprop             | lanes        | lanes::suits: 16+ images, small planes/channels    | per-image GEMMs too small to fill tiles |
+// |                   | depthwise    | one input and one output channel per group         | R·S multiply-adds per output, no GEMM |
 // |                   | winograd     | stride 1, undilated 3x3, 32+ channels each side    | F(2x2, 3x3): 2.25x fewer          |
 // |                   |              | and 96 in all, 256+ output tiles                   | multiplications, as 16 GEMMs      |
 // |                   | implicit     | stride 1                                           | no im2col: B read from padded windows |
 // |                   | explicit     | always                                             | im2col panels for strided convs   |
 // | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8     | as fprop                          |
+// |                   | depthwise    | as fprop's depthwise                               | the same rows read backwards      |
 // |                   | winograd     | as fprop's (dY's channels as input), padding <= 2  | fprop's on dY, kernel flipped     |
 // |                   | dcol         | stride 1, implicit would compute > 1.5x the useful | no wasted columns: Wᵀ·dY in place, |
 // |                   |              | columns, dcol fits in 1 MiB                        | col2im as contiguous row adds     |
 // |                   | implicit     | stride 1, Cg fills at least half the row tiles     | the fprop machinery on flipped taps |
 // |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
 // | wgrad             | lanes        | lanes::suits                                       | as fprop                          |
+// |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
 // |                   | winograd     | as fprop's winograd, at any tile count             | F(3x3, 2x2): GEMMs over the tiles |
 // |                   | dot_tiles    | stride 1, Kg <= 32 or a 1x1 kernel                 | few output channels: no transposed gather |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
@@ -41,6 +44,7 @@
 
 #include "conv2d_lanes.h"
 #include "conv_common.h"
+#include "conv_depthwise.h"
 #include "isa.h"
 
 namespace cnn_ext::cpu {
@@ -63,12 +67,15 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
       {"fprop",
        {{"lanes", "float32, 16+ images, small planes and channel counts (lanes::suits)",
          "per-image GEMMs too small to fill register tiles; 16 images share every instruction"},
+        {"depthwise", "one input and one output channel per group (groups = channels), scratch within a few planes",
+         "R·S multiply-adds per output along contiguous rows (column strides as phases): no GEMM to form"},
         {"winograd", "stride 1, undilated 3x3, 32+ channels each side and 96 in all, 256+ output tiles (2x2)",
          "F(2x2, 3x3): 2.25x fewer multiplications, as 16 GEMMs over transformed tiles"},
         {"implicit", "stride 1", "no im2col: GEMM B rows read in place from zero-padded input windows"},
         {"explicit", "always", "im2col panels, for strided convolutions"}}},
       {"dgrad",
        {{"lanes", "float32, as fprop's lanes, stride 1 and 8+ input channels (lanes::suits_dgrad)", "as fprop"},
+        {"depthwise", "as fprop's depthwise", "fprop's rows read backwards: each dX row gathers its taps' dY rows"},
         {"winograd", "as fprop's winograd (dY's channels as its input), padding <= 2",
          "fprop's Winograd on dY with the kernel flipped and transposed, padded by 2 - pad"},
         {"dcol", "stride 1, the implicit product would compute over 1.5x the useful columns, dcol within 1 MiB",
@@ -78,6 +85,7 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"explicit", "always", "Wᵀ·dY panels, then col2im"}}},
       {"wgrad",
        {{"lanes", "float32, as fprop's lanes", "as fprop"},
+        {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
         {"winograd", "as fprop's winograd, at any number of tiles (no kernels to transform)",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
         {"dot_tiles", "stride 1 and at most 32 output channels per group, or a 1x1 kernel",
@@ -200,6 +208,7 @@ bool has_fixed_window(const PoolShape<int64_t>& s) { return s.stride_w == 1 || s
 Fprop choose_fprop(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   const Conv cv(s);
   return choose<Fprop>(Direction::kFprop, {{float32(dtype) && lanes::supports(s), lanes::suits(s)},
+                                           {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd_preferred(cv, cv.cg, cv.kg, cv.p, cv.q)},
                                            {cv.unit_stride(), true},
                                            {true, true}});
@@ -210,6 +219,7 @@ Dgrad choose_dgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   const bool stride1 = cv.unit_stride();
   return choose<Dgrad>(Direction::kDgrad,
                        {{float32(dtype) && lanes::supports_dgrad(s), lanes::suits_dgrad(s)},
+                        {depthwise_serves(cv), true},
                         {winograd_dgrad_can(cv), winograd_preferred(cv, cv.kg, cv.cg, cv.h, cv.w)},
                         {stride1, stride1 && dcol_preferred(cv, dtype)},
                         {stride1, stride1 && dgrad_implicit_preferred(cv, dtype)},
@@ -223,6 +233,7 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   // 1.3-2x faster at Kg >= 64 on ResNet 3x3 shapes). A 1x1 kernel has no wasted columns and its GEMM would pay the
   // channels-last copy of the whole input: dot tiles measured 2.3x faster on ResNet's 1x1 256->64 (8x256x56²).
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s)},
+                                           {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd_wgrad_preferred(cv)},
                                            {cv.unit_stride(), cv.kg <= 32 || cv.rs == 1},
                                            {true, true}});

@@ -60,8 +60,9 @@ struct VecOf<double, 32> { typedef double type __attribute__((vector_size(32)));
 template <>
 struct VecOf<double, 64> { typedef double type __attribute__((vector_size(64))); };
 
-// C[0:MR, 0:NV*L] (+)= sum_k a[k*lda + i] * b[b_off[k] + j] (lda = MR for a packed panel). Inlined into the per-ISA wrappers below, so the
-// vector type V lowers to that ISA's registers. memcpy is an unaligned vector load/store.
+// C[0:MR, 0:NV*L] (+)= sum_k a[k*lda + i] * b[b_off[k] + j] (lda = MR for a packed panel). Inlined into the
+// per-ISA wrappers below, so the vector type V lowers to that ISA's registers. memcpy is an unaligned vector
+// load/store.
 template <typename V, typename T, int MR, int NV>
 inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T* __restrict a, int64_t lda,
                                                              const T* __restrict b, const int64_t* __restrict b_off,
