@@ -107,6 +107,7 @@ def test_float32_error_within_the_suite_tolerance(shape):
 @pytest.mark.parametrize("shape, chosen", [
     ((8, 64, 14, 14, 64), True),  # ResNet-like: 392 tiles, 64 channels
     ((2, 32, 28, 28, 64), True),
+    ((16, 32, 8, 8, 64), True),  # the lanes kernels could serve it (16 images), but Winograd's rule comes first
     ((8, 16, 14, 14, 16), False),  # too few channels
     ((1, 256, 14, 14, 256), False),  # 49 tiles do not pay for transforming 256x256 kernels
     ((32, 32, 8, 8, 32), False),  # 32 + 32 channels: a tie with the implicit GEMM
@@ -125,6 +126,7 @@ def test_dispatch_rule(shape, chosen):
     ((8, 64, 14, 14, 64), True),
     ((1, 256, 14, 14, 256), True),  # no kernels to transform: 49 tiles are enough
     ((1, 64, 4, 4, 128), True),
+    ((16, 32, 8, 8, 64), True),  # ahead of the lanes kernels
     ((8, 16, 14, 14, 16), False),  # too few channels
     ((32, 32, 8, 8, 32), False),  # 32 + 32 channels: a tie with the GEMMs
 ])
