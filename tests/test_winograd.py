@@ -124,8 +124,8 @@ def test_dispatch_rule(shape, chosen):
 
 @pytest.mark.parametrize("shape, chosen", [
     ((8, 64, 14, 14, 64), True),
-    ((1, 256, 14, 14, 256), True),  # no kernels to transform: 49 tiles are enough
-    ((1, 64, 4, 4, 128), True),
+    ((1, 128, 16, 16, 128), True),  # no kernels to transform: 64 tiles are enough
+    ((1, 256, 14, 14, 256), False),  # 49 tiles: left to the GEMM
     ((16, 32, 8, 8, 64), True),  # ahead of the lanes kernels
     ((8, 16, 14, 14, 16), False),  # too few channels
     ((32, 32, 8, 8, 32), False),  # 32 + 32 channels: a tie with the GEMMs

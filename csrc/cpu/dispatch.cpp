@@ -20,7 +20,7 @@
 // |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
-// |                   | winograd     | as fprop's winograd, at any tile count             | F(3x3, 2x2): GEMMs over the tiles |
+// |                   | winograd     | as fprop's winograd, from 64 tiles                 | F(3x3, 2x2): GEMMs over the tiles |
 // |                   | dot_tiles    | stride 1, Kg <= 32 or a 1x1 kernel                 | few output channels: no transposed gather |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
 // | fused_forward     | lanes        | lanes::suits                                       | as fprop, pooled in registers     |
@@ -88,7 +88,7 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
       {"wgrad",
        {{"lanes", "float32, as fprop's lanes", "as fprop"},
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
-        {"winograd", "as fprop's winograd, at any number of tiles (no kernels to transform)",
+        {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform)",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
         {"dot_tiles", "stride 1 and at most 32 output channels per group, or a 1x1 kernel",
          "few output channels: reduces dY against the input windows in place, no transposed gather"},
@@ -174,9 +174,13 @@ bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, 
   return winograd_channels(in, out) && tiles >= 256;
 }
 
-// The weight gradient transforms no kernels, so it pays at any tile count: measured 0.75-0.95x the time of the
-// GEMM and dot tiles on ResNet's 3x3 64/128/256 layers at batch 1 and 8 (49-6272 tiles), a tie at 32/32 channels.
-bool winograd_wgrad_preferred(const Conv& cv) { return winograd_channels(cv.cg, cv.kg); }
+// The weight gradient transforms no kernels, so it pays from fewer tiles: measured 0.55-0.95x the time of the GEMM
+// and dot tiles on ResNet's 3x3 64/128/256 layers at batch 8 and on 64/128 channels at batch 1 (196-6272 tiles),
+// a tie at 32/32 channels and at 256 channels on 49 tiles, 1.3x the GEMM's time on 512 channels and 16 tiles
+// (each thread's 16 blocks of in × out sums then outweigh its products).
+bool winograd_wgrad_preferred(const Conv& cv) {
+  return winograd_channels(cv.cg, cv.kg) && cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2) >= 64;
+}
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
 // wasted columns but a col2im, and its dcol buffer must stay within the scratch budget.
