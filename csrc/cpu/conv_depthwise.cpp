@@ -17,12 +17,8 @@ template <typename T, int Bytes>
 struct Lanes {
   using V = typename detail::VecOf<T, Bytes>::type;
   static constexpr int64_t kLanes = Bytes / static_cast<int64_t>(sizeof(T));
-  static inline __attribute__((always_inline)) V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline __attribute__((always_inline)) void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static inline __attribute__((always_inline)) V load(const T* p) { return load_as<V>(p); }
+  static inline __attribute__((always_inline)) void store(T* p, V v) { store_as(p, v); }
 };
 
 // d[j] = src[j*sw] for j < n, the stride a template argument where it is 2 (so the copy vectorises).

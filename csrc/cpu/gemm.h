@@ -143,6 +143,18 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace detail
 
+// Unaligned load and store of a GCC vector V of T elements (or of one T, for the scalar tail of a vectorised loop).
+template <typename V, typename T>
+inline __attribute__((always_inline)) V load_as(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+inline __attribute__((always_inline)) void store_as(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
 // The micro-kernel that wastes the least work on padding for an M × N product (ties go to the earlier,
 // faster shape).
 template <typename T>

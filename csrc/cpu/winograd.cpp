@@ -25,12 +25,8 @@ struct Vec {
   using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef Index Mask __attribute__((vector_size(Bytes)));
 
-  static inline __attribute__((always_inline)) V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static inline __attribute__((always_inline)) void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static inline __attribute__((always_inline)) V load(const T* p) { return load_as<V>(p); }
+  static inline __attribute__((always_inline)) void store(T* p, V v) { store_as(p, v); }
   static inline __attribute__((always_inline)) V splat(T x) { return V{} + x; }
 
   template <size_t... I>
@@ -309,20 +305,9 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
 
 namespace {
 
-// A GCC vector of channels, or T itself for the channels past the last whole vector.
-template <typename V, typename T>
-inline __attribute__((always_inline)) V load_as(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-template <typename V, typename T>
-inline __attribute__((always_inline)) void store_as(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// Bᵀ d B for the channels from c of one tile: pixel (a, b) of its 4x4 input tile at at[4a + b] (zeros outside
-// the input); V_ξ's row for the tile at v + ξ*v_stride.
+// Bᵀ d B for the channels from c of one tile (V: a GCC vector of channels, or T for the channels past the last
+// whole vector): pixel (a, b) of its 4x4 input tile at at[4a + b] (zeros outside the input); V_ξ's row for the tile
+// at v + ξ*v_stride.
 template <typename V, typename T>
 inline __attribute__((always_inline)) void input_tile(const T* const* at, int64_t c, T* v, int64_t v_stride) {
   V e[4][4];  // Bᵀ d
