@@ -4,7 +4,6 @@
 #include "conv_depthwise.h"
 
 #include <algorithm>
-#include <cstring>
 #include <vector>
 
 #include "gemm.h"
@@ -12,14 +11,6 @@
 
 namespace cnn_ext::cpu {
 namespace {
-
-template <typename T, int Bytes>
-struct Lanes {
-  using V = typename detail::VecOf<T, Bytes>::type;
-  static constexpr int64_t kLanes = Bytes / static_cast<int64_t>(sizeof(T));
-  static inline __attribute__((always_inline)) V load(const T* p) { return load_as<V>(p); }
-  static inline __attribute__((always_inline)) void store(T* p, V v) { store_as(p, v); }
-};
 
 // d[j] = src[j*sw] for j < n, the stride a template argument where it is 2 (so the copy vectorises).
 template <int SW, typename T>
@@ -90,14 +81,14 @@ struct PhaseWindow {
 // The output row length the forward and weight gradient compute: Q rounded up to whole vectors.
 template <typename T, int Bytes>
 int64_t q_vec(const Conv& cv) {
-  return detail::round_up(cv.q, Lanes<T, Bytes>::kLanes);
+  return detail::round_up(cv.q, Vector<T, Bytes>::kLanes);
 }
 
 // One output plane: y[p][q] = bias + sum over taps of w[tap] * window(tap, p)[q]; `lines` holds kRows rows of qv.
 template <typename T, int Bytes>
 inline __attribute__((always_inline)) void forward_plane(const Conv& cv, const PhaseWindow& pw, const T* x,
                                                          const T* w, T bias, T* y, T* win, T* lines) {
-  using L = Lanes<T, Bytes>;
+  using L = Vector<T, Bytes>;
   using V = typename L::V;
   const int64_t qv = q_vec<T, Bytes>(cv);
   pw.fill(cv, x, win);
@@ -132,7 +123,7 @@ struct GradGeometry {
   template <typename T, int Bytes>
   static GradGeometry of(const Conv& cv) {
     const int64_t lead = (cv.s - 1) * cv.dil_w / cv.stride_w;
-    const int64_t j_vec = detail::round_up(ceil_div(cv.w + cv.pad_w, cv.stride_w), Lanes<T, Bytes>::kLanes);
+    const int64_t j_vec = detail::round_up(ceil_div(cv.w + cv.pad_w, cv.stride_w), Vector<T, Bytes>::kLanes);
     const int64_t top = ceil_div((cv.r - 1) * cv.dil_h, cv.stride_h);
     const int64_t rows = top + std::max(cv.p, (cv.h - 1 + cv.pad_h) / cv.stride_h + kRows);
     return {lead, j_vec, lead + std::max(j_vec, cv.q), top, rows};
@@ -148,7 +139,7 @@ template <typename T, int Bytes>
 inline __attribute__((always_inline)) void backward_input_plane(const Conv& cv, const GradGeometry& gg,
                                                                 const T* dy, const T* w, T* dx, T* dy_rows,
                                                                 T* lines) {
-  using L = Lanes<T, Bytes>;
+  using L = Vector<T, Bytes>;
   using V = typename L::V;
   const int64_t sh = cv.stride_h, sw = cv.stride_w;
   for (int64_t p = 0; p < cv.p; ++p) copy_row(dy_rows + (gg.top + p) * gg.dy_len + gg.lead, dy + p * cv.q, cv.q);
@@ -214,7 +205,7 @@ template <typename T, int Bytes>
 inline __attribute__((always_inline)) void backward_weight_image(const Conv& cv, const PhaseWindow& pw,
                                                                  const int64_t* taps, const T* dy, const T* x, T* acc,
                                                                  T* win, T* dy_rows) {
-  using L = Lanes<T, Bytes>;
+  using L = Vector<T, Bytes>;
   using V = typename L::V;
   const int64_t qv = q_vec<T, Bytes>(cv);
   pw.fill(cv, x, win);

@@ -155,6 +155,17 @@ inline __attribute__((always_inline)) void store_as(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// A GCC vector of Bytes bytes of T (64 on AVX-512, 32 on AVX2, 16 portable), its lane count, and its loads and
+// stores: what the vectorised loops outside the micro-kernels (Winograd's transforms, the depthwise rows) work with.
+template <typename T, int Bytes>
+struct Vector {
+  using V = typename detail::VecOf<T, Bytes>::type;
+  static constexpr int kLanes = Bytes / static_cast<int>(sizeof(T));
+  static inline __attribute__((always_inline)) V load(const T* p) { return load_as<V>(p); }
+  static inline __attribute__((always_inline)) void store(T* p, V v) { store_as(p, v); }
+  static inline __attribute__((always_inline)) V splat(T x) { return V{} + x; }
+};
+
 // The micro-kernel that wastes the least work on padding for an M × N product (ties go to the earlier,
 // faster shape).
 template <typename T>

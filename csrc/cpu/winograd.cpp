@@ -4,7 +4,6 @@
 #include "winograd.h"
 
 #include <algorithm>
-#include <cstring>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -18,16 +17,13 @@ namespace {
 // The transforms use GCC vector types of `Bytes` bytes (gemm.h's VecOf): 64 on AVX-512, 32 on AVX2, 16 in the
 // portable build. Their loops run over n tile columns, n a multiple of 16 (so of every vector's lane count): the
 // columns past a row's tq compute values nobody uses, reading and writing buffer slack.
+// gemm.h's Vector, plus the lane permutations the transforms shuffle with.
 template <typename T, int Bytes>
-struct Vec {
-  using V = typename detail::VecOf<T, Bytes>::type;
-  static constexpr int kLanes = Bytes / sizeof(T);
+struct Vec : Vector<T, Bytes> {
+  using typename Vector<T, Bytes>::V;
+  static constexpr int kLanes = Vector<T, Bytes>::kLanes;
   using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
   typedef Index Mask __attribute__((vector_size(Bytes)));
-
-  static inline __attribute__((always_inline)) V load(const T* p) { return load_as<V>(p); }
-  static inline __attribute__((always_inline)) void store(T* p, V v) { store_as(p, v); }
-  static inline __attribute__((always_inline)) V splat(T x) { return V{} + x; }
 
   template <size_t... I>
   static constexpr Mask evens(std::index_sequence<I...>) { return Mask{static_cast<Index>(2 * I)...}; }
