@@ -32,6 +32,10 @@ CONV_SHAPES = {
     "depthwise_s2": (2, 6, 11, 10, 6, 3, 2, 1, 1, 6),
     "depthwise_5x3_dilated": (3, 4, 9, 12, 4, (5, 3), 1, 2, 2, 4),
     "depthwise_s3_wide": (1, 20, 13, 40, 20, 3, 3, 1, 1, 20),  # rows of several vectors, a stride of 3 phases
+    # One image, weights outweighing its planes: the implicit products split their output channels across the
+    # threads (ragged last parts), reading the weights in place.
+    "one_image_many_channels": (1, 40, 5, 6, 52, 3, 1, 1, 1, 1),
+    "one_image_grouped": (1, 48, 4, 4, 60, 3, 1, 1, 1, 2),
 }
 # What each algorithm needs beyond what every shape has (see csrc/cpu/dispatch.cpp).
 NEEDS = {"implicit": {"stride1"}, "dcol": {"stride1"}, "dot_tiles": {"stride1"}, "winograd": {"stride1"},

@@ -276,14 +276,33 @@ inline int64_t rows_per_item(const Conv& cv, bool flip, int64_t units, int64_t b
   return std::max<int64_t>(1, rows);
 }
 
+// How an implicit pass (fprop, dgrad) splits its (image, group) units into items: output rows per item, and into
+// how many parts its M output planes go. Every item reads its rows of A (M × K_gemm, a_bytes in all) once, so where
+// A outweighs the windows of a whole plane (many channels on a small image, e.g. batch 1 at 512 channels on 7x7)
+// the threads share out the planes, not the rows: A is then read once in all, and each GEMM keeps its full width.
+struct ImplicitSplit {
+  int64_t rows;
+  int64_t m_parts;
+};
+
+inline ImplicitSplit implicit_split(const Conv& cv, bool flip, int64_t units, int64_t bytes_per_row, int64_t a_bytes) {
+  const int64_t out_h = flip ? cv.h : cv.p;
+  const int64_t halo = (cv.r - 1) * cv.dil_h;
+  const int64_t parts = ceil_div(2 * num_threads(), units);
+  if (parts > 1 && a_bytes > (out_h + halo) * bytes_per_row) {
+    return {rows_per_item(cv, flip, parts * units, bytes_per_row), parts};
+  }
+  return {rows_per_item(cv, flip, units, bytes_per_row), 1};
+}
+
 // One fprop/dgrad item by implicit im2col: rows [y0, y1) of the M output planes at dst (out_h*out_w apart) =
 // A · windows (+ bias[i] on plane i); `product` holds M × rows_per_item*cols.
 template <typename T>
-void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, const T* a_packed, const T* src,
+void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, MatrixA<T> a, const T* src,
                         int64_t item, T* window, T* product, T* dst, const T* bias) {
   const auto [y0, y1] = win.fill(src, item, window);
   const int64_t ld = win.rows_per_item * win.cols;
-  gemm(uk, m, (y1 - y0 - 1) * win.cols + win.out_w, static_cast<int64_t>(win.taps.size()), a_packed, window,
+  gemm(uk, m, (y1 - y0 - 1) * win.cols + win.out_w, static_cast<int64_t>(win.taps.size()), a, window,
        win.taps.data(), product, ld, false, true);
   for (int64_t i = 0; i < m; ++i) {
     const T b = bias != nullptr ? bias[i] : T(0);
@@ -295,34 +314,28 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
   }
 }
 
-// Every implicit item of a pass, (image, group, chunk of rows), across the threads, each with its own window and
-// product buffers. Group g of image img reads src_of(img, g) and writes the m planes at dst_of(img, g), with
-// a_packed + g*a_panel as its A operand and bias + g*m (if any) added.
+// Every implicit item of a pass, (image, group, part of the m planes, chunk of rows), across the threads, each with
+// its own window and product buffers. Group g of image img reads src_of(img, g) and writes the m planes at
+// dst_of(img, g), with a + g*a_panel as its A operand (m × K_gemm) and bias + g*m (if any) added. The planes go in
+// m_parts parts of whole micro-kernel row panels.
 template <typename T, typename SrcOf, typename DstOf>
-void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>& uk, int64_t m, const T* a_packed,
-                        int64_t a_panel, SrcOf src_of, DstOf dst_of, const T* bias) {
-  const int64_t chunks = win.items(), items = cv.n * cv.groups * chunks;
+void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>& uk, int64_t m, int64_t m_parts,
+                        MatrixA<T> a, int64_t a_panel, SrcOf src_of, DstOf dst_of, const T* bias) {
+  const int64_t m_chunk = detail::round_up(ceil_div(m, m_parts), uk.mr), m_chunks = ceil_div(m, m_chunk);
+  const int64_t chunks = win.items(), items = cv.n * cv.groups * m_chunks * chunks;
+  const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<T> window(win.buffer_size()), product(m * win.rows_per_item * win.cols);
+    std::vector<T> window(win.buffer_size()), product(std::min(m, m_chunk) * win.rows_per_item * win.cols);
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t img = item / (cv.groups * chunks), g = item / chunks % cv.groups;
-      implicit_conv_item(win, uk, m, a_packed + g * a_panel, src_of(img, g), item % chunks, window.data(),
-                         product.data(), dst_of(img, g), bias != nullptr ? bias + g * m : nullptr);
+      const int64_t img = item / (cv.groups * m_chunks * chunks), g = item / (m_chunks * chunks) % cv.groups;
+      const int64_t m0 = item / chunks % m_chunks * m_chunk, rows = std::min(m_chunk, m - m0);
+      const MatrixA<T> a_g{a.a + g * a_panel, a.row_lda};
+      implicit_conv_item(win, uk, rows, a_g.from_row(m0, k_gemm), src_of(img, g), item % chunks, window.data(),
+                         product.data(), dst_of(img, g) + m0 * plane, bias != nullptr ? bias + g * m + m0 : nullptr);
     }
   }
-}
-
-// The packed weights, one panel per group: the A operand of every fprop item.
-template <typename T>
-std::vector<T> pack_weights(const Conv& cv, const T* w, int mr) {
-  const int64_t panel = packed_a_size(cv.kg, cv.crs, mr);
-  std::vector<T> packed(cv.groups * panel);
-  for (int64_t g = 0; g < cv.groups; ++g) {
-    pack_a(cv.kg, cv.crs, w + g * cv.kg * cv.crs, cv.crs, 1, mr, packed.data() + g * panel);
-  }
-  return packed;
 }
 
 // dgrad's dcol form (conv_dgrad.cpp): dX planes padded to hp × wp, input channels in channel_chunks chunks of cc.
@@ -339,11 +352,10 @@ inline DcolPlan dcol_plan(const Conv& cv) {
   return d;
 }
 
-// The windows of dgrad's implicit product: dY's planes with the taps flipped, rows per item within the scratch
-// budget.
-inline Window dgrad_window(const Conv& cv, int64_t element_bytes) {
+// How dgrad's implicit product (windows of dY's planes with the taps flipped; A = W_g^T, Cg × Kg·R·S) splits.
+inline ImplicitSplit dgrad_split(const Conv& cv, int64_t element_bytes) {
   const int64_t bytes_per_row = cv.kg * (cv.w + (cv.s - 1) * cv.dil_w) * element_bytes;
-  return Window(cv, true, rows_per_item(cv, true, cv.n * cv.groups, bytes_per_row));
+  return implicit_split(cv, true, cv.n * cv.groups, bytes_per_row, cv.cg * cv.kg * cv.rs * element_bytes);
 }
 
 }  // namespace cnn_ext::cpu

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -28,44 +29,40 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T>
 void conv2d_backward_input_implicit(const Conv& cv, const T* dy, const T* w, T* dx) {
-  const Window win = dgrad_window(cv, sizeof(T));
-  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.cg, win.rows_per_item * win.cols);
-  const int64_t a_panel = packed_a_size(cv.cg, cv.kg * cv.rs, uk.mr);
-  std::vector<T> a_packed(cv.groups * a_panel);
-  {
-    std::vector<T> wt(cv.cg * cv.kg * cv.rs);  // W_g transposed to [c][k][r][s]
-    for (int64_t g = 0; g < cv.groups; ++g) {
-      for (int64_t c = 0; c < cv.cg; ++c) {
-        for (int64_t kk = 0; kk < cv.kg; ++kk) {
-          std::copy_n(w + ((g * cv.kg + kk) * cv.cg + c) * cv.rs, cv.rs, wt.data() + (c * cv.kg + kk) * cv.rs);
-        }
+  const ImplicitSplit split = dgrad_split(cv, sizeof(T));
+  const Window win(cv, true, split.rows);
+  const MicroKernel<T> uk = pick_micro_kernel<T>(ceil_div(cv.cg, split.m_parts), win.rows_per_item * win.cols);
+  const int mr = uk.mr;
+  const int64_t a_k = cv.kg * cv.rs, a_panel = packed_a_size(cv.cg, a_k, mr);
+  // A_g packed straight from W, read in memory order (a row of W, (g, k), goes to one slice of every panel) and
+  // spread across the threads: batch 1 with many channels packs megabytes per call. Every element is written, so
+  // the buffer needs no zeroing.
+  const std::unique_ptr<T[]> a_packed(new T[cv.groups * a_panel]);
+#pragma omp parallel for num_threads(num_threads()) schedule(static)
+  for (int64_t gk = 0; gk < cv.groups * cv.kg; ++gk) {
+    const int64_t g = gk / cv.kg, kk = gk % cv.kg;
+    const T* src = w + gk * cv.crs;
+    for (int64_t c0 = 0; c0 < cv.cg; c0 += mr) {
+      T* d = a_packed.get() + g * a_panel + c0 * a_k + kk * cv.rs * mr;
+      const int64_t rows = std::min<int64_t>(mr, cv.cg - c0);
+      for (int64_t t = 0; t < cv.rs; ++t) {
+        for (int64_t i = 0; i < rows; ++i) d[t * mr + i] = src[(c0 + i) * cv.rs + t];
+        for (int64_t i = rows; i < mr; ++i) d[t * mr + i] = T(0);
       }
-      pack_a(cv.cg, cv.kg * cv.rs, wt.data(), cv.kg * cv.rs, int64_t(1), uk.mr, a_packed.data() + g * a_panel);
     }
   }
   run_implicit_items(
-      cv, win, uk, cv.cg, a_packed.data(), a_panel,
+      cv, win, uk, cv.cg, split.m_parts, MatrixA<T>{a_packed.get(), 0}, a_panel,
       [&](int64_t img, int64_t g) { return dy + (img * cv.k + g * cv.kg) * cv.pq; },
       [&](int64_t img, int64_t g) { return dx + (img * cv.c + g * cv.cg) * cv.hw; },
       static_cast<const T*>(nullptr));
 }
 
-// The A operand of the col2im forms (explicit and dcol): W_g^T in chunks of cc input channels, chunk ci of group g
-// packed (mr-row panels of packed_a_size(cc*RS, Kg, mr)) at (g*chunks + ci) panels in: element (i, k) of a chunk
-// starting at channel c0 is w[(g*Kg + k)*CgRS + c0*RS + i].
+// The A operand of the col2im forms (explicit and dcol) for input channels [c0, ...) of group g: W_g^T read in
+// place (gemm_a_in_place), element (i, k) = w[(g*Kg + k)*CgRS + c0*RS + i].
 template <typename T>
-std::vector<T> pack_transposed_chunks(const Conv& cv, const T* w, int64_t chunks, int64_t cc, int mr) {
-  const int64_t panel = packed_a_size(cc * cv.rs, cv.kg, mr);
-  std::vector<T> packed(cv.groups * chunks * panel);
-  for (int64_t g = 0; g < cv.groups; ++g) {
-    for (int64_t ci = 0; ci < chunks; ++ci) {
-      const int64_t c0 = ci * cc, c1 = std::min(cv.cg, c0 + cc);
-      if (c0 >= c1) continue;
-      pack_a((c1 - c0) * cv.rs, cv.kg, w + g * cv.kg * cv.crs + c0 * cv.rs, int64_t(1), cv.crs, mr,
-             packed.data() + (g * chunks + ci) * panel);
-    }
-  }
-  return packed;
+const T* transposed_weights(const Conv& cv, const T* w, int64_t g, int64_t c0) {
+  return w + g * cv.kg * cv.crs + c0 * cv.rs;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -83,8 +80,6 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
   width = std::min(cv.pq, ceil_div(width, uk.nr) * uk.nr);
   const std::vector<int64_t> dy_rows = row_offsets(cv.kg, cv.pq);
 
-  const int64_t a_panel = packed_a_size(rows, cv.kg, uk.mr);
-  const std::vector<T> a_packed = pack_transposed_chunks(cv, w, channel_chunks, cc, uk.mr);
 
   const int64_t items = cv.n * cv.groups * channel_chunks;
 #pragma omp parallel num_threads(threads)
@@ -96,13 +91,14 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
       const int64_t ci = item % channel_chunks;
       const int64_t c0 = ci * cc, c1 = std::min(cv.cg, c0 + cc);
       if (c0 >= c1) continue;
-      const T* a = a_packed.data() + (g * channel_chunks + ci) * a_panel;
+      const T* a = transposed_weights(cv, w, g, c0);
       const T* dyg = dy + (img * cv.k + g * cv.kg) * cv.pq;
       T* dxc = dx + (img * cv.c + g * cv.cg + c0) * cv.hw;
       std::fill_n(dxc, (c1 - c0) * cv.hw, T(0));
       for (int64_t pq0 = 0; pq0 < cv.pq; pq0 += width) {
         const int64_t pq1 = std::min(cv.pq, pq0 + width);
-        gemm(uk, (c1 - c0) * cv.rs, pq1 - pq0, cv.kg, a, dyg + pq0, dy_rows.data(), dcol.data(), pq1 - pq0, false);
+        gemm_a_in_place(uk, (c1 - c0) * cv.rs, pq1 - pq0, cv.kg, a, cv.crs, dyg + pq0, dy_rows.data(), dcol.data(),
+                        pq1 - pq0, false);
         col2im(cv, dcol.data(), c1 - c0, pq0, pq1, dxc);
       }
     }
@@ -138,9 +134,6 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
   const bool padded = cv.pad_h != 0 || cv.pad_w != 0;  // dX planes are the padded planes unless there is no padding
   const auto add_rows = PerIsa<&add_rows_body<T>>::pick();
 
-  const int64_t a_panel = packed_a_size(rows, cv.kg, uk.mr);
-  const std::vector<T> a_packed = pack_transposed_chunks(cv, w, d.channel_chunks, d.cc, uk.mr);
-
   const int64_t items = cv.n * cv.groups * d.channel_chunks;
 #pragma omp parallel num_threads(num_threads())
   {
@@ -152,8 +145,8 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
       const int64_t ci = item % d.channel_chunks;
       const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
       if (c0 >= c1) continue;
-      gemm(uk, (c1 - c0) * cv.rs, cv.pq, cv.kg, a_packed.data() + (g * d.channel_chunks + ci) * a_panel,
-           dy + (img * cv.k + g * cv.kg) * cv.pq, dy_rows.data(), dcol.data(), cv.pq, false);
+      gemm_a_in_place(uk, (c1 - c0) * cv.rs, cv.pq, cv.kg, transposed_weights(cv, w, g, c0), cv.crs,
+                      dy + (img * cv.k + g * cv.kg) * cv.pq, dy_rows.data(), dcol.data(), cv.pq, false);
       for (int64_t c = c0; c < c1; ++c) {
         T* plane = dx + (img * cv.c + g * cv.cg + c) * cv.hw;
         T* acc = padded ? dxp.data() : plane;

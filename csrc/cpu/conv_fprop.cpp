@@ -26,12 +26,12 @@ namespace {
 
 template <typename T>
 void conv2d_forward_implicit(const Conv& cv, const T* x, const T* w, const T* bias, T* y) {
-  const Window win(cv, false, rows_per_item(cv, false, cv.n * cv.groups, cv.cg * (cv.w + 2 * cv.pad_w) * sizeof(T)));
-  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, win.rows_per_item * win.cols);
-  const std::vector<T> w_packed = pack_weights(cv, w, uk.mr);
-  const int64_t w_panel = packed_a_size(cv.kg, cv.crs, uk.mr);
+  const ImplicitSplit split = implicit_split(cv, false, cv.n * cv.groups, cv.cg * (cv.w + 2 * cv.pad_w) * sizeof(T),
+                                             cv.kg * cv.crs * sizeof(T));
+  const Window win(cv, false, split.rows);
+  const MicroKernel<T> uk = pick_micro_kernel<T>(ceil_div(cv.kg, split.m_parts), win.rows_per_item * win.cols);
   run_implicit_items(
-      cv, win, uk, cv.kg, w_packed.data(), w_panel,
+      cv, win, uk, cv.kg, split.m_parts, MatrixA<T>{w, cv.crs}, cv.kg * cv.crs,
       [&](int64_t img, int64_t g) { return x + (img * cv.c + g * cv.cg) * cv.hw; },
       [&](int64_t img, int64_t g) { return y + (img * cv.k + g * cv.kg) * cv.pq; }, bias);
 }
@@ -45,8 +45,6 @@ void conv2d_forward_explicit(const Conv& cv, const T* x, const T* w, const T* bi
   const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, std::min(chunk, cv.pq));
   chunk = std::min(cv.pq, ceil_div(chunk, uk.nr) * uk.nr);
   const int64_t chunks = ceil_div(cv.pq, chunk);
-  const std::vector<T> w_packed = pack_weights(cv, w, uk.mr);
-  const int64_t w_panel = packed_a_size(cv.kg, cv.crs, uk.mr);
   // Rows padded to whole micro-kernel panels so the GEMM reads B in place, plus copy_run's slack.
   const int64_t col_ld = cpu::padded_cols(chunk, uk.nr);
   const std::vector<int64_t> col_rows = row_offsets(cv.crs, col_ld);
@@ -61,8 +59,8 @@ void conv2d_forward_explicit(const Conv& cv, const T* x, const T* w, const T* bi
       const int64_t pq0 = part * chunk, pq1 = std::min(cv.pq, pq0 + chunk), width = pq1 - pq0;
       T* yg = y + (img * cv.k + g * cv.kg) * cv.pq + pq0;
       im2col(cv, x + (img * cv.c + g * cv.cg) * cv.hw, x + cv.n * cv.c * cv.hw, pq0, pq1, col_ld, col.data());
-      gemm(uk, cv.kg, width, cv.crs, w_packed.data() + g * w_panel, col.data(), col_rows.data(), yg, cv.pq, false,
-           true);
+      gemm_a_rows(uk, cv.kg, width, cv.crs, w + g * cv.kg * cv.crs, cv.crs, col.data(), col_rows.data(), yg, cv.pq,
+                  false, true);
       if (bias != nullptr) {
         for (int64_t kk = 0; kk < cv.kg; ++kk) {
           const T bk = bias[g * cv.kg + kk];

@@ -225,8 +225,6 @@ void conv2d_maxpool_relu_gemm_pool(const Conv& cv, const PoolShape<int64_t>& ps,
 
   const Window win(cv, false, implicit ? rows_cap : 1);
   const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, rows_cap * row_len);
-  const std::vector<T> w_packed = pack_weights(cv, w, uk.mr);
-  const int64_t w_panel = packed_a_size(cv.kg, cv.crs, uk.mr);
   const int64_t ld = rows_cap * row_len;  // scratch plane of one output channel
   const int64_t col_ld = implicit ? 0 : cpu::padded_cols(rows_cap * cv.q, uk.nr);
   const std::vector<int64_t> col_rows = implicit ? std::vector<int64_t>() : row_offsets(cv.crs, col_ld);
@@ -249,7 +247,7 @@ void conv2d_maxpool_relu_gemm_pool(const Conv& cv, const PoolShape<int64_t>& ps,
       const int64_t u0 = ci * urows, u1 = std::min(ps.p, u0 + urows);
       const auto [y0, y1] = prow.span(u0, u1);
       const T* xg = x + (img * cv.c + g * cv.cg) * cv.hw;
-      const T* a = w_packed.data() + g * w_panel;
+      const MatrixA<T> a{w + g * cv.kg * cv.crs, cv.crs};  // the weights read in place
       if (y0 < y1) {
         if (implicit) {
           win.fill_rows(xg, y0, y1, scratch.data());

@@ -193,9 +193,9 @@ bool dcol_preferred(const Conv& cv, at::ScalarType dtype) {
 
 // The implicit dgrad's GEMM has only Cg rows: worth it unless most of each micro-kernel row tile is padding.
 bool dgrad_implicit_preferred(const Conv& cv, at::ScalarType dtype) {
-  const Window win = dgrad_window(cv, int64_t(c10::elementSize(dtype)));
-  const int mr = dtype == at::kFloat ? pick_micro_kernel<float>(cv.cg, win.rows_per_item * win.cols).mr
-                                     : pick_micro_kernel<double>(cv.cg, win.rows_per_item * win.cols).mr;
+  const ImplicitSplit split = dgrad_split(cv, int64_t(c10::elementSize(dtype)));
+  const int64_t n = split.rows * (cv.w + (cv.s - 1) * cv.dil_w), m = ceil_div(cv.cg, split.m_parts);
+  const int mr = dtype == at::kFloat ? pick_micro_kernel<float>(m, n).mr : pick_micro_kernel<double>(m, n).mr;
   return detail::round_up(cv.cg, mr) <= 2 * cv.cg;
 }
 

@@ -35,12 +35,14 @@ template <typename T>
 using MicroKernelFn = void (*)(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
                                int64_t ldc, bool accumulate);
 
-// One micro-kernel: it computes an mr × nr tile of C.
+// One micro-kernel: it computes an mr × nr tile of C, reading A's element (i, k) at a[k*lda + i] (fn: a packed
+// panel, lda = mr) or at a[i*lda + k] (rows_fn: a row-major matrix read in place).
 template <typename T>
 struct MicroKernel {
   int mr;
   int nr;
   MicroKernelFn<T> fn;
+  MicroKernelFn<T> rows_fn;
 };
 
 namespace detail {
@@ -60,10 +62,10 @@ struct VecOf<double, 32> { typedef double type __attribute__((vector_size(32)));
 template <>
 struct VecOf<double, 64> { typedef double type __attribute__((vector_size(64))); };
 
-// C[0:MR, 0:NV*L] (+)= sum_k a[k*lda + i] * b[b_off[k] + j] (lda = MR for a packed panel). Inlined into the
-// per-ISA wrappers below, so the vector type V lowers to that ISA's registers. memcpy is an unaligned vector
-// load/store.
-template <typename V, typename T, int MR, int NV>
+// C[0:MR, 0:NV*L] (+)= sum_k A(i, k) * b[b_off[k] + j], A(i, k) = a[k*lda + i] (lda = MR for a packed panel) or,
+// with kRows, a[i*lda + k]. Inlined into the per-ISA wrappers below, so the vector type V lowers to that ISA's
+// registers. memcpy is an unaligned vector load/store.
+template <typename V, typename T, int MR, int NV, bool kRows>
 inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T* __restrict a, int64_t lda,
                                                              const T* __restrict b, const int64_t* __restrict b_off,
                                                              T* __restrict c,
@@ -88,7 +90,7 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
     for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], bk + v * L, sizeof(V));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const T ai = a[k * lda + i];
+      const T ai = kRows ? a[i * lda + k] : a[k * lda + i];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[i][v] += bv[v] * ai;  // contracted to FMA where the ISA has it
     }
@@ -100,27 +102,41 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
   }
 }
 
-template <typename T, int MR, int NV>
+template <typename T, int MR, int NV, bool kRows>
 CNN_EXT_TARGET_AVX512 void micro_kernel_avx512(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off,
                                                T* c, int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV>(kc, a, lda, b, b_off, c, ldc, accumulate);
+  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV, kRows>(kc, a, lda, b, b_off, c, ldc, accumulate);
 }
 
-template <typename T, int MR, int NV>
+template <typename T, int MR, int NV, bool kRows>
 CNN_EXT_TARGET_AVX2 void micro_kernel_avx2(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
                                            int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV>(kc, a, lda, b, b_off, c, ldc, accumulate);
+  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV, kRows>(kc, a, lda, b, b_off, c, ldc, accumulate);
 }
 
-template <typename T, int MR, int NV>
+template <typename T, int MR, int NV, bool kRows>
 void micro_kernel_baseline(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
                            int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV>(kc, a, lda, b, b_off, c, ldc, accumulate);
+  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV, kRows>(kc, a, lda, b, b_off, c, ldc, accumulate);
+}
+
+// The wrapper of the ISA whose vectors are Bytes wide.
+template <typename T, int Bytes, int MR, int NV, bool kRows>
+MicroKernelFn<T> micro_kernel_fn() {
+  static_assert(Bytes == 64 || Bytes == 32 || Bytes == 16);
+  if constexpr (Bytes == 64) {
+    return &micro_kernel_avx512<T, MR, NV, kRows>;
+  } else if constexpr (Bytes == 32) {
+    return &micro_kernel_avx2<T, MR, NV, kRows>;
+  } else {
+    return &micro_kernel_baseline<T, MR, NV, kRows>;
+  }
 }
 
 template <typename T, int Bytes, int MR, int NV>
-MicroKernel<T> make(MicroKernelFn<T> fn) {
-  return {MR, NV * Bytes / static_cast<int>(sizeof(T)), fn};
+MicroKernel<T> make() {
+  return {MR, NV * Bytes / static_cast<int>(sizeof(T)), micro_kernel_fn<T, Bytes, MR, NV, false>(),
+          micro_kernel_fn<T, Bytes, MR, NV, true>()};
 }
 
 // The tile shapes of each ISA, best first. Several shapes exist so that the small channel counts of convolutions
@@ -128,14 +144,10 @@ MicroKernel<T> make(MicroKernelFn<T> fn) {
 // within the register file (32 vector registers on AVX-512, 16 otherwise).
 template <typename T>
 const std::vector<MicroKernel<T>>& micro_kernels() {
-  static const std::vector<MicroKernel<T>> avx512 = {
-      make<T, 64, 6, 4>(&micro_kernel_avx512<T, 6, 4>), make<T, 64, 8, 3>(&micro_kernel_avx512<T, 8, 3>),
-      make<T, 64, 12, 2>(&micro_kernel_avx512<T, 12, 2>), make<T, 64, 5, 4>(&micro_kernel_avx512<T, 5, 4>),
-      make<T, 64, 10, 2>(&micro_kernel_avx512<T, 10, 2>)};
-  static const std::vector<MicroKernel<T>> avx2 = {make<T, 32, 6, 2>(&micro_kernel_avx2<T, 6, 2>),
-                                                   make<T, 32, 4, 3>(&micro_kernel_avx2<T, 4, 3>)};
-  static const std::vector<MicroKernel<T>> portable = {make<T, 16, 6, 2>(&micro_kernel_baseline<T, 6, 2>),
-                                                       make<T, 16, 4, 3>(&micro_kernel_baseline<T, 4, 3>)};
+  static const std::vector<MicroKernel<T>> avx512 = {make<T, 64, 6, 4>(), make<T, 64, 8, 3>(), make<T, 64, 12, 2>(),
+                                                     make<T, 64, 5, 4>(), make<T, 64, 10, 2>()};
+  static const std::vector<MicroKernel<T>> avx2 = {make<T, 32, 6, 2>(), make<T, 32, 4, 3>()};
+  static const std::vector<MicroKernel<T>> portable = {make<T, 16, 6, 2>(), make<T, 16, 4, 3>()};
   return *by_isa(&avx512, &avx2, &portable);
 }
 
@@ -214,12 +226,20 @@ inline std::vector<int64_t> row_offsets(int64_t rows, int64_t ld) {
 
 namespace detail {
 
-// C (+)= A·B with element (i, k) of A at a[(i / mr) * panel_step + k * k_step + i % mr]: pack_a's panels
-// (panel_step = mr*K, k_step = mr) or A read in place (see gemm_a_in_place). Loop order: K blocks of kc (so a
-// kc × nr strip of B stays in L1 while every A panel streams past it from L2), then column panels, then row panels.
+// How gemm_impl finds A's element (i, k): in pack_a's panels, at a[(i / mr) * mr*K + k*mr + i % mr], or read in
+// place at a[i*i_step + k*k_step], either from A's transpose (i_step = 1: each k's mr values are contiguous, as in a
+// packed panel) or from a row-major A (k_step = 1: micro-kernel rows_fn).
+struct ALayout {
+  bool packed;
+  int64_t i_step, k_step;
+};
+
+// C (+)= A·B. Loop order: K blocks of kc (so a kc × nr strip of B stays in L1 while every A panel streams past it
+// from L2), then column panels, then row panels. A read in place is never read past its M rows: the ragged last row
+// panel is packed, once per K block.
 template <typename T>
-void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, int64_t panel_step,
-               int64_t k_step, const T* b, const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded) {
+void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, ALayout layout, const T* b,
+               const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate) {
@@ -232,11 +252,20 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
   const int64_t kc_block = std::clamp<int64_t>(32768 / (nr * static_cast<int64_t>(sizeof(T))), 64, 512);
   std::vector<T> b_edge;          // zero-padded copy of the ragged last column panel ...
   std::vector<int64_t> edge_off;  // ... and its row offsets
+  std::vector<T> a_edge;          // A read in place: its ragged last row panel, packed
   T tile[16 * 64];                // ragged C tiles (mr <= 16, nr <= 64 for every kernel above)
+  const int64_t m_full = layout.packed ? M : M / mr * mr;
+  const MicroKernelFn<T> in_place_fn = layout.i_step == 1 ? uk.fn : uk.rows_fn;
+  const int64_t in_place_lda = layout.i_step == 1 ? layout.k_step : layout.i_step;
 
   for (int64_t k0 = 0; k0 < K; k0 += kc_block) {
     const int64_t kc = std::min(kc_block, K - k0);
     const bool acc = accumulate || k0 > 0;
+    if (m_full < M) {
+      a_edge.resize(mr * kc);
+      pack_a(M - m_full, kc, a + m_full * layout.i_step + k0 * layout.k_step, layout.i_step, layout.k_step, mr,
+             a_edge.data());
+    }
     for (int64_t j0 = 0; j0 < N; j0 += nr) {
       const int64_t cols = std::min<int64_t>(nr, N - j0);
       const T* b_strip = b + j0;
@@ -250,10 +279,21 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
       }
       for (int64_t i0 = 0; i0 < M; i0 += mr) {
         const int64_t rows = std::min<int64_t>(mr, M - i0);
-        const T* a_panel = a + i0 / mr * panel_step + k0 * k_step;
+        MicroKernelFn<T> fn = uk.fn;
+        const T* a_panel;
+        int64_t lda = mr;
+        if (layout.packed) {
+          a_panel = a + i0 * K + k0 * mr;
+        } else if (i0 < m_full) {
+          fn = in_place_fn;
+          a_panel = a + i0 * layout.i_step + k0 * layout.k_step;
+          lda = in_place_lda;
+        } else {
+          a_panel = a_edge.data();
+        }
         T* c_tile = c + i0 * ldc + j0;
         if (rows == mr && cols == nr) {
-          uk.fn(kc, a_panel, k_step, b_strip, strip_off, c_tile, ldc, acc);
+          fn(kc, a_panel, lda, b_strip, strip_off, c_tile, ldc, acc);
           continue;
         }
         // Ragged tile: compute the full tile in a scratch buffer, then copy the valid part.
@@ -261,7 +301,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
         if (acc) {
           for (int64_t i = 0; i < rows; ++i) std::copy_n(c_tile + i * ldc, cols, tile + i * nr);
         }
-        uk.fn(kc, a_panel, k_step, b_strip, strip_off, tile, nr, true);
+        fn(kc, a_panel, lda, b_strip, strip_off, tile, nr, true);
         for (int64_t i = 0; i < rows; ++i) std::copy_n(tile + i * nr, cols, c_tile + i * ldc);
       }
     }
@@ -275,17 +315,44 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
 template <typename T>
 void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b,
           const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
-  detail::gemm_impl(uk, M, N, K, a_packed, uk.mr * K, int64_t(uk.mr), b, b_off, c, ldc, accumulate, b_padded);
+  detail::gemm_impl(uk, M, N, K, a_packed, {true, 0, 0}, b, b_off, c, ldc, accumulate, b_padded);
 }
 
 // As gemm, with A read in place from its transpose: element (i, k) at a[k*lda + i], i.e. A's columns are the
-// contiguous rows of an array, which is what a packed panel holds with lda = mr. The last row panel reads up to
-// mr - 1 elements past column k's M values (so past the array's end by as much): they feed rows that are not stored,
-// but must be readable.
+// contiguous rows of an array (what a packed panel holds with lda = mr).
 template <typename T>
 void gemm_a_in_place(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
                      const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
-  detail::gemm_impl(uk, M, N, K, a, int64_t(uk.mr), lda, b, b_off, c, ldc, accumulate, b_padded);
+  detail::gemm_impl(uk, M, N, K, a, {false, 1, lda}, b, b_off, c, ldc, accumulate, b_padded);
+}
+
+// As gemm, with A read in place from a row-major array: element (i, k) at a[i*lda + k] (a convolution's weights
+// [K][C·R·S] as fprop's A), so no per-call packing pass.
+template <typename T>
+void gemm_a_rows(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
+                 const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
+  detail::gemm_impl(uk, M, N, K, a, {false, lda, 1}, b, b_off, c, ldc, accumulate, b_padded);
+}
+
+// A GEMM's A operand as the convolutions hand it over: pack_a's panels (row_lda == 0) or a row-major matrix read in
+// place, element (i, k) at a[i*row_lda + k].
+template <typename T>
+struct MatrixA {
+  const T* a;
+  int64_t row_lda;
+
+  // Rows [m0, M) of an M × K operand (m0 a multiple of mr for packed panels).
+  MatrixA from_row(int64_t m0, int64_t K) const { return {a + m0 * (row_lda > 0 ? row_lda : K), row_lda}; }
+};
+
+template <typename T>
+void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, MatrixA<T> a, const T* b, const int64_t* b_off,
+          T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
+  if (a.row_lda > 0) {
+    gemm_a_rows(uk, M, N, K, a.a, a.row_lda, b, b_off, c, ldc, accumulate, b_padded);
+  } else {
+    gemm(uk, M, N, K, a.a, b, b_off, c, ldc, accumulate, b_padded);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -447,7 +447,7 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
 
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t p = 0; p < parts; ++p) {
-    std::vector<T> v(16 * run * ldv), u(16 * run * ldu + uk.mr);  // U: gemm_a_in_place's read slack
+    std::vector<T> v(16 * run * ldv), u(16 * run * ldu);
     const std::vector<T> zeros(std::max(wp.in, wp.out) + 64 / sizeof(T), T(0));  // plus a vector's read slack
     T* acc = partial.data() + p * m_size;
     for (int64_t item = items * p / parts; item < items * (p + 1) / parts; ++item) {
