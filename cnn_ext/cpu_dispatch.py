@@ -9,8 +9,8 @@ tables `tables()` returns and `print_tables()` prints.
     `ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python -m benchmarks.run` compares both as on an AVX2 machine.
     `cnn_ext.cpu_capability()` is the ISA our kernels use.
   * Algorithms: `CNN_EXT_CPU_ALGORITHMS=fprop=explicit,dgrad=dcol` forces them for a whole process; a forced
-    algorithm serves every call it can compute (explicit im2col can serve any; implicit only stride 1; lanes only
-    float32 on AVX-512), the usual rule the others.
+    algorithm serves every call it can compute (explicit im2col can serve any; dgrad's implicit and dcol only stride
+    1; lanes only float32 on AVX2 and AVX-512), the usual rule the others.
 
 Within a process, tests use:
 

@@ -36,9 +36,10 @@ CONV_SHAPES = {
     # threads (ragged last parts), reading the weights in place.
     "one_image_many_channels": (1, 40, 5, 6, 52, 3, 1, 1, 1, 1),
     "one_image_grouped": (1, 48, 4, 4, 60, 3, 1, 1, 1, 2),
+    "strided_dilated": (2, 5, 13, 14, 6, (3, 2), 3, 1, 2, 1),  # stride phases of a dilated kernel
 }
 # What each algorithm needs beyond what every shape has (see csrc/cpu/dispatch.cpp).
-NEEDS = {"implicit": {"stride1"}, "dcol": {"stride1"}, "dot_tiles": {"stride1"}, "winograd": {"stride1"},
+NEEDS = {"dcol": {"stride1"}, "winograd": {"stride1"},
          "lanes": {"stride1_for_dgrad", "float32", "one_group", "avx2 or avx512"}}
 
 
@@ -48,6 +49,8 @@ def _serves(direction, algorithm, shape_name, dtype, isa):
     needs = NEEDS.get(algorithm, set())
     if "stride1" in needs and stride != 1:
         return False
+    if algorithm == "implicit" and direction == "dgrad":  # fprop's implicit windows take strides, dgrad's do not
+        return stride == 1
     if algorithm == "winograd":  # F(2x2, 3x3): undilated 3x3, stride 1; dgrad pads by 2 - padding
         return (kernel == 3 and stride == 1 and dilation == 1
                 and (direction != "dgrad" or (padding != "same" and padding <= 2)))
@@ -108,6 +111,8 @@ FUSED_SHAPES = {  # conv shape name, pooling (kernel, stride, padding, ceil_mode
     "mnist_like": ("17_images", (2, 2, 0, False)),
     "overlapping_ceil": ("3x3_same", (3, 2, 1, True)),
     "valid_dilated": ("valid_dilated", (2, 2, 0, True)),
+    "strided": ("strided_dilated", (2, 2, 0, True)),  # the convolution's stride phases under the pooling
+    "strided_grouped": ("strided_grouped", (3, 2, 1, False)),
 }
 FUSED_CASES = [(isa, direction, algorithm) for isa in ISAS for direction in ("fused_forward", "fused_backward")
                for algorithm in _algorithms(direction)]

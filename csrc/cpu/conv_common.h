@@ -11,20 +11,22 @@
 //          dcol[CgRS × PQ]  = W_g^T · dY_g[Kg × PQ], then col2im scatter-adds dcol into dX (otherwise)
 //   wgrad  dW_g[Kg × CgRS] += dY_g[Kg × PQ] · col^T, summed over images
 //
-// Stride-1 convolutions (the common case) never build col ("implicit im2col"). The input planes are copied once
-// into a zero-padded window W + 2*pad_w wide; then col row (c, r, s) is simply window plane c read from offset
-// r*dil_h*width + s*dil_w, if output (p, q) is stored at column p*width + q. The GEMM reads its B rows in place
-// through that per-row offset table, computing width - Q wasted columns per output row that are dropped when
-// the result is copied out. For small images im2col costs more than the GEMM itself, and the window copy is
-// RS times smaller. dgrad is the same product on the zero-padded dY with flipped taps, so it needs no col2im
-// either (used when Cg fills the GEMM's row tiles; tiny Cg such as a 1-channel input keeps the dcol form, whose
-// GEMM has Cg*RS rows). When the implicit dgrad would waste most of its columns (valid convolutions on small
-// images: dX windows W + (S-1)*dil wide for Q-wide dY rows), dgrad is dcol = W_g^T · dY_g read in place, with
-// col2im as contiguous row adds into a padded dX plane. wgrad reduces along the output positions of both dY and
-// the shifted windows; with few output channels (or a 1×1 kernel) it uses the dot-tile kernel on the same windows,
-// with dY copied to the window layout and zeros in the wasted columns. Otherwise (strided, or many output
-// channels) the convolutions use explicit im2col, and wgrad gathers col^T rows from a channels-last copy of the
-// input, where one kernel tap's channels (and, for dilation 1, a whole kernel row's) are one contiguous run.
+// fprop never builds col ("implicit im2col"). For stride 1 the input planes are copied once into a zero-padded
+// window W + 2*pad_w wide; then col row (c, r, s) is simply window plane c read from offset r*dil_h*width + s*dil_w,
+// if output (p, q) is stored at column p*width + q. The GEMM reads its B rows in place through that per-row offset
+// table, computing width - Q wasted columns per output row that are dropped when the result is copied out. For
+// small images im2col costs more than the GEMM itself, and the window copy is RS times smaller. A strided
+// convolution copies each plane as its stride phases (rows a, a + sh, ...; columns b, b + sw, ...), in which every
+// tap again reads one contiguous run (Window). The weights are GEMM A read in place (rows_fn), never packed.
+// dgrad is the same product on the zero-padded dY with flipped taps, so it needs no col2im either (used when Cg
+// fills the GEMM's row tiles; tiny Cg such as a 1-channel input keeps the dcol form, whose GEMM has Cg*RS rows).
+// When the implicit dgrad would waste most of its columns (valid convolutions on small images: dX windows
+// W + (S-1)*dil wide for Q-wide dY rows), dgrad is dcol = W_g^T · dY_g read in place, with col2im as contiguous
+// row adds into a padded dX plane; strided dgrad is dcol in panels (explicit). wgrad reduces along the output
+// positions of both dY and the shifted windows; with few output channels (or a 1×1 kernel) it uses the dot-tile
+// kernel on the same windows, with dY copied to the window layout and zeros in the wasted columns. Otherwise
+// (many output channels) wgrad gathers col^T rows from a channels-last copy of the input, where one kernel tap's
+// channels (and, for dilation 1, a whole kernel row's) are one contiguous run.
 //
 // The fused conv2d_maxpool_relu runs the fprop a chunk of pooled output rows at a time into item scratch and
 // pools + ReLUs from there (conv_fused.cpp), so the convolution's output is never stored.
@@ -216,37 +218,98 @@ void copy_window(const T* src, int64_t h, int64_t w, int64_t top, int64_t left, 
   }
 }
 
-// Implicit im2col of a stride-1 product (see the top of the file): an item covers output rows [y0, y1) of an
-// out_h × out_w plane and copies `channels` source planes (src_h × src_w) into windows of rows_per_item + halo
-// rows × `cols` columns, `plane` elements apart; output (y, x) is GEMM column (y - y0)*cols + x.
+// dst[a][b] = src[a*step_h + row0][b*step_w + col0] for a < rows, b < cols; 0 outside the h × w plane src. One
+// stride phase of a strided window (see Window).
+template <typename T>
+void copy_window_phase(const T* src, int64_t h, int64_t w, int64_t row0, int64_t step_h, int64_t col0,
+                       int64_t step_w, int64_t rows, int64_t cols, T* dst) {
+  if (step_h == 1 && step_w == 1) return copy_window(src, h, w, -row0, -col0, rows, cols, dst);
+  // Columns b0 <= b < b1 read inside the plane: col0 + b*step_w in [0, w).
+  const int64_t b0 = std::min(cols, first_reaching(0, col0, step_w));
+  const int64_t b1 = std::max(b0, std::min(cols, first_reaching(w, col0, step_w)));
+  for (int64_t a = 0; a < rows; ++a, dst += cols) {
+    const int64_t sa = row0 + a * step_h;
+    if (sa < 0 || sa >= h) {
+      std::fill_n(dst, cols, T(0));
+      continue;
+    }
+    for (int64_t b = 0; b < b0; ++b) dst[b] = T(0);
+    for (int64_t b = b0; b < b1; ++b) dst[b] = src[sa * w + col0 + b * step_w];
+    for (int64_t b = b1; b < cols; ++b) dst[b] = T(0);
+  }
+}
+
+// The distinct values of (i*dil) % stride for i < taps, in order of first appearance: the stride phases a strided
+// window axis needs (a 1x1 kernel with stride 2 needs one, a 3x3 needs two per axis).
+inline std::vector<int64_t> axis_phases(int64_t taps, int64_t dil, int64_t stride) {
+  std::vector<int64_t> phases;
+  for (int64_t i = 0; i < taps; ++i) {
+    const int64_t ph = i * dil % stride;
+    if (std::find(phases.begin(), phases.end(), ph) == phases.end()) phases.push_back(ph);
+  }
+  return phases;
+}
+
+// Implicit im2col (see the top of the file): an item covers output rows [y0, y1) of an out_h × out_w plane and
+// copies `channels` source planes (src_h × src_w) into windows of rows_per_item + halo rows × `cols` columns,
+// `plane` elements apart; output (y, x) is GEMM column (y - y0)*cols + x. A strided product (fprop and wgrad only)
+// splits each source plane into its stride phases: window (channel, a, b) holds rows y0*sh + a + i*sh and columns
+// b + j*sw of the padded source, so tap (r, s) reads phase ((r*dh) % sh, (s*dw) % sw) shifted by
+// ((r*dh) / sh, (s*dw) / sw) and every GEMM row is again one contiguous run.
 struct Window {
   int64_t channels, src_h, src_w, out_h, out_w;
-  int64_t top, left;  // window row 0 (for y0 = 0) and column 0 sit at source row -top and column -left
+  int64_t top, left;  // window row 0 (for y0 = 0) and column 0 sit at padded source row -top and column -left
+  int64_t stride_h, stride_w;
+  std::vector<int64_t> row_phases, col_phases;
   int64_t cols, halo, rows_per_item, plane;
   std::vector<int64_t> taps;  // GEMM B row (channel, r, s) starts taps[(channel*R + r)*S + s] into the window
 
-  // fprop/wgrad (flip = false): windows of the input, padded by (pad_h, pad_w). dgrad (flip = true): windows of
-  // dY padded by (R-1)*dil - pad, with the taps mirrored: dX[h][w] sums dY[h + pad_h - r*dil_h][...].
+  // Columns and halo rows of the windows, and the elements per output row of an item's windows (for sizing items
+  // before a Window exists).
+  static int64_t cols_of(const Conv& cv, bool flip) {
+    return (flip ? cv.w : cv.q) + (cv.s - 1) * cv.dil_w / (flip ? 1 : cv.stride_w);
+  }
+  static int64_t halo_of(const Conv& cv, bool flip) { return (cv.r - 1) * cv.dil_h / (flip ? 1 : cv.stride_h); }
+  static int64_t row_elements(const Conv& cv, bool flip) {
+    const int64_t phases = flip ? 1
+                                : int64_t(axis_phases(cv.r, cv.dil_h, cv.stride_h).size() *
+                                          axis_phases(cv.s, cv.dil_w, cv.stride_w).size());
+    return (flip ? cv.kg : cv.cg) * phases * cols_of(cv, flip);
+  }
+
+  // fprop/wgrad (flip = false): windows of the input, padded by (pad_h, pad_w). dgrad (flip = true, stride 1 only):
+  // windows of dY padded by (R-1)*dil - pad, with the taps mirrored: dX[h][w] sums dY[h + pad_h - r*dil_h][...].
   Window(const Conv& cv, bool flip, int64_t rows)
       : channels(flip ? cv.kg : cv.cg), src_h(flip ? cv.p : cv.h), src_w(flip ? cv.q : cv.w),
         out_h(flip ? cv.h : cv.p), out_w(flip ? cv.w : cv.q),
         top(flip ? (cv.r - 1) * cv.dil_h - cv.pad_h : cv.pad_h), left(flip ? (cv.s - 1) * cv.dil_w - cv.pad_w : cv.pad_w),
-        cols(out_w + (cv.s - 1) * cv.dil_w), halo((cv.r - 1) * cv.dil_h), rows_per_item(rows),
-        plane((rows + halo) * cols), taps(channels * cv.rs) {
+        stride_h(flip ? 1 : cv.stride_h), stride_w(flip ? 1 : cv.stride_w),
+        row_phases(axis_phases(cv.r, cv.dil_h, stride_h)), col_phases(axis_phases(cv.s, cv.dil_w, stride_w)),
+        cols(cols_of(cv, flip)), halo(halo_of(cv, flip)), rows_per_item(rows), plane((rows + halo) * cols),
+        taps(channels * cv.rs) {
+    TORCH_INTERNAL_ASSERT(!flip || cv.unit_stride(), "dgrad's implicit windows need stride 1");
+    const auto index = [](const std::vector<int64_t>& phases, int64_t ph) {
+      return int64_t(std::find(phases.begin(), phases.end(), ph) - phases.begin());
+    };
+    const int64_t n_col = int64_t(col_phases.size()), per_channel = int64_t(row_phases.size()) * n_col;
     for (int64_t ch = 0; ch < channels; ++ch) {
       for (int64_t r = 0; r < cv.r; ++r) {
         for (int64_t s = 0; s < cv.s; ++s) {
-          const int64_t rr = flip ? cv.r - 1 - r : r, ss = flip ? cv.s - 1 - s : s;
-          taps[(ch * cv.r + r) * cv.s + s] = ch * plane + rr * cv.dil_h * cols + ss * cv.dil_w;
+          const int64_t rr = (flip ? cv.r - 1 - r : r) * cv.dil_h, ss = (flip ? cv.s - 1 - s : s) * cv.dil_w;
+          const int64_t phase = index(row_phases, rr % stride_h) * n_col + index(col_phases, ss % stride_w);
+          taps[(ch * cv.r + r) * cv.s + s] = (ch * per_channel + phase) * plane + rr / stride_h * cols + ss / stride_w;
         }
       }
     }
   }
 
-  // Elements after the last window that GEMM and dot-tile reads may reach (whole micro-kernel panels / vectors
-  // past the last output column); kept zero.
+  // Elements of one item's windows, and the elements after them that GEMM and dot-tile reads may reach (whole
+  // micro-kernel panels / vectors past the last output column); kept zero.
+  int64_t span() const { return channels * int64_t(row_phases.size() * col_phases.size()) * plane; }
   int64_t slack() const { return cols + 64; }
-  int64_t buffer_size() const { return channels * plane + slack(); }
+  // Leading dimension of an item's product buffer: its rows_per_item*cols columns in whole panels of nr (Pad::kBC).
+  int64_t product_ld(int nr) const { return padded_cols(rows_per_item * cols, nr); }
+  int64_t buffer_size() const { return span() + slack(); }
   int64_t items() const { return ceil_div(out_h, rows_per_item); }
 
   // Copies the windows of item `item` of the planes at src into dst; returns its rows [y0, y1).
@@ -261,7 +324,13 @@ struct Window {
   template <typename T>
   void fill_rows(const T* src, int64_t y0, int64_t y1, T* dst) const {
     for (int64_t ch = 0; ch < channels; ++ch) {
-      copy_window(src + ch * src_h * src_w, src_h, src_w, top - y0, left, y1 - y0 + halo, cols, dst + ch * plane);
+      for (const int64_t a : row_phases) {
+        for (const int64_t b : col_phases) {
+          copy_window_phase(src + ch * src_h * src_w, src_h, src_w, y0 * stride_h + a - top, stride_h, b - left,
+                            stride_w, y1 - y0 + halo, cols, dst);
+          dst += plane;
+        }
+      }
     }
   }
 };
@@ -270,7 +339,7 @@ struct Window {
 // every thread busy, and keep each item's windows within the scratch budget.
 inline int64_t rows_per_item(const Conv& cv, bool flip, int64_t units, int64_t bytes_per_row) {
   const int64_t out_h = flip ? cv.h : cv.p;
-  const int64_t halo = (cv.r - 1) * cv.dil_h;
+  const int64_t halo = Window::halo_of(cv, flip);
   int64_t rows = ceil_div(out_h, ceil_div(2 * num_threads(), units));
   rows = std::min(rows, std::max<int64_t>(1, kScratchBytes / std::max<int64_t>(1, bytes_per_row) - halo));
   return std::max<int64_t>(1, rows);
@@ -279,7 +348,9 @@ inline int64_t rows_per_item(const Conv& cv, bool flip, int64_t units, int64_t b
 // How an implicit pass (fprop, dgrad) splits its (image, group) units into items: output rows per item, and into
 // how many parts its M output planes go. Every item reads its rows of A (M × K_gemm, a_bytes in all) once, so where
 // A outweighs the windows of a whole plane (many channels on a small image, e.g. batch 1 at 512 channels on 7x7)
-// the threads share out the planes, not the rows: A is then read once in all, and each GEMM keeps its full width.
+// and the units alone cannot keep every thread busy, the threads share out the planes, not the rows: A is then read
+// once in all, and each GEMM keeps its full width. (Splitting A further into parts that stay in L2 from one image
+// to the next measured no faster at batch 8-32: 0.25-2 MiB parts against none.)
 struct ImplicitSplit {
   int64_t rows;
   int64_t m_parts;
@@ -287,7 +358,7 @@ struct ImplicitSplit {
 
 inline ImplicitSplit implicit_split(const Conv& cv, bool flip, int64_t units, int64_t bytes_per_row, int64_t a_bytes) {
   const int64_t out_h = flip ? cv.h : cv.p;
-  const int64_t halo = (cv.r - 1) * cv.dil_h;
+  const int64_t halo = Window::halo_of(cv, flip);
   const int64_t parts = ceil_div(2 * num_threads(), units);
   if (parts > 1 && a_bytes > (out_h + halo) * bytes_per_row) {
     return {rows_per_item(cv, flip, parts * units, bytes_per_row), parts};
@@ -296,14 +367,25 @@ inline ImplicitSplit implicit_split(const Conv& cv, bool flip, int64_t units, in
 }
 
 // One fprop/dgrad item by implicit im2col: rows [y0, y1) of the M output planes at dst (out_h*out_w apart) =
-// A · windows (+ bias[i] on plane i); `product` holds M × rows_per_item*cols.
+// A · windows (+ bias[i] on plane i); `product` holds M × rows_per_item*cols, the product with its wasted columns.
 template <typename T>
 void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, MatrixA<T> a, const T* src,
                         int64_t item, T* window, T* product, T* dst, const T* bias) {
   const auto [y0, y1] = win.fill(src, item, window);
-  const int64_t ld = win.rows_per_item * win.cols;
-  gemm(uk, m, (y1 - y0 - 1) * win.cols + win.out_w, static_cast<int64_t>(win.taps.size()), a, window,
-       win.taps.data(), product, ld, false, true);
+  const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
+  if (win.cols == win.out_w) {  // no wasted columns (1x1 kernels): the GEMM writes the output rows in place
+    T* out = dst + y0 * win.out_w;
+    const int64_t n = (y1 - y0) * win.out_w;
+    gemm(uk, m, n, k_gemm, a, window, win.taps.data(), out, plane, false, Pad::kB);
+    if (bias != nullptr) {
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) out[i * plane + j] += bias[i];
+      }
+    }
+    return;
+  }
+  const int64_t ld = win.product_ld(uk.nr);
+  gemm(uk, m, (y1 - y0 - 1) * win.cols + win.out_w, k_gemm, a, window, win.taps.data(), product, ld, false, Pad::kBC);
   for (int64_t i = 0; i < m; ++i) {
     const T b = bias != nullptr ? bias[i] : T(0);
     for (int64_t y = y0; y < y1; ++y) {
@@ -314,10 +396,10 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
   }
 }
 
-// Every implicit item of a pass, (image, group, part of the m planes, chunk of rows), across the threads, each with
-// its own window and product buffers. Group g of image img reads src_of(img, g) and writes the m planes at
-// dst_of(img, g), with a + g*a_panel as its A operand (m × K_gemm) and bias + g*m (if any) added. The planes go in
-// m_parts parts of whole micro-kernel row panels.
+// Every implicit item of a pass, (group, part of the m planes, image, chunk of rows), across the threads, each
+// thread with its own window and product buffers. Group g
+// of image img reads src_of(img, g) and writes the m planes at dst_of(img, g), with a + g*a_panel as its A operand
+// (m × K_gemm) and bias + g*m (if any) added. The planes go in m_parts parts of whole micro-kernel row panels.
 template <typename T, typename SrcOf, typename DstOf>
 void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>& uk, int64_t m, int64_t m_parts,
                         MatrixA<T> a, int64_t a_panel, SrcOf src_of, DstOf dst_of, const T* bias) {
@@ -326,11 +408,11 @@ void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>&
   const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<T> window(win.buffer_size()), product(std::min(m, m_chunk) * win.rows_per_item * win.cols);
+    std::vector<T> window(win.buffer_size()), product(std::min(m, m_chunk) * win.product_ld(uk.nr));
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t img = item / (cv.groups * m_chunks * chunks), g = item / (m_chunks * chunks) % cv.groups;
-      const int64_t m0 = item / chunks % m_chunks * m_chunk, rows = std::min(m_chunk, m - m0);
+      const int64_t g = item / (m_chunks * cv.n * chunks), img = item / chunks % cv.n;
+      const int64_t m0 = item / (cv.n * chunks) % m_chunks * m_chunk, rows = std::min(m_chunk, m - m0);
       const MatrixA<T> a_g{a.a + g * a_panel, a.row_lda};
       implicit_conv_item(win, uk, rows, a_g.from_row(m0, k_gemm), src_of(img, g), item % chunks, window.data(),
                          product.data(), dst_of(img, g) + m0 * plane, bias != nullptr ? bias + g * m + m0 : nullptr);
@@ -354,8 +436,8 @@ inline DcolPlan dcol_plan(const Conv& cv) {
 
 // How dgrad's implicit product (windows of dY's planes with the taps flipped; A = W_g^T, Cg × Kg·R·S) splits.
 inline ImplicitSplit dgrad_split(const Conv& cv, int64_t element_bytes) {
-  const int64_t bytes_per_row = cv.kg * (cv.w + (cv.s - 1) * cv.dil_w) * element_bytes;
-  return implicit_split(cv, true, cv.n * cv.groups, bytes_per_row, cv.cg * cv.kg * cv.rs * element_bytes);
+  return implicit_split(cv, true, cv.n * cv.groups, Window::row_elements(cv, true) * element_bytes,
+                        cv.cg * cv.kg * cv.rs * element_bytes);
 }
 
 }  // namespace cnn_ext::cpu

@@ -1,6 +1,6 @@
 // CPU fprop (cnn_ext.conv2d): direct depthwise kernels (conv_depthwise.h), Winograd F(2x2, 3x3) for stride-1 3x3
-// kernels (winograd.h), implicit im2col for stride 1, explicit im2col otherwise (conv_common.h has the shared
-// machinery), or the batch-in-lanes kernels; dispatch.cpp chooses.
+// kernels (winograd.h), implicit im2col at any stride (conv_common.h has the shared machinery), explicit im2col
+// (the reference form, when forced), or the batch-in-lanes kernels; dispatch.cpp chooses.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -20,13 +20,13 @@ namespace cnn_ext::cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------------------------------
-// fprop: one item = (image, group, chunk of output rows) by implicit im2col for stride 1, (image, group, chunk of
-// output positions) by explicit im2col otherwise.
+// fprop: one item = (group, part of the output channels, image, chunk of output rows) by implicit im2col
+// (run_implicit_items), or (image, group, chunk of output positions) by explicit im2col.
 // ---------------------------------------------------------------------------------------------------------------
 
 template <typename T>
 void conv2d_forward_implicit(const Conv& cv, const T* x, const T* w, const T* bias, T* y) {
-  const ImplicitSplit split = implicit_split(cv, false, cv.n * cv.groups, cv.cg * (cv.w + 2 * cv.pad_w) * sizeof(T),
+  const ImplicitSplit split = implicit_split(cv, false, cv.n * cv.groups, Window::row_elements(cv, false) * sizeof(T),
                                              cv.kg * cv.crs * sizeof(T));
   const Window win(cv, false, split.rows);
   const MicroKernel<T> uk = pick_micro_kernel<T>(ceil_div(cv.kg, split.m_parts), win.rows_per_item * win.cols);
@@ -60,7 +60,7 @@ void conv2d_forward_explicit(const Conv& cv, const T* x, const T* w, const T* bi
       T* yg = y + (img * cv.k + g * cv.kg) * cv.pq + pq0;
       im2col(cv, x + (img * cv.c + g * cv.cg) * cv.hw, x + cv.n * cv.c * cv.hw, pq0, pq1, col_ld, col.data());
       gemm_a_rows(uk, cv.kg, width, cv.crs, w + g * cv.kg * cv.crs, cv.crs, col.data(), col_rows.data(), yg, cv.pq,
-                  false, true);
+                  false, Pad::kB);
       if (bias != nullptr) {
         for (int64_t kk = 0; kk < cv.kg; ++kk) {
           const T bk = bias[g * cv.kg + kk];

@@ -32,7 +32,7 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------------
 // Fused conv2d + max_pool2d + ReLU (cnn_ext.conv2d_maxpool_relu). One item = (image, group, chunk of pooled output
 // rows): the convolution rows those pooling windows read are computed into item-local scratch by the fprop
-// machinery above (implicit im2col for stride 1, explicit im2col otherwise), bias added, and pooled + ReLU'd from
+// machinery (implicit im2col, strided convolutions through stride-phase windows), bias added, and pooled + ReLU'd from
 // there, so the convolution's output never reaches memory. Chunks of pooled rows write disjoint outputs; when pooling
 // windows overlap (pool stride < window) the conv rows they share are recomputed by both chunks, which gives the
 // same bits (a C element's sum does not depend on the GEMM's tiling). The pooling follows pool2d.cpp exactly:
@@ -207,9 +207,8 @@ void conv2d_maxpool_relu_gemm_pool(const Conv& cv, const PoolShape<int64_t>& ps,
                               T* out, int64_t* idx) {
   const WindowAxis prow(ps.p, ps.h, ps.kh, ps.stride_h, ps.pad_h, ps.dil_h);
   const WindowAxis pcol(ps.q, ps.w, ps.kw, ps.stride_w, ps.pad_w, ps.dil_w);
-  const bool implicit = cv.unit_stride();
-  const int64_t row_len = implicit ? cv.q + (cv.s - 1) * cv.dil_w : cv.q;  // scratch row stride of a conv row
-  const int64_t bytes_per_row = (cv.kg * row_len + (implicit ? cv.cg * row_len : cv.crs * cv.q)) * sizeof(T);
+  const int64_t row_len = Window::cols_of(cv, false);  // scratch row stride of a conv row
+  const int64_t bytes_per_row = (cv.kg * row_len + Window::row_elements(cv, false)) * sizeof(T);
 
   // Pooled rows per item: enough items for every thread, and the conv rows of one item within the scratch budget.
   int64_t urows = ceil_div(ps.p, ceil_div(2 * num_threads(), cv.n * cv.groups));
@@ -223,19 +222,16 @@ void conv2d_maxpool_relu_gemm_pool(const Conv& cv, const PoolShape<int64_t>& ps,
     rows_cap = std::max(rows_cap, y1 - y0);
   }
 
-  const Window win(cv, false, implicit ? rows_cap : 1);
+  const Window win(cv, false, rows_cap);
   const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, rows_cap * row_len);
   const int64_t ld = rows_cap * row_len;  // scratch plane of one output channel
-  const int64_t col_ld = implicit ? 0 : cpu::padded_cols(rows_cap * cv.q, uk.nr);
-  const std::vector<int64_t> col_rows = implicit ? std::vector<int64_t>() : row_offsets(cv.crs, col_ld);
-  const T* x_end = x + cv.n * cv.c * cv.hw;
 
   const int64_t pool_scratch = is_two_by_two<T>(ps) ? (rows_cap / 2 + 1) * row_len + 64 : 0;
 
   const int64_t items = cv.n * cv.groups * chunks;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<T> scratch(implicit ? win.buffer_size() : cv.crs * col_ld + 64 / sizeof(T));
+    std::vector<T> window(win.buffer_size());
     // Slack: the 2×2 pooling kernel reads a row and whole vector blocks past the last row pair's last window.
     std::vector<T> product(cv.kg * ld + row_len + 2 * 64);
     // Its results, one per window position of the item's row pairs, rounded up to whole vector blocks.
@@ -249,15 +245,9 @@ void conv2d_maxpool_relu_gemm_pool(const Conv& cv, const PoolShape<int64_t>& ps,
       const T* xg = x + (img * cv.c + g * cv.cg) * cv.hw;
       const MatrixA<T> a{w + g * cv.kg * cv.crs, cv.crs};  // the weights read in place
       if (y0 < y1) {
-        if (implicit) {
-          win.fill_rows(xg, y0, y1, scratch.data());
-          gemm(uk, cv.kg, (y1 - y0 - 1) * win.cols + cv.q, static_cast<int64_t>(win.taps.size()), a,
-               scratch.data(), win.taps.data(), product.data(), ld, false, true);
-        } else {
-          im2col(cv, xg, x_end, y0 * cv.q, y1 * cv.q, col_ld, scratch.data());
-          gemm(uk, cv.kg, (y1 - y0) * cv.q, cv.crs, a, scratch.data(), col_rows.data(), product.data(), ld, false,
-               true);
-        }
+        win.fill_rows(xg, y0, y1, window.data());
+        gemm(uk, cv.kg, (y1 - y0 - 1) * win.cols + cv.q, static_cast<int64_t>(win.taps.size()), a, window.data(),
+             win.taps.data(), product.data(), ld, false, Pad::kB);
       }
       for (int64_t i = 0; i < cv.kg; ++i) {
         const int64_t ch = g * cv.kg + i;

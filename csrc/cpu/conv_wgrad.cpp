@@ -69,12 +69,13 @@ template <typename T>
 void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T* dw) {
   const cpu::DotKernel<T>& dk = cpu::dot_kernel<T>();
   const int64_t weight_numel = cv.k * cv.crs;
-  const int64_t cols = cv.q + (cv.s - 1) * cv.dil_w;
-  const Window win(cv, false, rows_per_item(cv, false, cv.n, (cv.cg + cv.kg) * cols * sizeof(T)));
+  const int64_t cols = Window::cols_of(cv, false);
+  const int64_t bytes_per_row = (Window::row_elements(cv, false) + cv.kg * cols) * sizeof(T);  // x and dY windows
+  const Window win(cv, false, rows_per_item(cv, false, cv.n, bytes_per_row));
   const int64_t chunks = win.items(), segments = cv.n * chunks;
   const int64_t parts = std::min<int64_t>(num_threads(), segments);
   const int64_t seg_len = cpu::detail::round_up(win.rows_per_item * cols, dk.lanes);  // dY' columns per channel
-  const int64_t seg_x = cv.cg * win.plane, seg_dy = cv.kg * seg_len;                  // scratch per segment
+  const int64_t seg_x = win.span(), seg_dy = cv.kg * seg_len;  // scratch per segment
   const int64_t batch = std::clamp<int64_t>(kWgradScratchBytes / ((seg_x + seg_dy) * sizeof(T)), 1,
                                             ceil_div(segments, parts));
 
@@ -144,7 +145,6 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
   std::vector<T> partial(parts * weight_numel, T(0));
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
-    std::vector<T> a_packed(packed_a_size(cv.kg, step, uk.mr));
     std::vector<T> col_t(step * col_ld + 64 / sizeof(T));
     T* acc = partial.data() + t * weight_numel;
     const int64_t end = total * (t + 1) / parts;
@@ -152,11 +152,9 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
       const int64_t img = pos / cv.pq, pq0 = pos % cv.pq;
       const int64_t pq1 = std::min({cv.pq, pq0 + step, pq0 + (end - pos)}), width = pq1 - pq0;
       for (int64_t g = 0; g < cv.groups; ++g) {
-        pack_a(cv.kg, width, dy + (img * cv.k + g * cv.kg) * cv.pq + pq0, cv.pq, int64_t(1), uk.mr,
-               a_packed.data());
         gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
-        gemm(uk, cv.kg, cv.crs, width, a_packed.data(), col_t.data(), col_rows.data(), acc + g * cv.kg * cv.crs,
-             cv.crs, true, true);
+        gemm_a_rows(uk, cv.kg, cv.crs, width, dy + (img * cv.k + g * cv.kg) * cv.pq + pq0, cv.pq, col_t.data(),
+                    col_rows.data(), acc + g * cv.kg * cv.crs, cv.crs, true, Pad::kB);  // dY's rows read in place
       }
       pos += width;
     }

@@ -9,8 +9,8 @@
 // |                   | depthwise    | one input and one output channel per group         | R·S multiply-adds per output, no GEMM |
 // |                   | winograd     | stride 1, undilated 3x3, 32+ channels each side    | F(2x2, 3x3): 2.25x fewer          |
 // |                   |              | and 96 in all, 256+ output tiles                   | multiplications, as 16 GEMMs      |
-// |                   | implicit     | stride 1                                           | no im2col: B read from padded windows |
-// |                   | explicit     | always                                             | im2col panels for strided convs   |
+// |                   | implicit     | always (strides via stride-phase windows)          | no im2col: B read from padded windows |
+// |                   | explicit     | always (only when forced: implicit serves all)     | im2col panels, the reference form |
 // | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8     | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | the same rows read backwards      |
 // |                   | winograd     | as fprop's (dY's channels as input), padding <= 2  | fprop's on dY, kernel flipped     |
@@ -21,7 +21,7 @@
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
 // |                   | winograd     | as fprop's winograd, from 64 tiles                 | F(3x3, 2x2): GEMMs over the tiles |
-// |                   | dot_tiles    | stride 1, Kg <= 32 or a 1x1 kernel                 | few output channels: no transposed gather |
+// |                   | dot_tiles    | Kg <= 32 or a 1x1 kernel                           | few output channels: no transposed gather |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
 // | fused_forward     | lanes        | lanes::suits                                       | as fprop, pooled in registers     |
 // |                   | gemm_pool    | always                                             | fprop rows into scratch, pooled there |
@@ -73,8 +73,10 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
          "R·S multiply-adds per output along contiguous rows (column strides as phases): no GEMM to form"},
         {"winograd", "stride 1, undilated 3x3, 32+ channels each side and 96 in all, 256+ output tiles (2x2)",
          "F(2x2, 3x3): 2.25x fewer multiplications, as 16 GEMMs over transformed tiles"},
-        {"implicit", "stride 1", "no im2col: GEMM B rows read in place from zero-padded input windows"},
-        {"explicit", "always", "im2col panels, for strided convolutions"}}},
+        {"implicit", "always (strided convolutions through stride-phase windows)",
+         "no im2col: GEMM B rows read in place from zero-padded input windows"},
+        {"explicit", "always (only when forced: implicit serves every call)",
+         "im2col panels: the reference form, R·S times the windows' copying"}}},
       {"dgrad",
        {{"lanes", "float32, as fprop's lanes, stride 1 and 8+ input channels (lanes::suits_dgrad)", "as fprop"},
         {"depthwise", "as fprop's depthwise", "fprop's rows read backwards: each dX row gathers its taps' dY rows"},
@@ -90,7 +92,7 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
         {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform)",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
-        {"dot_tiles", "stride 1 and at most 32 output channels per group, or a 1x1 kernel",
+        {"dot_tiles", "at most 32 output channels per group, or a 1x1 kernel (any stride: stride-phase windows)",
          "few output channels: reduces dY against the input windows in place, no transposed gather"},
         {"gemm", "always", "dY·colᵀ over a channels-last copy of the input, for many channels or strides"}}},
       {"fused_forward",
@@ -219,7 +221,7 @@ Fprop choose_fprop(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   return choose<Fprop>(Direction::kFprop, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd},
-                                           {cv.unit_stride(), true},
+                                           {true, true},
                                            {true, true}});
 }
 
@@ -246,7 +248,7 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd},
-                                           {cv.unit_stride(), cv.kg <= 32 || cv.rs == 1},
+                                           {true, cv.kg <= 32 || cv.rs == 1},
                                            {true, true}});
 }
 

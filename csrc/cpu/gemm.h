@@ -8,8 +8,9 @@
 //     b_off[k] = k*ldb (row_offsets); the convolutions' "implicit im2col" instead points every row (c, r, s) at
 //     the padded input plane c shifted by the tap (r, s), so the im2col matrix is never materialised. Only the
 //     ragged last column panel (N % nr columns) is copied into a zero-padded buffer, and not even that when the
-//     caller says B's rows are readable up to round_up(N, nr) columns (b_padded): the extra columns only feed
-//     C columns that are never written back.
+//     caller says B's rows are readable up to round_up(N, nr) columns (Pad::kB): the extra columns only feed
+//     C columns that are never written back, unless the caller says C's rows may be written there too (Pad::kBC),
+//     when the ragged last column panel runs straight into C like every other.
 //   * C (M×N) is row-major with leading dimension ldc.
 // The micro-kernel keeps an mr × nr tile of C in vector registers (mr × nv vectors) and does one rank-1
 // update per k step: nv vector loads of B, mr broadcasts of A, mr*nv FMAs.
@@ -214,7 +215,11 @@ void pack_a(int64_t M, int64_t K, const T* src, int64_t row_stride, int64_t col_
   }
 }
 
-// Columns a B buffer must have (its leading dimension) for gemm(..., b_padded = true).
+// What a GEMM may touch past column N of B and C, up to round_up(N, nr): nothing, B's rows (read), or B's rows and
+// C's rows (written; the values there are garbage).
+enum class Pad { kNone, kB, kBC };
+
+// Columns a B or C buffer must have (its leading dimension) for gemm(..., Pad::kB / kBC).
 inline int64_t padded_cols(int64_t N, int nr) { return detail::round_up(N, nr); }
 
 // b_off for a dense row-major B with leading dimension ld.
@@ -239,7 +244,7 @@ struct ALayout {
 // panel is packed, once per K block.
 template <typename T>
 void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, ALayout layout, const T* b,
-               const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded) {
+               const int64_t* b_off, T* c, int64_t ldc, bool accumulate, Pad pad) {
   if (M == 0 || N == 0) return;
   if (K == 0) {
     if (!accumulate) {
@@ -270,7 +275,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
       const int64_t cols = std::min<int64_t>(nr, N - j0);
       const T* b_strip = b + j0;
       const int64_t* strip_off = b_off + k0;
-      if (cols < nr && !b_padded) {
+      if (cols < nr && pad == Pad::kNone) {
         b_edge.assign(kc * nr, T(0));
         for (int64_t k = 0; k < kc; ++k) std::copy_n(b_strip + strip_off[k], cols, b_edge.data() + k * nr);
         if (edge_off.empty()) edge_off = row_offsets(kc_block, nr);
@@ -292,7 +297,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
           a_panel = a_edge.data();
         }
         T* c_tile = c + i0 * ldc + j0;
-        if (rows == mr && cols == nr) {
+        if (rows == mr && (cols == nr || pad == Pad::kBC)) {
           fn(kc, a_panel, lda, b_strip, strip_off, c_tile, ldc, acc);
           continue;
         }
@@ -314,24 +319,24 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
 // at b + b_off[k].
 template <typename T>
 void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a_packed, const T* b,
-          const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
-  detail::gemm_impl(uk, M, N, K, a_packed, {true, 0, 0}, b, b_off, c, ldc, accumulate, b_padded);
+          const int64_t* b_off, T* c, int64_t ldc, bool accumulate, Pad pad = Pad::kNone) {
+  detail::gemm_impl(uk, M, N, K, a_packed, {true, 0, 0}, b, b_off, c, ldc, accumulate, pad);
 }
 
 // As gemm, with A read in place from its transpose: element (i, k) at a[k*lda + i], i.e. A's columns are the
 // contiguous rows of an array (what a packed panel holds with lda = mr).
 template <typename T>
 void gemm_a_in_place(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
-                     const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
-  detail::gemm_impl(uk, M, N, K, a, {false, 1, lda}, b, b_off, c, ldc, accumulate, b_padded);
+                     const int64_t* b_off, T* c, int64_t ldc, bool accumulate, Pad pad = Pad::kNone) {
+  detail::gemm_impl(uk, M, N, K, a, {false, 1, lda}, b, b_off, c, ldc, accumulate, pad);
 }
 
 // As gemm, with A read in place from a row-major array: element (i, k) at a[i*lda + k] (a convolution's weights
 // [K][C·R·S] as fprop's A), so no per-call packing pass.
 template <typename T>
 void gemm_a_rows(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
-                 const int64_t* b_off, T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
-  detail::gemm_impl(uk, M, N, K, a, {false, lda, 1}, b, b_off, c, ldc, accumulate, b_padded);
+                 const int64_t* b_off, T* c, int64_t ldc, bool accumulate, Pad pad = Pad::kNone) {
+  detail::gemm_impl(uk, M, N, K, a, {false, lda, 1}, b, b_off, c, ldc, accumulate, pad);
 }
 
 // A GEMM's A operand as the convolutions hand it over: pack_a's panels (row_lda == 0) or a row-major matrix read in
@@ -347,11 +352,11 @@ struct MatrixA {
 
 template <typename T>
 void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, MatrixA<T> a, const T* b, const int64_t* b_off,
-          T* c, int64_t ldc, bool accumulate, bool b_padded = false) {
+          T* c, int64_t ldc, bool accumulate, Pad pad = Pad::kNone) {
   if (a.row_lda > 0) {
-    gemm_a_rows(uk, M, N, K, a.a, a.row_lda, b, b_off, c, ldc, accumulate, b_padded);
+    gemm_a_rows(uk, M, N, K, a.a, a.row_lda, b, b_off, c, ldc, accumulate, pad);
   } else {
-    gemm(uk, M, N, K, a.a, b, b_off, c, ldc, accumulate, b_padded);
+    gemm(uk, M, N, K, a.a, b, b_off, c, ldc, accumulate, pad);
   }
 }
 

@@ -280,7 +280,7 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
       }
       for (int64_t xi = 0; xi < 16; ++xi) {
         gemm(uk, wp.out, tiles, wp.in, u.data() + (g * 16 + xi) * u_panel, v.data() + xi * v_stride,
-             v_rows.data(), m.data() + xi * m_stride, ld, false, true);
+             v_rows.data(), m.data() + xi * m_stride, ld, false, Pad::kBC);
       }
       for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
         T* y = dst + (img * wp.groups + g) * wp.out * out_plane;
@@ -455,7 +455,7 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
       transforms(wp, x, dy, g, t0, t1, zeros.data(), v.data(), run * ldv, ldv, u.data(), run * ldu, ldu);
       for (int64_t xi = 0; xi < 16; ++xi) {
         gemm_a_in_place(uk, wp.out, wp.in, t1 - t0, u.data() + xi * run * ldu, ldu, v.data() + xi * run * ldv,
-                        v_rows.data(), acc + (g * 16 + xi) * wp.out * wp.in, wp.in, true, true);
+                        v_rows.data(), acc + (g * 16 + xi) * wp.out * wp.in, wp.in, true, Pad::kB);
       }
     }
   }
