@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -128,33 +129,51 @@ void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T
 
 // ---------------------------------------------------------------------------------------------------------------
 // wgrad otherwise: thread range t of the flattened (image, p, q) axis accumulates into partial[t]; chunks of at most
-// `step` positions per GEMM keep colT within budget.
+// `step` positions per GEMM keep colT within budget. Where dW outweighs colT (few positions, many channels: batch 1
+// on small planes) the threads instead share out the output channels, each summing every position into its own
+// rows of one partial: no K × CRS partial per thread to stream and add up, at the price of each thread gathering
+// colT itself.
 // ---------------------------------------------------------------------------------------------------------------
+constexpr int64_t kColTBytes = 2 * 1024 * 1024;  // colT per thread
+
 template <typename T>
 void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw) {
   const int64_t weight_numel = cv.k * cv.crs;
   const int64_t total = cv.n * cv.pq;
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(num_threads(), total));
   const MicroKernel<T> uk = pick_micro_kernel<T>(cv.kg, cv.crs);
-  const int64_t step = std::clamp<int64_t>(kScratchBytes / std::max<int64_t>(1, cv.crs * sizeof(T)), 16, 512);
+  const bool by_channels = weight_numel > total * cv.c * cv.rs && cv.kg >= 2 * uk.mr;  // dW outweighs colT
+  const int64_t channel_chunk = detail::round_up(ceil_div(cv.kg, num_threads()), uk.mr);
+  const int64_t parts = by_channels ? ceil_div(cv.kg, channel_chunk)
+                                    : std::max<int64_t>(1, std::min<int64_t>(num_threads(), total));
+  // Every GEMM reads and writes its rows of dW once per K block of the micro-kernels (256-512 positions), so chunks
+  // are sized up to that (colT is streamed once, it need not stay in L2): 56 positions at 256 channels had made
+  // dW's traffic the limit.
+  const int64_t step = std::clamp<int64_t>(kColTBytes / std::max<int64_t>(1, cv.crs * sizeof(T)), 16, 512);
   // colT rows padded to whole micro-kernel panels so the GEMM reads them in place, plus copy_run's slack.
   const int64_t col_ld = cpu::padded_cols(cv.crs, uk.nr);
   const std::vector<int64_t> col_rows = row_offsets(step, col_ld);
 
   // partial[t] is K × RSCg with columns in (r, s, c) order.
-  std::vector<T> partial(parts * weight_numel, T(0));
+  const int64_t partials = by_channels ? 1 : parts;
+  // Every part has positions (or all of them), and its first GEMM stores rather than adds: no zeroing pass.
+  TORCH_INTERNAL_ASSERT(total > 0, "empty inputs are answered before the kernels");
+  const std::unique_ptr<T[]> partial(new T[partials * weight_numel]);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
     std::vector<T> col_t(step * col_ld + 64 / sizeof(T));
-    T* acc = partial.data() + t * weight_numel;
-    const int64_t end = total * (t + 1) / parts;
-    for (int64_t pos = total * t / parts; pos < end;) {
+    T* acc = partial.get() + (by_channels ? 0 : t * weight_numel);
+    const int64_t k0 = by_channels ? t * channel_chunk : 0;
+    const int64_t k1 = by_channels ? std::min(cv.kg, k0 + channel_chunk) : cv.kg;
+    const int64_t end = by_channels ? total : total * (t + 1) / parts;
+    const int64_t start = by_channels ? 0 : total * t / parts;
+    for (int64_t pos = start; pos < end;) {
       const int64_t img = pos / cv.pq, pq0 = pos % cv.pq;
       const int64_t pq1 = std::min({cv.pq, pq0 + step, pq0 + (end - pos)}), width = pq1 - pq0;
       for (int64_t g = 0; g < cv.groups; ++g) {
         gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
-        gemm_a_rows(uk, cv.kg, cv.crs, width, dy + (img * cv.k + g * cv.kg) * cv.pq + pq0, cv.pq, col_t.data(),
-                    col_rows.data(), acc + g * cv.kg * cv.crs, cv.crs, true, Pad::kB);  // dY's rows read in place
+        gemm_a_rows(uk, k1 - k0, cv.crs, width, dy + (img * cv.k + g * cv.kg + k0) * cv.pq + pq0, cv.pq,
+                    col_t.data(), col_rows.data(), acc + (g * cv.kg + k0) * cv.crs, cv.crs, pos > start,
+                    Pad::kB);  // dY's rows read in place
       }
       pos += width;
     }
@@ -167,7 +186,7 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
       for (int64_t tap = 0; tap < cv.rs; ++tap) {
         const int64_t src = kk * cv.crs + tap * cv.cg + c;
         T sum = partial[src];
-        for (int64_t t = 1; t < parts; ++t) sum += partial[t * weight_numel + src];
+        for (int64_t t = 1; t < partials; ++t) sum += partial[t * weight_numel + src];
         dw[(kk * cv.cg + c) * cv.rs + tap] = sum;
       }
     }

@@ -15,13 +15,14 @@
 // |                   | depthwise    | as fprop's depthwise                               | the same rows read backwards      |
 // |                   | winograd     | as fprop's (dY's channels as input), padding <= 2  | fprop's on dY, kernel flipped     |
 // |                   | dcol         | stride 1, implicit would compute > 1.5x the useful | no wasted columns: Wᵀ·dY in place, |
-// |                   |              | columns, dcol fits in 1 MiB                        | col2im as contiguous row adds     |
+// |                   |              | columns or repack > 4 MiB of W for too few images, | col2im as contiguous row adds     |
+// |                   |              | dcol fits in 1 MiB                                 |                                   |
 // |                   | implicit     | stride 1, Cg fills at least half the row tiles     | the fprop machinery on flipped taps |
 // |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
 // |                   | winograd     | as fprop's winograd, from 64 tiles                 | F(3x3, 2x2): GEMMs over the tiles |
-// |                   | dot_tiles    | Kg <= 32 or a 1x1 kernel                           | few output channels: no transposed gather |
+// |                   | dot_tiles    | Kg <= 32, or <= 64 with a 1x1 kernel               | few output channels: no transposed gather |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
 // | fused_forward     | lanes        | lanes::suits                                       | as fprop, pooled in registers     |
 // |                   | gemm_pool    | always                                             | fprop rows into scratch, pooled there |
@@ -82,7 +83,9 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"depthwise", "as fprop's depthwise", "fprop's rows read backwards: each dX row gathers its taps' dY rows"},
         {"winograd", "as fprop's winograd (dY's channels as its input), padding <= 2",
          "fprop's Winograd on dY with the kernel flipped and transposed, padded by 2 - pad"},
-        {"dcol", "stride 1, the implicit product would compute over 1.5x the useful columns, dcol within 1 MiB",
+        {"dcol",
+         "stride 1, the implicit product would compute over 1.5x the useful columns or pack over 4 MiB of weights "
+         "for too few images, dcol within 1 MiB",
          "Wᵀ·dY read in place with no wasted columns; col2im as contiguous row adds into a padded plane"},
         {"implicit", "stride 1 and the input channels fill at least half of each GEMM row tile",
          "the fprop machinery on dY's zero-padded windows with flipped taps: no col2im"},
@@ -92,7 +95,7 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
         {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform)",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
-        {"dot_tiles", "at most 32 output channels per group, or a 1x1 kernel (any stride: stride-phase windows)",
+        {"dot_tiles", "at most 32 output channels per group, or 64 with a 1x1 kernel (any stride: stride-phase windows)",
          "few output channels: reduces dY against the input windows in place, no transposed gather"},
         {"gemm", "always", "dY·colᵀ over a channels-last copy of the input, for many channels or strides"}}},
       {"fused_forward",
@@ -185,12 +188,17 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 }
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
-// wasted columns but a col2im, and its dcol buffer must stay within the scratch budget.
+// wasted columns but a col2im, and its dcol buffer must stay within the scratch budget. Also, dcol reads Wᵀ in
+// place where the implicit product packs it per call: that pays where the kernel matrix is large and one image
+// cannot amortise it (batch 1 at 512 channels on 7x7, 9 MiB: dcol 1.4x torch's time, implicit 1.8x; at 2.3 MiB
+// they measured even).
 bool dcol_preferred(const Conv& cv, at::ScalarType dtype) {
   const DcolPlan d = dcol_plan(cv);
+  const int64_t element_bytes = int64_t(c10::elementSize(dtype));
   const double implicit_cols = double(cv.h) * (cv.w + (cv.s - 1) * cv.dil_w);
-  return implicit_cols > 1.5 * double(cv.pq) &&
-         d.cc * cv.rs * cv.pq * int64_t(c10::elementSize(dtype)) <= 2 * kScratchBytes;
+  const bool large_weights = dgrad_split(cv, element_bytes).m_parts > 1 && cv.k * cv.crs * element_bytes > (4 << 20);
+  return (implicit_cols > 1.5 * double(cv.pq) || large_weights) &&
+         d.cc * cv.rs * cv.pq * element_bytes <= 2 * kScratchBytes;
 }
 
 // The implicit dgrad's GEMM has only Cg rows: worth it unless most of each micro-kernel row tile is padding.
@@ -242,13 +250,14 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   const Conv cv(s);
   // Dot tiles copy only the input windows but pay the wasted columns and a horizontal sum per tile and batch, which
   // dominate for many channels on small images (measured: dot tiles 1.4x faster at Kg = 20 on 8x8 outputs, the GEMM
-  // 1.3-2x faster at Kg >= 64 on ResNet 3x3 shapes). A 1x1 kernel has no wasted columns and its GEMM would pay the
-  // channels-last copy of the whole input: dot tiles measured 2.3x faster on ResNet's 1x1 256->64 (8x256x56²).
+  // 1.3-2x faster at Kg >= 64 on ResNet 3x3 shapes). A 1x1 kernel has no wasted columns and its GEMM pays the
+  // channels-last copy of the whole input: dot tiles measured even or faster up to Kg = 64 (8x96->24@56: 0.73 vs
+  // 1.44x torch's time), the GEMM faster from 128 (8x128->512@28: 1.08 vs 2.36x; 1x960->160@7: 2.2 vs 6.7x).
   const bool winograd = winograd_can(cv) && winograd_wgrad_preferred(cv);
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd},
-                                           {true, cv.kg <= 32 || cv.rs == 1},
+                                           {true, cv.kg <= 32 || (cv.rs == 1 && cv.kg <= 64)},
                                            {true, true}});
 }
 
