@@ -263,6 +263,9 @@ struct Window {
   std::vector<int64_t> row_phases, col_phases;
   int64_t cols, halo, rows_per_item, plane;
   std::vector<int64_t> taps;  // GEMM B row (channel, r, s) starts taps[(channel*R + r)*S + s] into the window
+  // A 1x1 kernel with stride 1 and no padding: the windows would be copies of the source rows, so the products
+  // read the source in place instead, channel c's row at source_rows[c] (else empty).
+  std::vector<int64_t> source_rows;
 
   // Columns and halo rows of the windows, and the elements per output row of an item's windows (for sizing items
   // before a Window exists).
@@ -288,6 +291,9 @@ struct Window {
         cols(cols_of(cv, flip)), halo(halo_of(cv, flip)), rows_per_item(rows), plane((rows + halo) * cols),
         taps(channels * cv.rs) {
     TORCH_INTERNAL_ASSERT(!flip || cv.unit_stride(), "dgrad's implicit windows need stride 1");
+    if (cv.rs == 1 && cv.unit_stride() && top == 0 && left == 0) {
+      for (int64_t ch = 0; ch < channels; ++ch) source_rows.push_back(ch * src_h * src_w);
+    }
     const auto index = [](const std::vector<int64_t>& phases, int64_t ph) {
       return int64_t(std::find(phases.begin(), phases.end(), ph) - phases.begin());
     };
@@ -371,12 +377,17 @@ inline ImplicitSplit implicit_split(const Conv& cv, bool flip, int64_t units, in
 template <typename T>
 void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, MatrixA<T> a, const T* src,
                         int64_t item, T* window, T* product, T* dst, const T* bias) {
-  const auto [y0, y1] = win.fill(src, item, window);
   const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
   if (win.cols == win.out_w) {  // no wasted columns (1x1 kernels): the GEMM writes the output rows in place
+    const int64_t y0 = item * win.rows_per_item, y1 = std::min(win.out_h, y0 + win.rows_per_item);
     T* out = dst + y0 * win.out_w;
     const int64_t n = (y1 - y0) * win.out_w;
-    gemm(uk, m, n, k_gemm, a, window, win.taps.data(), out, plane, false, Pad::kB);
+    if (win.source_rows.empty()) {
+      win.fill(src, item, window);
+      gemm(uk, m, n, k_gemm, a, window, win.taps.data(), out, plane, false, Pad::kB);
+    } else {  // the source planes are the windows
+      gemm(uk, m, n, k_gemm, a, src + y0 * win.src_w, win.source_rows.data(), out, plane, false, Pad::kNone);
+    }
     if (bias != nullptr) {
       for (int64_t i = 0; i < m; ++i) {
         for (int64_t j = 0; j < n; ++j) out[i * plane + j] += bias[i];
@@ -384,6 +395,7 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
     }
     return;
   }
+  const auto [y0, y1] = win.fill(src, item, window);
   const int64_t ld = win.product_ld(uk.nr);
   gemm(uk, m, (y1 - y0 - 1) * win.cols + win.out_w, k_gemm, a, window, win.taps.data(), product, ld, false, Pad::kBC);
   for (int64_t i = 0; i < m; ++i) {
@@ -408,12 +420,13 @@ void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>&
   const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<T> window(win.buffer_size()), product(std::min(m, m_chunk) * win.product_ld(uk.nr));
+    std::vector<T> window(win.source_rows.empty() ? win.buffer_size() : 0);
+    std::vector<T> product(win.cols == win.out_w ? 0 : std::min(m, m_chunk) * win.product_ld(uk.nr));
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t g = item / (m_chunks * cv.n * chunks), img = item / chunks % cv.n;
       const int64_t m0 = item / (cv.n * chunks) % m_chunks * m_chunk, rows = std::min(m_chunk, m - m0);
-      const MatrixA<T> a_g{a.a + g * a_panel, a.row_lda};
+      const MatrixA<T> a_g{a.a + g * a_panel, a.layout, a.ld};
       implicit_conv_item(win, uk, rows, a_g.from_row(m0, k_gemm), src_of(img, g), item % chunks, window.data(),
                          product.data(), dst_of(img, g) + m0 * plane, bias != nullptr ? bias + g * m + m0 : nullptr);
     }

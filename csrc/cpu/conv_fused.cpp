@@ -243,7 +243,7 @@ void conv2d_maxpool_relu_gemm_pool(const Conv& cv, const PoolShape<int64_t>& ps,
       const int64_t u0 = ci * urows, u1 = std::min(ps.p, u0 + urows);
       const auto [y0, y1] = prow.span(u0, u1);
       const T* xg = x + (img * cv.c + g * cv.cg) * cv.hw;
-      const MatrixA<T> a{w + g * cv.kg * cv.crs, cv.crs};  // the weights read in place
+      const MatrixA<T> a{w + g * cv.kg * cv.crs, MatrixA<T>::kRows, cv.crs};  // the weights read in place
       if (y0 < y1) {
         win.fill_rows(xg, y0, y1, window.data());
         gemm(uk, cv.kg, (y1 - y0 - 1) * win.cols + cv.q, static_cast<int64_t>(win.taps.size()), a, window.data(),

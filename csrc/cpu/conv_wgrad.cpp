@@ -153,15 +153,20 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
   const int64_t col_ld = cpu::padded_cols(cv.crs, uk.nr);
   const std::vector<int64_t> col_rows = row_offsets(step, col_ld);
 
-  // partial[t] is K × RSCg with columns in (r, s, c) order.
+  // partial[t] is K × RSCg with columns in (r, s, c) order; by channels with a 1x1 kernel (or one channel per
+  // group) that is dW's own layout, and the threads write dW itself.
+  const bool direct = by_channels && (cv.rs == 1 || cv.cg == 1);
   const int64_t partials = by_channels ? 1 : parts;
   // Every part has positions (or all of them), and its first GEMM stores rather than adds: no zeroing pass.
   TORCH_INTERNAL_ASSERT(total > 0, "empty inputs are answered before the kernels");
-  const std::unique_ptr<T[]> partial(new T[partials * weight_numel]);
+  const std::unique_ptr<T[]> partial(direct ? nullptr : new T[partials * weight_numel]);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
-    std::vector<T> col_t(step * col_ld + 64 / sizeof(T));
-    T* acc = partial.get() + (by_channels ? 0 : t * weight_numel);
+    // A 1x1 kernel without padding: colT's rows are the channels-last input's own, read in place at x_rows.
+    const bool in_place = cv.rs == 1 && cv.pad_h == 0 && cv.pad_w == 0;
+    std::vector<T> col_t(in_place ? 0 : step * col_ld + 64 / sizeof(T));
+    std::vector<int64_t> x_rows(in_place ? step : 0);
+    T* acc = direct ? dw : partial.get() + (by_channels ? 0 : t * weight_numel);
     const int64_t k0 = by_channels ? t * channel_chunk : 0;
     const int64_t k1 = by_channels ? std::min(cv.kg, k0 + channel_chunk) : cv.kg;
     const int64_t end = by_channels ? total : total * (t + 1) / parts;
@@ -170,15 +175,26 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
       const int64_t img = pos / cv.pq, pq0 = pos % cv.pq;
       const int64_t pq1 = std::min({cv.pq, pq0 + step, pq0 + (end - pos)}), width = pq1 - pq0;
       for (int64_t g = 0; g < cv.groups; ++g) {
-        gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
-        gemm_a_rows(uk, k1 - k0, cv.crs, width, dy + (img * cv.k + g * cv.kg + k0) * cv.pq + pq0, cv.pq,
-                    col_t.data(), col_rows.data(), acc + (g * cv.kg + k0) * cv.crs, cv.crs, pos > start,
-                    Pad::kB);  // dY's rows read in place
+        const T* dyg = dy + (img * cv.k + g * cv.kg + k0) * cv.pq + pq0;  // dY's rows read in place
+        T* acc_g = acc + (g * cv.kg + k0) * cv.crs;
+        if (in_place) {
+          for (int64_t i = 0; i < width; ++i) {
+            const int64_t p = (pq0 + i) / cv.q, q = (pq0 + i) % cv.q;
+            x_rows[i] = (p * cv.stride_h * cv.w + q * cv.stride_w) * cv.c;
+          }
+          gemm_a_rows(uk, k1 - k0, cv.cg, width, dyg, cv.pq, xn + img * cv.hw * cv.c + g * cv.cg, x_rows.data(),
+                      acc_g, cv.crs, pos > start);
+        } else {
+          gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
+          gemm_a_rows(uk, k1 - k0, cv.crs, width, dyg, cv.pq, col_t.data(), col_rows.data(), acc_g, cv.crs,
+                      pos > start, Pad::kB);
+        }
       }
       pos += width;
     }
   }
 
+  if (direct) return;
   // dw[k][c][r][s] = sum over t, in order, of partial[t][k][(r*S + s)*Cg + c].
 #pragma omp parallel for num_threads(num_threads())
   for (int64_t kk = 0; kk < cv.k; ++kk) {

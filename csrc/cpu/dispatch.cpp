@@ -22,7 +22,8 @@
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
 // |                   | winograd     | as fprop's winograd, from 64 tiles                 | F(3x3, 2x2): GEMMs over the tiles |
-// |                   | dot_tiles    | Kg <= 32, or <= 64 with a 1x1 kernel               | few output channels: no transposed gather |
+// |                   | dot_tiles    | Kg <= 32, or <= 64 with a 1x1 kernel on 1024+      | few output channels: no transposed gather |
+// |                   |              | output positions                                   |                                   |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
 // | fused_forward     | lanes        | lanes::suits                                       | as fprop, pooled in registers     |
 // |                   | gemm_pool    | always                                             | fprop rows into scratch, pooled there |
@@ -95,7 +96,9 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
         {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform)",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
-        {"dot_tiles", "at most 32 output channels per group, or 64 with a 1x1 kernel (any stride: stride-phase windows)",
+        {"dot_tiles",
+         "at most 32 output channels per group, or 64 with a 1x1 kernel on 1024+ output positions (any stride: "
+         "stride-phase windows)",
          "few output channels: reduces dY against the input windows in place, no transposed gather"},
         {"gemm", "always", "dY·colᵀ over a channels-last copy of the input, for many channels or strides"}}},
       {"fused_forward",
@@ -251,13 +254,14 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   // Dot tiles copy only the input windows but pay the wasted columns and a horizontal sum per tile and batch, which
   // dominate for many channels on small images (measured: dot tiles 1.4x faster at Kg = 20 on 8x8 outputs, the GEMM
   // 1.3-2x faster at Kg >= 64 on ResNet 3x3 shapes). A 1x1 kernel has no wasted columns and its GEMM pays the
-  // channels-last copy of the whole input: dot tiles measured even or faster up to Kg = 64 (8x96->24@56: 0.73 vs
-  // 1.44x torch's time), the GEMM faster from 128 (8x128->512@28: 1.08 vs 2.36x; 1x960->160@7: 2.2 vs 6.7x).
+  // channels-last copy of the whole input (its B rows then read in place): dot tiles measured faster up to Kg = 64
+  // on large planes (8x256->64@56: 1.14 vs 1.52x torch's time), the GEMM on 28x28 and smaller planes
+  // (1x384->64@14: 1.02 vs 2.69x) and from Kg = 128 (8x128->512@28: 1.01 vs 2.21x; 1x960->160@7: 0.77 vs 7.2x).
   const bool winograd = winograd_can(cv) && winograd_wgrad_preferred(cv);
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd},
-                                           {true, cv.kg <= 32 || (cv.rs == 1 && cv.kg <= 64)},
+                                           {true, cv.kg <= 32 || (cv.rs == 1 && cv.kg <= 64 && cv.pq >= 1024)},
                                            {true, true}});
 }
 

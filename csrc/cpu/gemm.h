@@ -339,24 +339,32 @@ void gemm_a_rows(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, cons
   detail::gemm_impl(uk, M, N, K, a, {false, lda, 1}, b, b_off, c, ldc, accumulate, pad);
 }
 
-// A GEMM's A operand as the convolutions hand it over: pack_a's panels (row_lda == 0) or a row-major matrix read in
-// place, element (i, k) at a[i*row_lda + k].
+// A GEMM's A operand as the convolutions hand it over: pack_a's panels, or an array read in place, element (i, k)
+// at a[i*ld + k] (kRows: the weights as fprop's A) or a[k*ld + i] (kColumns: their transpose, as a 1x1 dgrad's A).
 template <typename T>
 struct MatrixA {
+  enum Layout { kPacked, kRows, kColumns };
   const T* a;
-  int64_t row_lda;
+  Layout layout;
+  int64_t ld;  // unused for kPacked
 
   // Rows [m0, M) of an M × K operand (m0 a multiple of mr for packed panels).
-  MatrixA from_row(int64_t m0, int64_t K) const { return {a + m0 * (row_lda > 0 ? row_lda : K), row_lda}; }
+  MatrixA from_row(int64_t m0, int64_t K) const {
+    const int64_t step = layout == kPacked ? K : layout == kRows ? ld : 1;
+    return {a + m0 * step, layout, ld};
+  }
 };
 
 template <typename T>
 void gemm(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, MatrixA<T> a, const T* b, const int64_t* b_off,
           T* c, int64_t ldc, bool accumulate, Pad pad = Pad::kNone) {
-  if (a.row_lda > 0) {
-    gemm_a_rows(uk, M, N, K, a.a, a.row_lda, b, b_off, c, ldc, accumulate, pad);
-  } else {
-    gemm(uk, M, N, K, a.a, b, b_off, c, ldc, accumulate, pad);
+  switch (a.layout) {
+    case MatrixA<T>::kPacked:
+      return gemm(uk, M, N, K, a.a, b, b_off, c, ldc, accumulate, pad);
+    case MatrixA<T>::kRows:
+      return gemm_a_rows(uk, M, N, K, a.a, a.ld, b, b_off, c, ldc, accumulate, pad);
+    case MatrixA<T>::kColumns:
+      return gemm_a_in_place(uk, M, N, K, a.a, a.ld, b, b_off, c, ldc, accumulate, pad);
   }
 }
 
