@@ -60,6 +60,29 @@ void gather_col_t(const Conv& cv, const T* xn, int64_t g, int64_t pq0, int64_t p
   }
 }
 
+// As gather_col_t, in dW's own column order: colT[i][(c*R + r)*S + s] (for the GEMM that writes dW itself). Reads
+// each tap's channels as one run, writes them R*S apart: for the few positions of the channel-split GEMM.
+template <typename T>
+void gather_col_t_dw_order(const Conv& cv, const T* xn, int64_t g, int64_t pq0, int64_t pq1, int64_t ld, T* col_t) {
+  for (int64_t i = 0; i < pq1 - pq0; ++i) {
+    T* d = col_t + i * ld;
+    const int64_t p = (pq0 + i) / cv.q, q = (pq0 + i) % cv.q;
+    for (int64_t r = 0; r < cv.r; ++r) {
+      const int64_t in_h = p * cv.stride_h - cv.pad_h + r * cv.dil_h;
+      for (int64_t s = 0; s < cv.s; ++s) {
+        const int64_t in_w = q * cv.stride_w - cv.pad_w + s * cv.dil_w;
+        T* dt = d + r * cv.s + s;
+        if (in_h < 0 || in_h >= cv.h || in_w < 0 || in_w >= cv.w) {
+          for (int64_t c = 0; c < cv.cg; ++c) dt[c * cv.rs] = T(0);
+          continue;
+        }
+        const T* src = xn + (in_h * cv.w + in_w) * cv.c + g * cv.cg;
+        for (int64_t c = 0; c < cv.cg; ++c) dt[c * cv.rs] = src[c];
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // wgrad, stride 1 and few output channels: segments = (image, chunk of output rows); thread t sums a fixed
 // range of segments into partial[t] (K × CgRS, the layout of dW). Per batch of segments and group, the input
@@ -130,8 +153,8 @@ void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T
 // ---------------------------------------------------------------------------------------------------------------
 // wgrad otherwise: thread range t of the flattened (image, p, q) axis accumulates into partial[t]; chunks of at most
 // `step` positions per GEMM keep colT within budget. Where dW outweighs colT (few positions, many channels: batch 1
-// on small planes) the threads instead share out the output channels, each summing every position into its own
-// rows of one partial: no K × CRS partial per thread to stream and add up, at the price of each thread gathering
+// on small planes) the threads instead share out the output channels, each summing every position straight into its
+// rows of dW: no K × CRS partial per thread to stream, add up and reorder, at the price of each thread gathering
 // colT itself.
 // ---------------------------------------------------------------------------------------------------------------
 constexpr int64_t kColTBytes = 2 * 1024 * 1024;  // colT per thread
@@ -153,20 +176,18 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
   const int64_t col_ld = cpu::padded_cols(cv.crs, uk.nr);
   const std::vector<int64_t> col_rows = row_offsets(step, col_ld);
 
-  // partial[t] is K × RSCg with columns in (r, s, c) order; by channels with a 1x1 kernel (or one channel per
-  // group) that is dW's own layout, and the threads write dW itself.
-  const bool direct = by_channels && (cv.rs == 1 || cv.cg == 1);
-  const int64_t partials = by_channels ? 1 : parts;
+  // partial[t] is K × RSCg with columns in (r, s, c) order. By channels, the threads write dW itself instead: colT
+  // is gathered in dW's column order (or, for a 1x1 kernel without padding, read in place: the orders agree).
   // Every part has positions (or all of them), and its first GEMM stores rather than adds: no zeroing pass.
   TORCH_INTERNAL_ASSERT(total > 0, "empty inputs are answered before the kernels");
-  const std::unique_ptr<T[]> partial(direct ? nullptr : new T[partials * weight_numel]);
+  const std::unique_ptr<T[]> partial(by_channels ? nullptr : new T[parts * weight_numel]);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
     // A 1x1 kernel without padding: colT's rows are the channels-last input's own, read in place at x_rows.
     const bool in_place = cv.rs == 1 && cv.pad_h == 0 && cv.pad_w == 0;
     std::vector<T> col_t(in_place ? 0 : step * col_ld + 64 / sizeof(T));
     std::vector<int64_t> x_rows(in_place ? step : 0);
-    T* acc = direct ? dw : partial.get() + (by_channels ? 0 : t * weight_numel);
+    T* acc = by_channels ? dw : partial.get() + t * weight_numel;
     const int64_t k0 = by_channels ? t * channel_chunk : 0;
     const int64_t k1 = by_channels ? std::min(cv.kg, k0 + channel_chunk) : cv.kg;
     const int64_t end = by_channels ? total : total * (t + 1) / parts;
@@ -185,7 +206,11 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
           gemm_a_rows(uk, k1 - k0, cv.cg, width, dyg, cv.pq, xn + img * cv.hw * cv.c + g * cv.cg, x_rows.data(),
                       acc_g, cv.crs, pos > start);
         } else {
-          gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
+          if (by_channels) {
+            gather_col_t_dw_order(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
+          } else {
+            gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
+          }
           gemm_a_rows(uk, k1 - k0, cv.crs, width, dyg, cv.pq, col_t.data(), col_rows.data(), acc_g, cv.crs,
                       pos > start, Pad::kB);
         }
@@ -194,7 +219,7 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
     }
   }
 
-  if (direct) return;
+  if (by_channels) return;
   // dw[k][c][r][s] = sum over t, in order, of partial[t][k][(r*S + s)*Cg + c].
 #pragma omp parallel for num_threads(num_threads())
   for (int64_t kk = 0; kk < cv.k; ++kk) {
@@ -202,7 +227,7 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
       for (int64_t tap = 0; tap < cv.rs; ++tap) {
         const int64_t src = kk * cv.crs + tap * cv.cg + c;
         T sum = partial[src];
-        for (int64_t t = 1; t < partials; ++t) sum += partial[t * weight_numel + src];
+        for (int64_t t = 1; t < parts; ++t) sum += partial[t * weight_numel + src];
         dw[(kk * cv.cg + c) * cv.rs + tap] = sum;
       }
     }
