@@ -17,7 +17,7 @@
 // table, computing width - Q wasted columns per output row that are dropped when the result is copied out. For
 // small images im2col costs more than the GEMM itself, and the window copy is RS times smaller. A strided
 // convolution copies each plane as its stride phases (rows a, a + sh, ...; columns b, b + sw, ...), in which every
-// tap again reads one contiguous run (Window). The weights are GEMM A read in place (rows_fn), never packed.
+// tap again reads one contiguous run (Window). fprop's weights are GEMM A read in place (rows_fn), never packed.
 // dgrad is the same product on the zero-padded dY with flipped taps, so it needs no col2im either (used when Cg
 // fills the GEMM's row tiles; tiny Cg such as a 1-channel input keeps the dcol form, whose GEMM has Cg*RS rows).
 // When the implicit dgrad would waste most of its columns (valid convolutions on small images: dX windows
@@ -313,10 +313,10 @@ struct Window {
   // micro-kernel panels / vectors past the last output column); kept zero.
   int64_t span() const { return channels * int64_t(row_phases.size() * col_phases.size()) * plane; }
   int64_t slack() const { return cols + 64; }
-  // Leading dimension of an item's product buffer: its rows_per_item*cols columns in whole panels of nr (Pad::kBC).
-  int64_t product_ld(int nr) const { return padded_cols(rows_per_item * cols, nr); }
   int64_t buffer_size() const { return span() + slack(); }
   int64_t items() const { return ceil_div(out_h, rows_per_item); }
+  // Leading dimension of an item's product buffer: its rows_per_item*cols columns in whole panels of nr (Pad::kBC).
+  int64_t product_ld(int nr) const { return padded_cols(rows_per_item * cols, nr); }
 
   // Copies the windows of item `item` of the planes at src into dst; returns its rows [y0, y1).
   template <typename T>

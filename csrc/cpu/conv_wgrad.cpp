@@ -1,5 +1,5 @@
 // CPU wgrad (cnn_ext.conv2d_backward_weight): direct depthwise kernels (conv_depthwise.h), Winograd F(3x3, 2x2)
-// (winograd.h), dot tiles of dY against the input windows (stride 1, few output channels), a GEMM of dY against a
+// (winograd.h), dot tiles of dY against the input windows (few output channels), a GEMM of dY against a
 // gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses. And the bias gradient
 // (cnn_ext.conv2d_backward_bias).
 #include <ATen/Dispatch.h>
@@ -84,10 +84,11 @@ void gather_col_t_dw_order(const Conv& cv, const T* xn, int64_t g, int64_t pq0, 
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// wgrad, stride 1 and few output channels: segments = (image, chunk of output rows); thread t sums a fixed
-// range of segments into partial[t] (K × CgRS, the layout of dW). Per batch of segments and group, the input
-// windows and dY (in the window layout, zero in the wasted columns) are copied to scratch, then dot tiles reduce
-// every (k, c, r, s) pair over the whole batch: dW[k][c][r][s] += sum_j dY'[k][j] * window_c[taps(c, r, s) + j].
+// wgrad with few output channels (any stride: Window's stride phases): segments = (image, chunk of output rows);
+// thread t sums a fixed range of segments into partial[t] (K × CgRS, the layout of dW). Per batch of segments and
+// group, the input windows and dY (in the window layout, zero in the wasted columns) are copied to scratch, then dot
+// tiles reduce every (k, c, r, s) pair over the whole batch:
+// dW[k][c][r][s] += sum_j dY'[k][j] * window_c[taps(c, r, s) + j].
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T>
 void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T* dw) {

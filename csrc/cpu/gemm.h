@@ -1,9 +1,12 @@
-// Small single-threaded kernels for the CPU convolution code: a GEMM C (+)= A·B with A pre-packed, and a
-// "dot tile" kernel that reduces rows of two matrices against each other (C += A·B^T, both read along rows).
+// Small single-threaded kernels for the CPU convolution code: a GEMM C (+)= A·B, and a "dot tile" kernel that
+// reduces rows of two matrices against each other (C += A·B^T, both read along rows).
 //
 // GEMM layout (BLIS/GotoBLAS vocabulary):
 //   * A (M×K) is packed by pack_a into panels of `mr` rows; within a panel element (i, k) sits at k*mr + i, so
-//     the micro-kernel reads one contiguous column of the panel per k step and broadcasts its mr values.
+//     the micro-kernel reads one contiguous column of the panel per k step and broadcasts its mr values. Or A is
+//     read in place (MatrixA): from its transpose, which has that same shape (gemm_a_in_place), or from its rows
+//     (gemm_a_rows, the micro-kernels' rows_fn, broadcasting from mr rows): a convolution's weights are both, and
+//     packing them on every call cost as much as the product at batch 1.
 //   * B (K×N) is read in place: row k starts at b + b_off[k] and is contiguous. A dense row-major B has
 //     b_off[k] = k*ldb (row_offsets); the convolutions' "implicit im2col" instead points every row (c, r, s) at
 //     the padded input plane c shifted by the tap (r, s), so the im2col matrix is never materialised. Only the
