@@ -32,36 +32,35 @@ void conv2d_backward_input_implicit(const Conv& cv, const T* dy, const T* w, T* 
   const ImplicitSplit split = dgrad_split(cv, sizeof(T));
   const Window win(cv, true, split.rows);
   const MicroKernel<T> uk = pick_micro_kernel<T>(ceil_div(cv.cg, split.m_parts), win.rows_per_item * win.cols);
-  const int mr = uk.mr;
-  const int64_t a_k = cv.kg * cv.rs;
-  if (cv.rs == 1) {  // a 1x1 kernel: A_g = W_g^T, element (c, k) at w[(g*Kg + k)*Cg + c], read in place
-    run_implicit_items(
-        cv, win, uk, cv.cg, split.m_parts, MatrixA<T>{w, MatrixA<T>::kColumns, cv.cg}, cv.kg * cv.cg,
-        [&](int64_t img, int64_t g) { return dy + (img * cv.k + g * cv.kg) * cv.pq; },
-        [&](int64_t img, int64_t g) { return dx + (img * cv.c + g * cv.cg) * cv.hw; },
-        static_cast<const T*>(nullptr));
-    return;
-  }
-  // Otherwise A_g is packed straight from W, read in memory order (a row of W, (g, k), goes to one slice of every
-  // panel) and spread across the threads: batch 1 with many channels packs megabytes per call. Every element is
-  // written, so the buffer needs no zeroing.
-  const int64_t a_panel = packed_a_size(cv.cg, a_k, mr);
-  const std::unique_ptr<T[]> a_packed(new T[cv.groups * a_panel]);
+  // A 1x1 kernel's A_g = W_g^T, element (c, k) at w[(g*Kg + k)*Cg + c], is read in place. Otherwise A_g is packed
+  // straight from W, read in memory order (a row of W, (g, k), goes to one slice of every panel) and spread across
+  // the threads: batch 1 with many channels packs megabytes per call. Every element is written, so the buffer needs
+  // no zeroing.
+  MatrixA<T> a{w, MatrixA<T>::kColumns, cv.cg};
+  int64_t a_panel = cv.kg * cv.cg;
+  std::unique_ptr<T[]> a_packed;
+  if (cv.rs != 1) {
+    const int mr = uk.mr;
+    const int64_t a_k = cv.kg * cv.rs;
+    a_panel = packed_a_size(cv.cg, a_k, mr);
+    a_packed.reset(new T[cv.groups * a_panel]);
+    a = {a_packed.get(), MatrixA<T>::kPacked, 0};
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
-  for (int64_t gk = 0; gk < cv.groups * cv.kg; ++gk) {
-    const int64_t g = gk / cv.kg, kk = gk % cv.kg;
-    const T* src = w + gk * cv.crs;
-    for (int64_t c0 = 0; c0 < cv.cg; c0 += mr) {
-      T* d = a_packed.get() + g * a_panel + c0 * a_k + kk * cv.rs * mr;
-      const int64_t rows = std::min<int64_t>(mr, cv.cg - c0);
-      for (int64_t t = 0; t < cv.rs; ++t) {
-        for (int64_t i = 0; i < rows; ++i) d[t * mr + i] = src[(c0 + i) * cv.rs + t];
-        for (int64_t i = rows; i < mr; ++i) d[t * mr + i] = T(0);
+    for (int64_t gk = 0; gk < cv.groups * cv.kg; ++gk) {
+      const int64_t g = gk / cv.kg, kk = gk % cv.kg;
+      const T* src = w + gk * cv.crs;
+      for (int64_t c0 = 0; c0 < cv.cg; c0 += mr) {
+        T* d = a_packed.get() + g * a_panel + c0 * a_k + kk * cv.rs * mr;
+        const int64_t rows = std::min<int64_t>(mr, cv.cg - c0);
+        for (int64_t t = 0; t < cv.rs; ++t) {
+          for (int64_t i = 0; i < rows; ++i) d[t * mr + i] = src[(c0 + i) * cv.rs + t];
+          for (int64_t i = rows; i < mr; ++i) d[t * mr + i] = T(0);
+        }
       }
     }
   }
   run_implicit_items(
-      cv, win, uk, cv.cg, split.m_parts, MatrixA<T>{a_packed.get(), MatrixA<T>::kPacked, 0}, a_panel,
+      cv, win, uk, cv.cg, split.m_parts, a, a_panel,
       [&](int64_t img, int64_t g) { return dy + (img * cv.k + g * cv.kg) * cv.pq; },
       [&](int64_t img, int64_t g) { return dx + (img * cv.c + g * cv.cg) * cv.hw; },
       static_cast<const T*>(nullptr));

@@ -182,10 +182,10 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
   // Every part has positions (or all of them), and its first GEMM stores rather than adds: no zeroing pass.
   TORCH_INTERNAL_ASSERT(total > 0, "empty inputs are answered before the kernels");
   const std::unique_ptr<T[]> partial(by_channels ? nullptr : new T[parts * weight_numel]);
+  // A 1x1 kernel without padding: colT's rows are the channels-last input's own, read in place at x_rows.
+  const bool in_place = cv.rs == 1 && cv.pad_h == 0 && cv.pad_w == 0;
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
-    // A 1x1 kernel without padding: colT's rows are the channels-last input's own, read in place at x_rows.
-    const bool in_place = cv.rs == 1 && cv.pad_h == 0 && cv.pad_w == 0;
     std::vector<T> col_t(in_place ? 0 : step * col_ld + 64 / sizeof(T));
     std::vector<int64_t> x_rows(in_place ? step : 0);
     T* acc = by_channels ? dw : partial.get() + t * weight_numel;
