@@ -318,10 +318,16 @@ struct Window {
   // Leading dimension of an item's product buffer: its rows_per_item*cols columns in whole panels of nr (Pad::kBC).
   int64_t product_ld(int nr) const { return padded_cols(rows_per_item * cols, nr); }
 
+  // The output rows [y0, y1) of item `item`.
+  std::pair<int64_t, int64_t> item_rows(int64_t item) const {
+    const int64_t y0 = item * rows_per_item;
+    return {y0, std::min(out_h, y0 + rows_per_item)};
+  }
+
   // Copies the windows of item `item` of the planes at src into dst; returns its rows [y0, y1).
   template <typename T>
   std::pair<int64_t, int64_t> fill(const T* src, int64_t item, T* dst) const {
-    const int64_t y0 = item * rows_per_item, y1 = std::min(out_h, y0 + rows_per_item);
+    const auto [y0, y1] = item_rows(item);
     fill_rows(src, y0, y1, dst);
     return {y0, y1};
   }
@@ -379,7 +385,7 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
                         int64_t item, T* window, T* product, T* dst, const T* bias) {
   const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
   if (win.cols == win.out_w) {  // no wasted columns (1x1 kernels): the GEMM writes the output rows in place
-    const int64_t y0 = item * win.rows_per_item, y1 = std::min(win.out_h, y0 + win.rows_per_item);
+    const auto [y0, y1] = win.item_rows(item);
     T* out = dst + y0 * win.out_w;
     const int64_t n = (y1 - y0) * win.out_w;
     if (win.source_rows.empty()) {
@@ -409,9 +415,8 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
 }
 
 // Every implicit item of a pass, (group, part of the m planes, image, chunk of rows), across the threads, each
-// thread with its own window and product buffers. Group g
-// of image img reads src_of(img, g) and writes the m planes at dst_of(img, g), with a + g*a_panel as its A operand
-// (m × K_gemm) and bias + g*m (if any) added. The planes go in m_parts parts of whole micro-kernel row panels.
+// thread with its own window and product buffers. Group g of image img reads src_of(img, g) and writes the m planes
+// at dst_of(img, g), with a + g*a_panel as its A operand (m × K_gemm) and bias + g*m (if any) added. The planes go in m_parts parts of whole micro-kernel row panels.
 template <typename T, typename SrcOf, typename DstOf>
 void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>& uk, int64_t m, int64_t m_parts,
                         MatrixA<T> a, int64_t a_panel, SrcOf src_of, DstOf dst_of, const T* bias) {

@@ -198,7 +198,7 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 bool dcol_preferred(const Conv& cv, at::ScalarType dtype) {
   const DcolPlan d = dcol_plan(cv);
   const int64_t element_bytes = int64_t(c10::elementSize(dtype));
-  const double implicit_cols = double(cv.h) * (cv.w + (cv.s - 1) * cv.dil_w);
+  const double implicit_cols = double(cv.h) * Window::cols_of(cv, true);
   const bool large_weights = dgrad_split(cv, element_bytes).m_parts > 1 && cv.k * cv.crs * element_bytes > (4 << 20);
   return (implicit_cols > 1.5 * double(cv.pq) || large_weights) &&
          d.cc * cv.rs * cv.pq * element_bytes <= 2 * kScratchBytes;
@@ -207,7 +207,7 @@ bool dcol_preferred(const Conv& cv, at::ScalarType dtype) {
 // The implicit dgrad's GEMM has only Cg rows: worth it unless most of each micro-kernel row tile is padding.
 bool dgrad_implicit_preferred(const Conv& cv, at::ScalarType dtype) {
   const ImplicitSplit split = dgrad_split(cv, int64_t(c10::elementSize(dtype)));
-  const int64_t n = split.rows * (cv.w + (cv.s - 1) * cv.dil_w), m = ceil_div(cv.cg, split.m_parts);
+  const int64_t n = split.rows * Window::cols_of(cv, true), m = ceil_div(cv.cg, split.m_parts);
   const int mr = dtype == at::kFloat ? pick_micro_kernel<float>(m, n).mr : pick_micro_kernel<double>(m, n).mr;
   return detail::round_up(cv.cg, mr) <= 2 * cv.cg;
 }
