@@ -4,6 +4,7 @@
 #include "winograd.h"
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -165,54 +166,47 @@ struct Transforms {
   static OutFn output() { return by_isa<OutFn>(&out_avx512, &out_avx2, &out_portable); }
 };
 
-// U_ξ = (G g Gᵀ)_ξ for input channel i and every output channel, written into the 16 GEMM A operands of a group
-// (gemm.h's panels of mr output channels: element (o, i) of a panel at i*mr + o % mr). The transform runs along the
-// output channels, as vectors, on the kernel's taps gathered as k[tap][o] (out_pad >= out columns, zero past out);
-// `u` holds 16*out_pad elements.
+// U = G g Gᵀ for one 3x3 filter g (tap (r, s) at f[(3*r + s)*step]): U_ξ, ξ = 4*a + b, at u[ξ*u_step].
 template <typename T>
-__attribute__((always_inline)) inline void weight_transform_body(int64_t in, int64_t i, int64_t out_pad, int64_t mr,
-                                                                 int64_t panel, const T* k, T* u, T* packed) {
+inline void transform_filter(const T* f, int64_t step, T* u, int64_t u_step) {
   for (int64_t a = 0; a < 4; ++a) {
-    T* __restrict ua = u + a * 4 * out_pad;
-    for (int64_t o = 0; o < out_pad; ++o) {
-      T row[3];  // row a of G k: G's row a applied to the kernel's columns
-      for (int s = 0; s < 3; ++s) {
-        const T k0 = k[(0 * 3 + s) * out_pad + o], k1 = k[(1 * 3 + s) * out_pad + o], k2 = k[(2 * 3 + s) * out_pad + o];
-        row[s] = a == 0 ? k0 : a == 3 ? k2 : a == 1 ? T(0.5) * (k0 + k1 + k2) : T(0.5) * (k0 - k1 + k2);
-      }
-      ua[o] = row[0];  // (G k) Gᵀ: Gᵀ's columns applied to the row
-      ua[out_pad + o] = T(0.5) * (row[0] + row[1] + row[2]);
-      ua[2 * out_pad + o] = T(0.5) * (row[0] - row[1] + row[2]);
-      ua[3 * out_pad + o] = row[2];
+    T row[3];  // row a of G g: G's row a applied to the filter's columns
+    for (int s = 0; s < 3; ++s) {
+      const T k0 = f[s * step], k1 = f[(3 + s) * step], k2 = f[(6 + s) * step];
+      row[s] = a == 0 ? k0 : a == 3 ? k2 : a == 1 ? T(0.5) * (k0 + k1 + k2) : T(0.5) * (k0 - k1 + k2);
     }
-  }
-  for (int64_t xi = 0; xi < 16; ++xi) {
-    for (int64_t o0 = 0; o0 < out_pad; o0 += mr) {
-      const T* from = u + xi * out_pad + o0;
-      T* to = packed + xi * panel + o0 * in + i * mr;
-      for (int64_t r = 0; r < mr; ++r) to[r] = from[r];
-    }
+    T* ua = u + 4 * a * u_step;
+    ua[0] = row[0];  // (G g) Gᵀ: Gᵀ's columns applied to the row
+    ua[u_step] = T(0.5) * (row[0] + row[1] + row[2]);
+    ua[2 * u_step] = T(0.5) * (row[0] - row[1] + row[2]);
+    ua[3 * u_step] = row[2];
   }
 }
 
+// The 16 GEMM A operands U_ξ of every group, as pack_a's panels of mr output channels (element (o, i) of a panel
+// at i*mr + o % mr; zeros in the last panel's rows past `out`). A panel at a time, input channel by input channel,
+// so the kernel is read and the panels written in memory order (the flipped kernel's mr output channels are
+// contiguous for each input channel, the plain kernel's mr rows each advance 9 elements).
 template <typename T>
-std::vector<T> transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int mr) {
-  const int64_t panel = packed_a_size(wp.out, wp.in, mr), out_pad = detail::round_up(wp.out, mr);
-  std::vector<T> packed(wp.groups * 16 * panel);
-  const auto fn = PerIsa<&weight_transform_body<T>>::pick();
-#pragma omp parallel num_threads(num_threads())
-  {
-    std::vector<T> k(9 * out_pad), u(16 * out_pad);  // zeros past `out`: the last panel's padding rows
-#pragma omp for schedule(static)
-    for (int64_t gi = 0; gi < wp.groups * wp.in; ++gi) {
-      const int64_t g = gi / wp.in, i = gi % wp.in;
-      for (int64_t o = 0; o < wp.out; ++o) {
-        for (int64_t tap = 0; tap < 9; ++tap) {
-          k[tap * out_pad + o] = flip ? weights[((g * wp.in + i) * wp.out + o) * 9 + 8 - tap]
-                                      : weights[((g * wp.out + o) * wp.in + i) * 9 + tap];
+std::unique_ptr<T[]> transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int mr) {
+  const int64_t panel = packed_a_size(wp.out, wp.in, mr), panels = ceil_div(wp.out, int64_t(mr));
+  std::unique_ptr<T[]> packed(new T[wp.groups * 16 * panel]);  // every element written below
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t gp = 0; gp < wp.groups * panels; ++gp) {
+    const int64_t g = gp / panels, o0 = gp % panels * mr;
+    T* to = packed.get() + g * 16 * panel + o0 * wp.in;
+    for (int64_t i = 0; i < wp.in; ++i) {
+      for (int64_t r = 0; r < mr; ++r) {
+        T* u = to + i * mr + r;
+        const int64_t o = o0 + r;
+        if (o >= wp.out) {
+          for (int64_t xi = 0; xi < 16; ++xi) u[xi * panel] = T(0);
+        } else if (flip) {  // rotated by 180 degrees: tap (r, s) read at 8 - (3*r + s)
+          transform_filter(weights + ((g * wp.in + i) * wp.out + o) * 9 + 8, -1, u, panel);
+        } else {
+          transform_filter(weights + ((g * wp.out + o) * wp.in + i) * 9, 1, u, panel);
         }
       }
-      fn(wp.in, i, out_pad, mr, panel, k.data(), u.data(), packed.data() + g * 16 * panel);
     }
   }
   return packed;
@@ -241,7 +235,7 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
   // GEMM per ξ: M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], V read in place (rows padded to whole panels).
   const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, max_tiles);
   const int64_t ld = padded_cols(max_tiles, uk.nr);
-  const std::vector<T> u = transform_weights(wp, weights, flip, uk.mr);
+  const std::unique_ptr<T[]> u = transform_weights(wp, weights, flip, uk.mr);
   const int64_t u_panel = packed_a_size(wp.out, wp.in, uk.mr);
   const std::vector<int64_t> v_rows = row_offsets(wp.in, ld);
   // V's 16 blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
@@ -279,7 +273,7 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
         });
       }
       for (int64_t xi = 0; xi < 16; ++xi) {
-        gemm(uk, wp.out, tiles, wp.in, u.data() + (g * 16 + xi) * u_panel, v.data() + xi * v_stride,
+        gemm(uk, wp.out, tiles, wp.in, u.get() + (g * 16 + xi) * u_panel, v.data() + xi * v_stride,
              v_rows.data(), m.data() + xi * m_stride, ld, false, Pad::kBC);
       }
       for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
