@@ -234,6 +234,60 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
     }
   }
 }
+// ---------------------------------------------------------------------------------------------------------------
+// wgrad of a 1x1, stride-1, unpadded convolution, transposed: dWᵀ[c][k] = sum_j X[c][j] · dY[k][j] over the output
+// positions j (= the input's). The GEMM's A is the input itself (an image's Cg channel planes, read in place), its
+// B is dYᵀ gathered a chunk of positions at a time: Kg elements per position, where the GEMM path copies all C of
+// the input's channels-last. As there, thread t sums a fixed range of (image, position) into partial[t], and the
+// parts are added in order at the end.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+void conv2d_backward_weight_pointwise(const Conv& cv, const T* dy, const T* x, T* dw) {
+  TORCH_INTERNAL_ASSERT(cv.rs == 1 && cv.unit_stride() && cv.pad_h == 0 && cv.pad_w == 0 && cv.pq == cv.hw,
+                        "pointwise wgrad needs a 1x1 kernel, stride 1 and no padding");
+  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.cg, cv.kg);
+  const int64_t total = cv.n * cv.pq, block = cv.cg * cv.kg;  // block: one group's dWᵀ
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(num_threads(), total));
+  const int64_t ld = padded_cols(cv.kg, uk.nr);  // dYᵀ rows padded to whole micro-kernel panels, read in place
+  const int64_t step = std::clamp<int64_t>(kScratchBytes / (ld * int64_t(sizeof(T))), 16, 512);
+  const std::vector<int64_t> dy_t_rows = row_offsets(step, ld);
+  const std::unique_ptr<T[]> partial(new T[parts * cv.groups * block]);
+#pragma omp parallel for schedule(static, 1) num_threads(parts)
+  for (int64_t t = 0; t < parts; ++t) {
+    std::vector<T> dy_t(step * ld, T(0));  // the padding columns stay zero
+    T* acc = partial.get() + t * cv.groups * block;
+    const int64_t start = total * t / parts, end = total * (t + 1) / parts;
+    for (int64_t pos = start; pos < end;) {
+      const int64_t img = pos / cv.pq, j0 = pos % cv.pq, width = std::min({cv.pq - j0, step, end - pos});
+      for (int64_t g = 0; g < cv.groups; ++g) {
+        const T* dyg = dy + (img * cv.k + g * cv.kg) * cv.pq + j0;
+        for (int64_t i0 = 0; i0 < width; i0 += 16) {  // 16 positions at a time: their dYᵀ rows stay in L1
+          const int64_t i1 = std::min(width, i0 + 16);
+          for (int64_t kk = 0; kk < cv.kg; ++kk) {
+            const T* src = dyg + kk * cv.pq;
+            for (int64_t i = i0; i < i1; ++i) dy_t[i * ld + kk] = src[i];
+          }
+        }
+        gemm_a_rows(uk, cv.cg, cv.kg, width, x + (img * cv.c + g * cv.cg) * cv.hw + j0, cv.hw, dy_t.data(),
+                    dy_t_rows.data(), acc + g * block, cv.kg, pos > start, Pad::kB);
+      }
+      pos += width;
+    }
+  }
+
+  // dw[g][k][c] = sum over t, in order, of partial[t][g][c][k].
+#pragma omp parallel for num_threads(num_threads())
+  for (int64_t gk = 0; gk < cv.k; ++gk) {
+    const int64_t g = gk / cv.kg, kk = gk % cv.kg;
+    for (int64_t c = 0; c < cv.cg; ++c) {
+      const int64_t src = g * block + c * cv.kg + kk;
+      T sum = partial[src];
+      for (int64_t t = 1; t < parts; ++t) sum += partial[t * cv.groups * block + src];
+      dw[gk * cv.cg + c] = sum;
+    }
+  }
+}
+
 template <typename T>
 void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, const T* dy, const T* x, T* dw) {
   const Conv cv(shape);
@@ -246,6 +300,8 @@ void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, co
     case Wgrad::kWinograd:  // dy and x channels-last
       return winograd_3x3_wgrad<T>({cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w}, dy, x,
                                    dw);
+    case Wgrad::kPointwise:
+      return conv2d_backward_weight_pointwise(cv, dy, x, dw);
     case Wgrad::kDotTiles:
       return conv2d_backward_weight_dot_tiles(cv, dy, x, dw);
     case Wgrad::kGemm:

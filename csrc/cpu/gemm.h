@@ -296,6 +296,15 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
           fn = in_place_fn;
           a_panel = a + i0 * layout.i_step + k0 * layout.k_step;
           lda = in_place_lda;
+          if (layout.k_step == 1 && i0 + 2 * mr <= m_full) {
+            // A's rows read in place are mr short streams per call (often from memory: the input as a 1x1
+            // convolution's wgrad A), too short for the hardware prefetchers: fetch the next panel's now.
+            for (int64_t r = 0; r < mr; ++r) {
+              for (int64_t k = 0; k < kc; k += 64 / int64_t(sizeof(T))) {
+                __builtin_prefetch(a_panel + (mr + r) * lda + k);
+              }
+            }
+          }
         } else {
           a_panel = a_edge.data();
         }
