@@ -37,8 +37,8 @@ CONV_SHAPES = {
     "one_image_many_channels": (1, 40, 5, 6, 52, 3, 1, 1, 1, 1),
     "one_image_grouped": (1, 48, 4, 4, 60, 3, 1, 1, 1, 2),
     "strided_dilated": (2, 5, 13, 14, 6, (3, 2), 3, 1, 2, 1),  # stride phases of a dilated kernel
-    # 1x1 kernels: the input read in place (pointwise wgrad, implicit fprop), a thread's range of positions
-    # crossing an image boundary, a group's channels inside the planes; and a strided one, which pointwise cannot serve.
+    # 1x1 kernels: the input read in place (transposed wgrad, implicit fprop), a group's channels inside the
+    # planes; and a strided one, whose products read stride-phase windows instead.
     "pointwise": (3, 13, 7, 9, 7, 1, 1, 0, 1, 1),
     "pointwise_grouped": (2, 10, 5, 6, 6, 1, 1, 0, 1, 2),
     "pointwise_strided": (2, 9, 7, 8, 5, 1, 2, 0, 1, 1),
@@ -59,8 +59,6 @@ def _serves(direction, algorithm, shape_name, dtype, isa):
     if algorithm == "winograd":  # F(2x2, 3x3): undilated 3x3, stride 1; dgrad pads by 2 - padding
         return (kernel == 3 and stride == 1 and dilation == 1
                 and (direction != "dgrad" or (padding != "same" and padding <= 2)))
-    if algorithm == "pointwise":  # wgrad of a 1x1, stride-1, unpadded convolution
-        return kernel == 1 and stride == 1 and padding == 0
     if algorithm == "depthwise":  # one input and one output channel per group
         return groups == c == k
     if algorithm == "lanes":

@@ -1,6 +1,6 @@
 // CPU wgrad (cnn_ext.conv2d_backward_weight): direct depthwise kernels (conv_depthwise.h), Winograd F(3x3, 2x2)
-// (winograd.h), dot tiles of dY against the input windows (few output channels), a GEMM of dY against a
-// gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses. And the bias gradient
+// (winograd.h), the transposed GEMM of the input windows against dYᵀ, dot tiles of dY against the input windows
+// (few output channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses. And the bias gradient
 // (cnn_ext.conv2d_backward_bias).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -234,56 +234,89 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
     }
   }
 }
+
+// Output rows per chunk, at most `rows`, that give the busiest thread the fewest output rows when the threads take
+// contiguous ranges of the (image, chunk) segments. With few images, ceil_div(P, rows) chunks rarely split evenly
+// (the stem at batch 1: 11 chunks of 11 rows on 2 threads, or 12 of 10 rows with the last of 2, idled a thread for a
+// tenth of the time; 14 of 8 do not). Beyond a few images per thread the split is even enough as it is.
+inline int64_t balanced_rows(const Conv& cv, int64_t rows) {
+  const int64_t threads = num_threads();
+  if (cv.n % threads == 0 || cv.n > 4 * threads) return rows;
+  int64_t best = rows, best_load = -1;
+  for (int64_t r = rows; r >= std::max<int64_t>(1, rows / 2); --r) {
+    const int64_t chunks = ceil_div(cv.p, r), segments = cv.n * chunks, parts = std::min(threads, segments);
+    int64_t load = 0;
+    for (int64_t t = 0; t < parts; ++t) {
+      int64_t share = 0;
+      for (int64_t seg = segments * t / parts; seg < segments * (t + 1) / parts; ++seg) {
+        share += std::min(r, cv.p - seg % chunks * r);
+      }
+      load = std::max(load, share);
+    }
+    if (best_load < 0 || load < best_load) {
+      best = r;
+      best_load = load;
+    }
+  }
+  return best;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// wgrad of a 1x1, stride-1, unpadded convolution, transposed: dWᵀ[c][k] = sum_j X[c][j] · dY[k][j] over the output
-// positions j (= the input's). The GEMM's A is the input itself (an image's Cg channel planes, read in place), its
-// B is dYᵀ gathered a chunk of positions at a time: Kg elements per position, where the GEMM path copies all C of
-// the input's channels-last. As there, thread t sums a fixed range of (image, position) into partial[t], and the
-// parts are added in order at the end.
+// wgrad transposed: dWᵀ[(c, r, s)][k] = sum_j window_c[taps(c, r, s) + j] · dY'ᵀ[j][k], one GEMM per (image, chunk of
+// output rows, group) whose A rows are read in place from the input's zero-padded windows (stride phases for a
+// strided convolution; for a 1x1, stride-1, unpadded one, the input planes themselves) and whose B is dY transposed
+// into the windows' column layout (j = (y - y0)*cols + q; zero rows for the wasted columns q >= Q). It gathers the
+// windows (about Cg values per output position, none for such a 1x1) and dYᵀ (Kg), where the GEMM path gathers
+// colᵀ (Cg·R·S) from a channels-last copy of the whole input. As in the dot tiles, thread t sums a fixed range of
+// (image, chunk) into partial[t], and the parts are added in order at the end.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename T>
-void conv2d_backward_weight_pointwise(const Conv& cv, const T* dy, const T* x, T* dw) {
-  TORCH_INTERNAL_ASSERT(cv.rs == 1 && cv.unit_stride() && cv.pad_h == 0 && cv.pad_w == 0 && cv.pq == cv.hw,
-                        "pointwise wgrad needs a 1x1 kernel, stride 1 and no padding");
-  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.cg, cv.kg);
-  const int64_t total = cv.n * cv.pq, block = cv.cg * cv.kg;  // block: one group's dWᵀ
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(num_threads(), total));
-  const int64_t ld = padded_cols(cv.kg, uk.nr);  // dYᵀ rows padded to whole micro-kernel panels, read in place
-  const int64_t step = std::clamp<int64_t>(kScratchBytes / (ld * int64_t(sizeof(T))), 16, 512);
-  const std::vector<int64_t> dy_t_rows = row_offsets(step, ld);
+void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, T* dw) {
+  const MicroKernel<T> uk = pick_micro_kernel<T>(cv.crs, cv.kg);
+  const int64_t ld = padded_cols(cv.kg, uk.nr);  // dYᵀ rows in whole micro-kernel panels (Pad::kB)
+  const int64_t cols = Window::cols_of(cv, false);
+  const int64_t bytes_per_row = (Window::row_elements(cv, false) + cols * ld) * int64_t(sizeof(T));
+  const Window win(cv, false, balanced_rows(cv, rows_per_item(cv, false, cv.n, bytes_per_row)));
+  const bool in_place = !win.source_rows.empty();
+  const int64_t chunks = win.items(), segments = cv.n * chunks;
+  const int64_t parts = std::min<int64_t>(num_threads(), segments);
+  const int64_t block = cv.crs * cv.kg;  // one group's dWᵀ; a part's partial holds every group's
+  const std::vector<int64_t> dy_t_rows = row_offsets(win.rows_per_item * cols, ld);
   const std::unique_ptr<T[]> partial(new T[parts * cv.groups * block]);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
-    std::vector<T> dy_t(step * ld, T(0));  // the padding columns stay zero
+    // Zero-initialised: the GEMM multiplies the windows' slack and stale values past a short chunk by dYᵀ's zero
+    // rows, so they must be finite; those rows and the padding columns are never written.
+    std::vector<T> windows(in_place ? 0 : win.buffer_size()), dy_t(win.rows_per_item * cols * ld);
     T* acc = partial.get() + t * cv.groups * block;
-    const int64_t start = total * t / parts, end = total * (t + 1) / parts;
-    for (int64_t pos = start; pos < end;) {
-      const int64_t img = pos / cv.pq, j0 = pos % cv.pq, width = std::min({cv.pq - j0, step, end - pos});
+    const int64_t first = segments * t / parts, end = segments * (t + 1) / parts;
+    for (int64_t seg = first; seg < end; ++seg) {
+      const int64_t img = seg / chunks;
+      const auto [y0, y1] = win.item_rows(seg % chunks);
+      const int64_t positions = (y1 - y0 - 1) * cols + cv.q;  // the last row's wasted columns left out
       for (int64_t g = 0; g < cv.groups; ++g) {
-        const T* dyg = dy + (img * cv.k + g * cv.kg) * cv.pq + j0;
-        for (int64_t i0 = 0; i0 < width; i0 += 16) {  // 16 positions at a time: their dYᵀ rows stay in L1
-          const int64_t i1 = std::min(width, i0 + 16);
-          for (int64_t kk = 0; kk < cv.kg; ++kk) {
-            const T* src = dyg + kk * cv.pq;
-            for (int64_t i = i0; i < i1; ++i) dy_t[i * ld + kk] = src[i];
-          }
+        const T* src = x + (img * cv.c + g * cv.cg) * cv.hw;
+        if (!in_place) win.fill_rows(src, y0, y1, windows.data());
+        const T* dyg = dy + (img * cv.k + g * cv.kg) * cv.pq;
+        for (int64_t y = y0; y < y1; ++y) {
+          transpose(dyg + y * cv.q, cv.pq, cv.kg, cv.q, dy_t.data() + (y - y0) * cols * ld, ld);
         }
-        gemm_a_rows(uk, cv.cg, cv.kg, width, x + (img * cv.c + g * cv.cg) * cv.hw + j0, cv.hw, dy_t.data(),
-                    dy_t_rows.data(), acc + g * block, cv.kg, pos > start, Pad::kB);
+        gemm_a_row_table(uk, cv.crs, cv.kg, positions, in_place ? src + y0 * cv.w : windows.data(),
+                         in_place ? win.source_rows.data() : win.taps.data(), dy_t.data(), dy_t_rows.data(),
+                         acc + g * block, cv.kg, seg > first, Pad::kB);
       }
-      pos += width;
     }
   }
 
-  // dw[g][k][c] = sum over t, in order, of partial[t][g][c][k].
+  // dw[g][k][crs] = sum over t, in order, of partial[t][g][crs][k].
 #pragma omp parallel for num_threads(num_threads())
   for (int64_t gk = 0; gk < cv.k; ++gk) {
     const int64_t g = gk / cv.kg, kk = gk % cv.kg;
-    for (int64_t c = 0; c < cv.cg; ++c) {
-      const int64_t src = g * block + c * cv.kg + kk;
+    for (int64_t e = 0; e < cv.crs; ++e) {
+      const int64_t src = g * block + e * cv.kg + kk;
       T sum = partial[src];
       for (int64_t t = 1; t < parts; ++t) sum += partial[t * cv.groups * block + src];
-      dw[gk * cv.cg + c] = sum;
+      dw[gk * cv.crs + e] = sum;
     }
   }
 }
@@ -300,8 +333,8 @@ void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, co
     case Wgrad::kWinograd:  // dy and x channels-last
       return winograd_3x3_wgrad<T>({cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w}, dy, x,
                                    dw);
-    case Wgrad::kPointwise:
-      return conv2d_backward_weight_pointwise(cv, dy, x, dw);
+    case Wgrad::kTransposed:
+      return conv2d_backward_weight_transposed(cv, dy, x, dw);
     case Wgrad::kDotTiles:
       return conv2d_backward_weight_dot_tiles(cv, dy, x, dw);
     case Wgrad::kGemm:

@@ -22,8 +22,8 @@
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
 // |                   | winograd     | as fprop's winograd, from 64 tiles                 | F(3x3, 2x2): GEMMs over the tiles |
-// |                   | pointwise    | 1x1, stride 1, unpadded, Kg <= Cg, Cg·Kg <= 256    | dWᵀ = X·dYᵀ: X read in place, only |
-// |                   |              | per output position                                | dY's channels gathered            |
+// |                   | transposed   | Kg >= 32 (16 for 1x1), CgRS >= 32, <= 128 weights  | dWᵀ = windows·dYᵀ: A rows read in |
+// |                   |              | per output position, not 1x1 stride 1 with Kg > Cg | place from the windows, no colᵀ   |
 // |                   | dot_tiles    | Kg <= 32, or <= 64 with a 1x1 kernel on 1024+      | few output channels: no transposed gather |
 // |                   |              | output positions                                   |                                   |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
@@ -98,9 +98,11 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
         {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform)",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
-        {"pointwise",
-         "1x1, stride 1, unpadded, Kg <= Cg, and Cg·Kg at most 256 per output position (of all the images)",
-         "dWᵀ = X·dYᵀ: the input read in place as the GEMM's A, only dY's channels gathered (per chunk)"},
+        {"transposed",
+         "32+ output channels (16+ for 1x1) and 32+ taps·channels, the kernel at most 128 weights per output position "
+         "(of all the images), and not a 1x1, stride-1 kernel with Kg > Cg",
+         "dWᵀ = windows·dYᵀ: the GEMM's A rows read in place from the input's windows (a 1x1, stride-1 kernel's: the "
+         "input itself), only dYᵀ gathered, no colᵀ"},
         {"dot_tiles",
          "at most 32 output channels per group, or 64 with a 1x1 kernel on 1024+ output positions (any stride: "
          "stride-phase windows)",
@@ -262,18 +264,21 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   // channels-last copy of the whole input (its B rows then read in place): dot tiles measured faster up to Kg = 64
   // on large planes (8x256->64@56: 1.14 vs 1.52x torch's time), the GEMM on 28x28 and smaller planes
   // (1x384->64@14: 1.02 vs 2.69x) and from Kg = 128 (8x128->512@28: 1.01 vs 2.21x; 1x960->160@7: 0.77 vs 7.2x).
-  // Before both, where Kg <= Cg, pointwise gathers only dY (Kg per position) and reads X in place: 1x/8x256->64@56
-  // 0.93/0.86x torch's time (dot tiles 1.71/1.29, the GEMM 1.73/1.66), 1x/8x384->64@14 0.49/0.49 (GEMM 0.80/1.30),
-  // 8x1024->256@14 1.26 (GEMM 1.35). Its per-thread dWᵀ partials lose where the kernel outweighs the positions
-  // (1x1024->256@14, 1,300 weights per position: 1.22 vs the GEMM's 0.62; 1x960->160@7: 2.06 vs 0.86), and where
-  // Kg > Cg the GEMM's copy of the input is the smaller gather (1x/8x64->256@56: 1.21/1.13 vs 0.91/0.96).
+  // Before both, transposed gathers only the windows (about Cg per output position) and dYᵀ (Kg), a full GEMM tile
+  // wide in Kg, where the GEMM gathers Cg·R·S: the stem at batch 1/8 1.18/1.00x torch's time (GEMM 1.51/1.57, dot
+  // tiles 1.50/1.46), 1x256->64@56 0.81 (1.56, 1.53), 8x64->128@56 1x1 stride 2 0.86 (1.26, 1.54), 4x16->32@30 5x5
+  // 0.95 (dot tiles 1.26), 8x24->32@12 0.69 (0.93). Its per-thread dWᵀ partials lose where the kernel outweighs the
+  // positions (1x128->256@28 1x1 stride 2, 167 weights per position: 0.90 vs the GEMM's 0.78; 1x256->256@14 3x3:
+  // 3.3 vs 1.45), narrow tiles lose to the dot tiles (8x16->16@32: 1.57 vs 1.30; 128x1->32@28: 1.19 vs 0.90), and
+  // for a 1x1, stride-1 kernel with Kg > Cg the GEMM's copy of the input is the smaller gather (1x/8x64->256@56:
+  // 1.21/1.13 vs 0.91/0.96).
   const bool winograd = winograd_can(cv) && winograd_wgrad_preferred(cv);
-  const bool pointwise_can = cv.rs == 1 && cv.unit_stride() && cv.pad_h == 0 && cv.pad_w == 0;
-  const bool pointwise = cv.kg <= cv.cg && cv.cg * cv.kg <= 256 * cv.n * cv.pq;
+  const bool transposed = (cv.kg >= 32 || (cv.rs == 1 && cv.kg >= 16)) && cv.crs >= 32 &&
+                          cv.crs * cv.kg <= 128 * cv.n * cv.pq && !(cv.rs == 1 && cv.unit_stride() && cv.kg > cv.cg);
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd},
-                                           {pointwise_can, pointwise},
+                                           {true, transposed},
                                            {true, cv.kg <= 32 || (cv.rs == 1 && cv.kg <= 64 && cv.pq >= 1024)},
                                            {true, true}});
 }

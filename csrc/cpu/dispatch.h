@@ -29,7 +29,7 @@ enum class Direction : int {
 // Each direction's algorithms, in the order of its table.
 enum class Fprop : int { kLanes, kDepthwise, kWinograd, kImplicit, kExplicit };
 enum class Dgrad : int { kLanes, kDepthwise, kWinograd, kDcol, kImplicit, kExplicit };
-enum class Wgrad : int { kLanes, kDepthwise, kWinograd, kPointwise, kDotTiles, kGemm };
+enum class Wgrad : int { kLanes, kDepthwise, kWinograd, kTransposed, kDotTiles, kGemm };
 enum class FusedForward : int { kLanes, kGemmPool };
 enum class FusedBackward : int { kLanes, kComposite };
 enum class MaxPoolForward : int { kFixedWindow, kGeneral };

@@ -38,15 +38,19 @@ namespace cpu {
 template <typename T>
 using MicroKernelFn = void (*)(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
                                int64_t ldc, bool accumulate);
+// A read from mr rows in place: element (i, k) at a_rows[i][k].
+template <typename T>
+using RowsKernelFn = void (*)(int64_t kc, const T* const* a_rows, const T* b, const int64_t* b_off, T* c,
+                              int64_t ldc, bool accumulate);
 
 // One micro-kernel: it computes an mr × nr tile of C, reading A's element (i, k) at a[k*lda + i] (fn: a packed
-// panel, lda = mr) or at a[i*lda + k] (rows_fn: a row-major matrix read in place).
+// panel, lda = mr) or at a_rows[i][k] (rows_fn: rows of a matrix read in place, anywhere in memory).
 template <typename T>
 struct MicroKernel {
   int mr;
   int nr;
   MicroKernelFn<T> fn;
-  MicroKernelFn<T> rows_fn;
+  RowsKernelFn<T> rows_fn;
 };
 
 namespace detail {
@@ -67,14 +71,19 @@ template <>
 struct VecOf<double, 64> { typedef double type __attribute__((vector_size(64))); };
 
 // C[0:MR, 0:NV*L] (+)= sum_k A(i, k) * b[b_off[k] + j], A(i, k) = a[k*lda + i] (lda = MR for a packed panel) or,
-// with kRows, a[i*lda + k]. Inlined into the per-ISA wrappers below, so the vector type V lowers to that ISA's
+// with kRows, a_rows[i][k]. Inlined into the per-ISA wrappers below, so the vector type V lowers to that ISA's
 // registers. memcpy is an unaligned vector load/store.
 template <typename V, typename T, int MR, int NV, bool kRows>
 inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T* __restrict a, int64_t lda,
-                                                             const T* __restrict b, const int64_t* __restrict b_off,
-                                                             T* __restrict c,
+                                                             const T* const* a_rows, const T* __restrict b,
+                                                             const int64_t* __restrict b_off, T* __restrict c,
                                                              int64_t ldc, bool accumulate) {
   constexpr int L = sizeof(V) / sizeof(T);
+  const T* row[MR];
+  if constexpr (kRows) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) row[i] = a_rows[i];
+  }
   V acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i) {
@@ -94,7 +103,7 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
     for (int v = 0; v < NV; ++v) std::memcpy(&bv[v], bk + v * L, sizeof(V));
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const T ai = kRows ? a[i * lda + k] : a[k * lda + i];
+      const T ai = kRows ? row[i][k] : a[k * lda + i];
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) acc[i][v] += bv[v] * ai;  // contracted to FMA where the ISA has it
     }
@@ -106,41 +115,51 @@ inline __attribute__((always_inline)) void micro_kernel_body(int64_t kc, const T
   }
 }
 
-template <typename T, int MR, int NV, bool kRows>
+template <typename T, int MR, int NV>
 CNN_EXT_TARGET_AVX512 void micro_kernel_avx512(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off,
                                                T* c, int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV, kRows>(kc, a, lda, b, b_off, c, ldc, accumulate);
+  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV, false>(kc, a, lda, nullptr, b, b_off, c, ldc, accumulate);
+}
+template <typename T, int MR, int NV>
+CNN_EXT_TARGET_AVX512 void rows_kernel_avx512(int64_t kc, const T* const* a_rows, const T* b, const int64_t* b_off,
+                                              T* c, int64_t ldc, bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 64>::type, T, MR, NV, true>(kc, nullptr, 0, a_rows, b, b_off, c, ldc, accumulate);
 }
 
-template <typename T, int MR, int NV, bool kRows>
+template <typename T, int MR, int NV>
 CNN_EXT_TARGET_AVX2 void micro_kernel_avx2(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
                                            int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV, kRows>(kc, a, lda, b, b_off, c, ldc, accumulate);
+  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV, false>(kc, a, lda, nullptr, b, b_off, c, ldc, accumulate);
+}
+template <typename T, int MR, int NV>
+CNN_EXT_TARGET_AVX2 void rows_kernel_avx2(int64_t kc, const T* const* a_rows, const T* b, const int64_t* b_off, T* c,
+                                          int64_t ldc, bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 32>::type, T, MR, NV, true>(kc, nullptr, 0, a_rows, b, b_off, c, ldc, accumulate);
 }
 
-template <typename T, int MR, int NV, bool kRows>
-void micro_kernel_baseline(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c,
-                           int64_t ldc, bool accumulate) {
-  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV, kRows>(kc, a, lda, b, b_off, c, ldc, accumulate);
+template <typename T, int MR, int NV>
+void micro_kernel_baseline(int64_t kc, const T* a, int64_t lda, const T* b, const int64_t* b_off, T* c, int64_t ldc,
+                           bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV, false>(kc, a, lda, nullptr, b, b_off, c, ldc, accumulate);
+}
+template <typename T, int MR, int NV>
+void rows_kernel_baseline(int64_t kc, const T* const* a_rows, const T* b, const int64_t* b_off, T* c, int64_t ldc,
+                          bool accumulate) {
+  micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV, true>(kc, nullptr, 0, a_rows, b, b_off, c, ldc, accumulate);
 }
 
-// The wrapper of the ISA whose vectors are Bytes wide.
-template <typename T, int Bytes, int MR, int NV, bool kRows>
-MicroKernelFn<T> micro_kernel_fn() {
-  static_assert(Bytes == 64 || Bytes == 32 || Bytes == 16);
-  if constexpr (Bytes == 64) {
-    return &micro_kernel_avx512<T, MR, NV, kRows>;
-  } else if constexpr (Bytes == 32) {
-    return &micro_kernel_avx2<T, MR, NV, kRows>;
-  } else {
-    return &micro_kernel_baseline<T, MR, NV, kRows>;
-  }
-}
-
+// The micro-kernel of the ISA whose vectors are Bytes wide, in both of its A forms.
 template <typename T, int Bytes, int MR, int NV>
 MicroKernel<T> make() {
-  return {MR, NV * Bytes / static_cast<int>(sizeof(T)), micro_kernel_fn<T, Bytes, MR, NV, false>(),
-          micro_kernel_fn<T, Bytes, MR, NV, true>()};
+  static_assert(Bytes == 64 || Bytes == 32 || Bytes == 16);
+  constexpr int nr = NV * Bytes / static_cast<int>(sizeof(T));
+  if constexpr (Bytes == 64) {
+    return {MR, nr, &micro_kernel_avx512<T, MR, NV>, &rows_kernel_avx512<T, MR, NV>};
+  } else if constexpr (Bytes == 32) {
+    return {MR, nr, &micro_kernel_avx2<T, MR, NV>, &rows_kernel_avx2<T, MR, NV>};
+  } else {
+    return {MR, nr, &micro_kernel_baseline<T, MR, NV>, &rows_kernel_baseline<T, MR, NV>};
+  }
 }
 
 // The tile shapes of each ISA, best first. Several shapes exist so that the small channel counts of convolutions
@@ -236,10 +255,12 @@ namespace detail {
 
 // How gemm_impl finds A's element (i, k): in pack_a's panels, at a[(i / mr) * mr*K + k*mr + i % mr], or read in
 // place at a[i*i_step + k*k_step], either from A's transpose (i_step = 1: each k's mr values are contiguous, as in a
-// packed panel) or from a row-major A (k_step = 1: micro-kernel rows_fn).
+// packed panel) or from a row-major A (k_step = 1: micro-kernel rows_fn), or at a[row_off[i] + k] (rows anywhere:
+// row_off given, rows_fn).
 struct ALayout {
   bool packed;
   int64_t i_step, k_step;
+  const int64_t* row_off = nullptr;
 };
 
 // C (+)= A·B. Loop order: K blocks of kc (so a kc × nr strip of B stays in L1 while every A panel streams past it
@@ -263,16 +284,20 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
   std::vector<T> a_edge;          // A read in place: its ragged last row panel, packed
   T tile[16 * 64];                // ragged C tiles (mr <= 16, nr <= 64 for every kernel above)
   const int64_t m_full = layout.packed ? M : M / mr * mr;
-  const MicroKernelFn<T> in_place_fn = layout.i_step == 1 ? uk.fn : uk.rows_fn;
-  const int64_t in_place_lda = layout.i_step == 1 ? layout.k_step : layout.i_step;
+  const bool rows = !layout.packed && (layout.row_off != nullptr || layout.k_step == 1);
+  const auto row = [&](int64_t i) { return a + (layout.row_off != nullptr ? layout.row_off[i] : i * layout.i_step); };
+  const T* panel_rows[16];
 
   for (int64_t k0 = 0; k0 < K; k0 += kc_block) {
     const int64_t kc = std::min(kc_block, K - k0);
     const bool acc = accumulate || k0 > 0;
     if (m_full < M) {
-      a_edge.resize(mr * kc);
-      pack_a(M - m_full, kc, a + m_full * layout.i_step + k0 * layout.k_step, layout.i_step, layout.k_step, mr,
-             a_edge.data());
+      a_edge.assign(mr * kc, T(0));
+      for (int64_t i = m_full; i < M; ++i) {
+        for (int64_t k = 0; k < kc; ++k) {
+          a_edge[k * mr + i - m_full] = rows ? row(i)[k0 + k] : a[i * layout.i_step + (k0 + k) * layout.k_step];
+        }
+      }
     }
     for (int64_t j0 = 0; j0 < N; j0 += nr) {
       const int64_t cols = std::min<int64_t>(nr, N - j0);
@@ -286,40 +311,43 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
         strip_off = edge_off.data();
       }
       for (int64_t i0 = 0; i0 < M; i0 += mr) {
-        const int64_t rows = std::min<int64_t>(mr, M - i0);
-        MicroKernelFn<T> fn = uk.fn;
-        const T* a_panel;
-        int64_t lda = mr;
-        if (layout.packed) {
-          a_panel = a + i0 * K + k0 * mr;
-        } else if (i0 < m_full) {
-          fn = in_place_fn;
-          a_panel = a + i0 * layout.i_step + k0 * layout.k_step;
-          lda = in_place_lda;
-          if (layout.k_step == 1 && i0 + 2 * mr <= m_full) {
+        const int64_t rows_here = std::min<int64_t>(mr, M - i0);
+        const bool in_place = !layout.packed && i0 < m_full;
+        if (in_place && rows) {
+          for (int64_t r = 0; r < mr; ++r) panel_rows[r] = row(i0 + r) + k0;
+          if (i0 + 2 * mr <= m_full) {
             // A's rows read in place are mr short streams per call (often from memory: the input as a 1x1
             // convolution's wgrad A), too short for the hardware prefetchers: fetch the next panel's now.
             for (int64_t r = 0; r < mr; ++r) {
-              for (int64_t k = 0; k < kc; k += 64 / int64_t(sizeof(T))) {
-                __builtin_prefetch(a_panel + (mr + r) * lda + k);
-              }
+              const T* next = row(i0 + mr + r) + k0;
+              for (int64_t k = 0; k < kc; k += 64 / int64_t(sizeof(T))) __builtin_prefetch(next + k);
             }
           }
-        } else {
-          a_panel = a_edge.data();
         }
+        const T* a_panel = layout.packed ? a + i0 * K + k0 * mr
+                           : !in_place   ? a_edge.data()
+                                         : a + i0 * layout.i_step + k0 * layout.k_step;  // (i_step = 1)
+        const int64_t lda = in_place ? layout.k_step : mr;
+        // C[i0:i0 + mr, j0:j0 + nr] (+)= this panel's product, into c_out (leading dimension ldo).
+        const auto product = [&](T* c_out, int64_t ldo, bool add) {
+          if (in_place && rows) {
+            uk.rows_fn(kc, panel_rows, b_strip, strip_off, c_out, ldo, add);
+          } else {
+            uk.fn(kc, a_panel, lda, b_strip, strip_off, c_out, ldo, add);
+          }
+        };
         T* c_tile = c + i0 * ldc + j0;
-        if (rows == mr && (cols == nr || pad == Pad::kBC)) {
-          fn(kc, a_panel, lda, b_strip, strip_off, c_tile, ldc, acc);
+        if (rows_here == mr && (cols == nr || pad == Pad::kBC)) {
+          product(c_tile, ldc, acc);
           continue;
         }
         // Ragged tile: compute the full tile in a scratch buffer, then copy the valid part.
         std::fill_n(tile, mr * nr, T(0));
         if (acc) {
-          for (int64_t i = 0; i < rows; ++i) std::copy_n(c_tile + i * ldc, cols, tile + i * nr);
+          for (int64_t i = 0; i < rows_here; ++i) std::copy_n(c_tile + i * ldc, cols, tile + i * nr);
         }
-        fn(kc, a_panel, lda, b_strip, strip_off, tile, nr, true);
-        for (int64_t i = 0; i < rows; ++i) std::copy_n(tile + i * nr, cols, c_tile + i * ldc);
+        product(tile, nr, true);
+        for (int64_t i = 0; i < rows_here; ++i) std::copy_n(tile + i * nr, cols, c_tile + i * ldc);
       }
     }
   }
@@ -349,6 +377,14 @@ template <typename T>
 void gemm_a_rows(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* b,
                  const int64_t* b_off, T* c, int64_t ldc, bool accumulate, Pad pad = Pad::kNone) {
   detail::gemm_impl(uk, M, N, K, a, {false, lda, 1}, b, b_off, c, ldc, accumulate, pad);
+}
+
+// As gemm, with A's row i read in place at a + row_off[i] (contiguous along k): the rows of a convolution's
+// zero-padded input windows, one per (channel, tap), as the transposed wgrad's A.
+template <typename T>
+void gemm_a_row_table(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const T* a, const int64_t* row_off,
+                      const T* b, const int64_t* b_off, T* c, int64_t ldc, bool accumulate, Pad pad = Pad::kNone) {
+  detail::gemm_impl(uk, M, N, K, a, {false, 0, 1, row_off}, b, b_off, c, ldc, accumulate, pad);
 }
 
 // A GEMM's A operand as the convolutions hand it over: pack_a's panels, or an array read in place, element (i, k)
