@@ -376,7 +376,13 @@ struct Window {
   // The windows for output rows [y0, y1) (at most rows_per_item of them).
   template <typename T>
   void fill_rows(const T* src, int64_t y0, int64_t y1, T* dst) const {
-    for (int64_t ch = 0; ch < channels; ++ch) {
+    fill_channels(src, y0, y1, 0, channels, dst);
+  }
+
+  // As fill_rows, for channels [ch0, ch1) only: channel ch0's windows first in dst.
+  template <typename T>
+  void fill_channels(const T* src, int64_t y0, int64_t y1, int64_t ch0, int64_t ch1, T* dst) const {
+    for (int64_t ch = ch0; ch < ch1; ++ch) {
       for (const int64_t a : row_phases) {
         for (const int64_t b : col_phases) {
           copy_window_phase(src + ch * src_h * src_w, src_h, src_w, y0 * stride_h + a - top, stride_h, b - left,

@@ -1,7 +1,7 @@
 // CPU wgrad (cnn_ext.conv2d_backward_weight): direct depthwise kernels (conv_depthwise.h), Winograd F(3x3, 2x2)
 // (winograd.h), the transposed GEMM of the input windows against dYᵀ, dot tiles of dY against the input windows
-// (few output channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses. And the bias gradient
-// (cnn_ext.conv2d_backward_bias).
+// (few output channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses.
+// And the bias gradient (cnn_ext.conv2d_backward_bias).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -235,6 +235,10 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
   }
 }
 
+// The transposed wgrad's threads share out the input channels, not the positions, where the kernel has more than this
+// many weights per output position (of all the images): their partial sums would outweigh the products.
+constexpr int64_t kTransposedWeightsPerPosition = 128;
+
 // Output rows per chunk, at most `rows`, that give the busiest thread the fewest output rows when the threads take
 // contiguous ranges of the (image, chunk) segments. With few images, ceil_div(P, rows) chunks rarely split evenly
 // (the stem at batch 1: 11 chunks of 11 rows on 2 threads, or 12 of 10 rows with the last of 2, idled a thread for a
@@ -274,42 +278,69 @@ template <typename T>
 void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, T* dw) {
   const MicroKernel<T> uk = pick_micro_kernel<T>(cv.crs, cv.kg);
   const int64_t ld = padded_cols(cv.kg, uk.nr);  // dYᵀ rows in whole micro-kernel panels (Pad::kB)
-  const int64_t cols = Window::cols_of(cv, false);
+  const int64_t cols = Window::cols_of(cv, false), threads = num_threads();
   const int64_t bytes_per_row = (Window::row_elements(cv, false) + cols * ld) * int64_t(sizeof(T));
-  const Window win(cv, false, balanced_rows(cv, rows_per_item(cv, false, cv.n, bytes_per_row)));
+  // Where the kernel outweighs the positions (few images on small planes), per-thread partials of dWᵀ would cost
+  // more than the products: the threads share out the input channels instead, each summing every position into its
+  // own rows of dWᵀ from the windows of its channels (dYᵀ gathered by each). Otherwise they share out the (image,
+  // chunk of output rows) segments and add up their partials in order at the end.
+  const bool by_channels = threads > 1 && cv.cg > 1 && cv.crs * cv.kg > kTransposedWeightsPerPosition * cv.n * cv.pq;
+  const int64_t channel_chunk = ceil_div(cv.cg, threads);
+  const int64_t rows = by_channels ? rows_per_item(cv, false, 2 * threads, bytes_per_row)
+                                   : balanced_rows(cv, rows_per_item(cv, false, cv.n, bytes_per_row));
+  const Window win(cv, false, rows);
   const bool in_place = !win.source_rows.empty();
   const int64_t chunks = win.items(), segments = cv.n * chunks;
-  const int64_t parts = std::min<int64_t>(num_threads(), segments);
-  const int64_t block = cv.crs * cv.kg;  // one group's dWᵀ; a part's partial holds every group's
+  const int64_t parts = by_channels ? ceil_div(cv.cg, channel_chunk) : std::min(threads, segments);
+  const int64_t block = cv.crs * cv.kg;  // one group's dWᵀ
+  const int64_t channel_span = win.span() / win.channels;  // one channel's windows
   const std::vector<int64_t> dy_t_rows = row_offsets(win.rows_per_item * cols, ld);
-  const std::unique_ptr<T[]> partial(new T[parts * cv.groups * block]);
+  const std::unique_ptr<T[]> partial(new T[(by_channels ? 1 : parts) * cv.groups * block]);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
+    const int64_t c0 = by_channels ? t * channel_chunk : 0;
+    const int64_t c1 = by_channels ? std::min(cv.cg, c0 + channel_chunk) : cv.cg;
+    const int64_t m = (c1 - c0) * cv.rs;  // this part's rows of dWᵀ: taps c0*RS ...
+    // A's rows: the windows of channels [c0, c1), channel c0's first (or the input planes themselves).
+    std::vector<int64_t> a_rows(m);
+    for (int64_t i = 0; i < m; ++i) {
+      a_rows[i] = in_place ? win.source_rows[c0 + i] : win.taps[c0 * cv.rs + i] - c0 * channel_span;
+    }
     // Zero-initialised: the GEMM multiplies the windows' slack and stale values past a short chunk by dYᵀ's zero
     // rows, so they must be finite; those rows and the padding columns are never written.
-    std::vector<T> windows(in_place ? 0 : win.buffer_size()), dy_t(win.rows_per_item * cols * ld);
-    T* acc = partial.get() + t * cv.groups * block;
-    const int64_t first = segments * t / parts, end = segments * (t + 1) / parts;
+    std::vector<T> windows(in_place ? 0 : (c1 - c0) * channel_span + win.slack());
+    std::vector<T> dy_t(win.rows_per_item * cols * ld);
+    T* acc = partial.get() + (by_channels ? c0 * cv.rs * cv.kg : t * cv.groups * block);
+    const int64_t first = by_channels ? 0 : segments * t / parts;
+    const int64_t end = by_channels ? segments : segments * (t + 1) / parts;
     for (int64_t seg = first; seg < end; ++seg) {
       const int64_t img = seg / chunks;
       const auto [y0, y1] = win.item_rows(seg % chunks);
       const int64_t positions = (y1 - y0 - 1) * cols + cv.q;  // the last row's wasted columns left out
       for (int64_t g = 0; g < cv.groups; ++g) {
         const T* src = x + (img * cv.c + g * cv.cg) * cv.hw;
-        if (!in_place) win.fill_rows(src, y0, y1, windows.data());
+        if (!in_place) win.fill_channels(src, y0, y1, c0, c1, windows.data());
         const T* dyg = dy + (img * cv.k + g * cv.kg) * cv.pq;
         for (int64_t y = y0; y < y1; ++y) {
           transpose(dyg + y * cv.q, cv.pq, cv.kg, cv.q, dy_t.data() + (y - y0) * cols * ld, ld);
         }
-        gemm_a_row_table(uk, cv.crs, cv.kg, positions, in_place ? src + y0 * cv.w : windows.data(),
-                         in_place ? win.source_rows.data() : win.taps.data(), dy_t.data(), dy_t_rows.data(),
-                         acc + g * block, cv.kg, seg > first, Pad::kB);
+        gemm_a_row_table(uk, m, cv.kg, positions, in_place ? src + y0 * cv.w : windows.data(), a_rows.data(),
+                         dy_t.data(), dy_t_rows.data(), acc + g * block, cv.kg, seg > first, Pad::kB);
       }
     }
   }
 
+  if (by_channels) {  // dw[g][k][crs] = dWᵀ[g][crs][k], a block of 64 rows of dWᵀ at a time
+    const int64_t row_blocks = ceil_div(cv.crs, 64);
+#pragma omp parallel for num_threads(threads)
+    for (int64_t gb = 0; gb < cv.groups * row_blocks; ++gb) {
+      const int64_t g = gb / row_blocks, e0 = gb % row_blocks * 64, e1 = std::min(cv.crs, e0 + 64);
+      transpose(partial.get() + g * block + e0 * cv.kg, cv.kg, e1 - e0, cv.kg, dw + g * cv.kg * cv.crs + e0, cv.crs);
+    }
+    return;
+  }
   // dw[g][k][crs] = sum over t, in order, of partial[t][g][crs][k].
-#pragma omp parallel for num_threads(num_threads())
+#pragma omp parallel for num_threads(threads)
   for (int64_t gk = 0; gk < cv.k; ++gk) {
     const int64_t g = gk / cv.kg, kk = gk % cv.kg;
     for (int64_t e = 0; e < cv.crs; ++e) {

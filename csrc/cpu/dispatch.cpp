@@ -21,9 +21,11 @@
 // |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
-// |                   | winograd     | as fprop's winograd, from 64 tiles                 | F(3x3, 2x2): GEMMs over the tiles |
-// |                   | transposed   | Kg >= 32 (16 for 1x1), CgRS >= 32, <= 128 weights  | dWᵀ = windows·dYᵀ: A rows read in |
-// |                   |              | per output position, not 1x1 stride 1 with Kg > Cg | place from the windows, no colᵀ   |
+// |                   | winograd     | as fprop's winograd, from 64 tiles, at most 4096   | F(3x3, 2x2): GEMMs over the tiles |
+// |                   |              | weights·16 per tile                                |                                   |
+// |                   | transposed   | Kg >= 32 (16 for 1x1), CgRS >= 32, not 1x1 stride  | dWᵀ = windows·dYᵀ: A rows read in |
+// |                   |              | 1 with Kg > Cg; <= 128 weights per output position,| place from the windows, no colᵀ   |
+// |                   |              | or R·S > 1 and 128+ positions                      |                                   |
 // |                   | dot_tiles    | Kg <= 32, or <= 64 with a 1x1 kernel on 1024+      | few output channels: no transposed gather |
 // |                   |              | output positions                                   |                                   |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
@@ -96,11 +98,12 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
       {"wgrad",
        {{"lanes", "float32, as fprop's lanes", "as fprop"},
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
-        {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform)",
+        {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform), with at most 4096 of the 16 "
+         "transformed in × out sums per tile",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
         {"transposed",
-         "32+ output channels (16+ for 1x1) and 32+ taps·channels, the kernel at most 128 weights per output position "
-         "(of all the images), and not a 1x1, stride-1 kernel with Kg > Cg",
+         "32+ output channels (16+ for 1x1) and 32+ taps·channels, not a 1x1, stride-1 kernel with Kg > Cg; the "
+         "kernel at most 128 weights per output position (of all the images), or more than one tap and 128+ positions",
          "dWᵀ = windows·dYᵀ: the GEMM's A rows read in place from the input's windows (a 1x1, stride-1 kernel's: the "
          "input itself), only dYᵀ gathered, no colᵀ"},
         {"dot_tiles",
@@ -192,9 +195,12 @@ bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, 
 // The weight gradient transforms no kernels, so it pays from fewer tiles: measured 0.55-0.95x the time of the GEMM
 // and dot tiles on ResNet's 3x3 64/128/256 layers at batch 8 and on 64/128 channels at batch 1 (196-6272 tiles),
 // a tie at 32/32 channels and at 256 channels on 49 tiles, 1.3x the GEMM's time on 512 channels and 16 tiles
-// (each thread's 16 blocks of in × out sums then outweigh its products).
+// (each thread's 16 blocks of in × out sums then outweigh its products). So at most 4096 of those sums per tile:
+// 8x512@7 (128 tiles, 32768 sums per tile) measured 3.4x torch's time, transposed 1.4x; 8x256@14 (392 tiles, 2675
+// per tile) 1.11x, transposed 1.39x.
 bool winograd_wgrad_preferred(const Conv& cv) {
-  return winograd_channels(cv.cg, cv.kg) && cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2) >= 64;
+  const int64_t tiles = cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2);
+  return winograd_channels(cv.cg, cv.kg) && tiles >= 64 && 16 * cv.cg * cv.kg <= 4096 * tiles;
 }
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
@@ -269,12 +275,16 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   // tiles 1.50/1.46), 1x256->64@56 0.81 (1.56, 1.53), 8x64->128@56 1x1 stride 2 0.86 (1.26, 1.54), 4x16->32@30 5x5
   // 0.95 (dot tiles 1.26), 8x24->32@12 0.69 (0.93). Its per-thread dWᵀ partials lose where the kernel outweighs the
   // positions (1x128->256@28 1x1 stride 2, 167 weights per position: 0.90 vs the GEMM's 0.78; 1x256->256@14 3x3:
-  // 3.3 vs 1.45), narrow tiles lose to the dot tiles (8x16->16@32: 1.57 vs 1.30; 128x1->32@28: 1.19 vs 0.90), and
+  // 3.3 vs 1.45), so there the threads share out the input channels: with 128+ positions, a kernel of more than one
+  // tap beats the GEMM's colᵀ (1x256->256@14 1.18 vs 1.39; 8x512@7 1.43 vs 1.67; 1x128->256@28 stride 2 1.03 vs
+  // 1.27), with 49 the GEMM, which writes dW itself, wins (1x512@7 1.06 vs 0.93; 1x256->512@14 stride 2 1.03 vs
+  // 0.83), as it does on 1x1 kernels (their colᵀ is only Cg per position). Narrow tiles lose to the dot tiles (8x16->16@32: 1.57 vs 1.30; 128x1->32@28: 1.19 vs 0.90), and
   // for a 1x1, stride-1 kernel with Kg > Cg the GEMM's copy of the input is the smaller gather (1x/8x64->256@56:
   // 1.21/1.13 vs 0.91/0.96).
   const bool winograd = winograd_can(cv) && winograd_wgrad_preferred(cv);
   const bool transposed = (cv.kg >= 32 || (cv.rs == 1 && cv.kg >= 16)) && cv.crs >= 32 &&
-                          cv.crs * cv.kg <= 128 * cv.n * cv.pq && !(cv.rs == 1 && cv.unit_stride() && cv.kg > cv.cg);
+                          !(cv.rs == 1 && cv.unit_stride() && cv.kg > cv.cg) &&
+                          (cv.crs * cv.kg <= 128 * cv.n * cv.pq || (cv.rs > 1 && cv.n * cv.pq >= 128));
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd},
