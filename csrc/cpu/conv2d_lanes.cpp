@@ -40,6 +40,7 @@
 
 #include "isa.h"
 #include "lanes_vec.h"
+#include "scratch.h"
 #include "window_axis.h"
 
 namespace cnn_ext {
@@ -55,57 +56,9 @@ namespace {
 constexpr int64_t kMaxBlockPositions = 16384;
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Per-thread scratch, 64-byte aligned (a vector never straddles two cache lines) and left uninitialised (every
-// element is written before it is read, except unpack's slack).
-struct FreeScratch {
-  void operator()(void* p) const { std::free(p); }
-};
-template <typename T>
-using Scratch = std::unique_ptr<T[], FreeScratch>;
-
-template <typename T>
-Scratch<T> scratch(int64_t n) {
-  const size_t bytes = (std::max<size_t>(n * sizeof(T), 1) + 63) / 64 * 64;  // aligned_alloc: whole alignments
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  if (p == nullptr) throw std::bad_alloc();
-  return Scratch<T>(p);
-}
-// unpack's slack after its source: it loads whole groups of L positions (at most 16, of 16 lanes).
+// Scratch (scratch.h) is left uninitialised: every element is written before it is read, except unpack's slack,
+// which it loads past its source: whole groups of L positions (at most 16, of 16 lanes).
 constexpr int64_t kSlack = 16 * 16;
-
-// Scratch buffers of one calling thread, kept from call to call (allocating megabytes on every call would cost
-// page faults every time): at most kSlots buffers per call, each as large as the largest request so far. Bounded
-// by suits(): a few MiB per calling thread.
-constexpr int kSlots = 8;
-
-char* slot_buffer(int slot, size_t bytes) {
-  thread_local std::array<Scratch<char>, kSlots> buffers;
-  thread_local std::array<size_t, kSlots> sizes{};
-  if (sizes[slot] < bytes) {
-    buffers[slot].reset();
-    buffers[slot] = scratch<char>(bytes);
-    sizes[slot] = bytes;
-  }
-  return buffers[slot].get();
-}
-
-// n elements for each of `threads` threads in slot `slot` (distinct slots for the buffers of one call), 64-byte
-// aligned. Made before the parallel region: an exception, such as a failed allocation, cannot leave an OpenMP
-// region. get() is the calling OpenMP thread's slice, slice(t) slice t.
-template <typename T>
-class PerThread {
- public:
-  PerThread(int slot, int64_t threads, int64_t n)
-      : n_((std::max<int64_t>(n, 1) + 63) / 64 * 64),
-        data_(reinterpret_cast<T*>(slot_buffer(slot, static_cast<size_t>(threads * n_) * sizeof(T)))) {}
-  T* get() const { return slice(omp_get_thread_num()); }
-  T* slice(int64_t t) const { return data_ + t * n_; }
-  int64_t size() const { return n_; }
-
- private:
-  int64_t n_;
-  T* data_;
-};
 
 struct Geo {
   int64_t n, c, h, w, k, r, s, p, q, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, hp, wp;

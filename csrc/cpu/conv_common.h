@@ -50,6 +50,7 @@
 #include "../checks.h"
 #include "gemm.h"
 #include "isa.h"
+#include "scratch.h"
 
 namespace cnn_ext::cpu {
 
@@ -470,17 +471,22 @@ void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>&
   const int64_t m_chunk = detail::round_up(ceil_div(m, m_parts), uk.mr), m_chunks = ceil_div(m, m_chunk);
   const int64_t chunks = win.items(), items = cv.n * cv.groups * m_chunks * chunks;
   const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
-#pragma omp parallel num_threads(num_threads())
+  // Scratch (scratch.h): the products' columns are independent, so what the windows' slack holds reaches only
+  // the wasted product columns, never the output.
+  const int threads = num_threads();
+  const PerThread<T> windows(0, threads, win.source_rows.empty() ? win.buffer_size() : 0);
+  const PerThread<T> products(1, threads, win.cols == win.out_w ? 0 : std::min(m, m_chunk) * win.product_ld(uk.nr));
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<T> window(win.source_rows.empty() ? win.buffer_size() : 0);
-    std::vector<T> product(win.cols == win.out_w ? 0 : std::min(m, m_chunk) * win.product_ld(uk.nr));
+    T* const window = windows.get();
+    T* const product = products.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t g = item / (m_chunks * cv.n * chunks), img = item / chunks % cv.n;
       const int64_t m0 = item / (cv.n * chunks) % m_chunks * m_chunk, rows = std::min(m_chunk, m - m0);
       const MatrixA<T> a_g{a.a + g * a_panel, a.layout, a.ld};
-      implicit_conv_item(win, uk, rows, a_g.from_row(m0, k_gemm), src_of(img, g), item % chunks, window.data(),
-                         product.data(), dst_of(img, g) + m0 * plane, bias != nullptr ? bias + g * m + m0 : nullptr);
+      implicit_conv_item(win, uk, rows, a_g.from_row(m0, k_gemm), src_of(img, g), item % chunks, window, product,
+                         dst_of(img, g) + m0 * plane, bias != nullptr ? bias + g * m + m0 : nullptr);
     }
   }
 }

@@ -34,23 +34,22 @@ void conv2d_backward_input_implicit(const Conv& cv, const T* dy, const T* w, T* 
   const MicroKernel<T> uk = pick_micro_kernel<T>(ceil_div(cv.cg, split.m_parts), win.rows_per_item * win.cols);
   // A 1x1 kernel's A_g = W_g^T, element (c, k) at w[(g*Kg + k)*Cg + c], is read in place. Otherwise A_g is packed
   // straight from W, read in memory order (a row of W, (g, k), goes to one slice of every panel) and spread across
-  // the threads: batch 1 with many channels packs megabytes per call. Every element is written, so the buffer needs
-  // no zeroing.
+  // the threads: batch 1 with many channels packs megabytes per call. Every element is written, so the buffer
+  // (scratch.h's slot 2: run_implicit_items holds 0 and 1) needs no zeroing.
   MatrixA<T> a{w, MatrixA<T>::kColumns, cv.cg};
   int64_t a_panel = cv.kg * cv.cg;
-  std::unique_ptr<T[]> a_packed;
   if (cv.rs != 1) {
     const int mr = uk.mr;
     const int64_t a_k = cv.kg * cv.rs;
     a_panel = packed_a_size(cv.cg, a_k, mr);
-    a_packed.reset(new T[cv.groups * a_panel]);
-    a = {a_packed.get(), MatrixA<T>::kPacked, 0};
+    T* const a_packed = slot_scratch<T>(2, cv.groups * a_panel);
+    a = {a_packed, MatrixA<T>::kPacked, 0};
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
     for (int64_t gk = 0; gk < cv.groups * cv.kg; ++gk) {
       const int64_t g = gk / cv.kg, kk = gk % cv.kg;
       const T* src = w + gk * cv.crs;
       for (int64_t c0 = 0; c0 < cv.cg; c0 += mr) {
-        T* d = a_packed.get() + g * a_panel + c0 * a_k + kk * cv.rs * mr;
+        T* d = a_packed + g * a_panel + c0 * a_k + kk * cv.rs * mr;
         const int64_t rows = std::min<int64_t>(mr, cv.cg - c0);
         for (int64_t t = 0; t < cv.rs; ++t) {
           for (int64_t i = 0; i < rows; ++i) d[t * mr + i] = src[(c0 + i) * cv.rs + t];
@@ -90,9 +89,10 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
 
 
   const int64_t items = cv.n * cv.groups * channel_chunks;
+  const PerThread<T> dcols(0, threads, rows * width);  // scratch.h; every element written by the GEMM
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> dcol(rows * width);
+    T* const dcol = dcols.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t img = item / (cv.groups * channel_chunks), g = item / channel_chunks % cv.groups;
@@ -105,9 +105,9 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
       std::fill_n(dxc, (c1 - c0) * cv.hw, T(0));
       for (int64_t pq0 = 0; pq0 < cv.pq; pq0 += width) {
         const int64_t pq1 = std::min(cv.pq, pq0 + width);
-        gemm_a_in_place(uk, (c1 - c0) * cv.rs, pq1 - pq0, cv.kg, a, cv.crs, dyg + pq0, dy_rows.data(), dcol.data(),
+        gemm_a_in_place(uk, (c1 - c0) * cv.rs, pq1 - pq0, cv.kg, a, cv.crs, dyg + pq0, dy_rows.data(), dcol,
                         pq1 - pq0, false);
-        col2im(cv, dcol.data(), c1 - c0, pq0, pq1, dxc);
+        col2im(cv, dcol, c1 - c0, pq0, pq1, dxc);
       }
     }
   }
@@ -143,10 +143,13 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
   const auto add_rows = PerIsa<&add_rows_body<T>>::pick();
 
   const int64_t items = cv.n * cv.groups * d.channel_chunks;
-#pragma omp parallel num_threads(num_threads())
+  const int threads = num_threads();
+  // Scratch (scratch.h): dcol is written by the GEMM, the padded plane zeroed per channel below.
+  const PerThread<T> dcols(0, threads, rows * cv.pq), dxps(1, threads, padded ? d.hp * d.wp : 0);
+#pragma omp parallel num_threads(threads)
   {
-    std::vector<T> dcol(rows * cv.pq);
-    std::vector<T> dxp(padded ? d.hp * d.wp : 0);
+    T* const dcol = dcols.get();
+    T* const dxp = dxps.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t img = item / (cv.groups * d.channel_chunks), g = item / d.channel_chunks % cv.groups;
@@ -154,14 +157,14 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
       const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
       if (c0 >= c1) continue;
       gemm_a_in_place(uk, (c1 - c0) * cv.rs, cv.pq, cv.kg, transposed_weights(cv, w, g, c0), cv.crs,
-                      dy + (img * cv.k + g * cv.kg) * cv.pq, dy_rows.data(), dcol.data(), cv.pq, false);
+                      dy + (img * cv.k + g * cv.kg) * cv.pq, dy_rows.data(), dcol, cv.pq, false);
       for (int64_t c = c0; c < c1; ++c) {
         T* plane = dx + (img * cv.c + g * cv.cg + c) * cv.hw;
-        T* acc = padded ? dxp.data() : plane;
+        T* acc = padded ? dxp : plane;
         std::fill_n(acc, d.hp * d.wp, T(0));
         for (int64_t r = 0; r < cv.r; ++r) {
           for (int64_t s = 0; s < cv.s; ++s) {
-            add_rows(acc + r * cv.dil_h * d.wp + s * cv.dil_w, d.wp, dcol.data() + (((c - c0) * cv.r + r) * cv.s + s) * cv.pq,
+            add_rows(acc + r * cv.dil_h * d.wp + s * cv.dil_w, d.wp, dcol + (((c - c0) * cv.r + r) * cv.s + s) * cv.pq,
                      cv.q, cv.p, cv.q);
           }
         }

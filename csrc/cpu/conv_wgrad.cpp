@@ -17,6 +17,7 @@
 #include "conv_depthwise.h"
 #include "dispatch.h"
 #include "isa.h"
+#include "scratch.h"
 #include "winograd.h"
 
 namespace cnn_ext::cpu {
@@ -104,13 +105,18 @@ void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T
   const int64_t batch = std::clamp<int64_t>(kWgradScratchBytes / ((seg_x + seg_dy) * sizeof(T)), 1,
                                             ceil_div(segments, parts));
 
-  std::vector<T> partial(parts * weight_numel, T(0));
+  // Scratch (scratch.h), zeroed: the dot tiles multiply the slack (and stale windows past a short last chunk) by
+  // the zero columns of dY', so those must hold finite values (not what an earlier call left).
+  T* const partial = slot_scratch<T>(0, parts * weight_numel);
+  std::fill_n(partial, parts * weight_numel, T(0));
+  const PerThread<T> all_windows(1, parts, batch * seg_x + win.slack()), all_dy_windows(2, parts, batch * seg_dy);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
-    // Zero-initialised: the dot tiles multiply the slack (and stale windows past a short last chunk) by the zero
-    // columns of dY', so those must hold finite values.
-    std::vector<T> windows(batch * seg_x + win.slack()), dy_windows(batch * seg_dy);
-    T* acc = partial.data() + t * weight_numel;
+    T* const windows = all_windows.slice(t);
+    T* const dy_windows = all_dy_windows.slice(t);
+    std::fill_n(windows, batch * seg_x + win.slack(), T(0));
+    std::fill_n(dy_windows, batch * seg_dy, T(0));
+    T* acc = partial + t * weight_numel;
     const int64_t end = segments * (t + 1) / parts;
     for (int64_t s0 = segments * t / parts; s0 < end; s0 += batch) {
       const int64_t count = std::min(batch, end - s0);
@@ -118,8 +124,8 @@ void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T
         for (int64_t i = 0; i < count; ++i) {
           const int64_t img = (s0 + i) / chunks;
           const auto [y0, y1] = win.fill(x + (img * cv.c + g * cv.cg) * cv.hw, (s0 + i) % chunks,
-                                         windows.data() + i * seg_x);
-          T* d = dy_windows.data() + i * seg_dy;
+                                         windows + i * seg_x);
+          T* d = dy_windows + i * seg_dy;
           // Only the columns past the rows copied below may hold stale values (a previous, longer chunk's rows);
           // the wasted columns inside each row are never written, so they are still zero.
           for (int64_t kk = 0; kk < cv.kg; ++kk) {
@@ -132,7 +138,7 @@ void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T
         }
         for (int64_t k0 = 0; k0 < cv.kg; k0 += dk.mr) {
           for (int64_t t0 = 0; t0 < cv.crs; t0 += dk.nt) {
-            dk.fn(count, seg_len / dk.lanes, dy_windows.data() + k0 * seg_len, seg_len, seg_dy, windows.data(),
+            dk.fn(count, seg_len / dk.lanes, dy_windows + k0 * seg_len, seg_len, seg_dy, windows,
                   win.taps.data() + t0, seg_x, static_cast<int>(std::min<int64_t>(dk.mr, cv.kg - k0)),
                   static_cast<int>(std::min<int64_t>(dk.nt, cv.crs - t0)), acc + (g * cv.kg + k0) * cv.crs + t0,
                   cv.crs);
@@ -181,14 +187,16 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
   // is gathered in dW's column order (or, for a 1x1 kernel without padding, read in place: the orders agree).
   // Every part has positions (or all of them), and its first GEMM stores rather than adds: no zeroing pass.
   TORCH_INTERNAL_ASSERT(total > 0, "empty inputs are answered before the kernels");
-  const std::unique_ptr<T[]> partial(by_channels ? nullptr : new T[parts * weight_numel]);
+  // Scratch (scratch.h): colT's padding columns feed only the GEMM's columns past CgRS, never stored.
+  T* const partial = slot_scratch<T>(0, by_channels ? 0 : parts * weight_numel);
   // A 1x1 kernel without padding: colT's rows are the channels-last input's own, read in place at x_rows.
   const bool in_place = cv.rs == 1 && cv.pad_h == 0 && cv.pad_w == 0;
+  const PerThread<T> col_ts(1, parts, in_place ? 0 : step * col_ld + 64 / sizeof(T));
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
-    std::vector<T> col_t(in_place ? 0 : step * col_ld + 64 / sizeof(T));
+    T* const col_t = col_ts.slice(t);
     std::vector<int64_t> x_rows(in_place ? step : 0);
-    T* acc = by_channels ? dw : partial.get() + t * weight_numel;
+    T* acc = by_channels ? dw : partial + t * weight_numel;
     const int64_t k0 = by_channels ? t * channel_chunk : 0;
     const int64_t k1 = by_channels ? std::min(cv.kg, k0 + channel_chunk) : cv.kg;
     const int64_t end = by_channels ? total : total * (t + 1) / parts;
@@ -208,11 +216,11 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
                       acc_g, cv.crs, pos > start);
         } else {
           if (by_channels) {
-            gather_col_t_dw_order(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
+            gather_col_t_dw_order(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t);
           } else {
-            gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t.data());
+            gather_col_t(cv, xn + img * cv.hw * cv.c, g, pq0, pq1, col_ld, col_t);
           }
-          gemm_a_rows(uk, k1 - k0, cv.crs, width, dyg, cv.pq, col_t.data(), col_rows.data(), acc_g, cv.crs,
+          gemm_a_rows(uk, k1 - k0, cv.crs, width, dyg, cv.pq, col_t, col_rows.data(), acc_g, cv.crs,
                       pos > start, Pad::kB);
         }
       }
@@ -295,7 +303,9 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
   const int64_t block = cv.crs * cv.kg;  // one group's dWᵀ
   const int64_t channel_span = win.span() / win.channels;  // one channel's windows
   const std::vector<int64_t> dy_t_rows = row_offsets(win.rows_per_item * cols, ld);
-  const std::unique_ptr<T[]> partial(new T[(by_channels ? 1 : parts) * cv.groups * block]);
+  T* const partial = slot_scratch<T>(0, (by_channels ? 1 : parts) * cv.groups * block);
+  const int64_t window_size = in_place ? 0 : (by_channels ? channel_chunk : cv.cg) * channel_span + win.slack();
+  const PerThread<T> all_windows(1, parts, window_size), dy_ts(2, parts, win.rows_per_item * cols * ld);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
     const int64_t c0 = by_channels ? t * channel_chunk : 0;
@@ -306,11 +316,14 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
     for (int64_t i = 0; i < m; ++i) {
       a_rows[i] = in_place ? win.source_rows[c0 + i] : win.taps[c0 * cv.rs + i] - c0 * channel_span;
     }
-    // Zero-initialised: the GEMM multiplies the windows' slack and stale values past a short chunk by dYᵀ's zero
-    // rows, so they must be finite; those rows and the padding columns are never written.
-    std::vector<T> windows(in_place ? 0 : (c1 - c0) * channel_span + win.slack());
-    std::vector<T> dy_t(win.rows_per_item * cols * ld);
-    T* acc = partial.get() + (by_channels ? c0 * cv.rs * cv.kg : t * cv.groups * block);
+    // Scratch (scratch.h), zeroed: the GEMM multiplies the windows' slack and stale values past a short chunk by
+    // dYᵀ's zero rows (the wasted columns'), so both must be finite, not what an earlier call left. dYᵀ's padding
+    // columns feed only the GEMM's columns past Kg, never stored.
+    T* const windows = all_windows.slice(t);
+    T* const dy_t = dy_ts.slice(t);
+    std::fill_n(windows, window_size, T(0));
+    std::fill_n(dy_t, win.rows_per_item * cols * ld, T(0));
+    T* acc = partial + (by_channels ? c0 * cv.rs * cv.kg : t * cv.groups * block);
     const int64_t first = by_channels ? 0 : segments * t / parts;
     const int64_t end = by_channels ? segments : segments * (t + 1) / parts;
     for (int64_t seg = first; seg < end; ++seg) {
@@ -319,13 +332,13 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
       const int64_t positions = (y1 - y0 - 1) * cols + cv.q;  // the last row's wasted columns left out
       for (int64_t g = 0; g < cv.groups; ++g) {
         const T* src = x + (img * cv.c + g * cv.cg) * cv.hw;
-        if (!in_place) win.fill_channels(src, y0, y1, c0, c1, windows.data());
+        if (!in_place) win.fill_channels(src, y0, y1, c0, c1, windows);
         const T* dyg = dy + (img * cv.k + g * cv.kg) * cv.pq;
         for (int64_t y = y0; y < y1; ++y) {
-          transpose(dyg + y * cv.q, cv.pq, cv.kg, cv.q, dy_t.data() + (y - y0) * cols * ld, ld);
+          transpose(dyg + y * cv.q, cv.pq, cv.kg, cv.q, dy_t + (y - y0) * cols * ld, ld);
         }
-        gemm_a_row_table(uk, m, cv.kg, positions, in_place ? src + y0 * cv.w : windows.data(), a_rows.data(),
-                         dy_t.data(), dy_t_rows.data(), acc + g * block, cv.kg, seg > first, Pad::kB);
+        gemm_a_row_table(uk, m, cv.kg, positions, in_place ? src + y0 * cv.w : windows, a_rows.data(), dy_t,
+                         dy_t_rows.data(), acc + g * block, cv.kg, seg > first, Pad::kB);
       }
     }
   }
@@ -335,7 +348,7 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
 #pragma omp parallel for num_threads(threads)
     for (int64_t gb = 0; gb < cv.groups * row_blocks; ++gb) {
       const int64_t g = gb / row_blocks, e0 = gb % row_blocks * 64, e1 = std::min(cv.crs, e0 + 64);
-      transpose(partial.get() + g * block + e0 * cv.kg, cv.kg, e1 - e0, cv.kg, dw + g * cv.kg * cv.crs + e0, cv.crs);
+      transpose(partial + g * block + e0 * cv.kg, cv.kg, e1 - e0, cv.kg, dw + g * cv.kg * cv.crs + e0, cv.crs);
     }
     return;
   }

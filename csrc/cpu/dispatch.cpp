@@ -8,7 +8,7 @@
 // |                   |              | unless winograd's rule holds                       |                                   |
 // |                   | depthwise    | one input and one output channel per group         | R·S multiply-adds per output, no GEMM |
 // |                   | winograd     | stride 1, undilated 3x3, 32+ channels each side    | F(2x2, 3x3): 2.25x fewer          |
-// |                   |              | and 96 in all, 256+ output tiles                   | multiplications, as 16 GEMMs      |
+// |                   |              | and 96 in all, 192+ output tiles                   | multiplications, as 16 GEMMs      |
 // |                   | implicit     | always (strides via stride-phase windows)          | no im2col: B read from padded windows |
 // |                   | explicit     | always (only when forced: implicit serves all)     | im2col panels, the reference form |
 // | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8     | as fprop                          |
@@ -77,7 +77,7 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
          "per-image GEMMs too small to fill register tiles; 16 images share every instruction"},
         {"depthwise", "one input and one output channel per group (groups = channels), scratch within a few planes",
          "R·S multiply-adds per output along contiguous rows (column strides as phases): no GEMM to form"},
-        {"winograd", "stride 1, undilated 3x3, 32+ channels each side and 96 in all, 256+ output tiles (2x2)",
+        {"winograd", "stride 1, undilated 3x3, 32+ channels each side and 96 in all, 192+ output tiles (2x2)",
          "F(2x2, 3x3): 2.25x fewer multiplications, as 16 GEMMs over transformed tiles"},
         {"implicit", "always (strided convolutions through stride-phase windows)",
          "no im2col: GEMM B rows read in place from zero-padded input windows"},
@@ -182,14 +182,16 @@ bool winograd_can(const Conv& cv) {
 bool winograd_dgrad_can(const Conv& cv) { return winograd_can(cv) && cv.pad_h <= 2 && cv.pad_w <= 2; }
 
 // Preferred where the 16 GEMMs are long enough to pay for the transforms: at least 32 channels on each side and 96
-// in all, and at least 256 output tiles (2x2) per call, which amortise the weight transform (16·in·out values per
+// in all, and at least 192 output tiles (2x2) per call, which amortise the weight transform (16·in·out values per
 // call). Measured on the 2-core AVX-512 machine against implicit: 0.67-0.93x the time on ResNet's 3x3 64/128/256
-// layers at batch 8 and 0.8x on DeepMNIST's 64-channel layer, a tie at 32/32 channels and at 128 channels on one
-// 28x28 image, slower with 16 channels or 49 tiles.
+// layers at batch 8 and 0.8x on DeepMNIST's 64-channel layer; on 196 tiles (one 28x28 image, four 14x14), since
+// its buffers stopped costing page faults (scratch.h), 0.75-0.79x implicit's time at 128-256 channels (torch's:
+// 0.75-0.84 against 1.02-1.11) and 0.66-0.71x at 4x256@14; slower with 16 channels or on 98 tiles and fewer
+// (2x256@14: 2.05 vs 1.37x torch's time).
 bool winograd_channels(int64_t in, int64_t out) { return in >= 32 && out >= 32 && in + out >= 96; }
 bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, int64_t out_w) {
   const int64_t tiles = cv.n * ceil_div(out_h, 2) * ceil_div(out_w, 2);
-  return winograd_channels(in, out) && tiles >= 256;
+  return winograd_channels(in, out) && tiles >= 192;
 }
 
 // The weight gradient transforms no kernels, so it pays from fewer tiles: measured 0.55-0.95x the time of the GEMM

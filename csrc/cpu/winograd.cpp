@@ -11,6 +11,7 @@
 
 #include "conv_common.h"
 #include "isa.h"
+#include "scratch.h"
 
 namespace cnn_ext::cpu {
 namespace {
@@ -188,13 +189,12 @@ inline void transform_filter(const T* f, int64_t step, T* u, int64_t u_step) {
 // so the kernel is read and the panels written in memory order (the flipped kernel's mr output channels are
 // contiguous for each input channel, the plain kernel's mr rows each advance 9 elements).
 template <typename T>
-std::unique_ptr<T[]> transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int mr) {
+void transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int mr, T* packed) {
   const int64_t panel = packed_a_size(wp.out, wp.in, mr), panels = ceil_div(wp.out, int64_t(mr));
-  std::unique_ptr<T[]> packed(new T[wp.groups * 16 * panel]);  // every element written below
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t gp = 0; gp < wp.groups * panels; ++gp) {
     const int64_t g = gp / panels, o0 = gp % panels * mr;
-    T* to = packed.get() + g * 16 * panel + o0 * wp.in;
+    T* to = packed + g * 16 * panel + o0 * wp.in;
     for (int64_t i = 0; i < wp.in; ++i) {
       for (int64_t r = 0; r < mr; ++r) {
         T* u = to + i * mr + r;
@@ -209,7 +209,6 @@ std::unique_ptr<T[]> transform_weights(const Winograd3x3& wp, const T* weights, 
       }
     }
   }
-  return packed;
 }
 
 }  // namespace
@@ -235,8 +234,11 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
   // GEMM per ξ: M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], V read in place (rows padded to whole panels).
   const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, max_tiles);
   const int64_t ld = padded_cols(max_tiles, uk.nr);
-  const std::unique_ptr<T[]> u = transform_weights(wp, weights, flip, uk.mr);
   const int64_t u_panel = packed_a_size(wp.out, wp.in, uk.mr);
+  // Scratch (scratch.h), every U element written; the transforms' and GEMMs' reads past the tiles (slack, padding
+  // columns) reach only columns nobody uses: a GEMM's columns are independent.
+  T* const u = slot_scratch<T>(0, wp.groups * 16 * u_panel);
+  transform_weights(wp, weights, flip, uk.mr, u);
   const std::vector<int64_t> v_rows = row_offsets(wp.in, ld);
   // V's 16 blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
   // row by up to n - tq values (see input_transform_body), which must not reach the next block's first channel.
@@ -248,10 +250,15 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
   const auto in_fn = Transforms<T>::input();
   const auto out_fn = Transforms<T>::output();
 
+  const PerThread<T> windows(1, threads, win_rows * win_cols + slack), rings(2, threads, 16 * n);
+  const PerThread<T> lines(3, threads, 4 * n), vs(4, threads, 16 * v_stride + slack), ms(5, threads, 16 * m_stride + slack);
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<T> window(win_rows * win_cols + slack), ring(16 * n), line(4 * n);
-    std::vector<T> v(16 * v_stride + slack), m(16 * m_stride + slack);
+    T* const window = windows.get();
+    T* const ring = rings.get();
+    T* const line = lines.get();
+    T* const v = vs.get();
+    T* const m = ms.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t g = item / chunks, r0 = item % chunks * tile_rows, r1 = std::min(total_rows, r0 + tile_rows);
@@ -268,19 +275,19 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
         for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
           // Window row a is input row 2*tr - pad_h + a; column b is input column b - pad_w.
           const T* x = src + ((img * wp.groups + g) * wp.in + c) * in_plane;
-          copy_window(x, wp.in_h, wp.in_w, wp.pad_h - 2 * tr, wp.pad_w, 2 * rows + 2, win_cols, window.data());
-          in_fn(window.data(), rows, tq, n, v.data() + c * ld + col, v_stride, ring.data());
+          copy_window(x, wp.in_h, wp.in_w, wp.pad_h - 2 * tr, wp.pad_w, 2 * rows + 2, win_cols, window);
+          in_fn(window, rows, tq, n, v + c * ld + col, v_stride, ring);
         });
       }
       for (int64_t xi = 0; xi < 16; ++xi) {
-        gemm(uk, wp.out, tiles, wp.in, u.get() + (g * 16 + xi) * u_panel, v.data() + xi * v_stride,
-             v_rows.data(), m.data() + xi * m_stride, ld, false, Pad::kBC);
+        gemm(uk, wp.out, tiles, wp.in, u + (g * 16 + xi) * u_panel, v + xi * v_stride, v_rows.data(),
+             m + xi * m_stride, ld, false, Pad::kBC);
       }
       for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
         T* y = dst + (img * wp.groups + g) * wp.out * out_plane;
         for (int64_t o = 0; o < wp.out; ++o) {
-          out_fn(m.data() + o * ld + col, m_stride, rows, tq, n, 2 * tr, wp.out_h, wp.out_w,
-                 bias != nullptr ? bias[g * wp.out + o] : T(0), y + o * out_plane, line.data());
+          out_fn(m + o * ld + col, m_stride, rows, tq, n, 2 * tr, wp.out_h, wp.out_w,
+                 bias != nullptr ? bias[g * wp.out + o] : T(0), y + o * out_plane, line);
         }
       });
     }
@@ -435,20 +442,25 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
   // Part p sums the items [items*p/parts, items*(p+1)/parts) into its own M (every group's 16 blocks), and the parts
   // are added in order at the end: the result depends on the thread count only, not on the schedule.
   const int64_t m_size = wp.groups * 16 * wp.out * wp.in;
-  std::vector<T> partial(parts * m_size, T(0));
+  // Scratch (scratch.h): the partials are zeroed here; V's padding columns (in..ldv) feed only M columns past `in`,
+  // never stored; U and V rows past an item's tiles are never read.
+  T* const partial = slot_scratch<T>(0, parts * m_size);
+  std::fill_n(partial, parts * m_size, T(0));
+  const PerThread<T> vs(1, parts, 16 * run * ldv), us(2, parts, 16 * run * ldu);
   const std::vector<int64_t> v_rows = row_offsets(run, ldv);
   const auto transforms = WgradTransforms<T>::pick();
 
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t p = 0; p < parts; ++p) {
-    std::vector<T> v(16 * run * ldv), u(16 * run * ldu);
+    T* const v = vs.slice(p);
+    T* const u = us.slice(p);
     const std::vector<T> zeros(std::max(wp.in, wp.out) + 64 / sizeof(T), T(0));  // plus a vector's read slack
-    T* acc = partial.data() + p * m_size;
+    T* acc = partial + p * m_size;
     for (int64_t item = items * p / parts; item < items * (p + 1) / parts; ++item) {
       const int64_t g = item / chunks, t0 = item % chunks * run, t1 = std::min(tiles, t0 + run);
-      transforms(wp, x, dy, g, t0, t1, zeros.data(), v.data(), run * ldv, ldv, u.data(), run * ldu, ldu);
+      transforms(wp, x, dy, g, t0, t1, zeros.data(), v, run * ldv, ldv, u, run * ldu, ldu);
       for (int64_t xi = 0; xi < 16; ++xi) {
-        gemm_a_in_place(uk, wp.out, wp.in, t1 - t0, u.data() + xi * run * ldu, ldu, v.data() + xi * run * ldv,
+        gemm_a_in_place(uk, wp.out, wp.in, t1 - t0, u + xi * run * ldu, ldu, v + xi * run * ldv,
                         v_rows.data(), acc + (g * 16 + xi) * wp.out * wp.in, wp.in, true, Pad::kB);
       }
     }

@@ -1,0 +1,81 @@
+// Scratch memory for the CPU kernels, kept from call to call per calling thread. Allocating megabytes on every call
+// costs a page fault per 4 KiB page touched, every time: a batch-1 Winograd forward of 128 channels on 28x28
+// measured 1.6-2.1 ms with fresh buffers and 1.2-1.3 ms without the faults (~200 faults per call).
+//
+// A kernel call takes its buffers from numbered slots (distinct slots for the buffers that one call holds at once,
+// at most kSlots); each slot of a calling thread keeps the largest buffer asked of it so far. Contents are what
+// earlier calls left (zeros at first): whatever must be zero is zeroed by its user. Buffers are made before a parallel region (an exception,
+// such as a failed allocation, cannot leave an OpenMP region), by the thread that calls the kernel: the OpenMP
+// threads of that call use its slices (PerThread). Kernels never call each other while holding slots, so calls made
+// one after another by the same thread may reuse them.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+namespace cnn_ext::cpu {
+
+struct FreeScratch {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+using Scratch = std::unique_ptr<T[], FreeScratch>;
+
+// n elements, 64-byte aligned (a vector never straddles two cache lines), uninitialised.
+template <typename T>
+Scratch<T> scratch(int64_t n) {
+  const size_t bytes = (std::max<size_t>(n * sizeof(T), 1) + 63) / 64 * 64;  // aligned_alloc: whole alignments
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (p == nullptr) throw std::bad_alloc();
+  return Scratch<T>(p);
+}
+
+constexpr int kSlots = 8;
+
+// The calling thread's buffer in `slot`, at least `bytes` long.
+inline char* slot_buffer(int slot, size_t bytes) {
+  thread_local std::array<Scratch<char>, kSlots> buffers;
+  thread_local std::array<size_t, kSlots> sizes{};
+  if (sizes[slot] < bytes) {
+    buffers[slot].reset();
+    buffers[slot] = scratch<char>(bytes);
+    // Zeroed once: what a kernel reads but never writes (padding columns that feed only discarded results) then
+    // holds zeros or values that kernels computed, never arbitrary bits: as floats those are often denormals, whose
+    // every multiplication costs a microcode assist (a Winograd forward ran 4x slower on them).
+    std::memset(buffers[slot].get(), 0, bytes);
+    sizes[slot] = bytes;
+  }
+  return buffers[slot].get();
+}
+
+// n elements of slot `slot` for the whole call, 64-byte aligned.
+template <typename T>
+T* slot_scratch(int slot, int64_t n) {
+  return reinterpret_cast<T*>(slot_buffer(slot, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
+}
+
+// n elements for each of `threads` threads in slot `slot`, each slice 64-byte aligned. get() is the calling OpenMP
+// thread's slice, slice(t) slice t.
+template <typename T>
+class PerThread {
+ public:
+  PerThread(int slot, int64_t threads, int64_t n)
+      : n_((std::max<int64_t>(n, 1) + 63) / 64 * 64), data_(slot_scratch<T>(slot, threads * n_)) {}
+  T* get() const { return slice(omp_get_thread_num()); }
+  T* slice(int64_t t) const { return data_ + t * n_; }
+  int64_t size() const { return n_; }
+
+ private:
+  int64_t n_;
+  T* data_;
+};
+
+}  // namespace cnn_ext::cpu
