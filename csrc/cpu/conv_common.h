@@ -58,6 +58,11 @@ namespace cnn_ext::cpu {
 // the packed weights.
 constexpr int64_t kScratchBytes = 512 * 1024;
 
+// The transposed wgrad's threads share out the input channels, not the positions, where the kernel has more than this
+// many weights per output position (of all the images): their partial sums would outweigh the products. The dispatch
+// rule prefers it below that, or above it where the channel split pays (conv_wgrad.cpp, dispatch.cpp).
+constexpr int64_t kTransposedWeightsPerPosition = 128;
+
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Smallest i >= 0 with i*step + offset >= bound (step > 0): the first output index whose input index reaches

@@ -243,10 +243,6 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
   }
 }
 
-// The transposed wgrad's threads share out the input channels, not the positions, where the kernel has more than this
-// many weights per output position (of all the images): their partial sums would outweigh the products.
-constexpr int64_t kTransposedWeightsPerPosition = 128;
-
 // Output rows per chunk, at most `rows`, that give the busiest thread the fewest output rows when the threads take
 // contiguous ranges of the (image, chunk) segments. With few images, ceil_div(P, rows) chunks rarely split evenly
 // (the stem at batch 1: 11 chunks of 11 rows on 2 threads, or 12 of 10 rows with the last of 2, idled a thread for a

@@ -277,16 +277,17 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   // tiles 1.50/1.46), 1x256->64@56 0.81 (1.56, 1.53), 8x64->128@56 1x1 stride 2 0.86 (1.26, 1.54), 4x16->32@30 5x5
   // 0.95 (dot tiles 1.26), 8x24->32@12 0.69 (0.93). Its per-thread dWᵀ partials lose where the kernel outweighs the
   // positions (1x128->256@28 1x1 stride 2, 167 weights per position: 0.90 vs the GEMM's 0.78; 1x256->256@14 3x3:
-  // 3.3 vs 1.45), so there the threads share out the input channels: with 128+ positions, a kernel of more than one
-  // tap beats the GEMM's colᵀ (1x256->256@14 1.18 vs 1.39; 8x512@7 1.43 vs 1.67; 1x128->256@28 stride 2 1.03 vs
-  // 1.27), with 49 the GEMM, which writes dW itself, wins (1x512@7 1.06 vs 0.93; 1x256->512@14 stride 2 1.03 vs
-  // 0.83), as it does on 1x1 kernels (their colᵀ is only Cg per position). Narrow tiles lose to the dot tiles (8x16->16@32: 1.57 vs 1.30; 128x1->32@28: 1.19 vs 0.90), and
-  // for a 1x1, stride-1 kernel with Kg > Cg the GEMM's copy of the input is the smaller gather (1x/8x64->256@56:
-  // 1.21/1.13 vs 0.91/0.96).
+  // 3.3 vs 1.45), so there the threads (if several) share out the input channels: with 128+ positions, a kernel of
+  // more than one tap beats the GEMM's colᵀ (1x256->256@14 1.18 vs 1.39; 8x512@7 1.43 vs 1.67; 1x128->256@28
+  // stride 2 1.03 vs 1.27), with 49 the GEMM, which writes dW itself, wins (1x512@7 1.06 vs 0.93; 1x256->512@14
+  // stride 2 1.03 vs 0.83), as it does on 1x1 kernels (their colᵀ is only Cg per position). Narrow tiles lose to
+  // the dot tiles (8x16->16@32: 1.57 vs 1.30; 128x1->32@28: 1.19 vs 0.90), and for a 1x1, stride-1 kernel with
+  // Kg > Cg the GEMM's copy of the input is the smaller gather (1x/8x64->256@56: 1.21/1.13 vs 0.91/0.96).
   const bool winograd = winograd_can(cv) && winograd_wgrad_preferred(cv);
   const bool transposed = (cv.kg >= 32 || (cv.rs == 1 && cv.kg >= 16)) && cv.crs >= 32 &&
                           !(cv.rs == 1 && cv.unit_stride() && cv.kg > cv.cg) &&
-                          (cv.crs * cv.kg <= 128 * cv.n * cv.pq || (cv.rs > 1 && cv.n * cv.pq >= 128));
+                          (cv.crs * cv.kg <= kTransposedWeightsPerPosition * cv.n * cv.pq ||
+                           (cv.rs > 1 && cv.n * cv.pq >= 128 && num_threads() > 1));
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
                                            {winograd_can(cv), winograd},
