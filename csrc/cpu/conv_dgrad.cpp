@@ -51,10 +51,8 @@ void conv2d_backward_input_implicit(const Conv& cv, const T* dy, const T* w, T* 
       for (int64_t c0 = 0; c0 < cv.cg; c0 += mr) {
         T* d = a_packed + g * a_panel + c0 * a_k + kk * cv.rs * mr;
         const int64_t rows = std::min<int64_t>(mr, cv.cg - c0);
-        for (int64_t t = 0; t < cv.rs; ++t) {
-          for (int64_t i = 0; i < rows; ++i) d[t * mr + i] = src[(c0 + i) * cv.rs + t];
-          for (int64_t i = rows; i < mr; ++i) d[t * mr + i] = T(0);
-        }
+        transpose(src + c0 * cv.rs, cv.rs, rows, cv.rs, d, mr);  // d[t*mr + i] = src[(c0 + i)*RS + t]
+        for (int64_t t = 0; t < cv.rs; ++t) std::fill(d + t * mr + rows, d + (t + 1) * mr, T(0));
       }
     }
   }
