@@ -8,7 +8,7 @@
 // |                   |              | unless winograd's rule holds                       |                                   |
 // |                   | depthwise    | one input and one output channel per group         | R·S multiply-adds per output, no GEMM |
 // |                   | winograd     | stride 1, undilated 3x3, 32+ channels each side    | F(2x2, 3x3): 2.25x fewer          |
-// |                   |              | and 96 in all, 192+ output tiles                   | multiplications, as 16 GEMMs      |
+// |                   |              | and 96 in all (or 28+ output columns), 192+ tiles  | multiplications, as 16 GEMMs      |
 // |                   | implicit     | always (strides via stride-phase windows)          | no im2col: B read from padded windows |
 // |                   | explicit     | always (only when forced: implicit serves all)     | im2col panels, the reference form |
 // | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8     | as fprop                          |
@@ -77,7 +77,9 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
          "per-image GEMMs too small to fill register tiles; 16 images share every instruction"},
         {"depthwise", "one input and one output channel per group (groups = channels), scratch within a few planes",
          "R·S multiply-adds per output along contiguous rows (column strides as phases): no GEMM to form"},
-        {"winograd", "stride 1, undilated 3x3, 32+ channels each side and 96 in all, 192+ output tiles (2x2)",
+        {"winograd",
+         "stride 1, undilated 3x3, 32+ channels each side and 96 in all (or 28+ output columns), 192+ output tiles "
+         "(2x2)",
          "F(2x2, 3x3): 2.25x fewer multiplications, as 16 GEMMs over transformed tiles"},
         {"implicit", "always (strided convolutions through stride-phase windows)",
          "no im2col: GEMM B rows read in place from zero-padded input windows"},
@@ -187,11 +189,14 @@ bool winograd_dgrad_can(const Conv& cv) { return winograd_can(cv) && cv.pad_h <=
 // layers at batch 8 and 0.8x on DeepMNIST's 64-channel layer; on 196 tiles (one 28x28 image, four 14x14), since
 // its buffers stopped costing page faults (scratch.h), 0.75-0.79x implicit's time at 128-256 channels (torch's:
 // 0.75-0.84 against 1.02-1.11) and 0.66-0.71x at 4x256@14; slower with 16 channels or on 98 tiles and fewer
-// (2x256@14: 2.05 vs 1.37x torch's time).
+// (2x256@14: 2.05 vs 1.37x torch's time). At 32 channels each side, since then, too, on planes of 28+ columns
+// (the transforms run over whole vectors of 16 tile columns, so narrower planes waste most of them): 128x32@28
+// 0.50 / 0.49x torch's time forward / input gradient (implicit 0.65 / 0.62), 8x32@56 0.79 / 0.69 (0.94 / 0.81);
+// on 14x14 still slower (128x32@14: 0.55 / 0.52 against the lanes kernels' 0.54 / 0.42).
 bool winograd_channels(int64_t in, int64_t out) { return in >= 32 && out >= 32 && in + out >= 96; }
 bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, int64_t out_w) {
   const int64_t tiles = cv.n * ceil_div(out_h, 2) * ceil_div(out_w, 2);
-  return winograd_channels(in, out) && tiles >= 192;
+  return (winograd_channels(in, out) || (in >= 32 && out >= 32 && out_w >= 28)) && tiles >= 192;
 }
 
 // The weight gradient transforms no kernels, so it pays from fewer tiles: measured 0.55-0.95x the time of the GEMM
