@@ -284,7 +284,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
   std::vector<T> a_edge;          // A read in place: its ragged last row panel, packed
   T tile[16 * 64];                // ragged C tiles (mr <= 16, nr <= 64 for every kernel above)
   const int64_t m_full = layout.packed ? M : M / mr * mr;
-  const bool rows = !layout.packed && (layout.row_off != nullptr || layout.k_step == 1);
+  const bool by_rows = !layout.packed && (layout.row_off != nullptr || layout.k_step == 1);  // else columns
   const auto row = [&](int64_t i) { return a + (layout.row_off != nullptr ? layout.row_off[i] : i * layout.i_step); };
   const T* panel_rows[16];
 
@@ -295,7 +295,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
       a_edge.assign(mr * kc, T(0));
       for (int64_t i = m_full; i < M; ++i) {
         for (int64_t k = 0; k < kc; ++k) {
-          a_edge[k * mr + i - m_full] = rows ? row(i)[k0 + k] : a[i * layout.i_step + (k0 + k) * layout.k_step];
+          a_edge[k * mr + i - m_full] = by_rows ? row(i)[k0 + k] : a[i * layout.i_step + (k0 + k) * layout.k_step];
         }
       }
     }
@@ -313,7 +313,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
       for (int64_t i0 = 0; i0 < M; i0 += mr) {
         const int64_t rows_here = std::min<int64_t>(mr, M - i0);
         const bool in_place = !layout.packed && i0 < m_full;
-        if (in_place && rows) {
+        if (in_place && by_rows) {
           for (int64_t r = 0; r < mr; ++r) panel_rows[r] = row(i0 + r) + k0;
           if (i0 + 2 * mr <= m_full) {
             // A's rows read in place are mr short streams per call (often from memory: the input as a 1x1
@@ -335,7 +335,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
         const int64_t lda = in_place ? layout.k_step : mr;
         // C[i0:i0 + mr, j0:j0 + nr] (+)= this panel's product, into c_out (leading dimension ldo).
         const auto product = [&](T* c_out, int64_t ldo, bool add) {
-          if (in_place && rows) {
+          if (in_place && by_rows) {
             uk.rows_fn(kc, panel_rows, b_strip, strip_off, c_out, ldo, add);
           } else {
             uk.fn(kc, a_panel, lda, b_strip, strip_off, c_out, ldo, add);

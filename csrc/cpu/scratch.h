@@ -1,13 +1,13 @@
 // Scratch memory for the CPU kernels, kept from call to call per calling thread. Allocating megabytes on every call
 // costs a page fault per 4 KiB page touched, every time: a batch-1 Winograd forward of 128 channels on 28x28
-// measured 1.6-2.1 ms with fresh buffers and 1.2-1.3 ms without the faults (~200 faults per call).
+// measured 1.6-2.1 ms with fresh buffers and 0.75 ms with these (~200 faults per call).
 //
 // A kernel call takes its buffers from numbered slots (distinct slots for the buffers that one call holds at once,
 // at most kSlots); each slot of a calling thread keeps the largest buffer asked of it so far. Contents are what
-// earlier calls left (zeros at first): whatever must be zero is zeroed by its user. Buffers are made before a parallel region (an exception,
-// such as a failed allocation, cannot leave an OpenMP region), by the thread that calls the kernel: the OpenMP
-// threads of that call use its slices (PerThread). Kernels never call each other while holding slots, so calls made
-// one after another by the same thread may reuse them.
+// earlier calls left (zeros at first): whatever must be zero is zeroed by its user. Buffers are made before a
+// parallel region (an exception, such as a failed allocation, cannot leave an OpenMP region), by the thread that
+// calls the kernel: the OpenMP threads of that call use its slices (PerThread). Kernels never call each other while
+// holding slots, so calls made one after another by the same thread may reuse them.
 #pragma once
 
 #include <omp.h>

@@ -251,7 +251,8 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
   const auto out_fn = Transforms<T>::output();
 
   const PerThread<T> windows(1, threads, win_rows * win_cols + slack), rings(2, threads, 16 * n);
-  const PerThread<T> lines(3, threads, 4 * n), vs(4, threads, 16 * v_stride + slack), ms(5, threads, 16 * m_stride + slack);
+  const PerThread<T> lines(3, threads, 4 * n), vs(4, threads, 16 * v_stride + slack);
+  const PerThread<T> ms(5, threads, 16 * m_stride + slack);
 #pragma omp parallel num_threads(threads)
   {
     T* const window = windows.get();
