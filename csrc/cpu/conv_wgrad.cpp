@@ -339,25 +339,21 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
     }
   }
 
-  if (by_channels) {  // dw[g][k][crs] = dWᵀ[g][crs][k], a block of 64 rows of dWᵀ at a time
-    const int64_t row_blocks = ceil_div(cv.crs, 64);
+  if (!by_channels) {  // dWᵀ = partial[0] + partial[1] + ..., in order, into partial[0]
+    const int64_t size = cv.groups * block;
 #pragma omp parallel for num_threads(threads)
-    for (int64_t gb = 0; gb < cv.groups * row_blocks; ++gb) {
-      const int64_t g = gb / row_blocks, e0 = gb % row_blocks * 64, e1 = std::min(cv.crs, e0 + 64);
-      transpose(partial + g * block + e0 * cv.kg, cv.kg, e1 - e0, cv.kg, dw + g * cv.kg * cv.crs + e0, cv.crs);
+    for (int64_t e = 0; e < size; ++e) {
+      T sum = partial[e];
+      for (int64_t t = 1; t < parts; ++t) sum += partial[t * size + e];
+      partial[e] = sum;
     }
-    return;
   }
-  // dw[g][k][crs] = sum over t, in order, of partial[t][g][crs][k].
+  // dw[g][k][crs] = dWᵀ[g][crs][k], a block of 64 rows of dWᵀ at a time.
+  const int64_t row_blocks = ceil_div(cv.crs, 64);
 #pragma omp parallel for num_threads(threads)
-  for (int64_t gk = 0; gk < cv.k; ++gk) {
-    const int64_t g = gk / cv.kg, kk = gk % cv.kg;
-    for (int64_t e = 0; e < cv.crs; ++e) {
-      const int64_t src = g * block + e * cv.kg + kk;
-      T sum = partial[src];
-      for (int64_t t = 1; t < parts; ++t) sum += partial[t * cv.groups * block + src];
-      dw[gk * cv.crs + e] = sum;
-    }
+  for (int64_t gb = 0; gb < cv.groups * row_blocks; ++gb) {
+    const int64_t g = gb / row_blocks, e0 = gb % row_blocks * 64, e1 = std::min(cv.crs, e0 + 64);
+    transpose(partial + g * block + e0 * cv.kg, cv.kg, e1 - e0, cv.kg, dw + g * cv.kg * cv.crs + e0, cv.crs);
   }
 }
 
