@@ -24,8 +24,8 @@
 // |                   | winograd     | as fprop's winograd, from 64 tiles, at most 4096   | F(3x3, 2x2): GEMMs over the tiles |
 // |                   |              | weights·16 per tile                                |                                   |
 // |                   | transposed   | Kg >= 32 (16 for 1x1), CgRS >= 32, not 1x1 stride  | dWᵀ = windows·dYᵀ: A rows read in |
-// |                   |              | 1 with Kg > Cg; <= 128 weights per output position,| place from the windows, no colᵀ   |
-// |                   |              | or R·S > 1 and 128+ positions                      |                                   |
+// |                   |              | 1 with Kg > Cg; <= 128 weights per position, or    | place from the windows, no colᵀ   |
+// |                   |              | R·S > 1, 128+ positions and several threads        |                                   |
 // |                   | dot_tiles    | Kg <= 32, or <= 64 with a 1x1 kernel on 1024+      | few output channels: no transposed gather |
 // |                   |              | output positions                                   |                                   |
 // |                   | gemm         | always                                             | dY·colᵀ over a channels-last gather |
@@ -105,7 +105,8 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
         {"transposed",
          "32+ output channels (16+ for 1x1) and 32+ taps·channels, not a 1x1, stride-1 kernel with Kg > Cg; the "
-         "kernel at most 128 weights per output position (of all the images), or more than one tap and 128+ positions",
+         "kernel at most 128 weights per output position (of all the images), or more than one tap, 128+ positions "
+         "and several threads",
          "dWᵀ = windows·dYᵀ: the GEMM's A rows read in place from the input's windows (a 1x1, stride-1 kernel's: the "
          "input itself), only dYᵀ gathered, no colᵀ"},
         {"dot_tiles",
