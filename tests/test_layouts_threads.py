@@ -1,5 +1,7 @@
 """Gradients arriving in any memory layout, outputs' layout, and thread counts: 1, 2, 3 and more threads than work."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,3 +106,69 @@ def test_results_for_1_2_and_3_threads(threads):
                 assert_close(a, e, torch.float32, scale=max(1.0, e.abs().max().item() / 10))
     for one, three in zip(runs[1], runs[3]):
         assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])  # outputs and input gradients
+
+
+# Shapes whose calls take the kernels that keep scratch from call to call (csrc/cpu/scratch.h): Winograd (all three
+# directions), the implicit products and dcol, the transposed, dot-tile and GEMM weight gradients.
+SCRATCH_CASES = [((2, 48, 28, 28), (48, 48, 3, 3), 1, 1),   # Winograd
+                 ((1, 3, 40, 40), (32, 3, 7, 7), 2, 3),     # implicit (stride phases), transposed wgrad
+                 ((1, 64, 7, 7), (64, 64, 3, 3), 1, 0),     # implicit, dcol, GEMM wgrad
+                 ((2, 8, 12, 12), (16, 8, 3, 3), 1, 1),     # dot-tile wgrad
+                 ((2, 48, 9, 9), (32, 48, 1, 1), 1, 0)]     # 1x1: the input read in place
+
+
+def _conv_all(x, w, stride, pad, dy):
+    ops = torch.ops.cnn_ext
+    args = ([stride] * 2, [pad] * 2, [1, 1], 1)
+    return (ops.conv2d(x, w, None, *args), ops.conv2d_backward_input(dy, w, list(x.shape), *args),
+            ops.conv2d_backward_weight(dy, x, list(w.shape), *args))
+
+
+def _conv_reference(x, w, stride, pad, dy):
+    args = ([stride] * 2, [pad] * 2, [1, 1])
+    dx, dw, _ = torch.ops.aten.convolution_backward(dy, x, w, None, *args, False, [0, 0], 1, [True, True, False])
+    return F.conv2d(x, w, None, *args), dx, dw
+
+
+def test_scratch_kept_between_calls_does_not_leak_values():
+    """Scratch outlives a call: a call on NaN and infinite inputs twice as large, whose values fill the buffers past
+    where the next call writes, then a call on finite inputs (reading padding and slack there) still matches torch
+    exactly in float64, for every kernel."""
+    g = torch.Generator().manual_seed(3)
+    for (n, c, h, w_), ws, stride, pad in SCRATCH_CASES:
+        x = torch.randn((n, c, h, w_), generator=g, dtype=torch.float64)
+        w = torch.randn(ws, generator=g, dtype=torch.float64)
+        dy = torch.randn(F.conv2d(x, w, None, stride, pad).shape, generator=g, dtype=torch.float64)
+        big_x = torch.full((n, c, 2 * h, 2 * w_), float("nan"), dtype=torch.float64)
+        big_x[:, :, ::2] = float("inf")
+        big_dy = torch.full(F.conv2d(big_x, w, None, stride, pad).shape, float("nan"), dtype=torch.float64)
+        _conv_all(big_x, w.clone().fill_(float("nan")), stride, pad, big_dy)
+        for got, want in zip(_conv_all(x, w, stride, pad, dy), _conv_reference(x, w, stride, pad, dy)):
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-9), ((n, c, h, w_), ws)
+
+
+def test_concurrent_callers_keep_their_own_scratch():
+    """Python threads calling the kernels at once (each calling thread has its own scratch) all get torch's
+    results."""
+    g = torch.Generator().manual_seed(4)
+    cases = []
+    for xs, ws, stride, pad in SCRATCH_CASES:
+        x = torch.randn(xs, generator=g, dtype=torch.float64)
+        w = torch.randn(ws, generator=g, dtype=torch.float64)
+        dy = torch.randn(F.conv2d(x, w, None, stride, pad).shape, generator=g, dtype=torch.float64)
+        cases.append(((x, w, stride, pad, dy), _conv_reference(x, w, stride, pad, dy)))
+    failures = []
+
+    def worker(first):
+        for i in range(12):
+            inputs, want = cases[(first + i) % len(cases)]
+            got = _conv_all(*inputs)
+            if not all(torch.allclose(a, e, rtol=1e-9, atol=1e-9) for a, e in zip(got, want)):
+                failures.append((first, i))
+
+    workers = [threading.Thread(target=worker, args=(t,)) for t in range(3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not failures

@@ -312,12 +312,12 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
     for (int64_t i = 0; i < m; ++i) {
       a_rows[i] = in_place ? win.source_rows[c0 + i] : win.taps[c0 * cv.rs + i] - c0 * channel_span;
     }
-    // Scratch (scratch.h), zeroed: the GEMM multiplies the windows' slack and stale values past a short chunk by
-    // dYᵀ's zero rows (the wasted columns'), so both must be finite, not what an earlier call left. dYᵀ's padding
-    // columns feed only the GEMM's columns past Kg, never stored.
+    // Scratch (scratch.h). dYᵀ is zeroed: its rows for the wasted columns are never written, and the GEMM sums them
+    // times the windows (not what an earlier call left there); its padding columns feed only the GEMM's columns past
+    // Kg, never stored. The windows are read only where this item's fill wrote them (every tap's run ends within
+    // the rows filled).
     T* const windows = all_windows.slice(t);
     T* const dy_t = dy_ts.slice(t);
-    std::fill_n(windows, window_size, T(0));
     std::fill_n(dy_t, win.rows_per_item * cols * ld, T(0));
     T* acc = partial + (by_channels ? c0 * cv.rs * cv.kg : t * cv.groups * block);
     const int64_t first = by_channels ? 0 : segments * t / parts;
