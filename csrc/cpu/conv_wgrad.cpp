@@ -27,6 +27,18 @@ namespace {
 // re-read once per tile of output channels, so it should still fit in L2.
 constexpr int64_t kWgradScratchBytes = 1536 * 1024;
 
+// dst[e] = part 0 + part 1 + ... for e < n (parts n elements apart), added in that order: the threads' partial sums
+// of a reduction, so the result depends on the thread count only. dst may be part 0.
+template <typename T>
+void add_parts(const T* part, int64_t parts, int64_t n, T* dst) {
+#pragma omp parallel for num_threads(num_threads())
+  for (int64_t e = 0; e < n; ++e) {
+    T sum = part[e];
+    for (int64_t t = 1; t < parts; ++t) sum += part[t * n + e];
+    dst[e] = sum;
+  }
+}
+
 // colT[i][(r*S + s)*Cg + c] for output positions pq0 + i, from the channels-last image xn (H×W×C) and group g.
 // Rows ld elements apart; colT needs 64 bytes of slack after its last row (see copy_run).
 template <typename T>
@@ -148,13 +160,7 @@ void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T
     }
   }
 
-  // dw = sum over t, in order, of partial[t].
-#pragma omp parallel for num_threads(num_threads())
-  for (int64_t e = 0; e < weight_numel; ++e) {
-    T sum = partial[e];
-    for (int64_t t = 1; t < parts; ++t) sum += partial[t * weight_numel + e];
-    dw[e] = sum;
-  }
+  add_parts(partial, parts, weight_numel, dw);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -339,15 +345,7 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
     }
   }
 
-  if (!by_channels) {  // dWᵀ = partial[0] + partial[1] + ..., in order, into partial[0]
-    const int64_t size = cv.groups * block;
-#pragma omp parallel for num_threads(threads)
-    for (int64_t e = 0; e < size; ++e) {
-      T sum = partial[e];
-      for (int64_t t = 1; t < parts; ++t) sum += partial[t * size + e];
-      partial[e] = sum;
-    }
-  }
+  if (!by_channels) add_parts(partial, parts, cv.groups * block, partial);  // dWᵀ, into partial[0]
   // dw[g][k][crs] = dWᵀ[g][crs][k], a block of 64 rows of dWᵀ at a time.
   const int64_t row_blocks = ceil_div(cv.crs, 64);
 #pragma omp parallel for num_threads(threads)
