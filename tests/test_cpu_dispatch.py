@@ -36,6 +36,8 @@ CONV_SHAPES = {
     # threads (ragged last parts), reading the weights in place.
     "one_image_many_channels": (1, 40, 5, 6, 52, 3, 1, 1, 1, 1),
     "one_image_grouped": (1, 48, 4, 4, 60, 3, 1, 1, 1, 2),
+    # Winograd on few tiles and many channels: output channels in blocks, each thread transforming its blocks of U.
+    "one_image_output_blocks": (1, 130, 5, 6, 140, 3, 1, 1, 1, 1),
     "strided_dilated": (2, 5, 13, 14, 6, (3, 2), 3, 1, 2, 1),  # stride phases of a dilated kernel
     # 1x1 kernels: the input read in place (transposed wgrad, implicit fprop), a group's channels inside the
     # planes; and a strided one, whose products read stride-phase windows instead.
@@ -61,18 +63,23 @@ def _serves(direction, algorithm, shape_name, dtype, isa):
                 and (direction != "dgrad" or (padding != "same" and padding <= 2)))
     if algorithm == "depthwise":  # one input and one output channel per group
         return groups == c == k
-    if algorithm == "lanes":
-        return (dtype == torch.float32 and groups == 1 and isa in ("avx2", "avx512")
-                and (stride == 1 or direction not in ("dgrad", "fused_backward")))
+    if algorithm == "lanes":  # lanes::supports: also at most 512 taps·channels and 64 output channels
+        kh, kw = torch.nn.modules.utils._pair(kernel)
+        return (dtype == torch.float32 and groups == 1 and isa in ("avx2", "avx512") and c * kh * kw <= 512
+                and k <= 64 and (stride == 1 or direction not in ("dgrad", "fused_backward")))
     return True
 
 
 def _conv_case(shape_name, dtype, generator):
     n, c, h, w, k, kernel, stride, padding, dilation, groups = CONV_SHAPES[shape_name]
     kh, kw = torch.nn.modules.utils._pair(kernel)
-    t = lambda *s: torch.randn(s, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()  # noqa: E731
-    return (t(n, c, h, w), t(k, c // groups, kh, kw), t(k)), dict(stride=stride, padding=padding,
-                                                                  dilation=dilation, groups=groups)
+    # Weights scaled by 1/sqrt(fan-in), as torch.nn initialises them: outputs stay near 1 however many channels a
+    # shape sums, so float32's tolerance holds for ours and for torch's float32 reference alike.
+    fan_in = c // groups * kh * kw
+    t = lambda *s, scale=1.0: (torch.randn(s, generator=generator, dtype=torch.float64) * scale).to(  # noqa: E731
+        dtype).requires_grad_()
+    return (t(n, c, h, w), t(k, c // groups, kh, kw, scale=fan_in ** -0.5), t(k)), dict(
+        stride=stride, padding=padding, dilation=dilation, groups=groups)
 
 
 def _check_conv(inputs, args, dtype):

@@ -24,6 +24,10 @@ TILING_SHAPES = {
     "one_pixel": (1, 2, 1, 1, 3, 1, 1),
     # The weight gradient's transforms run along the channels: whole AVX-512 vectors and a tail, per group.
     "channels_past_vectors": (2, 74, 6, 7, 70, 1, 2),
+    # Few tiles, many output channels: the output channels split into blocks (ragged last one), each thread
+    # transforming its blocks of the kernel; per group too.
+    "output_blocks": (1, 130, 5, 6, 140, 1, 1),
+    "output_blocks_groups": (1, 256, 4, 5, 256, 1, 2),
 }
 
 
@@ -109,7 +113,10 @@ def test_float32_error_within_the_suite_tolerance(shape):
     ((2, 32, 28, 28, 64), True),
     ((16, 32, 8, 8, 64), True),  # the lanes kernels could serve it (16 images), but Winograd's rule comes first
     ((8, 16, 14, 14, 16), False),  # too few channels
-    ((1, 256, 14, 14, 256), False),  # 49 tiles do not pay for transforming 256x256 kernels
+    ((1, 256, 14, 14, 256), True),  # 49 tiles, 256 channels: U's blocks transformed where they are used
+    ((1, 128, 14, 14, 128), False),  # 49 tiles, 128 channels: a tie with the implicit GEMM
+    ((1, 512, 14, 14, 512), False),  # 49 tiles, 512 channels: 16 MiB of U outweighs the products saved
+    ((1, 256, 6, 6, 256), False),  # 9 tiles
     ((32, 32, 8, 8, 32), False),  # 32 + 32 channels: a tie with the implicit GEMM
 ])
 def test_dispatch_rule(shape, chosen):

@@ -8,7 +8,8 @@
 // |                   |              | unless winograd's rule holds                       |                                   |
 // |                   | depthwise    | one input and one output channel per group         | R·S multiply-adds per output, no GEMM |
 // |                   | winograd     | stride 1, undilated 3x3, 32+ channels each side    | F(2x2, 3x3): 2.25x fewer          |
-// |                   |              | and 96 in all (or 28+ output columns), 192+ tiles  | multiplications, as 16 GEMMs      |
+// |                   |              | and 96 in all (or 28+ output columns), 192+ tiles; | multiplications, as 16 GEMMs      |
+// |                   |              | 48+ tiles with 128-256 each side, 384+ in all      |                                   |
 // |                   | implicit     | always (strides via stride-phase windows)          | no im2col: B read from padded windows |
 // |                   | explicit     | always (only when forced: implicit serves all)     | im2col panels, the reference form |
 // | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8     | as fprop                          |
@@ -79,7 +80,7 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
          "R·S multiply-adds per output along contiguous rows (column strides as phases): no GEMM to form"},
         {"winograd",
          "stride 1, undilated 3x3, 32+ channels each side and 96 in all (or 28+ output columns), 192+ output tiles "
-         "(2x2)",
+         "(2x2); or 48+ tiles with 128-256 channels each side and 384+ in all",
          "F(2x2, 3x3): 2.25x fewer multiplications, as 16 GEMMs over transformed tiles"},
         {"implicit", "always (strided convolutions through stride-phase windows)",
          "no im2col: GEMM B rows read in place from zero-padded input windows"},
@@ -194,10 +195,16 @@ bool winograd_dgrad_can(const Conv& cv) { return winograd_can(cv) && cv.pad_h <=
 // (the transforms run over whole vectors of 16 tile columns, so narrower planes waste most of them): 128x32@28
 // 0.50 / 0.49x torch's time forward / input gradient (implicit 0.65 / 0.62), 8x32@56 0.79 / 0.69 (0.94 / 0.81);
 // on 14x14 still slower (128x32@14: 0.55 / 0.52 against the lanes kernels' 0.54 / 0.42).
+// With many channels, from 48 tiles: since the transforms' vectors narrow to the plane (7 tile columns: 8 lanes)
+// and split output channels transform their blocks of U where they are used, 256 channels on 7x7 and 14x14 planes
+// (49-128 tiles) measured 0.75-0.97x implicit's time forward and input gradient (1x256@14: 1.01-1.11x torch's
+// time against 1.12-1.36); 128/128 a tie, 64/64 and 512/512 slower (a 512x512 kernel's U is 16 MiB).
 bool winograd_channels(int64_t in, int64_t out) { return in >= 32 && out >= 32 && in + out >= 96; }
 bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, int64_t out_w) {
   const int64_t tiles = cv.n * ceil_div(out_h, 2) * ceil_div(out_w, 2);
-  return (winograd_channels(in, out) || (in >= 32 && out >= 32 && out_w >= 28)) && tiles >= 192;
+  const bool many_channels = in >= 128 && out >= 128 && in + out >= 384 && in * out <= 256 * 256;
+  return ((winograd_channels(in, out) || (in >= 32 && out >= 32 && out_w >= 28)) && tiles >= 192) ||
+         (many_channels && tiles >= 48);
 }
 
 // The weight gradient transforms no kernels, so it pays from fewer tiles: measured 0.55-0.95x the time of the GEMM

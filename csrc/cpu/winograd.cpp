@@ -16,8 +16,8 @@
 namespace cnn_ext::cpu {
 namespace {
 
-// The transforms use GCC vector types of `Bytes` bytes (gemm.h's VecOf): 64 on AVX-512, 32 on AVX2, 16 in the
-// portable build. Their loops run over n tile columns, n a multiple of 16 (so of every vector's lane count): the
+// The transforms use GCC vector types of `Bytes` bytes (gemm.h's VecOf): up to 64 on AVX-512, 32 on AVX2, 16 in the
+// portable build (Transforms::bytes). Their loops run over n tile columns, n a multiple of the vectors' lanes: the
 // columns past a row's tq compute values nobody uses, reading and writing buffer slack.
 // gemm.h's Vector, plus the lane permutations the transforms shuffle with.
 template <typename T, int Bytes>
@@ -135,59 +135,91 @@ inline __attribute__((always_inline)) void output_transform_body(const T* m, int
   }
 }
 
-// The transforms compiled for each ISA.
+// The transforms compiled for the ISA in use, on vectors of `bytes` bytes (at most the ISA's width): their loops
+// run over n = tq rounded up to whole vectors, so narrower vectors waste less on small planes.
 template <typename T>
 struct Transforms {
-  using InFn = void (*)(const T*, int64_t, int64_t, int64_t, T*, int64_t, T*);
-  using OutFn = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, T, T*, T*);
+  template <int Bytes>
+  using In = PerIsa<&input_transform_body<T, Bytes>>;
+  template <int Bytes>
+  using Out = PerIsa<&output_transform_body<T, Bytes>>;
 
-  CNN_EXT_TARGET_AVX512 static void in_avx512(const T* w, int64_t r, int64_t tq, int64_t n, T* v, int64_t vs,
-                                              T* ring) {
-    input_transform_body<T, 64>(w, r, tq, n, v, vs, ring);
+  // The narrowest vectors that take as few iterations over tq tile columns as the ISA's widest (a 7-column row of
+  // tiles: one 8-lane vector instead of one 16-lane one, 7/8 of it used instead of 7/16).
+  static int bytes(int64_t tq) {
+    const int widest = by_isa(64, 32, 16);
+    const auto iterations = [&](int b) { return ceil_div(tq, int64_t(b / sizeof(T))); };
+    int b = widest;
+    while (b > 16 && iterations(b / 2) == iterations(widest)) b /= 2;
+    return b;
   }
-  CNN_EXT_TARGET_AVX2 static void in_avx2(const T* w, int64_t r, int64_t tq, int64_t n, T* v, int64_t vs, T* ring) {
-    input_transform_body<T, 32>(w, r, tq, n, v, vs, ring);
+  // Only the variants an ISA can take are compiled (bytes() gives 64 only on AVX-512, 32 on AVX-512 or AVX2).
+  template <template <int> class F>
+  static typename F<16>::Fn pick(int bytes) {
+    const bool avx512 = isa() == Isa::kAvx512;
+    return bytes == 64 ? &F<64>::avx512 : bytes == 32 ? (avx512 ? &F<32>::avx512 : &F<32>::avx2) : F<16>::pick();
   }
-  static void in_portable(const T* w, int64_t r, int64_t tq, int64_t n, T* v, int64_t vs, T* ring) {
-    input_transform_body<T, 16>(w, r, tq, n, v, vs, ring);
-  }
-  CNN_EXT_TARGET_AVX512 static void out_avx512(const T* m, int64_t ms, int64_t r, int64_t tq, int64_t n,
-                                               int64_t row0, int64_t oh, int64_t ow, T bias, T* y, T* line) {
-    output_transform_body<T, 64>(m, ms, r, tq, n, row0, oh, ow, bias, y, line);
-  }
-  CNN_EXT_TARGET_AVX2 static void out_avx2(const T* m, int64_t ms, int64_t r, int64_t tq, int64_t n, int64_t row0,
-                                           int64_t oh, int64_t ow, T bias, T* y, T* line) {
-    output_transform_body<T, 32>(m, ms, r, tq, n, row0, oh, ow, bias, y, line);
-  }
-  static void out_portable(const T* m, int64_t ms, int64_t r, int64_t tq, int64_t n, int64_t row0, int64_t oh,
-                           int64_t ow, T bias, T* y, T* line) {
-    output_transform_body<T, 16>(m, ms, r, tq, n, row0, oh, ow, bias, y, line);
-  }
-  static InFn input() { return by_isa<InFn>(&in_avx512, &in_avx2, &in_portable); }
-  static OutFn output() { return by_isa<OutFn>(&out_avx512, &out_avx2, &out_portable); }
+  static typename In<16>::Fn input(int bytes) { return pick<In>(bytes); }
+  static typename Out<16>::Fn output(int bytes) { return pick<Out>(bytes); }
 };
 
-// U = G g Gᵀ for one 3x3 filter g (tap (r, s) at f[(3*r + s)*step]): U_ξ, ξ = 4*a + b, at u[ξ*u_step].
-template <typename T>
-inline void transform_filter(const T* f, int64_t step, T* u, int64_t u_step) {
-  for (int64_t a = 0; a < 4; ++a) {
-    T row[3];  // row a of G g: G's row a applied to the filter's columns
+// U = G g Gᵀ for the filters from j (V: a GCC vector of filters, or T for one): tap (r, s) of filter j at
+// taps[(3*r + s)*ld + j] (at taps[(8 - 3*r - s)*ld + j] when flipped: rotated by 180 degrees); U_ξ, ξ = 4*a + b,
+// at u[ξ*u_stride + j]. One filter's taps as they lie in the kernel: ld = 1, j = 0.
+template <typename V, typename T>
+inline __attribute__((always_inline)) void filter_values(const T* taps, int64_t ld, bool flip, int64_t j, T* u,
+                                                         int64_t u_stride) {
+  const auto tap = [&](int t) { return load_as<V>(taps + (flip ? 8 - t : t) * ld + j); };
+  const V half = V{} + T(0.5);
+  for (int a = 0; a < 4; ++a) {
+    V row[3];  // row a of G g: G's row a applied to the filter's columns
     for (int s = 0; s < 3; ++s) {
-      const T k0 = f[s * step], k1 = f[(3 + s) * step], k2 = f[(6 + s) * step];
-      row[s] = a == 0 ? k0 : a == 3 ? k2 : a == 1 ? T(0.5) * (k0 + k1 + k2) : T(0.5) * (k0 - k1 + k2);
+      const V k0 = tap(s), k1 = tap(3 + s), k2 = tap(6 + s);
+      row[s] = a == 0 ? k0 : a == 3 ? k2 : a == 1 ? half * (k0 + k1 + k2) : half * (k0 - k1 + k2);
     }
-    T* ua = u + 4 * a * u_step;
-    ua[0] = row[0];  // (G g) Gᵀ: Gᵀ's columns applied to the row
-    ua[u_step] = T(0.5) * (row[0] + row[1] + row[2]);
-    ua[2 * u_step] = T(0.5) * (row[0] - row[1] + row[2]);
-    ua[3 * u_step] = row[2];
+    T* ua = u + 4 * a * u_stride + j;  // (G g) Gᵀ: Gᵀ's columns applied to the row
+    store_as(ua, row[0]);
+    store_as(ua + u_stride, half * (row[0] + row[1] + row[2]));
+    store_as(ua + 2 * u_stride, half * (row[0] - row[1] + row[2]));
+    store_as(ua + 3 * u_stride, row[2]);
+  }
+}
+
+template <typename T, int Bytes>
+inline __attribute__((always_inline)) void filter_block_body(const T* taps, int64_t ld, int64_t count, bool flip,
+                                                             T* u, int64_t u_stride) {
+  using V = typename detail::VecOf<T, Bytes>::type;
+  constexpr int64_t L = Bytes / sizeof(T);
+  int64_t j = 0;
+  for (; j + L <= count; j += L) filter_values<V>(taps, ld, flip, j, u, u_stride);
+  for (; j < count; ++j) filter_values<T>(taps, ld, flip, j, u, u_stride);
+}
+
+// U_ξ for `runs` runs of `count` consecutive filters of the kernel (run r from filter r*run_step; a filter is 9
+// taps): filter j of run r at u[ξ*u_stride + r*ld + j], for the GEMMs to read in place: a plain kernel's runs are
+// output channels (U_ξ row-major out × in), a flipped one's input channels (its transpose). Blocks of filters are
+// transposed to tap-major (conv_common.h's transpose), then transformed along the filters in vectors.
+template <typename T>
+void transform_filters(const T* weights, int64_t runs, int64_t run_step, int64_t count, bool flip, T* u, int64_t ld,
+                       int64_t u_stride) {
+  constexpr int64_t kBlock = 128;
+  const auto transform = by_isa(&PerIsa<&filter_block_body<T, 64>>::avx512, &PerIsa<&filter_block_body<T, 32>>::avx2,
+                                &PerIsa<&filter_block_body<T, 16>>::portable);
+  T taps[9 * kBlock];
+  for (int64_t r = 0; r < runs; ++r) {
+    for (int64_t f0 = 0; f0 < count; f0 += kBlock) {
+      const int64_t filters = std::min(kBlock, count - f0);
+      transpose(weights + (r * run_step + f0) * 9, 9, filters, 9, taps, kBlock);
+      transform(taps, kBlock, filters, flip, u + r * ld + f0, u_stride);
+    }
   }
 }
 
 // The 16 GEMM A operands U_ξ of every group, as pack_a's panels of mr output channels (element (o, i) of a panel
 // at i*mr + o % mr; zeros in the last panel's rows past `out`). A panel at a time, input channel by input channel,
 // so the kernel is read and the panels written in memory order (the flipped kernel's mr output channels are
-// contiguous for each input channel, the plain kernel's mr rows each advance 9 elements).
+// contiguous for each input channel, the plain kernel's mr rows each advance 9 elements); filter by filter, as
+// scalars (vectorised along the filters, the panels' interleaving would cost a scattered store per value).
 template <typename T>
 void transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int mr, T* packed) {
   const int64_t panel = packed_a_size(wp.out, wp.in, mr), panels = ceil_div(wp.out, int64_t(mr));
@@ -201,10 +233,9 @@ void transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int m
         const int64_t o = o0 + r;
         if (o >= wp.out) {
           for (int64_t xi = 0; xi < 16; ++xi) u[xi * panel] = T(0);
-        } else if (flip) {  // rotated by 180 degrees: tap (r, s) read at 8 - (3*r + s)
-          transform_filter(weights + ((g * wp.in + i) * wp.out + o) * 9 + 8, -1, u, panel);
         } else {
-          transform_filter(weights + ((g * wp.out + o) * wp.in + i) * 9, 1, u, panel);
+          const int64_t filter = flip ? (g * wp.in + i) * wp.out + o : (g * wp.out + o) * wp.in + i;
+          filter_values<T>(weights + filter * 9, 1, flip, 0, u, panel);
         }
       }
     }
@@ -216,29 +247,45 @@ void transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int m
 template <typename T>
 void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst) {
   const int64_t tp = ceil_div(wp.out_h, 2), tq = ceil_div(wp.out_w, 2);
-  const int64_t n = detail::round_up(tq, 16);  // the transforms' loops run over n tile columns: whole vectors
+  const int bytes = Transforms<T>::bytes(tq);
+  const int64_t n = detail::round_up(tq, bytes / int64_t(sizeof(T)));  // the transforms' loops: whole vectors
   const int threads = num_threads();
   // An item is a run of consecutive tile rows of one group, across images (row R of the group is tile row R % tp
-  // of image R / tp), so that small images still make long GEMMs. Its tiles are the GEMMs' columns: about a
-  // multiple of the micro-kernel's width, with V and M (16 × (in + out) × tiles) within about 2 MiB, and enough
-  // items for every thread.
+  // of image R / tp), so that small images still make long GEMMs, and a block of output channels. Its tiles are
+  // the GEMMs' columns: about a multiple of the micro-kernel's width, with V and M (16 × (in + out) × tiles) within
+  // about 2 MiB. The output channels are split only where they outnumber twice the tiles (U, 16 × in × out, then
+  // outweighs V, 16 × in × tiles): into blocks of 64 or more, enough for two items per thread and U's blocks
+  // within about 1 MiB each, which each thread transforms where its items use them. Where there are still fewer
+  // than two items per thread, the runs are shortened.
   const int64_t total_rows = wp.n * tp;
   const int64_t budget = std::max<int64_t>(16, 4 * kScratchBytes / (16 * int64_t(sizeof(T)) * (wp.in + wp.out)));
   const int64_t nr_guess = 64 / int64_t(sizeof(T)) * 4;  // the AVX-512 6x4 micro-kernel's columns
   const int64_t target = budget >= nr_guess ? budget / nr_guess * nr_guess : budget;
   int64_t tile_rows = std::clamp<int64_t>((target + tq / 2) / tq, 1, total_rows);
-  tile_rows = std::min(tile_rows, ceil_div(total_rows, ceil_div(2 * threads, wp.groups)));
-  const int64_t chunks = ceil_div(total_rows, tile_rows), items = wp.groups * chunks;
-  const int64_t max_tiles = tile_rows * tq;
+  const int64_t wanted = 2 * threads;
+  const int64_t filters = wp.in * wp.out, u_bytes = 16 * filters * int64_t(sizeof(T));
+  const bool split = wp.out > 2 * total_rows * tq;
+  const int64_t most_blocks = std::max<int64_t>(1, wp.out / 64);  // each block's items transform V again
+  const int64_t blocks =
+      split ? std::clamp(std::max(ceil_div(wanted, wp.groups * ceil_div(total_rows, tile_rows)),
+                                  ceil_div(u_bytes, 2 * kScratchBytes)),
+                         int64_t(1), most_blocks)
+            : 1;
+  tile_rows = std::min(tile_rows, ceil_div(total_rows, ceil_div(wanted, wp.groups * blocks)));
+  const int64_t chunks = ceil_div(total_rows, tile_rows), max_tiles = tile_rows * tq;
 
   // GEMM per ξ: M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], V read in place (rows padded to whole panels).
   const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, max_tiles);
   const int64_t ld = padded_cols(max_tiles, uk.nr);
+  const int64_t block = detail::round_up(ceil_div(wp.out, blocks), uk.mr), block_count = ceil_div(wp.out, block);
+  const int64_t items = wp.groups * block_count * chunks;  // (group, block, chunk), chunks fastest
+  // Scratch (scratch.h), every U element written before it is read; the transforms' and GEMMs' reads past the
+  // tiles (slack, padding columns) reach only columns nobody uses: a GEMM's columns are independent.
+  // Without a split, U is transformed once, before the items, into pack_a's panels (a packed A reads faster than
+  // one in place: 10-30% on these GEMMs); split, each thread transforms its blocks of U, read in place.
   const int64_t u_panel = packed_a_size(wp.out, wp.in, uk.mr);
-  // Scratch (scratch.h), every U element written; the transforms' and GEMMs' reads past the tiles (slack, padding
-  // columns) reach only columns nobody uses: a GEMM's columns are independent.
-  T* const u = slot_scratch<T>(0, wp.groups * 16 * u_panel);
-  transform_weights(wp, weights, flip, uk.mr, u);
+  const PerThread<T> us(0, split ? threads : 1, 16 * (split ? block * wp.in : wp.groups * u_panel));
+  if (!split) transform_weights(wp, weights, flip, uk.mr, us.slice(0));
   const std::vector<int64_t> v_rows = row_offsets(wp.in, ld);
   // V's 16 blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
   // row by up to n - tq values (see input_transform_body), which must not reach the next block's first channel.
@@ -247,8 +294,8 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
   const int64_t slack = 2 * n + 2;  // read past the windows' and M's last rows
   const int64_t in_plane = wp.in_h * wp.in_w, out_plane = wp.out_h * wp.out_w;
 
-  const auto in_fn = Transforms<T>::input();
-  const auto out_fn = Transforms<T>::output();
+  const auto in_fn = Transforms<T>::input(bytes);
+  const auto out_fn = Transforms<T>::output(bytes);
 
   const PerThread<T> windows(1, threads, win_rows * win_cols + slack), rings(2, threads, 16 * n);
   const PerThread<T> lines(3, threads, 4 * n), vs(4, threads, 16 * v_stride + slack);
@@ -260,10 +307,32 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
     T* const line = lines.get();
     T* const v = vs.get();
     T* const m = ms.get();
-#pragma omp for schedule(dynamic)
+    int64_t u_block = -1;  // split: the (group, block) whose U this thread holds
+    int64_t v_chunk = -1;  // the (group, chunk) whose V it holds (the next block's item may reuse it)
+    // Split, a thread takes consecutive items (its share at once), so that it transforms few blocks of U.
+#pragma omp for schedule(dynamic, split ? ceil_div(items, threads) : 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t g = item / chunks, r0 = item % chunks * tile_rows, r1 = std::min(total_rows, r0 + tile_rows);
-      const int64_t tiles = (r1 - r0) * tq;
+      const int64_t g = item / (block_count * chunks), b = item / chunks % block_count;
+      const int64_t o0 = b * block, o1 = std::min(wp.out, o0 + block);
+      const int64_t r0 = item % chunks * tile_rows, r1 = std::min(total_rows, r0 + tile_rows), tiles = (r1 - r0) * tq;
+      // The GEMMs' A, U_ξ's rows o0..o1 of group g: packed (at a + ξ*a_stride), or this thread's block read in
+      // place, lda apart (plain) or as its transpose's columns (flipped).
+      const T* a = us.slice(0) + g * 16 * u_panel + o0 * wp.in;
+      int64_t a_stride = u_panel;
+      const int64_t lda = flip ? o1 - o0 : wp.in;
+      if (split) {
+        a = us.get();
+        a_stride = (o1 - o0) * wp.in;
+        if (u_block != item / chunks) {
+          u_block = item / chunks;
+          const T* first = weights + (g * filters + (flip ? o0 : o0 * wp.in)) * 9;
+          if (flip) {
+            transform_filters(first, wp.in, wp.out, o1 - o0, flip, us.get(), lda, a_stride);
+          } else {
+            transform_filters(first, o1 - o0, wp.in, wp.in, flip, us.get(), lda, a_stride);
+          }
+        }
+      }
       // Calls fn(image, its first tile row, rows, first column of V) for each image's share of rows [r0, r1).
       auto for_each_image = [&](auto&& fn) {
         for (int64_t r = r0; r < r1;) {
@@ -272,7 +341,8 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
           r += rows;
         }
       };
-      for (int64_t c = 0; c < wp.in; ++c) {
+      const int64_t chunk = g * chunks + item % chunks;
+      for (int64_t c = 0; c < wp.in && v_chunk != chunk; ++c) {
         for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
           // Window row a is input row 2*tr - pad_h + a; column b is input column b - pad_w.
           const T* x = src + ((img * wp.groups + g) * wp.in + c) * in_plane;
@@ -280,13 +350,22 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
           in_fn(window, rows, tq, n, v + c * ld + col, v_stride, ring);
         });
       }
+      v_chunk = chunk;
       for (int64_t xi = 0; xi < 16; ++xi) {
-        gemm(uk, wp.out, tiles, wp.in, u + (g * 16 + xi) * u_panel, v + xi * v_stride, v_rows.data(),
-             m + xi * m_stride, ld, false, Pad::kBC);
+        T* c = m + xi * m_stride + o0 * ld;
+        if (!split) {
+          gemm(uk, o1 - o0, tiles, wp.in, a + xi * a_stride, v + xi * v_stride, v_rows.data(), c, ld, false, Pad::kBC);
+        } else if (flip) {
+          gemm_a_in_place(uk, o1 - o0, tiles, wp.in, a + xi * a_stride, lda, v + xi * v_stride, v_rows.data(), c,
+                          ld, false, Pad::kBC);
+        } else {
+          gemm_a_rows(uk, o1 - o0, tiles, wp.in, a + xi * a_stride, lda, v + xi * v_stride, v_rows.data(), c, ld,
+                      false, Pad::kBC);
+        }
       }
       for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
         T* y = dst + (img * wp.groups + g) * wp.out * out_plane;
-        for (int64_t o = 0; o < wp.out; ++o) {
+        for (int64_t o = o0; o < o1; ++o) {
           out_fn(m + o * ld + col, m_stride, rows, tq, n, 2 * tr, wp.out_h, wp.out_w,
                  bias != nullptr ? bias[g * wp.out + o] : T(0), y + o * out_plane, line);
         }

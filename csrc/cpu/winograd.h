@@ -10,7 +10,8 @@
 //        | 0  1  0 -1 |       |  0    0    1  |
 //
 // The sum over channels is, for each of the 16 positions ξ of the transformed tile, one GEMM:
-// M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], on gemm.h's micro-kernels with U_ξ packed once per call.
+// M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], on gemm.h's micro-kernels with U_ξ transformed once per call
+// (in the kernel's own filter order, read in place).
 // An item is (image, group, a block of tile rows): its input rows are copied into a zero-padded window
 // (conv_common.h's copy_window), transformed into V (16 × in × tiles), multiplied, and transformed back into the
 // output rows. Items write disjoint outputs, so results do not depend on the schedule.
