@@ -11,10 +11,11 @@
 //
 // The sum over channels is, for each of the 16 positions ξ of the transformed tile, one GEMM:
 // M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], on gemm.h's micro-kernels with U_ξ transformed once per call
-// (in the kernel's own filter order, read in place).
-// An item is (image, group, a block of tile rows): its input rows are copied into a zero-padded window
-// (conv_common.h's copy_window), transformed into V (16 × in × tiles), multiplied, and transformed back into the
-// output rows. Items write disjoint outputs, so results do not depend on the schedule.
+// into packed panels, or, where the output channels outnumber twice the tiles, block by block of output channels
+// by the threads that use them (in place).
+// An item is (group, a run of tile rows across images, a block of output channels): its input rows are copied
+// into zero-padded windows (conv_common.h's copy_window), transformed into V (16 × in × tiles), multiplied, and
+// transformed back into the output rows. Items write disjoint outputs, so results do not depend on the schedule.
 //
 // The same routine serves the input gradient of a stride-1 3x3 convolution with padding <= 2: dX is the
 // convolution of dY with the kernel flipped and its channel axes swapped, padded by 2 - pad (flip = true).
