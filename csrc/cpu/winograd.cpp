@@ -482,22 +482,55 @@ struct WgradTransforms {
   static Fn pick() { return by_isa<Fn>(&avx512, &avx2, &portable); }
 };
 
-// dw[0..9) = G' m G for one (output, input) channel pair: G' applied to a column (m0, m1, m2, m3) is
-// (m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3).
-template <typename T>
-void wgrad_output_transform(const T* m, T* dw) {
-  T r[3][4];
+// dW = G' m G for the (output, input) channel pairs from e (V: a GCC vector of pairs, or T for one): m_ξ of pair e
+// at m[ξ*m_stride + e], tap t of its 3x3 filter written at dw[t*dw_stride + e]. G' applied to a column
+// (m0, m1, m2, m3) is (m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3).
+template <typename V, typename T>
+inline __attribute__((always_inline)) void filter_gradient(const T* m, int64_t m_stride, int64_t e, T* dw,
+                                                           int64_t dw_stride) {
+  const auto at = [&](int xi) { return load_as<V>(m + xi * m_stride + e); };
+  const V half = V{} + T(0.5);
+  V r[3][4];
   for (int b = 0; b < 4; ++b) {
-    const T half_sum = T(0.5) * (m[4 + b] + m[8 + b]);
-    r[0][b] = m[b] + half_sum;
-    r[1][b] = T(0.5) * (m[4 + b] - m[8 + b]);
-    r[2][b] = half_sum + m[12 + b];
+    const V half_sum = half * (at(4 + b) + at(8 + b));
+    r[0][b] = at(b) + half_sum;
+    r[1][b] = half * (at(4 + b) - at(8 + b));
+    r[2][b] = half_sum + at(12 + b);
   }
   for (int a = 0; a < 3; ++a) {
-    const T half_sum = T(0.5) * (r[a][1] + r[a][2]);
-    dw[3 * a + 0] = r[a][0] + half_sum;
-    dw[3 * a + 1] = T(0.5) * (r[a][1] - r[a][2]);
-    dw[3 * a + 2] = half_sum + r[a][3];
+    const V half_sum = half * (r[a][1] + r[a][2]);
+    store_as(dw + (3 * a + 0) * dw_stride + e, r[a][0] + half_sum);
+    store_as(dw + (3 * a + 1) * dw_stride + e, half * (r[a][1] - r[a][2]));
+    store_as(dw + (3 * a + 2) * dw_stride + e, half_sum + r[a][3]);
+  }
+}
+
+// dW for `count` consecutive pairs of one group: M = the parts' sums added in order (part p's M_ξ of the group
+// at partial + p*part_stride + ξ*m_stride), transformed in vectors of pairs into tap-major rows, which an 8x8
+// register transpose (conv_common.h) turns into the filters' 9 consecutive taps.
+template <typename T, int Bytes>
+inline __attribute__((always_inline)) void filter_gradients_body(const T* partial, int64_t parts, int64_t part_stride,
+                                                                 int64_t m_stride, int64_t count, T* dw) {
+  using V = typename detail::VecOf<T, Bytes>::type;
+  constexpr int64_t L = Bytes / sizeof(T);
+  alignas(64) T m[16 * L], taps[9 * L];
+  int64_t e = 0;
+  for (; e + L <= count; e += L) {
+    for (int xi = 0; xi < 16; ++xi) {
+      V sum = load_as<V>(partial + xi * m_stride + e);
+      for (int64_t p = 1; p < parts; ++p) sum += load_as<V>(partial + p * part_stride + xi * m_stride + e);
+      store_as(m + xi * L, sum);
+    }
+    filter_gradient<V>(m, L, 0, taps, L);
+    transpose_body(taps, L, 9, L, dw + e * 9, 9);
+  }
+  for (; e < count; ++e) {
+    for (int xi = 0; xi < 16; ++xi) {
+      T sum = partial[xi * m_stride + e];
+      for (int64_t p = 1; p < parts; ++p) sum += partial[p * part_stride + xi * m_stride + e];
+      m[xi] = sum;
+    }
+    filter_gradient<T>(m, 1, 0, dw + e * 9, 1);
   }
 }
 
@@ -513,19 +546,22 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
   const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
   // An item is a run of consecutive tiles of one group (across images), with V and U within about 512 KiB (so they
   // stay in L2 from the transforms through the GEMMs: measured faster than 128 KiB-2 MiB on ResNet and DeepMNIST
-  // layers) but at least 64 tiles (each GEMM reads and writes its out × in block of M once per item: with many
-  // channels, shorter runs spend more on M than on the products), and no more than a thread's share of the tiles.
+  // layers) but about 64 tiles or more (each GEMM reads and writes its out × in block of M once per item: with
+  // many channels, shorter runs spend more on M than on the products). The runs are as many per thread (a
+  // multiple of the threads, as near that budget as may be), so the threads' shares of tiles are equal: 196 tiles
+  // as 64 + 64 | 64 + 4 kept one thread waiting for half its time.
   const int64_t budget = std::max<int64_t>(64, kScratchBytes / (16 * int64_t(sizeof(T)) * (ldv + ldu)));
-  const int64_t run = std::max<int64_t>(1, std::min(budget, ceil_div(tiles, threads)));
+  const int64_t per_thread = std::max<int64_t>(1, (tiles + threads * budget / 2) / (threads * budget));
+  const int64_t run = ceil_div(tiles, std::min(tiles, threads * per_thread));
   const int64_t chunks = ceil_div(tiles, run), items = wp.groups * chunks;
   const int64_t parts = std::min<int64_t>(threads, items);
   // Part p sums the items [items*p/parts, items*(p+1)/parts) into its own M (every group's 16 blocks), and the parts
   // are added in order at the end: the result depends on the thread count only, not on the schedule.
   const int64_t m_size = wp.groups * 16 * wp.out * wp.in;
-  // Scratch (scratch.h): the partials are zeroed here; V's padding columns (in..ldv) feed only M columns past `in`,
-  // never stored; U and V rows past an item's tiles are never read.
+  // Scratch (scratch.h): a part's first item of a group writes its M (the GEMMs without accumulating), and the
+  // groups a part has no item of are zeroed; V's padding columns (in..ldv) feed only M columns past `in`, never
+  // stored; U and V rows past an item's tiles are never read.
   T* const partial = slot_scratch<T>(0, parts * m_size);
-  std::fill_n(partial, parts * m_size, T(0));
   const PerThread<T> vs(1, parts, 16 * run * ldv), us(2, parts, 16 * run * ldu);
   const std::vector<int64_t> v_rows = row_offsets(run, ldv);
   const auto transforms = WgradTransforms<T>::pick();
@@ -536,28 +572,34 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
     T* const u = us.slice(p);
     const std::vector<T> zeros(std::max(wp.in, wp.out) + 64 / sizeof(T), T(0));  // plus a vector's read slack
     T* acc = partial + p * m_size;
-    for (int64_t item = items * p / parts; item < items * (p + 1) / parts; ++item) {
+    const int64_t first = items * p / parts, last = items * (p + 1) / parts;
+    for (int64_t item = first; item < last; ++item) {
       const int64_t g = item / chunks, t0 = item % chunks * run, t1 = std::min(tiles, t0 + run);
+      const bool accumulate = item > first && (item - 1) / chunks == g;
       transforms(wp, x, dy, g, t0, t1, zeros.data(), v, run * ldv, ldv, u, run * ldu, ldu);
       for (int64_t xi = 0; xi < 16; ++xi) {
         gemm_a_in_place(uk, wp.out, wp.in, t1 - t0, u + xi * run * ldu, ldu, v + xi * run * ldv,
-                        v_rows.data(), acc + (g * 16 + xi) * wp.out * wp.in, wp.in, true, Pad::kB);
+                        v_rows.data(), acc + (g * 16 + xi) * wp.out * wp.in, wp.in, accumulate, Pad::kB);
       }
+    }
+    const int64_t group_size = 16 * wp.out * wp.in;
+    for (int64_t g = 0; g < wp.groups; ++g) {
+      const bool touched = first < last && g >= first / chunks && g <= (last - 1) / chunks;
+      if (!touched) std::fill_n(acc + g * group_size, group_size, T(0));
     }
   }
 
-  const int64_t pairs = wp.groups * wp.out * wp.in;
+  // The pairs in blocks of 256 per group, across the threads.
+  constexpr int64_t kPairs = 256;
+  const int64_t pairs = wp.out * wp.in, blocks = ceil_div(pairs, kPairs);
+  const auto finish = by_isa(&PerIsa<&filter_gradients_body<T, 64>>::avx512,
+                             &PerIsa<&filter_gradients_body<T, 32>>::avx2,
+                             &PerIsa<&filter_gradients_body<T, 16>>::portable);
 #pragma omp parallel for num_threads(threads)
-  for (int64_t e = 0; e < pairs; ++e) {
-    const int64_t g = e / (wp.out * wp.in), oc = e % (wp.out * wp.in);  // oc = o * in + c
-    T m[16];
-    for (int64_t xi = 0; xi < 16; ++xi) {
-      const int64_t at = (g * 16 + xi) * wp.out * wp.in + oc;
-      T sum = partial[at];
-      for (int64_t p = 1; p < parts; ++p) sum += partial[p * m_size + at];
-      m[xi] = sum;
-    }
-    wgrad_output_transform(m, dw + e * 9);
+  for (int64_t gb = 0; gb < wp.groups * blocks; ++gb) {
+    const int64_t g = gb / blocks, e0 = gb % blocks * kPairs;
+    finish(partial + g * 16 * pairs + e0, parts, m_size, pairs, std::min(kPairs, pairs - e0),
+           dw + (g * pairs + e0) * 9);
   }
 }
 
