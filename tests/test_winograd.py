@@ -132,7 +132,9 @@ def test_dispatch_rule(shape, chosen):
 @pytest.mark.parametrize("shape, chosen", [
     ((8, 64, 14, 14, 64), True),
     ((1, 128, 16, 16, 128), True),  # no kernels to transform: 64 tiles are enough
-    ((1, 256, 14, 14, 256), False),  # 49 tiles: left to the GEMM
+    ((1, 256, 14, 14, 256), True),  # 49 tiles with many channels
+    ((1, 64, 14, 14, 64), False),  # 49 tiles, 64 channels: left to the GEMMs
+    ((2, 512, 7, 7, 512), False),  # 32 tiles
     ((16, 32, 8, 8, 64), True),  # ahead of the lanes kernels
     ((8, 16, 14, 14, 16), False),  # too few channels
     ((32, 32, 8, 8, 32), False),  # 32 + 32 channels: a tie with the GEMMs

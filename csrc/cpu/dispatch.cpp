@@ -23,7 +23,8 @@
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
 // |                   | winograd     | as fprop's winograd, from 64 tiles, at most 4096   | F(3x3, 2x2): GEMMs over the tiles |
-// |                   |              | weights·16 per tile                                |                                   |
+// |                   |              | weights·16 per tile; or 128+ channels each side    |                                   |
+// |                   |              | from 48 tiles                                      |                                   |
 // |                   | transposed   | Kg >= 32 (16 for 1x1), CgRS >= 32, not 1x1 stride  | dWᵀ = windows·dYᵀ: A rows read in |
 // |                   |              | 1 with Kg > Cg; <= 128 weights per position, or    | place from the windows, no colᵀ   |
 // |                   |              | R·S > 1, 128+ positions and several threads        |                                   |
@@ -102,7 +103,7 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
        {{"lanes", "float32, as fprop's lanes", "as fprop"},
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
         {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform), with at most 4096 of the 16 "
-         "transformed in × out sums per tile",
+         "transformed in × out sums per tile; or 128+ channels each side from 48 tiles",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
         {"transposed",
          "32+ output channels (16+ for 1x1) and 32+ taps·channels, not a 1x1, stride-1 kernel with Kg > Cg; the "
@@ -212,10 +213,14 @@ bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, 
 // a tie at 32/32 channels and at 256 channels on 49 tiles, 1.3x the GEMM's time on 512 channels and 16 tiles
 // (each thread's 16 blocks of in × out sums then outweigh its products). So at most 4096 of those sums per tile:
 // 8x512@7 (128 tiles, 32768 sums per tile) measured 3.4x torch's time, transposed 1.4x; 8x256@14 (392 tiles, 2675
-// per tile) 1.11x, transposed 1.39x.
+// per tile) 1.11x, transposed 1.39x. Since its threads take equal shares and its last pass runs in vectors, with
+// 128+ channels each side from 48 tiles whatever the sums: 1x256@14 0.52-0.89x torch's time (transposed 0.75-1.14),
+// 4x256@14 0.75-0.81 (1.04-1.18), 8x512@7 0.84 (1.05), 1x512@14 0.62 (0.80); not 2x512@7 (32 tiles: 0.84 against
+// the GEMM's 0.46), nor 64 channels on 49 tiles (0.98 against transposed's 0.75).
 bool winograd_wgrad_preferred(const Conv& cv) {
   const int64_t tiles = cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2);
-  return winograd_channels(cv.cg, cv.kg) && tiles >= 64 && 16 * cv.cg * cv.kg <= 4096 * tiles;
+  return (winograd_channels(cv.cg, cv.kg) && tiles >= 64 && 16 * cv.cg * cv.kg <= 4096 * tiles) ||
+         (cv.cg >= 128 && cv.kg >= 128 && tiles >= 48);
 }
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
