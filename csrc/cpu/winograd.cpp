@@ -318,19 +318,18 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
       // The GEMMs' A, U_ξ's rows o0..o1 of group g: packed (at a + ξ*a_stride), or this thread's block read in
       // place, lda apart (plain) or as its transpose's columns (flipped).
       const T* a = us.slice(0) + g * 16 * u_panel + o0 * wp.in;
-      int64_t a_stride = u_panel;
-      const int64_t lda = flip ? o1 - o0 : wp.in;
+      int64_t a_stride = u_panel, lda = 0;
       if (split) {
+        // The block's runs of filters: its output channels (plain), or every input channel's run of its output
+        // channels (flipped), each run lda long.
+        const int64_t runs = flip ? wp.in : o1 - o0, run_step = flip ? wp.out : wp.in;
+        lda = flip ? o1 - o0 : wp.in;
         a = us.get();
         a_stride = (o1 - o0) * wp.in;
         if (u_block != item / chunks) {
           u_block = item / chunks;
           const T* first = weights + (g * filters + (flip ? o0 : o0 * wp.in)) * 9;
-          if (flip) {
-            transform_filters(first, wp.in, wp.out, o1 - o0, flip, us.get(), lda, a_stride);
-          } else {
-            transform_filters(first, o1 - o0, wp.in, wp.in, flip, us.get(), lda, a_stride);
-          }
+          transform_filters(first, runs, run_step, lda, flip, us.get(), lda, a_stride);
         }
       }
       // Calls fn(image, its first tile row, rows, first column of V) for each image's share of rows [r0, r1).
