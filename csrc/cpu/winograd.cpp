@@ -460,27 +460,6 @@ inline __attribute__((always_inline)) void wgrad_transforms_body(const Winograd3
   }
 }
 
-template <typename T>
-struct WgradTransforms {
-  using Fn = void (*)(const Winograd3x3&, const T*, const T*, int64_t, int64_t, int64_t, const T*, T*, int64_t,
-                      int64_t, T*, int64_t, int64_t);
-  CNN_EXT_TARGET_AVX512 static void avx512(const Winograd3x3& wp, const T* x, const T* dy, int64_t g, int64_t t0,
-                                           int64_t t1, const T* zeros, T* v, int64_t vs, int64_t ldv, T* u,
-                                           int64_t us, int64_t ldu) {
-    wgrad_transforms_body<T, 64>(wp, x, dy, g, t0, t1, zeros, v, vs, ldv, u, us, ldu);
-  }
-  CNN_EXT_TARGET_AVX2 static void avx2(const Winograd3x3& wp, const T* x, const T* dy, int64_t g, int64_t t0,
-                                       int64_t t1, const T* zeros, T* v, int64_t vs, int64_t ldv, T* u, int64_t us,
-                                       int64_t ldu) {
-    wgrad_transforms_body<T, 32>(wp, x, dy, g, t0, t1, zeros, v, vs, ldv, u, us, ldu);
-  }
-  static void portable(const Winograd3x3& wp, const T* x, const T* dy, int64_t g, int64_t t0, int64_t t1,
-                       const T* zeros, T* v, int64_t vs, int64_t ldv, T* u, int64_t us, int64_t ldu) {
-    wgrad_transforms_body<T, 16>(wp, x, dy, g, t0, t1, zeros, v, vs, ldv, u, us, ldu);
-  }
-  static Fn pick() { return by_isa<Fn>(&avx512, &avx2, &portable); }
-};
-
 // dW = G' m G for the (output, input) channel pairs from e (V: a GCC vector of pairs, or T for one): m_ξ of pair e
 // at m[ξ*m_stride + e], tap t of its 3x3 filter written at dw[t*dw_stride + e]. G' applied to a column
 // (m0, m1, m2, m3) is (m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3).
@@ -563,7 +542,9 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
   T* const partial = slot_scratch<T>(0, parts * m_size);
   const PerThread<T> vs(1, parts, 16 * run * ldv), us(2, parts, 16 * run * ldu);
   const std::vector<int64_t> v_rows = row_offsets(run, ldv);
-  const auto transforms = WgradTransforms<T>::pick();
+  const auto transforms = by_isa(&PerIsa<&wgrad_transforms_body<T, 64>>::avx512,
+                                 &PerIsa<&wgrad_transforms_body<T, 32>>::avx2,
+                                 &PerIsa<&wgrad_transforms_body<T, 16>>::portable);
 
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t p = 0; p < parts; ++p) {
