@@ -46,7 +46,7 @@ CONV_SHAPES = {
     "pointwise_strided": (2, 9, 7, 8, 5, 1, 2, 0, 1, 1),
 }
 # What each algorithm needs beyond what every shape has (see csrc/cpu/dispatch.cpp).
-NEEDS = {"dcol": {"stride1"}, "winograd": {"stride1"},
+NEEDS = {"dcol": {"stride1"}, "winograd": {"stride1"}, "winograd_4x4": {"stride1"},
          "lanes": {"stride1_for_dgrad", "float32", "one_group", "avx2 or avx512"}}
 
 
@@ -58,7 +58,7 @@ def _serves(direction, algorithm, shape_name, dtype, isa):
         return False
     if algorithm == "implicit" and direction == "dgrad":  # fprop's implicit windows take strides, dgrad's do not
         return stride == 1
-    if algorithm == "winograd":  # F(2x2, 3x3): undilated 3x3, stride 1; dgrad pads by 2 - padding
+    if algorithm in ("winograd", "winograd_4x4"):  # undilated 3x3, stride 1; dgrad pads by 2 - padding
         return (kernel == 3 and stride == 1 and dilation == 1
                 and (direction != "dgrad" or (padding != "same" and padding <= 2)))
     if algorithm == "depthwise":  # one input and one output channel per group

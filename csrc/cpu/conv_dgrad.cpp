@@ -183,10 +183,11 @@ void conv2d_backward_input(const ConvShape<int64_t>& shape, Dgrad algorithm, con
       break;
     case Dgrad::kDepthwise:
       return depthwise_backward_input(cv, dy, w, dx);
+    case Dgrad::kWinograd4x4:
     case Dgrad::kWinograd:  // the fprop of dY with the kernel flipped and transposed, padded by 2 - pad
       return winograd_3x3(Winograd3x3{cv.n, cv.groups, cv.kg, cv.cg, cv.p, cv.q, cv.h, cv.w, 2 - cv.pad_h,
                                       2 - cv.pad_w},
-                          dy, w, true, static_cast<const T*>(nullptr), dx);
+                          algorithm == Dgrad::kWinograd4x4 ? 4 : 2, dy, w, true, static_cast<const T*>(nullptr), dx);
     case Dgrad::kDcol:
       return conv2d_backward_input_dcol(cv, dy, w, dx);
     case Dgrad::kImplicit:

@@ -364,9 +364,10 @@ void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, co
       break;
     case Wgrad::kDepthwise:
       return depthwise_backward_weight(cv, dy, x, dw);
+    case Wgrad::kWinograd4x4:
     case Wgrad::kWinograd:  // dy and x channels-last
-      return winograd_3x3_wgrad<T>({cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w}, dy, x,
-                                   dw);
+      return winograd_3x3_wgrad<T>({cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w},
+                                   algorithm == Wgrad::kWinograd4x4 ? 4 : 2, dy, x, dw);
     case Wgrad::kTransposed:
       return conv2d_backward_weight_transposed(cv, dy, x, dw);
     case Wgrad::kDotTiles:
@@ -423,7 +424,7 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   // The GEMM gathers from a channels-last copy of x (see gather_col_t); Winograd transforms along the channels of
   // channels-last x and dY.
   const auto channels_last = [](const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); };
-  const bool winograd = algorithm == Wgrad::kWinograd;
+  const bool winograd = algorithm == Wgrad::kWinograd || algorithm == Wgrad::kWinograd4x4;
   const at::Tensor dy = winograd ? channels_last(grad_output) : grad_output.contiguous();
   const at::Tensor x = winograd || algorithm == Wgrad::kGemm ? channels_last(input) : input.contiguous();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_backward_weight_cpu", [&] {

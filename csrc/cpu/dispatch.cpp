@@ -7,6 +7,9 @@
 // | fprop             | lanes        | lanes::suits: 16+ images, small planes/channels,   | per-image GEMMs too small to fill tiles |
 // |                   |              | unless winograd's rule holds                       |                                   |
 // |                   | depthwise    | one input and one output channel per group         | R·S multiply-adds per output, no GEMM |
+// |                   | winograd_4x4 | winograd's rule, kernel's 36·in·out transformed    | F(4x4, 3x3): 4x fewer             |
+// |                   |              | values within 384 per 4x4 output tile; float32     | multiplications, as 36 GEMMs      |
+// |                   |              | only below 'highest' float32 matmul precision      |                                   |
 // |                   | winograd     | stride 1, undilated 3x3, 32+ channels each side    | F(2x2, 3x3): 2.25x fewer          |
 // |                   |              | and 96 in all (or 28+ output columns), 192+ tiles; | multiplications, as 16 GEMMs      |
 // |                   |              | 48+ tiles with 128-256 each side, 384+ in all      |                                   |
@@ -14,6 +17,7 @@
 // |                   | explicit     | always (only when forced: implicit serves all)     | im2col panels, the reference form |
 // | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8     | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | the same rows read backwards      |
+// |                   | winograd_4x4 | as fprop's winograd_4x4, padding <= 2              | fprop's on dY, kernel flipped     |
 // |                   | winograd     | as fprop's (dY's channels as input), padding <= 2  | fprop's on dY, kernel flipped     |
 // |                   | dcol         | stride 1, implicit would compute > 1.5x the useful | no wasted columns: Wᵀ·dY in place, |
 // |                   |              | columns or repack > 4 MiB of W for too few images, | col2im as contiguous row adds     |
@@ -22,6 +26,8 @@
 // |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
+// |                   | winograd_4x4 | winograd's rule, 36·in·out sums within 32768 per   | F(3x3, 4x4): 36 GEMMs             |
+// |                   |              | 4x4 tile; float32 as fprop's winograd_4x4          |                                   |
 // |                   | winograd     | as fprop's winograd, from 64 tiles, at most 4096   | F(3x3, 2x2): GEMMs over the tiles |
 // |                   |              | weights·16 per tile; or 128+ channels each side    |                                   |
 // |                   |              | from 48 tiles                                      |                                   |
@@ -45,6 +51,8 @@
 //
 // The thresholds were measured on the 2-core AVX-512 development machine (see each rule).
 #include "dispatch.h"
+
+#include <ATen/Context.h>
 
 #include <algorithm>
 #include <array>
@@ -79,6 +87,10 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
          "per-image GEMMs too small to fill register tiles; 16 images share every instruction"},
         {"depthwise", "one input and one output channel per group (groups = channels), scratch within a few planes",
          "R·S multiply-adds per output along contiguous rows (column strides as phases): no GEMM to form"},
+        {"winograd_4x4",
+         "winograd's rule, with its kernel's 36 transformed values per channel pair within 384 per 4x4 output tile; "
+         "for float32 only where torch.set_float32_matmul_precision allows less than 'highest' (its error)",
+         "F(4x4, 3x3): 4x fewer multiplications (1.78x fewer than F(2x2, 3x3)), as 36 GEMMs over 6x6 tiles"},
         {"winograd",
          "stride 1, undilated 3x3, 32+ channels each side and 96 in all (or 28+ output columns), 192+ output tiles "
          "(2x2); or 48+ tiles with 128-256 channels each side and 384+ in all",
@@ -90,6 +102,8 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
       {"dgrad",
        {{"lanes", "float32, as fprop's lanes, stride 1 and 8+ input channels (lanes::suits_dgrad)", "as fprop"},
         {"depthwise", "as fprop's depthwise", "fprop's rows read backwards: each dX row gathers its taps' dY rows"},
+        {"winograd_4x4", "as fprop's winograd_4x4 (dY's channels as its input), padding <= 2",
+         "fprop's F(4x4, 3x3) on dY with the kernel flipped and transposed, padded by 2 - pad"},
         {"winograd", "as fprop's winograd (dY's channels as its input), padding <= 2",
          "fprop's Winograd on dY with the kernel flipped and transposed, padded by 2 - pad"},
         {"dcol",
@@ -102,6 +116,10 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
       {"wgrad",
        {{"lanes", "float32, as fprop's lanes", "as fprop"},
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
+        {"winograd_4x4",
+         "winograd's rule with its 36 transformed in × out sums within 32768 per 4x4 tile; for float32 only where "
+         "torch.set_float32_matmul_precision allows less than 'highest'",
+         "F(3x3, 4x4): 1.78x fewer multiplications than F(3x3, 2x2), as 36 GEMMs over the transformed 6x6 tiles"},
         {"winograd", "as fprop's winograd, from 64 output tiles (no kernels to transform), with at most 4096 of the 16 "
          "transformed in × out sums per tile; or 128+ channels each side from 48 tiles",
          "F(3x3, 2x2): 2.25x fewer multiplications, as 16 GEMMs whose reduction runs over the transformed tiles"},
@@ -208,6 +226,31 @@ bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, 
          (many_channels && tiles >= 48);
 }
 
+// F(4x4, 3x3) (winograd.h) multiplies 1.78x less than F(2x2, 3x3) (36 products per 16 outputs instead of 64) but
+// transforms a 2.25x larger kernel (36·in·out values) and pads planes to multiples of 4: preferred where F(2x2)'s
+// rule holds and that kernel stays within 384 values per 4x4 output tile. Measured on the 2-core AVX-512 machine,
+// ratio to torch's time forward / input gradient, F(4x4) against F(2x2): 8x64@56 0.56 / 0.37 against 0.69 / 0.42,
+// 1x64@56 0.59 / 0.60 (0.83 / 0.85), 8x128@28 0.49 / 0.47 (0.65 / 0.58), 1x128@28 0.76 / 0.81 (0.84 / 0.87),
+// 8x128@14 0.79 / 0.76 (1.02 / 1.04), 4x256@28 0.44 / 0.38 (0.63 / 0.59), 128x32@28 0.36 / 0.35 (0.41 / 0.40),
+// 128x64@14 0.76 / 0.69 (0.92 / 0.84); slower past 384 values per tile: 8x256@14 (512) 0.81 / 0.73 (0.72 / 0.72),
+// 1x256@14 1.38 / 1.98 (1.01 / 1.11).
+//
+// Its float32 error, though, about 2.5e-6 of the outputs' scale (2-3x the implicit GEMM's; F(2x2)'s is below the
+// GEMM's), exceeds the suite's parity tolerance (1e-4 absolute plus relative) once outputs reach a scale of about
+// 40: tests/test_conv_parity.py's 67-channel layer with unscaled weights (outputs up to 100) measured 1.0-1.6x that
+// tolerance. So float32 takes it only where the user allowed reduced internal precision for float32 products,
+// torch.set_float32_matmul_precision("high" or "medium") (which allows TF32, some 100x that error); float64 always
+// (its error is about 1e-15 of the scale; 8x64@56 measured 8.0 ms against F(2x2)'s 11.8).
+bool winograd_4x4_precision(at::ScalarType dtype) {
+  return dtype == at::kDouble ||
+         at::globalContext().float32MatmulPrecision() != at::Float32MatmulPrecision::HIGHEST;
+}
+bool winograd_4x4_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, int64_t out_w,
+                            at::ScalarType dtype) {
+  const int64_t tiles = cv.n * ceil_div(out_h, 4) * ceil_div(out_w, 4);
+  return winograd_4x4_precision(dtype) && winograd_preferred(cv, in, out, out_h, out_w) && in * out <= 384 * tiles;
+}
+
 // The weight gradient transforms no kernels, so it pays from fewer tiles: measured 0.55-0.95x the time of the GEMM
 // and dot tiles on ResNet's 3x3 64/128/256 layers at batch 8 and on 64/128 channels at batch 1 (196-6272 tiles),
 // a tie at 32/32 channels and at 256 channels on 49 tiles, 1.3x the GEMM's time on 512 channels and 16 tiles
@@ -221,6 +264,16 @@ bool winograd_wgrad_preferred(const Conv& cv) {
   const int64_t tiles = cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2);
   return (winograd_channels(cv.cg, cv.kg) && tiles >= 64 && 16 * cv.cg * cv.kg <= 4096 * tiles) ||
          (cv.cg >= 128 && cv.kg >= 128 && tiles >= 48);
+}
+
+// F(3x3, 4x4) (winograd.h), under the forward's precision condition: where F(3x3, 2x2)'s rule holds and its 36
+// in × out sums stay within 32768 per 4x4 tile (a part's M, written once per item, then outweighs the products
+// saved). Measured on the 2-core AVX-512 machine, ratio to torch's time against F(3x3, 2x2): 8x64@56 0.65 (0.89),
+// 8x128@28 0.53 (0.68), 4x256@28 0.46 (0.63), 8x256@14 0.65 (0.71), 1x64@28 0.67 (0.75), 128x64@14 0.85 (0.89);
+// past that bound 2x256@14 (73728 per tile) 0.95 (0.75), 1x256@14 1.52 (0.83), 8x512@7 1.91 (1.02).
+bool winograd_4x4_wgrad_preferred(const Conv& cv, at::ScalarType dtype) {
+  const int64_t tiles = cv.n * ceil_div(cv.p, 4) * ceil_div(cv.q, 4);
+  return winograd_4x4_precision(dtype) && winograd_wgrad_preferred(cv) && 36 * cv.cg * cv.kg <= 32768 * tiles;
 }
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
@@ -262,8 +315,10 @@ bool has_fixed_window(const PoolShape<int64_t>& s) { return s.stride_w == 1 || s
 Fprop choose_fprop(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   const Conv cv(s);
   const bool winograd = winograd_can(cv) && winograd_preferred(cv, cv.cg, cv.kg, cv.p, cv.q);
+  const bool winograd_4x4 = winograd && winograd_4x4_preferred(cv, cv.cg, cv.kg, cv.p, cv.q, dtype);
   return choose<Fprop>(Direction::kFprop, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
+                                           {winograd_can(cv), winograd_4x4},
                                            {winograd_can(cv), winograd},
                                            {true, true},
                                            {true, true}});
@@ -273,9 +328,11 @@ Dgrad choose_dgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   const Conv cv(s);
   const bool stride1 = cv.unit_stride();
   const bool winograd = winograd_dgrad_can(cv) && winograd_preferred(cv, cv.kg, cv.cg, cv.h, cv.w);
+  const bool winograd_4x4 = winograd && winograd_4x4_preferred(cv, cv.kg, cv.cg, cv.h, cv.w, dtype);
   return choose<Dgrad>(Direction::kDgrad,
                        {{float32(dtype) && lanes::supports_dgrad(s), lanes::suits_dgrad(s) && !winograd},
                         {depthwise_serves(cv), true},
+                        {winograd_dgrad_can(cv), winograd_4x4},
                         {winograd_dgrad_can(cv), winograd},
                         {stride1, stride1 && dcol_preferred(cv, dtype)},
                         {stride1, stride1 && dgrad_implicit_preferred(cv, dtype)},
@@ -302,12 +359,14 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   // the dot tiles (8x16->16@32: 1.57 vs 1.30; 128x1->32@28: 1.19 vs 0.90), and for a 1x1, stride-1 kernel with
   // Kg > Cg the GEMM's copy of the input is the smaller gather (1x/8x64->256@56: 1.21/1.13 vs 0.91/0.96).
   const bool winograd = winograd_can(cv) && winograd_wgrad_preferred(cv);
+  const bool winograd_4x4 = winograd && winograd_4x4_wgrad_preferred(cv, dtype);
   const bool transposed = (cv.kg >= 32 || (cv.rs == 1 && cv.kg >= 16)) && cv.crs >= 32 &&
                           !(cv.rs == 1 && cv.unit_stride() && cv.kg > cv.cg) &&
                           (cv.crs * cv.kg <= kTransposedWeightsPerPosition * cv.n * cv.pq ||
                            (cv.rs > 1 && cv.n * cv.pq >= 128 && num_threads() > 1));
   return choose<Wgrad>(Direction::kWgrad, {{float32(dtype) && lanes::supports(s), lanes::suits(s) && !winograd},
                                            {depthwise_serves(cv), true},
+                                           {winograd_can(cv), winograd_4x4},
                                            {winograd_can(cv), winograd},
                                            {true, transposed},
                                            {true, cv.kg <= 32 || (cv.rs == 1 && cv.kg <= 64 && cv.pq >= 1024)},

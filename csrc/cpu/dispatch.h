@@ -27,9 +27,9 @@ enum class Direction : int {
 };
 
 // Each direction's algorithms, in the order of its table.
-enum class Fprop : int { kLanes, kDepthwise, kWinograd, kImplicit, kExplicit };
-enum class Dgrad : int { kLanes, kDepthwise, kWinograd, kDcol, kImplicit, kExplicit };
-enum class Wgrad : int { kLanes, kDepthwise, kWinograd, kTransposed, kDotTiles, kGemm };
+enum class Fprop : int { kLanes, kDepthwise, kWinograd4x4, kWinograd, kImplicit, kExplicit };
+enum class Dgrad : int { kLanes, kDepthwise, kWinograd4x4, kWinograd, kDcol, kImplicit, kExplicit };
+enum class Wgrad : int { kLanes, kDepthwise, kWinograd4x4, kWinograd, kTransposed, kDotTiles, kGemm };
 enum class FusedForward : int { kLanes, kGemmPool };
 enum class FusedBackward : int { kLanes, kComposite };
 enum class MaxPoolForward : int { kFixedWindow, kGeneral };

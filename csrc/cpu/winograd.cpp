@@ -70,8 +70,8 @@ inline __attribute__((always_inline)) void columns_times_b(const T* x, int64_t n
 // slack) is written later. `ring` holds 16*n elements: (d B) of the four window rows of a tile row, kept so that
 // each window row is transformed once.
 template <typename T, int Bytes>
-inline __attribute__((always_inline)) void input_transform_body(const T* window, int64_t tile_rows, int64_t tq,
-                                                                int64_t n, T* v, int64_t v_stride, T* ring) {
+inline __attribute__((always_inline)) void input_transform_f2(const T* window, int64_t tile_rows, int64_t tq,
+                                                              int64_t n, T* v, int64_t v_stride, T* ring) {
   using W = Vec<T, Bytes>;
   constexpr int L = W::kLanes;
   const int64_t cols = 2 * tq + 2;
@@ -102,9 +102,9 @@ inline __attribute__((always_inline)) void input_transform_body(const T* window,
 // the out_h × out_w plane y (+ bias), reading up to n - tq values past a row (the buffer has that slack). `line`
 // holds 4*n elements: a tile row's two output rows, each interleaved from its tiles' two columns.
 template <typename T, int Bytes>
-inline __attribute__((always_inline)) void output_transform_body(const T* m, int64_t m_stride, int64_t tile_rows,
-                                                                 int64_t tq, int64_t n, int64_t row0, int64_t out_h,
-                                                                 int64_t out_w, T bias, T* y, T* line) {
+inline __attribute__((always_inline)) void output_transform_f2(const T* m, int64_t m_stride, int64_t tile_rows,
+                                                               int64_t tq, int64_t n, int64_t row0, int64_t out_h,
+                                                               int64_t out_w, T bias, T* y, T* line) {
   using W = Vec<T, Bytes>;
   constexpr int L = W::kLanes;
   for (int64_t i = 0; i < tile_rows; ++i) {
@@ -135,14 +135,175 @@ inline __attribute__((always_inline)) void output_transform_body(const T* m, int
   }
 }
 
+// F(4x4, 3x3) (winograd.h): the same passes over 6x6 tiles that advance by 4. Its matrices applied to a column of
+// values (V: a GCC vector, or T), as sums sharing their terms.
+// Bᵀ x: (x0 - 2x2 + x4 + 1.5(x3 - x1), x1 - 2.5x2 + 0.5x3 + x4, 0.5x2 - x1 + 2.5x3 + x4, x4 - x2 + 2(x3 - x1),
+// x4 - x2 - 0.5(x3 - x1), x1 - 2x3 + x5 + 1.5(x4 - x2)).
+template <typename V, typename T>
+inline __attribute__((always_inline)) void times_bt6(const V (&x)[6], V (&y)[6]) {
+  const auto c = [](T value) { return V{} + value; };
+  const V x31 = x[3] - x[1], x42 = x[4] - x[2];
+  y[0] = x[0] - c(2) * x[2] + x[4] + c(1.5) * x31;
+  y[1] = x[1] - c(2.5) * x[2] + c(0.5) * x[3] + x[4];
+  y[2] = c(0.5) * x[2] - x[1] + c(2.5) * x[3] + x[4];
+  y[3] = x42 + c(2) * x31;
+  y[4] = x42 - c(0.5) * x31;
+  y[5] = x[1] - c(2) * x[3] + x[5] + c(1.5) * x42;
+}
+
+// Aᵀ x: (x0 + x1 + x2 + x3 + x4, x2 - x1 + x3/2 - 2x4, x1 + x2 + x3/4 + 4x4, x2 - x1 + x3/8 - 8x4 + x5).
+template <typename V, typename T>
+inline __attribute__((always_inline)) void times_at6(const V (&x)[6], V (&y)[4]) {
+  const auto c = [](T value) { return V{} + value; };
+  const V s12 = x[1] + x[2], d21 = x[2] - x[1];
+  y[0] = x[0] + s12 + x[3] + x[4];
+  y[1] = d21 + c(0.5) * x[3] - c(2) * x[4];
+  y[2] = s12 + c(0.25) * x[3] + c(4) * x[4];
+  y[3] = d21 + c(0.125) * x[3] - c(8) * x[4] + x[5];
+}
+
+// G x: (x0, (x1 - x0 - x2)/3, (x0 + x1 + x2)/3, -(16x0 + 8x1 + 4x2)/15, (x0 - 2x1 + 4x2)/15, x2).
+template <typename V, typename T>
+inline __attribute__((always_inline)) void times_g6(const V (&x)[3], V (&y)[6]) {
+  const auto c = [](T value) { return V{} + value; };
+  const V third = c(T(1) / T(3)) * (x[0] + x[2]), middle = c(T(1) / T(3)) * x[1];
+  y[0] = x[0];
+  y[1] = middle - third;
+  y[2] = middle + third;
+  y[3] = c(T(-1) / T(15)) * (c(16) * x[0] + c(8) * x[1] + c(4) * x[2]);
+  y[4] = c(T(1) / T(15)) * (x[0] - c(2) * x[1] + c(4) * x[2]);
+  y[5] = x[2];
+}
+
+// Lanes k, k + 4, k + 8, ... of the 4L values at p, for k = 0..3: a row's tile columns split by their offset.
+template <typename T, int Bytes>
+inline __attribute__((always_inline)) void deinterleave4(const T* p, typename Vec<T, Bytes>::V (&x)[4]) {
+  using W = Vec<T, Bytes>;
+  constexpr int L = W::kLanes;
+  const typename W::V p0 = W::load(p), p1 = W::load(p + L), p2 = W::load(p + 2 * L), p3 = W::load(p + 3 * L);
+  const typename W::V e01 = __builtin_shuffle(p0, p1, W::kEvens), o01 = __builtin_shuffle(p0, p1, W::kOdds);
+  const typename W::V e23 = __builtin_shuffle(p2, p3, W::kEvens), o23 = __builtin_shuffle(p2, p3, W::kOdds);
+  x[0] = __builtin_shuffle(e01, e23, W::kEvens);
+  x[1] = __builtin_shuffle(o01, o23, W::kEvens);
+  x[2] = __builtin_shuffle(e01, e23, W::kOdds);
+  x[3] = __builtin_shuffle(o01, o23, W::kOdds);
+}
+
+// d B for one window row of 6x6 tiles (x: 4n + 4 readable columns): out[b*n + j] is column b of tile column j's
+// 6-column slice (from column 4j) times B.
+template <typename T, int Bytes>
+inline __attribute__((always_inline)) void columns_times_b6(const T* x, int64_t n, T* out) {
+  using W = Vec<T, Bytes>;
+  constexpr int L = W::kLanes;
+  for (int64_t j = 0; j < n; j += L) {
+    typename W::V lo[4], hi[4];
+    deinterleave4<T, Bytes>(x + 4 * j, lo);
+    deinterleave4<T, Bytes>(x + 4 * j + 4, hi);  // columns 4 and 5 of each slice (the shuffles of 2, 3 unused)
+    const typename W::V cols[6] = {lo[0], lo[1], lo[2], lo[3], hi[0], hi[1]};
+    typename W::V y[6];
+    times_bt6<typename W::V, T>(cols, y);
+    for (int b = 0; b < 6; ++b) W::store(out + b * n + j, y[b]);
+  }
+}
+
+// Bᵀ d B for every 6x6 tile of one channel's window (4*tile_rows + 2 rows of 4*tq + 2 columns, plus slack), as
+// input_transform_f2 does for 4x4 tiles: ξ = 6*a + b; `ring` holds 36*n elements, (d B) of six window rows.
+template <typename T, int Bytes>
+inline __attribute__((always_inline)) void input_transform_f4(const T* window, int64_t tile_rows, int64_t tq,
+                                                              int64_t n, T* v, int64_t v_stride, T* ring) {
+  using W = Vec<T, Bytes>;
+  constexpr int L = W::kLanes;
+  const int64_t cols = 4 * tq + 2;
+  columns_times_b6<T, Bytes>(window, n, ring);
+  columns_times_b6<T, Bytes>(window + cols, n, ring + 6 * n);
+  for (int64_t i = 0; i < tile_rows; ++i) {
+    const int64_t r = 4 * i;
+    for (int64_t k = 2; k < 6; ++k) {
+      columns_times_b6<T, Bytes>(window + (r + k) * cols, n, ring + ((r + k) % 6) * 6 * n);
+    }
+    T* vt = v + i * tq;
+    for (int64_t b = 0; b < 6; ++b) {
+      const T* x[6];
+      for (int k = 0; k < 6; ++k) x[k] = ring + ((r + k) % 6) * 6 * n + b * n;
+      for (int64_t j = 0; j < n; j += L) {
+        typename W::V a[6], y[6];
+        for (int k = 0; k < 6; ++k) a[k] = W::load(x[k] + j);
+        times_bt6<typename W::V, T>(a, y);
+        for (int k = 0; k < 6; ++k) W::store(vt + (6 * k + b) * v_stride + j, y[k]);
+      }
+    }
+  }
+}
+
+// Aᵀ M A for every 6x6 tile of one output channel, as output_transform_f2 does for 4x4 tiles; `line` holds 16*n
+// elements: a tile row's four output rows, each interleaved from its tiles' four columns.
+template <typename T, int Bytes>
+inline __attribute__((always_inline)) void output_transform_f4(const T* m, int64_t m_stride, int64_t tile_rows,
+                                                               int64_t tq, int64_t n, int64_t row0, int64_t out_h,
+                                                               int64_t out_w, T bias, T* y, T* line) {
+  using W = Vec<T, Bytes>;
+  constexpr int L = W::kLanes;
+  for (int64_t i = 0; i < tile_rows; ++i) {
+    const T* mt = m + i * tq;
+    const int64_t row = row0 + 4 * i;
+    for (int64_t j = 0; j < n; j += L) {
+      typename W::V s[4][6];  // Aᵀ M: row r of the tile's rows transformed, column b
+      for (int b = 0; b < 6; ++b) {
+        typename W::V a[6], z[4];
+        for (int k = 0; k < 6; ++k) a[k] = W::load(mt + (6 * k + b) * m_stride + j);
+        times_at6<typename W::V, T>(a, z);
+        for (int r = 0; r < 4; ++r) s[r][b] = z[r];
+      }
+      const typename W::V bv = W::splat(bias);
+      for (int r = 0; r < 4; ++r) {
+        typename W::V z[4];
+        times_at6<typename W::V, T>(s[r], z);
+        for (int c = 0; c < 4; ++c) z[c] += bv;
+        // Lane l of z[c] is output column 4(j + l) + c: two rounds of interleaving put them in order.
+        const typename W::V lo02 = __builtin_shuffle(z[0], z[2], W::kZipLow);
+        const typename W::V hi02 = __builtin_shuffle(z[0], z[2], W::kZipHigh);
+        const typename W::V lo13 = __builtin_shuffle(z[1], z[3], W::kZipLow);
+        const typename W::V hi13 = __builtin_shuffle(z[1], z[3], W::kZipHigh);
+        T* out = line + r * 4 * n + 4 * j;
+        W::store(out, __builtin_shuffle(lo02, lo13, W::kZipLow));
+        W::store(out + L, __builtin_shuffle(lo02, lo13, W::kZipHigh));
+        W::store(out + 2 * L, __builtin_shuffle(hi02, hi13, W::kZipLow));
+        W::store(out + 3 * L, __builtin_shuffle(hi02, hi13, W::kZipHigh));
+      }
+    }
+    for (int64_t r = 0; r < 4 && row + r < out_h; ++r) copy_row(y + (row + r) * out_w, line + r * 4 * n, out_w);
+  }
+}
+
+// The transforms of F(M x M, 3x3), M = 2 or 4.
+template <typename T, int Bytes, int M>
+inline __attribute__((always_inline)) void input_transform_body(const T* window, int64_t tile_rows, int64_t tq,
+                                                                int64_t n, T* v, int64_t v_stride, T* ring) {
+  if constexpr (M == 2) {
+    input_transform_f2<T, Bytes>(window, tile_rows, tq, n, v, v_stride, ring);
+  } else {
+    input_transform_f4<T, Bytes>(window, tile_rows, tq, n, v, v_stride, ring);
+  }
+}
+template <typename T, int Bytes, int M>
+inline __attribute__((always_inline)) void output_transform_body(const T* m, int64_t m_stride, int64_t tile_rows,
+                                                                 int64_t tq, int64_t n, int64_t row0, int64_t out_h,
+                                                                 int64_t out_w, T bias, T* y, T* line) {
+  if constexpr (M == 2) {
+    output_transform_f2<T, Bytes>(m, m_stride, tile_rows, tq, n, row0, out_h, out_w, bias, y, line);
+  } else {
+    output_transform_f4<T, Bytes>(m, m_stride, tile_rows, tq, n, row0, out_h, out_w, bias, y, line);
+  }
+}
+
 // The transforms compiled for the ISA in use, on vectors of `bytes` bytes (at most the ISA's width): their loops
 // run over n = tq rounded up to whole vectors, so narrower vectors waste less on small planes.
-template <typename T>
+template <typename T, int M>
 struct Transforms {
   template <int Bytes>
-  using In = PerIsa<&input_transform_body<T, Bytes>>;
+  using In = PerIsa<&input_transform_body<T, Bytes, M>>;
   template <int Bytes>
-  using Out = PerIsa<&output_transform_body<T, Bytes>>;
+  using Out = PerIsa<&output_transform_body<T, Bytes, M>>;
 
   // The narrowest vectors that take as few iterations over tq tile columns as the ISA's widest (a 7-column row of
   // tiles: one 8-lane vector instead of one 16-lane one, 7/8 of it used instead of 7/16).
@@ -163,13 +324,28 @@ struct Transforms {
   static typename Out<16>::Fn output(int bytes) { return pick<Out>(bytes); }
 };
 
-// U = G g Gᵀ for the filters from j (V: a GCC vector of filters, or T for one): tap (r, s) of filter j at
-// taps[(3*r + s)*ld + j] (at taps[(8 - 3*r - s)*ld + j] when flipped: rotated by 180 degrees); U_ξ, ξ = 4*a + b,
-// at u[ξ*u_stride + j]. One filter's taps as they lie in the kernel: ld = 1, j = 0.
-template <typename V, typename T>
+// U = G g Gᵀ of F(M x M, 3x3) for the filters from j (V: a GCC vector of filters, or T for one): tap (r, s) of
+// filter j at taps[(3*r + s)*ld + j] (at taps[(8 - 3*r - s)*ld + j] when flipped: rotated by 180 degrees); U_ξ,
+// ξ = (M + 2)*a + b, at u[ξ*u_stride + j]. One filter's taps as they lie in the kernel: ld = 1, j = 0.
+template <int M, typename V, typename T>
 inline __attribute__((always_inline)) void filter_values(const T* taps, int64_t ld, bool flip, int64_t j, T* u,
                                                          int64_t u_stride) {
   const auto tap = [&](int t) { return load_as<V>(taps + (flip ? 8 - t : t) * ld + j); };
+  if constexpr (M == 4) {
+    V rows[6][3];  // G g: G applied to the filter's columns
+    for (int s = 0; s < 3; ++s) {
+      const V column[3] = {tap(s), tap(3 + s), tap(6 + s)};
+      V gk[6];
+      times_g6<V, T>(column, gk);
+      for (int a = 0; a < 6; ++a) rows[a][s] = gk[a];
+    }
+    for (int a = 0; a < 6; ++a) {  // (G g) Gᵀ: G applied to each row
+      V ua[6];
+      times_g6<V, T>(rows[a], ua);
+      for (int b = 0; b < 6; ++b) store_as(u + (6 * a + b) * u_stride + j, ua[b]);
+    }
+    return;
+  }
   const V half = V{} + T(0.5);
   for (int a = 0; a < 4; ++a) {
     V row[3];  // row a of G g: G's row a applied to the filter's columns
@@ -185,26 +361,27 @@ inline __attribute__((always_inline)) void filter_values(const T* taps, int64_t 
   }
 }
 
-template <typename T, int Bytes>
+template <typename T, int Bytes, int M>
 inline __attribute__((always_inline)) void filter_block_body(const T* taps, int64_t ld, int64_t count, bool flip,
                                                              T* u, int64_t u_stride) {
   using V = typename detail::VecOf<T, Bytes>::type;
   constexpr int64_t L = Bytes / sizeof(T);
   int64_t j = 0;
-  for (; j + L <= count; j += L) filter_values<V>(taps, ld, flip, j, u, u_stride);
-  for (; j < count; ++j) filter_values<T>(taps, ld, flip, j, u, u_stride);
+  for (; j + L <= count; j += L) filter_values<M, V>(taps, ld, flip, j, u, u_stride);
+  for (; j < count; ++j) filter_values<M, T>(taps, ld, flip, j, u, u_stride);
 }
 
 // U_ξ for `runs` runs of `count` consecutive filters of the kernel (run r from filter r*run_step; a filter is 9
 // taps): filter j of run r at u[ξ*u_stride + r*ld + j], for the GEMMs to read in place: a plain kernel's runs are
 // output channels (U_ξ row-major out × in), a flipped one's input channels (its transpose). Blocks of filters are
 // transposed to tap-major (conv_common.h's transpose), then transformed along the filters in vectors.
-template <typename T>
+template <typename T, int M>
 void transform_filters(const T* weights, int64_t runs, int64_t run_step, int64_t count, bool flip, T* u, int64_t ld,
                        int64_t u_stride) {
   constexpr int64_t kBlock = 128;
-  const auto transform = by_isa(&PerIsa<&filter_block_body<T, 64>>::avx512, &PerIsa<&filter_block_body<T, 32>>::avx2,
-                                &PerIsa<&filter_block_body<T, 16>>::portable);
+  const auto transform = by_isa(&PerIsa<&filter_block_body<T, 64, M>>::avx512,
+                                &PerIsa<&filter_block_body<T, 32, M>>::avx2,
+                                &PerIsa<&filter_block_body<T, 16, M>>::portable);
   T taps[9 * kBlock];
   for (int64_t r = 0; r < runs; ++r) {
     for (int64_t f0 = 0; f0 < count; f0 += kBlock) {
@@ -215,55 +392,59 @@ void transform_filters(const T* weights, int64_t runs, int64_t run_step, int64_t
   }
 }
 
-// The 16 GEMM A operands U_ξ of every group, as pack_a's panels of mr output channels (element (o, i) of a panel
-// at i*mr + o % mr; zeros in the last panel's rows past `out`). A panel at a time, input channel by input channel,
-// so the kernel is read and the panels written in memory order (the flipped kernel's mr output channels are
-// contiguous for each input channel, the plain kernel's mr rows each advance 9 elements); filter by filter, as
-// scalars (vectorised along the filters, the panels' interleaving would cost a scattered store per value).
-template <typename T>
+// The (M + 2)² GEMM A operands U_ξ of every group, as pack_a's panels of mr output channels (element (o, i) of a
+// panel at i*mr + o % mr; zeros in the last panel's rows past `out`). Runs of a panel's filters in its order are
+// gathered tap-major (zeros for the rows past `out`) and transformed along the run in vectors, which write the
+// panel's values in place: the F(4x4, 3x3) transform costs too much arithmetic to run filter by filter (a third of
+// a 256-channel call).
+template <typename T, int M>
 void transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int mr, T* packed) {
+  constexpr int64_t kPositions = (M + 2) * (M + 2), kRun = 256;
   const int64_t panel = packed_a_size(wp.out, wp.in, mr), panels = ceil_div(wp.out, int64_t(mr));
+  const int64_t channels = std::max<int64_t>(1, kRun / mr);  // input channels per run
+  const auto transform = by_isa(&PerIsa<&filter_block_body<T, 64, M>>::avx512,
+                                &PerIsa<&filter_block_body<T, 32, M>>::avx2,
+                                &PerIsa<&filter_block_body<T, 16, M>>::portable);
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t gp = 0; gp < wp.groups * panels; ++gp) {
-    const int64_t g = gp / panels, o0 = gp % panels * mr;
-    T* to = packed + g * 16 * panel + o0 * wp.in;
-    for (int64_t i = 0; i < wp.in; ++i) {
-      for (int64_t r = 0; r < mr; ++r) {
-        T* u = to + i * mr + r;
-        const int64_t o = o0 + r;
-        if (o >= wp.out) {
-          for (int64_t xi = 0; xi < 16; ++xi) u[xi * panel] = T(0);
-        } else {
-          const int64_t filter = flip ? (g * wp.in + i) * wp.out + o : (g * wp.out + o) * wp.in + i;
-          filter_values<T>(weights + filter * 9, 1, flip, 0, u, panel);
+    const int64_t g = gp / panels, o0 = gp % panels * mr, rows = std::min<int64_t>(mr, wp.out - o0);
+    T taps[9 * kRun];
+    for (int64_t i0 = 0; i0 < wp.in; i0 += channels) {
+      const int64_t i1 = std::min(wp.in, i0 + channels), count = (i1 - i0) * mr;
+      for (int64_t i = i0; i < i1; ++i) {
+        T* to = taps + (i - i0) * mr;
+        for (int64_t r = 0; r < mr; ++r) {
+          const int64_t filter = flip ? (g * wp.in + i) * wp.out + o0 + r : (g * wp.out + o0 + r) * wp.in + i;
+          for (int t = 0; t < 9; ++t) to[t * kRun + r] = r < rows ? weights[filter * 9 + t] : T(0);
         }
       }
+      transform(taps, kRun, count, flip, packed + g * kPositions * panel + o0 * wp.in + i0 * mr, panel);
     }
   }
 }
 
-}  // namespace
-
-template <typename T>
-void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst) {
-  const int64_t tp = ceil_div(wp.out_h, 2), tq = ceil_div(wp.out_w, 2);
-  const int bytes = Transforms<T>::bytes(tq);
+// winograd_3x3 for F(M x M, 3x3): P = (M + 2)² GEMMs.
+template <typename T, int M>
+void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t tp = ceil_div(wp.out_h, M), tq = ceil_div(wp.out_w, M);
+  const int bytes = Transforms<T, M>::bytes(tq);
   const int64_t n = detail::round_up(tq, bytes / int64_t(sizeof(T)));  // the transforms' loops: whole vectors
   const int threads = num_threads();
   // An item is a run of consecutive tile rows of one group, across images (row R of the group is tile row R % tp
   // of image R / tp), so that small images still make long GEMMs, and a block of output channels. Its tiles are
-  // the GEMMs' columns: about a multiple of the micro-kernel's width, with V and M (16 × (in + out) × tiles) within
-  // about 2 MiB. The output channels are split only where they outnumber twice the tiles (U, 16 × in × out, then
-  // outweighs V, 16 × in × tiles): into blocks of 64 or more, enough for two items per thread and U's blocks
+  // the GEMMs' columns: about a multiple of the micro-kernel's width, with V and M (P × (in + out) × tiles) within
+  // about 2 MiB. The output channels are split only where they outnumber twice the tiles (U, P × in × out, then
+  // outweighs V, P × in × tiles): into blocks of 64 or more, enough for two items per thread and U's blocks
   // within about 1 MiB each, which each thread transforms where its items use them. Where there are still fewer
   // than two items per thread, the runs are shortened.
   const int64_t total_rows = wp.n * tp;
-  const int64_t budget = std::max<int64_t>(16, 4 * kScratchBytes / (16 * int64_t(sizeof(T)) * (wp.in + wp.out)));
+  const int64_t budget = std::max<int64_t>(16, 4 * kScratchBytes / (P * int64_t(sizeof(T)) * (wp.in + wp.out)));
   const int64_t nr_guess = 64 / int64_t(sizeof(T)) * 4;  // the AVX-512 6x4 micro-kernel's columns
   const int64_t target = budget >= nr_guess ? budget / nr_guess * nr_guess : budget;
   int64_t tile_rows = std::clamp<int64_t>((target + tq / 2) / tq, 1, total_rows);
   const int64_t wanted = 2 * threads;
-  const int64_t filters = wp.in * wp.out, u_bytes = 16 * filters * int64_t(sizeof(T));
+  const int64_t filters = wp.in * wp.out, u_bytes = P * filters * int64_t(sizeof(T));
   const bool split = wp.out > 2 * total_rows * tq;
   const int64_t most_blocks = std::max<int64_t>(1, wp.out / 64);  // each block's items transform V again
   const int64_t blocks =
@@ -284,22 +465,22 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
   // Without a split, U is transformed once, before the items, into pack_a's panels (a packed A reads faster than
   // one in place: 10-30% on these GEMMs); split, each thread transforms its blocks of U, read in place.
   const int64_t u_panel = packed_a_size(wp.out, wp.in, uk.mr);
-  const PerThread<T> us(0, split ? threads : 1, 16 * (split ? block * wp.in : wp.groups * u_panel));
-  if (!split) transform_weights(wp, weights, flip, uk.mr, us.slice(0));
+  const PerThread<T> us(0, split ? threads : 1, P * (split ? block * wp.in : wp.groups * u_panel));
+  if (!split) transform_weights<T, M>(wp, weights, flip, uk.mr, us.slice(0));
   const std::vector<int64_t> v_rows = row_offsets(wp.in, ld);
-  // V's 16 blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
+  // V's P blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
   // row by up to n - tq values (see input_transform_body), which must not reach the next block's first channel.
   const int64_t v_stride = wp.in * ld + n, m_stride = wp.out * ld;
-  const int64_t win_cols = 2 * tq + 2, win_rows = 2 * std::min(tile_rows, tp) + 2;
-  const int64_t slack = 2 * n + 2;  // read past the windows' and M's last rows
+  const int64_t win_cols = M * tq + 2, win_rows = M * std::min(tile_rows, tp) + 2;
+  const int64_t slack = M * n + M;  // read past the windows' and M's last rows
   const int64_t in_plane = wp.in_h * wp.in_w, out_plane = wp.out_h * wp.out_w;
 
-  const auto in_fn = Transforms<T>::input(bytes);
-  const auto out_fn = Transforms<T>::output(bytes);
+  const auto in_fn = Transforms<T, M>::input(bytes);
+  const auto out_fn = Transforms<T, M>::output(bytes);
 
-  const PerThread<T> windows(1, threads, win_rows * win_cols + slack), rings(2, threads, 16 * n);
-  const PerThread<T> lines(3, threads, 4 * n), vs(4, threads, 16 * v_stride + slack);
-  const PerThread<T> ms(5, threads, 16 * m_stride + slack);
+  const PerThread<T> windows(1, threads, win_rows * win_cols + slack), rings(2, threads, P * n);
+  const PerThread<T> lines(3, threads, M * M * n), vs(4, threads, P * v_stride + slack);
+  const PerThread<T> ms(5, threads, P * m_stride + slack);
 #pragma omp parallel num_threads(threads)
   {
     T* const window = windows.get();
@@ -317,7 +498,7 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
       const int64_t r0 = item % chunks * tile_rows, r1 = std::min(total_rows, r0 + tile_rows), tiles = (r1 - r0) * tq;
       // The GEMMs' A, U_ξ's rows o0..o1 of group g: packed (at a + ξ*a_stride), or this thread's block read in
       // place, lda apart (plain) or as its transpose's columns (flipped).
-      const T* a = us.slice(0) + g * 16 * u_panel + o0 * wp.in;
+      const T* a = us.slice(0) + g * P * u_panel + o0 * wp.in;
       int64_t a_stride = u_panel, lda = 0;
       if (split) {
         // The block's runs of filters: its output channels (plain), or every input channel's run of its output
@@ -329,7 +510,7 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
         if (u_block != item / chunks) {
           u_block = item / chunks;
           const T* first = weights + (g * filters + (flip ? o0 : o0 * wp.in)) * 9;
-          transform_filters(first, runs, run_step, lda, flip, us.get(), lda, a_stride);
+          transform_filters<T, M>(first, runs, run_step, lda, flip, us.get(), lda, a_stride);
         }
       }
       // Calls fn(image, its first tile row, rows, first column of V) for each image's share of rows [r0, r1).
@@ -343,14 +524,14 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
       const int64_t chunk = g * chunks + item % chunks;
       for (int64_t c = 0; c < wp.in && v_chunk != chunk; ++c) {
         for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
-          // Window row a is input row 2*tr - pad_h + a; column b is input column b - pad_w.
+          // Window row a is input row M*tr - pad_h + a; column b is input column b - pad_w.
           const T* x = src + ((img * wp.groups + g) * wp.in + c) * in_plane;
-          copy_window(x, wp.in_h, wp.in_w, wp.pad_h - 2 * tr, wp.pad_w, 2 * rows + 2, win_cols, window);
+          copy_window(x, wp.in_h, wp.in_w, wp.pad_h - M * tr, wp.pad_w, M * rows + 2, win_cols, window);
           in_fn(window, rows, tq, n, v + c * ld + col, v_stride, ring);
         });
       }
       v_chunk = chunk;
-      for (int64_t xi = 0; xi < 16; ++xi) {
+      for (int64_t xi = 0; xi < P; ++xi) {
         T* c = m + xi * m_stride + o0 * ld;
         if (!split) {
           gemm(uk, o1 - o0, tiles, wp.in, a + xi * a_stride, v + xi * v_stride, v_rows.data(), c, ld, false, Pad::kBC);
@@ -365,7 +546,7 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
       for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
         T* y = dst + (img * wp.groups + g) * wp.out * out_plane;
         for (int64_t o = o0; o < o1; ++o) {
-          out_fn(m + o * ld + col, m_stride, rows, tq, n, 2 * tr, wp.out_h, wp.out_w,
+          out_fn(m + o * ld + col, m_stride, rows, tq, n, M * tr, wp.out_h, wp.out_w,
                  bias != nullptr ? bias[g * wp.out + o] : T(0), y + o * out_plane, line);
         }
       });
@@ -373,9 +554,19 @@ void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool fl
   }
 }
 
+}  // namespace
+
+template <typename T>
+void winograd_3x3(const Winograd3x3& wp, int64_t tile, const T* src, const T* weights, bool flip, const T* bias,
+                  T* dst) {
+  TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4, "cnn_ext: Winograd has no F(", tile, "x", tile, ", 3x3)");
+  return tile == 2 ? winograd_tiles<T, 2>(wp, src, weights, flip, bias, dst)
+                   : winograd_tiles<T, 4>(wp, src, weights, flip, bias, dst);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
-// Weight gradient, F(3x3, 2x2) (winograd.h): per item (a run of tiles of one group), V_ξ = Bᵀ d B and
-// U_ξ = A dy Aᵀ for every tile and channel, vectorised along the channels of channels-last x and dY, then per ξ
+// Weight gradient, F(3x3, 2x2) and F(3x3, 4x4) (winograd.h): per item (a run of tiles of one group), V_ξ = Bᵀ d B
+// and U_ξ = A dy Aᵀ for every tile and channel, vectorised along the channels of channels-last x and dY, then per ξ
 // one GEMM with the item's tiles as its reduction accumulates M_ξ += U_ξ · V_ξ; G' M G gives dW at the end.
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -419,44 +610,126 @@ inline __attribute__((always_inline)) void grad_tile(const T* const* at, int64_t
   }
 }
 
-// The transforms of tiles [t0, t1) of group g (tile t is column t % tq of tile row t / tq % tp of image
-// t / (tp*tq)): row t - t0 of V_ξ (ldv apart, blocks v_stride apart) and of U_ξ (ldu, u_stride).
-template <typename T, int Bytes>
+// F(3x3, 4x4)'s transforms of one tile (6x6 input pixels at at[6a + b], a 4x4 block of dY at at[4a + b]) and its
+// G' m G, as input_tile, grad_tile and filter_gradient do for F(3x3, 2x2); A is forward's Aᵀ transposed, applied
+// to a column (y0, y1, y2, y3) as (y0, y0 - y1 + y2 - y3, y0 + y1 + y2 + y3, y0 + y1/2 + y2/4 + y3/8,
+// y0 - 2y1 + 4y2 - 8y3, y3); G' as (m0 + (m2 - m1)/3 + (m4 - 16m3)/15, (m1 + m2)/3 - (8m3 + 2m4)/15,
+// (m2 - m1)/3 + 4(m4 - m3)/15 + m5).
+template <typename V, typename T>
+inline __attribute__((always_inline)) void input_tile6(const T* const* at, int64_t c, T* v, int64_t v_stride) {
+  V e[6][6];  // Bᵀ d
+  for (int b = 0; b < 6; ++b) {
+    V column[6], y[6];
+    for (int k = 0; k < 6; ++k) column[k] = load_as<V>(at[6 * k + b] + c);
+    times_bt6<V, T>(column, y);
+    for (int a = 0; a < 6; ++a) e[a][b] = y[a];
+  }
+  for (int a = 0; a < 6; ++a) {
+    V y[6];
+    times_bt6<V, T>(e[a], y);
+    for (int b = 0; b < 6; ++b) store_as(v + (6 * a + b) * v_stride + c, y[b]);
+  }
+}
+
+template <typename V, typename T>
+inline __attribute__((always_inline)) void times_a6(const V (&y)[4], V (&z)[6]) {
+  const auto c = [](T value) { return V{} + value; };
+  const V even = y[0] + y[2], odd = y[1] + y[3];
+  z[0] = y[0];
+  z[1] = even - odd;
+  z[2] = even + odd;
+  z[3] = y[0] + c(0.5) * y[1] + c(0.25) * y[2] + c(0.125) * y[3];
+  z[4] = y[0] - c(2) * y[1] + c(4) * y[2] - c(8) * y[3];
+  z[5] = y[3];
+}
+
+template <typename V, typename T>
+inline __attribute__((always_inline)) void grad_tile6(const T* const* at, int64_t k, T* u, int64_t u_stride) {
+  V z[6][4];  // A dy
+  for (int b = 0; b < 4; ++b) {
+    V column[4], y[6];
+    for (int i = 0; i < 4; ++i) column[i] = load_as<V>(at[4 * i + b] + k);
+    times_a6<V, T>(column, y);
+    for (int a = 0; a < 6; ++a) z[a][b] = y[a];
+  }
+  for (int a = 0; a < 6; ++a) {
+    V y[6];
+    times_a6<V, T>(z[a], y);
+    for (int b = 0; b < 6; ++b) store_as(u + (6 * a + b) * u_stride + k, y[b]);
+  }
+}
+
+template <typename V, typename T>
+inline __attribute__((always_inline)) void times_gt6(const V (&m)[6], V (&w)[3]) {
+  const auto c = [](T value) { return V{} + value; };
+  const V third = c(T(1) / T(3)), fifteenth = c(T(1) / T(15));
+  const V diff = third * (m[2] - m[1]);
+  w[0] = m[0] + diff + fifteenth * (m[4] - c(16) * m[3]);
+  w[1] = third * (m[1] + m[2]) - fifteenth * (c(8) * m[3] + c(2) * m[4]);
+  w[2] = diff + c(4) * fifteenth * (m[4] - m[3]) + m[5];
+}
+
+template <typename V, typename T>
+inline __attribute__((always_inline)) void filter_gradient6(const T* m, int64_t m_stride, int64_t e, T* dw,
+                                                            int64_t dw_stride) {
+  V r[3][6];  // G' m
+  for (int b = 0; b < 6; ++b) {
+    V column[6], w[3];
+    for (int k = 0; k < 6; ++k) column[k] = load_as<V>(m + (6 * k + b) * m_stride + e);
+    times_gt6<V, T>(column, w);
+    for (int a = 0; a < 3; ++a) r[a][b] = w[a];
+  }
+  for (int a = 0; a < 3; ++a) {
+    V w[3];
+    times_gt6<V, T>(r[a], w);
+    for (int s = 0; s < 3; ++s) store_as(dw + (3 * a + s) * dw_stride + e, w[s]);
+  }
+}
+
+// The transforms of tiles [t0, t1) of group g by F(3x3, M x M) (tile t is column t % tq of tile row t / tq % tp of
+// image t / (tp*tq)): row t - t0 of V_ξ (ldv apart, blocks v_stride apart) and of U_ξ (ldu, u_stride).
+template <typename T, int Bytes, int M>
 inline __attribute__((always_inline)) void wgrad_transforms_body(const Winograd3x3& wp, const T* x, const T* dy,
                                                                  int64_t g, int64_t t0, int64_t t1, const T* zeros,
                                                                  T* v, int64_t v_stride, int64_t ldv, T* u,
                                                                  int64_t u_stride, int64_t ldu) {
   using V = typename detail::VecOf<T, Bytes>::type;
-  constexpr int64_t L = Bytes / sizeof(T);
-  const int64_t tp = ceil_div(wp.out_h, 2), tq = ceil_div(wp.out_w, 2);
+  constexpr int64_t L = Bytes / sizeof(T), A = M + 2;
+  const int64_t tp = ceil_div(wp.out_h, M), tq = ceil_div(wp.out_w, M);
   const int64_t x_channels = wp.groups * wp.in, dy_channels = wp.groups * wp.out;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t img = t / (tp * tq), i = t / tq % tp, j = t % tq;
-    const T* xs[16];
-    for (int64_t a = 0; a < 4; ++a) {
-      const int64_t h = 2 * i - wp.pad_h + a;
-      for (int64_t b = 0; b < 4; ++b) {
-        const int64_t w = 2 * j - wp.pad_w + b;
+    const T* xs[A * A];
+    for (int64_t a = 0; a < A; ++a) {
+      const int64_t h = M * i - wp.pad_h + a;
+      for (int64_t b = 0; b < A; ++b) {
+        const int64_t w = M * j - wp.pad_w + b;
         const bool inside = h >= 0 && h < wp.in_h && w >= 0 && w < wp.in_w;
-        xs[4 * a + b] = inside ? x + ((img * wp.in_h + h) * wp.in_w + w) * x_channels + g * wp.in : zeros;
+        xs[A * a + b] = inside ? x + ((img * wp.in_h + h) * wp.in_w + w) * x_channels + g * wp.in : zeros;
       }
     }
-    const T* ys[4];
-    for (int64_t a = 0; a < 2; ++a) {
-      for (int64_t b = 0; b < 2; ++b) {
-        const int64_t h = 2 * i + a, w = 2 * j + b;
+    const T* ys[M * M];
+    for (int64_t a = 0; a < M; ++a) {
+      for (int64_t b = 0; b < M; ++b) {
+        const int64_t h = M * i + a, w = M * j + b;
         const bool inside = h < wp.out_h && w < wp.out_w;
-        ys[2 * a + b] = inside ? dy + ((img * wp.out_h + h) * wp.out_w + w) * dy_channels + g * wp.out : zeros;
+        ys[M * a + b] = inside ? dy + ((img * wp.out_h + h) * wp.out_w + w) * dy_channels + g * wp.out : zeros;
       }
     }
     T* vt = v + (t - t0) * ldv;
-    int64_t c = 0;
-    for (; c + L <= wp.in; c += L) input_tile<V>(xs, c, vt, v_stride);
-    for (; c < wp.in; ++c) input_tile<T>(xs, c, vt, v_stride);
     T* ut = u + (t - t0) * ldu;
-    int64_t k = 0;
-    for (; k + L <= wp.out; k += L) grad_tile<V>(ys, k, ut, u_stride);
-    for (; k < wp.out; ++k) grad_tile<T>(ys, k, ut, u_stride);
+    int64_t c = 0, k = 0;
+    if constexpr (M == 2) {
+      for (; c + L <= wp.in; c += L) input_tile<V>(xs, c, vt, v_stride);
+      for (; c < wp.in; ++c) input_tile<T>(xs, c, vt, v_stride);
+      for (; k + L <= wp.out; k += L) grad_tile<V>(ys, k, ut, u_stride);
+      for (; k < wp.out; ++k) grad_tile<T>(ys, k, ut, u_stride);
+    } else {
+      for (; c + L <= wp.in; c += L) input_tile6<V>(xs, c, vt, v_stride);
+      for (; c < wp.in; ++c) input_tile6<T>(xs, c, vt, v_stride);
+      for (; k + L <= wp.out; k += L) grad_tile6<V>(ys, k, ut, u_stride);
+      for (; k < wp.out; ++k) grad_tile6<T>(ys, k, ut, u_stride);
+    }
   }
 }
 
@@ -486,37 +759,45 @@ inline __attribute__((always_inline)) void filter_gradient(const T* m, int64_t m
 // dW for `count` consecutive pairs of one group: M = the parts' sums added in order (part p's M_ξ of the group
 // at partial + p*part_stride + ξ*m_stride), transformed in vectors of pairs into tap-major rows, which an 8x8
 // register transpose (conv_common.h) turns into the filters' 9 consecutive taps.
-template <typename T, int Bytes>
+template <typename T, int Bytes, int M>
 inline __attribute__((always_inline)) void filter_gradients_body(const T* partial, int64_t parts, int64_t part_stride,
                                                                  int64_t m_stride, int64_t count, T* dw) {
   using V = typename detail::VecOf<T, Bytes>::type;
-  constexpr int64_t L = Bytes / sizeof(T);
-  alignas(64) T m[16 * L], taps[9 * L];
+  constexpr int64_t L = Bytes / sizeof(T), P = (M + 2) * (M + 2);
+  const auto filter_gradients = [](auto lane, const T* m, int64_t m_stride, T* out, int64_t out_stride) {
+    using W = decltype(lane);
+    if constexpr (M == 2) {
+      filter_gradient<W>(m, m_stride, 0, out, out_stride);
+    } else {
+      filter_gradient6<W>(m, m_stride, 0, out, out_stride);
+    }
+  };
+  alignas(64) T m[P * L], taps[9 * L];
   int64_t e = 0;
   for (; e + L <= count; e += L) {
-    for (int xi = 0; xi < 16; ++xi) {
+    for (int xi = 0; xi < P; ++xi) {
       V sum = load_as<V>(partial + xi * m_stride + e);
       for (int64_t p = 1; p < parts; ++p) sum += load_as<V>(partial + p * part_stride + xi * m_stride + e);
       store_as(m + xi * L, sum);
     }
-    filter_gradient<V>(m, L, 0, taps, L);
+    filter_gradients(V{}, m, L, taps, L);
     transpose_body(taps, L, 9, L, dw + e * 9, 9);
   }
   for (; e < count; ++e) {
-    for (int xi = 0; xi < 16; ++xi) {
+    for (int xi = 0; xi < P; ++xi) {
       T sum = partial[xi * m_stride + e];
       for (int64_t p = 1; p < parts; ++p) sum += partial[p * part_stride + xi * m_stride + e];
       m[xi] = sum;
     }
-    filter_gradient<T>(m, 1, 0, dw + e * 9, 1);
+    filter_gradients(T{}, m, 1, dw + e * 9, 1);
   }
 }
 
-}  // namespace
-
-template <typename T>
-void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
-  const int64_t tiles = wp.n * ceil_div(wp.out_h, 2) * ceil_div(wp.out_w, 2);
+// winograd_3x3_wgrad by F(3x3, M x M): P = (M + 2)² GEMMs.
+template <typename T, int M>
+void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
   // GEMM per ξ: M_ξ[out × in] += U_ξ[out × tiles] · V_ξ[tiles × in], both read in place: U_ξ's columns are the
   // rows of the transform's tile × out array.
@@ -528,23 +809,23 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
   // many channels, shorter runs spend more on M than on the products). The runs are as many per thread (a
   // multiple of the threads, as near that budget as may be), so the threads' shares of tiles are equal: 196 tiles
   // as 64 + 64 | 64 + 4 kept one thread waiting for half its time.
-  const int64_t budget = std::max<int64_t>(64, kScratchBytes / (16 * int64_t(sizeof(T)) * (ldv + ldu)));
+  const int64_t budget = std::max<int64_t>(64, kScratchBytes / (P * int64_t(sizeof(T)) * (ldv + ldu)));
   const int64_t per_thread = std::max<int64_t>(1, (tiles + threads * budget / 2) / (threads * budget));
   const int64_t run = ceil_div(tiles, std::min(tiles, threads * per_thread));
   const int64_t chunks = ceil_div(tiles, run), items = wp.groups * chunks;
   const int64_t parts = std::min<int64_t>(threads, items);
-  // Part p sums the items [items*p/parts, items*(p+1)/parts) into its own M (every group's 16 blocks), and the parts
+  // Part p sums the items [items*p/parts, items*(p+1)/parts) into its own M (every group's P blocks), and the parts
   // are added in order at the end: the result depends on the thread count only, not on the schedule.
-  const int64_t m_size = wp.groups * 16 * wp.out * wp.in;
+  const int64_t m_size = wp.groups * P * wp.out * wp.in;
   // Scratch (scratch.h): a part's first item of a group writes its M (the GEMMs without accumulating), and the
   // groups a part has no item of are zeroed; V's padding columns (in..ldv) feed only M columns past `in`, never
   // stored; U and V rows past an item's tiles are never read.
   T* const partial = slot_scratch<T>(0, parts * m_size);
-  const PerThread<T> vs(1, parts, 16 * run * ldv), us(2, parts, 16 * run * ldu);
+  const PerThread<T> vs(1, parts, P * run * ldv), us(2, parts, P * run * ldu);
   const std::vector<int64_t> v_rows = row_offsets(run, ldv);
-  const auto transforms = by_isa(&PerIsa<&wgrad_transforms_body<T, 64>>::avx512,
-                                 &PerIsa<&wgrad_transforms_body<T, 32>>::avx2,
-                                 &PerIsa<&wgrad_transforms_body<T, 16>>::portable);
+  const auto transforms = by_isa(&PerIsa<&wgrad_transforms_body<T, 64, M>>::avx512,
+                                 &PerIsa<&wgrad_transforms_body<T, 32, M>>::avx2,
+                                 &PerIsa<&wgrad_transforms_body<T, 16, M>>::portable);
 
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t p = 0; p < parts; ++p) {
@@ -557,12 +838,12 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
       const int64_t g = item / chunks, t0 = item % chunks * run, t1 = std::min(tiles, t0 + run);
       const bool accumulate = item > first && (item - 1) / chunks == g;
       transforms(wp, x, dy, g, t0, t1, zeros.data(), v, run * ldv, ldv, u, run * ldu, ldu);
-      for (int64_t xi = 0; xi < 16; ++xi) {
+      for (int64_t xi = 0; xi < P; ++xi) {
         gemm_a_in_place(uk, wp.out, wp.in, t1 - t0, u + xi * run * ldu, ldu, v + xi * run * ldv,
-                        v_rows.data(), acc + (g * 16 + xi) * wp.out * wp.in, wp.in, accumulate, Pad::kB);
+                        v_rows.data(), acc + (g * P + xi) * wp.out * wp.in, wp.in, accumulate, Pad::kB);
       }
     }
-    const int64_t group_size = 16 * wp.out * wp.in;
+    const int64_t group_size = P * wp.out * wp.in;
     for (int64_t g = 0; g < wp.groups; ++g) {
       const bool touched = first < last && g >= first / chunks && g <= (last - 1) / chunks;
       if (!touched) std::fill_n(acc + g * group_size, group_size, T(0));
@@ -572,20 +853,30 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
   // The pairs in blocks of 256 per group, across the threads.
   constexpr int64_t kPairs = 256;
   const int64_t pairs = wp.out * wp.in, blocks = ceil_div(pairs, kPairs);
-  const auto finish = by_isa(&PerIsa<&filter_gradients_body<T, 64>>::avx512,
-                             &PerIsa<&filter_gradients_body<T, 32>>::avx2,
-                             &PerIsa<&filter_gradients_body<T, 16>>::portable);
+  const auto finish = by_isa(&PerIsa<&filter_gradients_body<T, 64, M>>::avx512,
+                             &PerIsa<&filter_gradients_body<T, 32, M>>::avx2,
+                             &PerIsa<&filter_gradients_body<T, 16, M>>::portable);
 #pragma omp parallel for num_threads(threads)
   for (int64_t gb = 0; gb < wp.groups * blocks; ++gb) {
     const int64_t g = gb / blocks, e0 = gb % blocks * kPairs;
-    finish(partial + g * 16 * pairs + e0, parts, m_size, pairs, std::min(kPairs, pairs - e0),
+    finish(partial + g * P * pairs + e0, parts, m_size, pairs, std::min(kPairs, pairs - e0),
            dw + (g * pairs + e0) * 9);
   }
 }
 
-template void winograd_3x3<float>(const Winograd3x3&, const float*, const float*, bool, const float*, float*);
-template void winograd_3x3<double>(const Winograd3x3&, const double*, const double*, bool, const double*, double*);
-template void winograd_3x3_wgrad<float>(const Winograd3x3&, const float*, const float*, float*);
-template void winograd_3x3_wgrad<double>(const Winograd3x3&, const double*, const double*, double*);
+}  // namespace
+
+template <typename T>
+void winograd_3x3_wgrad(const Winograd3x3& wp, int64_t tile, const T* dy, const T* x, T* dw) {
+  TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4, "cnn_ext: Winograd has no F(3x3, ", tile, "x", tile, ")");
+  return tile == 2 ? winograd_wgrad_tiles<T, 2>(wp, dy, x, dw) : winograd_wgrad_tiles<T, 4>(wp, dy, x, dw);
+}
+
+template void winograd_3x3<float>(const Winograd3x3&, int64_t, const float*, const float*, bool, const float*,
+                                  float*);
+template void winograd_3x3<double>(const Winograd3x3&, int64_t, const double*, const double*, bool, const double*,
+                                   double*);
+template void winograd_3x3_wgrad<float>(const Winograd3x3&, int64_t, const float*, const float*, float*);
+template void winograd_3x3_wgrad<double>(const Winograd3x3&, int64_t, const double*, const double*, double*);
 
 }  // namespace cnn_ext::cpu

@@ -1,6 +1,6 @@
-// Winograd F(2x2, 3x3) for stride-1, undilated 3x3 convolutions (Lavin & Gray, "Fast Algorithms for Convolutional
-// Neural Networks", 2016): each 2x2 block of outputs is computed from a 4x4 tile of input with 16 multiplications
-// per (input, output) channel pair instead of 36, i.e. 2.25x fewer.
+// Winograd F(2x2, 3x3) and F(4x4, 3x3) for stride-1, undilated 3x3 convolutions (Lavin & Gray, "Fast Algorithms
+// for Convolutional Neural Networks", 2016): in F(2x2, 3x3) each 2x2 block of outputs is computed from a 4x4 tile
+// of input with 16 multiplications per (input, output) channel pair instead of 36, i.e. 2.25x fewer.
 //
 //   Y = Aᵀ [ Σ_c (G g_kc Gᵀ) ⊙ (Bᵀ d_c B) ] A
 //
@@ -9,13 +9,25 @@
 //        | 0 -1  1  0 |       | 1/2 -1/2  1/2 |
 //        | 0  1  0 -1 |       |  0    0    1  |
 //
-// The sum over channels is, for each of the 16 positions ξ of the transformed tile, one GEMM:
-// M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], on gemm.h's micro-kernels with U_ξ transformed once per call
-// into packed panels, or, where the output channels outnumber twice the tiles, block by block of output channels
-// by the threads that use them (in place).
+// The sum over channels is, for each of the 16 positions ξ of the transformed tile (36 in F(4x4, 3x3)), one GEMM:
+// M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], on gemm.h's micro-kernels with U_ξ transformed once per
+// call into packed panels, or, where the output channels outnumber twice the tiles, block by block of output
+// channels by the threads that use them (in place).
 // An item is (group, a run of tile rows across images, a block of output channels): its input rows are copied
 // into zero-padded windows (conv_common.h's copy_window), transformed into V (16 × in × tiles), multiplied, and
 // transformed back into the output rows. Items write disjoint outputs, so results do not depend on the schedule.
+//
+// F(4x4, 3x3) computes each 4x4 block of outputs from a 6x6 tile with 36 multiplications instead of 144 (4x fewer;
+// 1.78x fewer than F(2x2, 3x3)), through 36 GEMMs, with the interpolation points 0, ±1, 1/2, -2 (Barabasz et al.,
+// "Error analysis and improving the accuracy of Winograd convolution for deep neural networks", 2020) instead of
+// the usual 0, ±1, ±2, which measured 2-3x less float32 error here:
+//
+//   Bᵀ = | 1  -3/2   -2   3/2  1  0 |   G = |    1      0      0   |   Aᵀ = | 1  1  1   1    1  0 |
+//        | 0    1   -5/2  1/2  1  0 |       |  -1/3    1/3  -1/3  |        | 0 -1  1  1/2  -2  0 |
+//        | 0   -1    1/2  5/2  1  0 |       |   1/3    1/3   1/3  |        | 0  1  1  1/4   4  0 |
+//        | 0   -2    -1    2   1  0 |       | -16/15 -8/15 -4/15  |        | 0 -1  1  1/8  -8  1 |
+//        | 0   1/2   -1  -1/2  1  0 |       |  1/15  -2/15  4/15  |
+//        | 0    1   -3/2  -2  3/2 1 |       |    0      0     1   |
 //
 // The same routine serves the input gradient of a stride-1 3x3 convolution with padding <= 2: dX is the
 // convolution of dY with the kernel flipped and its channel axes swapped, padded by 2 - pad (flip = true).
@@ -28,8 +40,10 @@
 // so the sum over tiles and images is, per ξ, one GEMM with the tiles as its reduction: M_ξ[out × in] =
 // U_ξ[out × tiles] · V_ξ[tiles × in]. Its transforms run along the channels of channels-last copies of x and dY.
 //
-// Error: the transforms' coefficients are ±1 and ±1/2, so the float32 error stays within a small multiple of the
-// direct product's; tests/test_winograd.py measures it against float64 per shape class (README "CPU kernels").
+// Error: F(2x2, 3x3)'s coefficients are ±1 and ±1/2, so its float32 error stays within a small multiple of the
+// direct product's; F(4x4, 3x3)'s larger coefficients cancel more (about 4-6x the direct product's error, a tenth
+// of the suite's float32 tolerance); tests/test_winograd.py measures both against float64 per shape class (README
+// "CPU kernels").
 #pragma once
 
 #include <cstdint>
@@ -42,15 +56,16 @@ struct Winograd3x3 {
   int64_t n, groups, in, out, in_h, in_w, out_h, out_w, pad_h, pad_w;
 };
 
-// dst = conv(src, weights) (+ bias[channel]). Without flip, weights are K × in × 3 × 3 (K = groups*out, the
-// fprop layout); with flip they are the fprop weights of the convolution whose input gradient this computes:
-// (groups*in) × out × 3 × 3, read transposed and rotated by 180 degrees.
+// dst = conv(src, weights) (+ bias[channel]) by F(tile x tile, 3x3), tile 2 or 4. Without flip, weights are
+// K × in × 3 × 3 (K = groups*out, the fprop layout); with flip they are the fprop weights of the convolution whose
+// input gradient this computes: (groups*in) × out × 3 × 3, read transposed and rotated by 180 degrees.
 template <typename T>
-void winograd_3x3(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst);
+void winograd_3x3(const Winograd3x3& wp, int64_t tile, const T* src, const T* weights, bool flip, const T* bias,
+                  T* dst);
 
-// dw (K × in × 3 × 3) = the weight gradient of that convolution, from channels-last dY (n × out_h × out_w × K)
-// and x (n × in_h × in_w × groups*in).
+// dw (K × in × 3 × 3) = the weight gradient of that convolution by F(3x3, tile x tile), tile 2 or 4, from
+// channels-last dY (n × out_h × out_w × K) and x (n × in_h × in_w × groups*in).
 template <typename T>
-void winograd_3x3_wgrad(const Winograd3x3& wp, const T* dy_nhwc, const T* x_nhwc, T* dw);
+void winograd_3x3_wgrad(const Winograd3x3& wp, int64_t tile, const T* dy_nhwc, const T* x_nhwc, T* dw);
 
 }  // namespace cnn_ext::cpu
