@@ -1,7 +1,7 @@
 """Benchmark cnn_ext's operators and an MNIST training step against torch's built-ins.
 
     python -m benchmarks.run [--device cpu|cuda] [--ops conv,pool,train,models] [--quick] [--json PATH] [--plot PATH]
-                             [--repeat N] [--threads N] [--cpu-peak-gflops X]
+                             [--repeat N] [--threads N] [--cpu-peak-gflops X] [--float32-matmul-precision P]
 
 Every row is validated against torch before it is timed, then ours and torch's are timed interleaved (see
 timing.py). CPU: torch.utils.benchmark.Timer with torch's threads (or --threads). GPU: CUDA events around each op
@@ -48,6 +48,10 @@ def parse_args(argv):
     parser.add_argument("--cpu-peak-gflops", type=float, default=cases.CPU_PEAK_FLOPS / 1e9,
                         help="the whole CPU's fp32 peak, for the %% of peak column; scaled by the share of CPUs "
                              "used (default: %(default)s, MKL sgemm measured on the 2-core development machine)")
+    parser.add_argument("--float32-matmul-precision", choices=("highest", "high", "medium"), default="highest",
+                        help="torch.set_float32_matmul_precision for the run (CPU only): below 'highest' our 3x3 "
+                             "convolutions may take Winograd's 4x4 tiles (float32 error about 2.5e-6 of the outputs' "
+                             "scale); torch's CPU convolutions stay IEEE float32 (torch.backends.mkldnn.conv)")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.ops.split(",") if s.strip()]
     unknown = set(args.sections) - set(SECTIONS)
@@ -55,6 +59,8 @@ def parse_args(argv):
         parser.error(f"--ops: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU is visible")
+    if args.device == "cuda" and args.float32_matmul_precision != "highest":
+        parser.error("--float32-matmul-precision: CUDA rows compare IEEE float32 (TF32 off)")
     return args
 
 
@@ -62,6 +68,7 @@ def main(argv=None):
     args = parse_args(argv)
     device, quick = args.device, args.quick
     torch.manual_seed(0)
+    torch.set_float32_matmul_precision(args.float32_matmul_precision)
     if args.threads:
         torch.set_num_threads(args.threads)
     if device == "cuda":
@@ -84,6 +91,7 @@ def main(argv=None):
               "batches": {f"{d}/{family}": n for (d, family), n in
                           (cases.QUICK_BATCH if quick else cases.BATCH).items() if d == device},
               "train_batch": cases.TRAIN_BATCH, "cpu_peak_gflops_used": settings.cpu_peak_flops / 1e9,
+              "float32_matmul_precision": args.float32_matmul_precision,
               "timing": "CUDA events, L2 flushed per call (train step: wall clock)" if device == "cuda"
               else "torch.utils.benchmark.Timer, interleaved blocks"}
     print("machine: " + ", ".join(f"{k}={v}" for k, v in machine.items()))
