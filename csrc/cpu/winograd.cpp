@@ -435,10 +435,10 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   // of image R / tp), so that small images still make long GEMMs, and a block of output channels. Its tiles are
   // the GEMMs' columns: about a multiple of the micro-kernel's width, with V and M (P × (in + out) × tiles) within
   // about 2 MiB, but at least that width (4x4 tiles with 256 channels each side: 28 tiles measured 3-5% slower
-  // than 64, each item re-reading U's 9 MiB). The output channels are split only where they outnumber twice the tiles (U, P × in × out, then
-  // outweighs V, P × in × tiles): into blocks of 64 or more, enough for two items per thread and U's blocks
-  // within about 1 MiB each, which each thread transforms where its items use them. Where there are still fewer
-  // than two items per thread, the runs are shortened.
+  // than 64, each item re-reading U's 9 MiB). The output channels are split only where they outnumber twice the
+  // tiles (U, P × in × out, then outweighs V, P × in × tiles): into blocks of 64 or more, enough for two items per
+  // thread and U's blocks within about 1 MiB each, which each thread transforms where its items use them. Where
+  // there are still fewer than two items per thread, the runs are shortened.
   const int64_t total_rows = wp.n * tp;
   const int64_t nr_guess = 64 / int64_t(sizeof(T)) * 4;  // the AVX-512 6x4 micro-kernel's columns
   const int64_t budget = std::max(nr_guess, 4 * kScratchBytes / (P * int64_t(sizeof(T)) * (wp.in + wp.out)));
