@@ -110,8 +110,8 @@ def test_results_for_1_2_and_3_threads(threads):
 
 # Shapes whose calls take the kernels that keep scratch from call to call (csrc/cpu/scratch.h): Winograd (all three
 # directions), the implicit products and dcol, the transposed, dot-tile and GEMM weight gradients.
-SCRATCH_CASES = [((2, 48, 28, 28), (48, 48, 3, 3), 1, 1),   # Winograd
-                 ((1, 256, 14, 14), (256, 256, 3, 3), 1, 1),  # Winograd on 49 tiles: output channels split
+SCRATCH_CASES = [((2, 48, 28, 28), (48, 48, 3, 3), 1, 1),   # Winograd, 4x4 tiles (float64 takes them)
+                 ((1, 256, 14, 14), (256, 256, 3, 3), 1, 1),  # 2x2 tiles on 49 tiles: output channels split
                  ((1, 3, 40, 40), (32, 3, 7, 7), 2, 3),     # implicit (stride phases), transposed wgrad
                  ((1, 64, 7, 7), (64, 64, 3, 3), 1, 0),     # implicit, dcol, GEMM wgrad
                  ((2, 8, 12, 12), (16, 8, 3, 3), 1, 1),     # dot-tile wgrad
