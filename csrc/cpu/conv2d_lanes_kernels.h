@@ -528,7 +528,9 @@ void conv2d_forward(const ConvShape<int64_t>& cs, const float* x, const float* w
   const std::vector<float> wt = pack_taps(g, w);
   const int64_t rows = rows_per_item(ceil_div(g.n, L), g.p), x_rows = g.in_end(rows) - g.in_begin(0);
   const int threads = at::get_num_threads();
-  const PerThread<float> x_ts(0, threads, g.c * x_rows * g.wp * L), y_ts(1, threads, g.k * rows * g.q * L + kSlack);
+  CallScratch scratch;
+  const auto x_ts = scratch.per_thread<float>(threads, g.c * x_rows * g.wp * L);
+  const auto y_ts = scratch.per_thread<float>(threads, g.k * rows * g.q * L + kSlack);
   for_each_item(g.n, g.p, rows, [&](int64_t n0, int64_t nb, int64_t p0, int64_t p1) {
     float* x_t = x_ts.get();
     float* y_t = y_ts.get();
@@ -554,9 +556,11 @@ void conv2d_maxpool_relu(const ConvShape<int64_t>& cs, const PoolShape<int64_t>&
   const int64_t x_rows = g.in_end(rows_cap) - g.in_begin(0);
   const int64_t out_plane = ps.p * ps.q;
   const int threads = at::get_num_threads();
-  const PerThread<float> x_ts(0, threads, g.c * x_rows * g.wp * L), y_ts(1, threads, g.k * rows_cap * g.q * L);
-  const PerThread<float> out_ts(2, threads, g.k * urows * ps.q * L + kSlack);
-  const PerThread<int32_t> idx_ts(3, threads, g.k * urows * ps.q * L + kSlack);
+  CallScratch scratch;
+  const auto x_ts = scratch.per_thread<float>(threads, g.c * x_rows * g.wp * L);
+  const auto y_ts = scratch.per_thread<float>(threads, g.k * rows_cap * g.q * L);
+  const auto out_ts = scratch.per_thread<float>(threads, g.k * urows * ps.q * L + kSlack);
+  const auto idx_ts = scratch.per_thread<int32_t>(threads, g.k * urows * ps.q * L + kSlack);
   for_each_item(g.n, ps.p, urows, [&](int64_t n0, int64_t nb, int64_t u0, int64_t u1) {
     float* x_t = x_ts.get();
     float* y_t = y_ts.get();
@@ -582,8 +586,9 @@ void conv2d_backward_input(const ConvShape<int64_t>& cs, const float* dy, const 
   const int64_t left = (g.s - 1) * g.dil_w, dy_cols = g.w + g.pad_w + 2 * left;
   const int64_t dy_rows_cap = std::min(g.p, rows + (g.r - 1) * g.dil_h);
   const int threads = at::get_num_threads();
-  const PerThread<float> dy_ts(0, threads, g.k * dy_rows_cap * dy_cols * L);
-  const PerThread<float> dx_ts(1, threads, g.c * rows * g.w * L + kSlack);
+  CallScratch scratch;
+  const auto dy_ts = scratch.per_thread<float>(threads, g.k * dy_rows_cap * dy_cols * L);
+  const auto dx_ts = scratch.per_thread<float>(threads, g.c * rows * g.w * L + kSlack);
   for_each_item(g.n, g.h, rows, [&](int64_t n0, int64_t nb, int64_t h0, int64_t h1) {
     float* dy_t = dy_ts.get();
     float* dx_t = dx_ts.get();
@@ -601,8 +606,10 @@ void conv2d_backward_weight(const ConvShape<int64_t>& cs, const float* dy, const
   const int64_t rows = rows_per_item(ceil_div(g.n, L), g.p), size = g.k * g.c * g.r * g.s;
   const int64_t x_rows = g.in_end(rows) - g.in_begin(0);
   const int64_t threads = at::get_num_threads();
-  const PerThread<float> partial(0, threads, size * L);
-  const PerThread<float> x_ts(1, threads, g.c * x_rows * g.wp * L), dy_ts(2, threads, g.k * rows * g.q * L);
+  CallScratch scratch;
+  const auto partial = scratch.per_thread<float>(threads, size * L);
+  const auto x_ts = scratch.per_thread<float>(threads, g.c * x_rows * g.wp * L);
+  const auto dy_ts = scratch.per_thread<float>(threads, g.k * rows * g.q * L);
   for_each_share(
       threads, g.n, g.p, rows, [&](int64_t t) { std::fill_n(partial.slice(t), size * L, 0.0f); },
       [&](int64_t t, int64_t n0, int64_t nb, int64_t p0, int64_t p1) {
@@ -631,13 +638,16 @@ bool conv2d_maxpool_relu_backward(const ConvShape<int64_t>& cs, const PoolShape<
   const int64_t threads = at::get_num_threads();
   // Whole blocks per item (dY_t is built once per block); wgrad and bias partials per share, as in
   // conv2d_backward_weight.
-  const PerThread<float> partial_w(0, threads, dw != nullptr ? g.k * crs * L : 0);
-  const PerThread<float> partial_b(1, threads, db != nullptr ? g.k * L : 0);
+  CallScratch scratch;
+  const auto partial_w = scratch.per_thread<float>(threads, dw != nullptr ? g.k * crs * L : 0);
+  const auto partial_b = scratch.per_thread<float>(threads, db != nullptr ? g.k * L : 0);
   std::atomic<bool> placed{true};
-  const PerThread<float> go_ts(2, threads, pooled * L), out_ts(3, threads, pooled * L), idx_ts(4, threads, pooled * L);
-  const PerThread<float> dy_ts(5, threads, g.k * g.p * dy_cols * L);
-  const PerThread<float> x_ts(6, threads, dw != nullptr ? g.c * x_rows * g.wp * L : 0);
-  const PerThread<float> dx_ts(7, threads, dx != nullptr ? g.c * g.h * g.w * L + kSlack : 0);
+  const auto go_ts = scratch.per_thread<float>(threads, pooled * L);
+  const auto out_ts = scratch.per_thread<float>(threads, pooled * L);
+  const auto idx_ts = scratch.per_thread<float>(threads, pooled * L);
+  const auto dy_ts = scratch.per_thread<float>(threads, g.k * g.p * dy_cols * L);
+  const auto x_ts = scratch.per_thread<float>(threads, dw != nullptr ? g.c * x_rows * g.wp * L : 0);
+  const auto dx_ts = scratch.per_thread<float>(threads, dx != nullptr ? g.c * g.h * g.w * L + kSlack : 0);
   for_each_share(
       threads, g.n, g.p, g.p,
       [&](int64_t t) {

@@ -469,18 +469,21 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
 
 // Every implicit item of a pass, (group, part of the m planes, image, chunk of rows), across the threads, each
 // thread with its own window and product buffers. Group g of image img reads src_of(img, g) and writes the m planes
-// at dst_of(img, g), with a + g*a_panel as its A operand (m × K_gemm) and bias + g*m (if any) added. The planes go in m_parts parts of whole micro-kernel row panels.
+// at dst_of(img, g), with a + g*a_panel as its A operand (m × K_gemm) and bias + g*m (if any) added. The planes go
+// in m_parts parts of whole micro-kernel row panels. Its buffers come from the caller's `scratch`.
 template <typename T, typename SrcOf, typename DstOf>
 void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>& uk, int64_t m, int64_t m_parts,
-                        MatrixA<T> a, int64_t a_panel, SrcOf src_of, DstOf dst_of, const T* bias) {
+                        MatrixA<T> a, int64_t a_panel, SrcOf src_of, DstOf dst_of, const T* bias,
+                        CallScratch& scratch) {
   const int64_t m_chunk = detail::round_up(ceil_div(m, m_parts), uk.mr), m_chunks = ceil_div(m, m_chunk);
   const int64_t chunks = win.items(), items = cv.n * cv.groups * m_chunks * chunks;
   const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
   // Scratch (scratch.h): the products' columns are independent, so what the windows' slack holds reaches only
   // the wasted product columns, never the output.
   const int threads = num_threads();
-  const PerThread<T> windows(0, threads, win.source_rows.empty() ? win.buffer_size() : 0);
-  const PerThread<T> products(1, threads, win.cols == win.out_w ? 0 : std::min(m, m_chunk) * win.product_ld(uk.nr));
+  const auto windows = scratch.per_thread<T>(threads, win.source_rows.empty() ? win.buffer_size() : 0);
+  const auto products =
+      scratch.per_thread<T>(threads, win.cols == win.out_w ? 0 : std::min(m, m_chunk) * win.product_ld(uk.nr));
 #pragma omp parallel num_threads(threads)
   {
     T* const window = windows.get();

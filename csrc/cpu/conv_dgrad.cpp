@@ -35,14 +35,15 @@ void conv2d_backward_input_implicit(const Conv& cv, const T* dy, const T* w, T* 
   // A 1x1 kernel's A_g = W_g^T, element (c, k) at w[(g*Kg + k)*Cg + c], is read in place. Otherwise A_g is packed
   // straight from W, read in memory order (a row of W, (g, k), goes to one slice of every panel) and spread across
   // the threads: batch 1 with many channels packs megabytes per call. Every element is written, so the buffer
-  // (scratch.h's slot 2: run_implicit_items holds 0 and 1) needs no zeroing.
+  // (scratch.h) needs no zeroing.
+  CallScratch scratch;
   MatrixA<T> a{w, MatrixA<T>::kColumns, cv.cg};
   int64_t a_panel = cv.kg * cv.cg;
   if (cv.rs != 1) {
     const int mr = uk.mr;
     const int64_t a_k = cv.kg * cv.rs;
     a_panel = packed_a_size(cv.cg, a_k, mr);
-    T* const a_packed = slot_scratch<T>(2, cv.groups * a_panel);
+    T* const a_packed = scratch.whole<T>(cv.groups * a_panel);
     a = {a_packed, MatrixA<T>::kPacked, 0};
 #pragma omp parallel for num_threads(num_threads()) schedule(static)
     for (int64_t gk = 0; gk < cv.groups * cv.kg; ++gk) {
@@ -60,7 +61,7 @@ void conv2d_backward_input_implicit(const Conv& cv, const T* dy, const T* w, T* 
       cv, win, uk, cv.cg, split.m_parts, a, a_panel,
       [&](int64_t img, int64_t g) { return dy + (img * cv.k + g * cv.kg) * cv.pq; },
       [&](int64_t img, int64_t g) { return dx + (img * cv.c + g * cv.cg) * cv.hw; },
-      static_cast<const T*>(nullptr));
+      static_cast<const T*>(nullptr), scratch);
 }
 
 // The A operand of the col2im forms (explicit and dcol) for input channels [c0, ...) of group g: W_g^T read in
@@ -87,7 +88,8 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
 
 
   const int64_t items = cv.n * cv.groups * channel_chunks;
-  const PerThread<T> dcols(0, threads, rows * width);  // scratch.h; every element written by the GEMM
+  CallScratch scratch;
+  const auto dcols = scratch.per_thread<T>(threads, rows * width);  // scratch.h; every element written by the GEMM
 #pragma omp parallel num_threads(threads)
   {
     T* const dcol = dcols.get();
@@ -143,7 +145,9 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
   const int64_t items = cv.n * cv.groups * d.channel_chunks;
   const int threads = num_threads();
   // Scratch (scratch.h): dcol is written by the GEMM, the padded plane zeroed per channel below.
-  const PerThread<T> dcols(0, threads, rows * cv.pq), dxps(1, threads, padded ? d.hp * d.wp : 0);
+  CallScratch scratch;
+  const auto dcols = scratch.per_thread<T>(threads, rows * cv.pq);
+  const auto dxps = scratch.per_thread<T>(threads, padded ? d.hp * d.wp : 0);
 #pragma omp parallel num_threads(threads)
   {
     T* const dcol = dcols.get();

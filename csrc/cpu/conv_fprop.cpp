@@ -30,10 +30,11 @@ void conv2d_forward_implicit(const Conv& cv, const T* x, const T* w, const T* bi
                                              cv.kg * cv.crs * sizeof(T));
   const Window win(cv, false, split.rows);
   const MicroKernel<T> uk = pick_micro_kernel<T>(ceil_div(cv.kg, split.m_parts), win.rows_per_item * win.cols);
+  CallScratch scratch;
   run_implicit_items(
       cv, win, uk, cv.kg, split.m_parts, MatrixA<T>{w, MatrixA<T>::kRows, cv.crs}, cv.kg * cv.crs,
       [&](int64_t img, int64_t g) { return x + (img * cv.c + g * cv.cg) * cv.hw; },
-      [&](int64_t img, int64_t g) { return y + (img * cv.k + g * cv.kg) * cv.pq; }, bias);
+      [&](int64_t img, int64_t g) { return y + (img * cv.k + g * cv.kg) * cv.pq; }, bias, scratch);
 }
 
 template <typename T>

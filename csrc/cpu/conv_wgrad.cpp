@@ -119,9 +119,11 @@ void conv2d_backward_weight_dot_tiles(const Conv& cv, const T* dy, const T* x, T
 
   // Scratch (scratch.h), zeroed: the dot tiles multiply the slack (and stale windows past a short last chunk) by
   // the zero columns of dY', so those must hold finite values (not what an earlier call left).
-  T* const partial = slot_scratch<T>(0, parts * weight_numel);
+  CallScratch scratch;
+  T* const partial = scratch.whole<T>(parts * weight_numel);
   std::fill_n(partial, parts * weight_numel, T(0));
-  const PerThread<T> all_windows(1, parts, batch * seg_x + win.slack()), all_dy_windows(2, parts, batch * seg_dy);
+  const auto all_windows = scratch.per_thread<T>(parts, batch * seg_x + win.slack());
+  const auto all_dy_windows = scratch.per_thread<T>(parts, batch * seg_dy);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
     T* const windows = all_windows.slice(t);
@@ -194,10 +196,11 @@ void conv2d_backward_weight_gemm(const Conv& cv, const T* dy, const T* xn, T* dw
   // Every part has positions (or all of them), and its first GEMM stores rather than adds: no zeroing pass.
   TORCH_INTERNAL_ASSERT(total > 0, "empty inputs are answered before the kernels");
   // Scratch (scratch.h): colT's padding columns feed only the GEMM's columns past CgRS, never stored.
-  T* const partial = slot_scratch<T>(0, by_channels ? 0 : parts * weight_numel);
+  CallScratch scratch;
+  T* const partial = scratch.whole<T>(by_channels ? 0 : parts * weight_numel);
   // A 1x1 kernel without padding: colT's rows are the channels-last input's own, read in place at x_rows.
   const bool in_place = cv.rs == 1 && cv.pad_h == 0 && cv.pad_w == 0;
-  const PerThread<T> col_ts(1, parts, in_place ? 0 : step * col_ld + 64 / sizeof(T));
+  const auto col_ts = scratch.per_thread<T>(parts, in_place ? 0 : step * col_ld + 64 / sizeof(T));
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
     T* const col_t = col_ts.slice(t);
@@ -305,9 +308,11 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
   const int64_t block = cv.crs * cv.kg;  // one group's dWᵀ
   const int64_t channel_span = win.span() / win.channels;  // one channel's windows
   const std::vector<int64_t> dy_t_rows = row_offsets(win.rows_per_item * cols, ld);
-  T* const partial = slot_scratch<T>(0, (by_channels ? 1 : parts) * cv.groups * block);
+  CallScratch scratch;
+  T* const partial = scratch.whole<T>((by_channels ? 1 : parts) * cv.groups * block);
   const int64_t window_size = in_place ? 0 : (by_channels ? channel_chunk : cv.cg) * channel_span + win.slack();
-  const PerThread<T> all_windows(1, parts, window_size), dy_ts(2, parts, win.rows_per_item * cols * ld);
+  const auto all_windows = scratch.per_thread<T>(parts, window_size);
+  const auto dy_ts = scratch.per_thread<T>(parts, win.rows_per_item * cols * ld);
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t t = 0; t < parts; ++t) {
     const int64_t c0 = by_channels ? t * channel_chunk : 0;

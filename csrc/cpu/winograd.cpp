@@ -466,7 +466,8 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   // Without a split, U is transformed once, before the items, into pack_a's panels (a packed A reads faster than
   // one in place: 10-30% on these GEMMs); split, each thread transforms its blocks of U, read in place.
   const int64_t u_panel = packed_a_size(wp.out, wp.in, uk.mr);
-  const PerThread<T> us(0, split ? threads : 1, P * (split ? block * wp.in : wp.groups * u_panel));
+  CallScratch scratch;
+  const auto us = scratch.per_thread<T>(split ? threads : 1, P * (split ? block * wp.in : wp.groups * u_panel));
   if (!split) transform_weights<T, M>(wp, weights, flip, uk.mr, us.slice(0));
   const std::vector<int64_t> v_rows = row_offsets(wp.in, ld);
   // V's P blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
@@ -479,9 +480,11 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   const auto in_fn = Transforms<T, M>::input(bytes);
   const auto out_fn = Transforms<T, M>::output(bytes);
 
-  const PerThread<T> windows(1, threads, win_rows * win_cols + slack), rings(2, threads, P * n);
-  const PerThread<T> lines(3, threads, M * M * n), vs(4, threads, P * v_stride + slack);
-  const PerThread<T> ms(5, threads, P * m_stride + slack);
+  const auto windows = scratch.per_thread<T>(threads, win_rows * win_cols + slack);
+  const auto rings = scratch.per_thread<T>(threads, P * n);
+  const auto lines = scratch.per_thread<T>(threads, M * M * n);
+  const auto vs = scratch.per_thread<T>(threads, P * v_stride + slack);
+  const auto ms = scratch.per_thread<T>(threads, P * m_stride + slack);
 #pragma omp parallel num_threads(threads)
   {
     T* const window = windows.get();
@@ -821,8 +824,10 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw)
   // Scratch (scratch.h): a part's first item of a group writes its M (the GEMMs without accumulating), and the
   // groups a part has no item of are zeroed; V's padding columns (in..ldv) feed only M columns past `in`, never
   // stored; U and V rows past an item's tiles are never read.
-  T* const partial = slot_scratch<T>(0, parts * m_size);
-  const PerThread<T> vs(1, parts, P * run * ldv), us(2, parts, P * run * ldu);
+  CallScratch scratch;
+  T* const partial = scratch.whole<T>(parts * m_size);
+  const auto vs = scratch.per_thread<T>(parts, P * run * ldv);
+  const auto us = scratch.per_thread<T>(parts, P * run * ldu);
   const std::vector<int64_t> v_rows = row_offsets(run, ldv);
   const auto transforms = by_isa(&PerIsa<&wgrad_transforms_body<T, 64, M>>::avx512,
                                  &PerIsa<&wgrad_transforms_body<T, 32, M>>::avx2,
