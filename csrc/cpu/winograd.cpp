@@ -46,97 +46,22 @@ struct Vec : Vector<T, Bytes> {
   static constexpr Mask kZipHigh = zip_high(std::make_index_sequence<kLanes>());
 };
 
-// d B for one window row (x: 2n + 2 readable columns): out[b*n + j] is column b of tile column j's 4-column slice
-// times B, i.e. (x[2j] - x[2j+2], x[2j+1] + x[2j+2], x[2j+2] - x[2j+1], x[2j+1] - x[2j+3]).
-template <typename T, int Bytes>
-inline __attribute__((always_inline)) void columns_times_b(const T* x, int64_t n, T* out) {
-  using W = Vec<T, Bytes>;
-  constexpr int L = W::kLanes;
-  for (int64_t j = 0; j < n; j += L) {
-    const typename W::V lo = W::load(x + 2 * j), hi = W::load(x + 2 * j + L);
-    const typename W::V lo2 = W::load(x + 2 * j + 2), hi2 = W::load(x + 2 * j + 2 + L);
-    const typename W::V x0 = __builtin_shuffle(lo, hi, W::kEvens), x1 = __builtin_shuffle(lo, hi, W::kOdds);
-    const typename W::V x2 = __builtin_shuffle(lo2, hi2, W::kEvens), x3 = __builtin_shuffle(lo2, hi2, W::kOdds);
-    W::store(out + j, x0 - x2);
-    W::store(out + n + j, x1 + x2);
-    W::store(out + 2 * n + j, x2 - x1);
-    W::store(out + 3 * n + j, x1 - x3);
-  }
+// F(2x2, 3x3)'s matrices applied to a column of values (V: a GCC vector, or T). Bᵀ x: (x0 - x2, x1 + x2, x2 - x1,
+// x1 - x3); Aᵀ x: (x0 + x1 + x2, x1 - x2 - x3).
+template <typename V>
+inline __attribute__((always_inline)) void times_bt4(const V (&x)[4], V (&y)[4]) {
+  y[0] = x[0] - x[2];
+  y[1] = x[1] + x[2];
+  y[2] = x[2] - x[1];
+  y[3] = x[1] - x[3];
+}
+template <typename V>
+inline __attribute__((always_inline)) void times_at4(const V (&x)[4], V (&y)[2]) {
+  y[0] = x[0] + x[1] + x[2];
+  y[1] = x[1] - x[2] - x[3];
 }
 
-// Bᵀ d B for every tile of one channel's window (2*tile_rows + 2 rows of 2*tq + 2 columns, plus slack): V_ξ(c, t)
-// at v[ξ*v_stride + t] for tile t = i*tq + j and ξ = 4*a + b (`v` already offset to channel c's row). A row of
-// tiles writes n values from t = i*tq, the excess landing where the next row of tiles (or channel, or the buffer's
-// slack) is written later. `ring` holds 16*n elements: (d B) of the four window rows of a tile row, kept so that
-// each window row is transformed once.
-template <typename T, int Bytes>
-inline __attribute__((always_inline)) void input_transform_f2(const T* window, int64_t tile_rows, int64_t tq,
-                                                              int64_t n, T* v, int64_t v_stride, T* ring) {
-  using W = Vec<T, Bytes>;
-  constexpr int L = W::kLanes;
-  const int64_t cols = 2 * tq + 2;
-  columns_times_b<T, Bytes>(window, n, ring);
-  columns_times_b<T, Bytes>(window + cols, n, ring + 4 * n);
-  for (int64_t i = 0; i < tile_rows; ++i) {
-    const int64_t r = 2 * i;
-    columns_times_b<T, Bytes>(window + (r + 2) * cols, n, ring + ((r + 2) % 4) * 4 * n);
-    columns_times_b<T, Bytes>(window + (r + 3) * cols, n, ring + ((r + 3) % 4) * 4 * n);
-    T* vt = v + i * tq;
-    for (int64_t b = 0; b < 4; ++b) {
-      const T* x0 = ring + (r % 4) * 4 * n + b * n;
-      const T* x1 = ring + ((r + 1) % 4) * 4 * n + b * n;
-      const T* x2 = ring + ((r + 2) % 4) * 4 * n + b * n;
-      const T* x3 = ring + ((r + 3) % 4) * 4 * n + b * n;
-      for (int64_t j = 0; j < n; j += L) {
-        const typename W::V a0 = W::load(x0 + j), a1 = W::load(x1 + j), a2 = W::load(x2 + j), a3 = W::load(x3 + j);
-        W::store(vt + (0 * 4 + b) * v_stride + j, a0 - a2);
-        W::store(vt + (1 * 4 + b) * v_stride + j, a1 + a2);
-        W::store(vt + (2 * 4 + b) * v_stride + j, a2 - a1);
-        W::store(vt + (3 * 4 + b) * v_stride + j, a1 - a3);
-      }
-    }
-  }
-}
-
-// Aᵀ M A for every tile of one output channel: M_ξ(o, t) at m[ξ*m_stride + t] -> output rows 2*tile_row0 ... of
-// the out_h × out_w plane y (+ bias), reading up to n - tq values past a row (the buffer has that slack). `line`
-// holds 4*n elements: a tile row's two output rows, each interleaved from its tiles' two columns.
-template <typename T, int Bytes>
-inline __attribute__((always_inline)) void output_transform_f2(const T* m, int64_t m_stride, int64_t tile_rows,
-                                                               int64_t tq, int64_t n, int64_t row0, int64_t out_h,
-                                                               int64_t out_w, T bias, T* y, T* line) {
-  using W = Vec<T, Bytes>;
-  constexpr int L = W::kLanes;
-  for (int64_t i = 0; i < tile_rows; ++i) {
-    const T* mt = m + i * tq;
-    const int64_t row = row0 + 2 * i;
-    const bool second = row + 1 < out_h;
-    T* line1 = line + 2 * n;  // the second output row
-    for (int64_t j = 0; j < n; j += L) {
-      typename W::V s0[4], s1[4];
-      for (int b = 0; b < 4; ++b) {
-        const typename W::V a0 = W::load(mt + (0 * 4 + b) * m_stride + j);
-        const typename W::V a1 = W::load(mt + (1 * 4 + b) * m_stride + j);
-        const typename W::V a2 = W::load(mt + (2 * 4 + b) * m_stride + j);
-        const typename W::V a3 = W::load(mt + (3 * 4 + b) * m_stride + j);
-        s0[b] = a0 + a1 + a2;
-        s1[b] = a1 - a2 - a3;
-      }
-      const typename W::V bv = W::splat(bias);
-      const typename W::V y00 = s0[0] + s0[1] + s0[2] + bv, y01 = s0[1] - s0[2] - s0[3] + bv;
-      const typename W::V y10 = s1[0] + s1[1] + s1[2] + bv, y11 = s1[1] - s1[2] - s1[3] + bv;
-      W::store(line + 2 * j, __builtin_shuffle(y00, y01, W::kZipLow));
-      W::store(line + 2 * j + L, __builtin_shuffle(y00, y01, W::kZipHigh));
-      W::store(line1 + 2 * j, __builtin_shuffle(y10, y11, W::kZipLow));
-      W::store(line1 + 2 * j + L, __builtin_shuffle(y10, y11, W::kZipHigh));
-    }
-    copy_row(y + row * out_w, line, out_w);
-    if (second) copy_row(y + (row + 1) * out_w, line1, out_w);
-  }
-}
-
-// F(4x4, 3x3) (winograd.h): the same passes over 6x6 tiles that advance by 4. Its matrices applied to a column of
-// values (V: a GCC vector, or T), as sums sharing their terms.
+// F(4x4, 3x3)'s matrices (winograd.h) applied to a column of values, as sums sharing their terms.
 // Bᵀ x: (x0 - 2x2 + x4 + 1.5(x3 - x1), x1 - 2.5x2 + 0.5x3 + x4, 0.5x2 - x1 + 2.5x3 + x4, x4 - x2 + 2(x3 - x1),
 // x4 - x2 - 0.5(x3 - x1), x1 - 2x3 + x5 + 1.5(x4 - x2)).
 template <typename V, typename T>
@@ -175,6 +100,42 @@ inline __attribute__((always_inline)) void times_g6(const V (&x)[3], V (&y)[6]) 
   y[5] = x[2];
 }
 
+// Y = F X Fᵀ for F given as its action on a column (f: In values to Out), X's element (a, b) read by x(a, b) and Y's
+// written by y(a, b, value): F applied to X's columns, then to the rows of the result.
+template <int In, int Out, typename V, typename Fn, typename Load, typename Store>
+inline __attribute__((always_inline)) void both_sides(Fn f, Load x, Store y) {
+  V fx[Out][In];  // F X
+  for (int b = 0; b < In; ++b) {
+    V column[In], image[Out];
+    for (int k = 0; k < In; ++k) column[k] = x(k, b);
+    f(column, image);
+    for (int a = 0; a < Out; ++a) fx[a][b] = image[a];
+  }
+  for (int a = 0; a < Out; ++a) {
+    V image[Out];
+    f(fx[a], image);
+    for (int b = 0; b < Out; ++b) y(a, b, image[b]);
+  }
+}
+
+// Bᵀ x and Aᵀ x of F(M x M, 3x3) on a column of M + 2 values.
+template <int M, typename V, typename T>
+inline __attribute__((always_inline)) void times_bt(const V (&x)[M + 2], V (&y)[M + 2]) {
+  if constexpr (M == 2) {
+    times_bt4(x, y);
+  } else {
+    times_bt6<V, T>(x, y);
+  }
+}
+template <int M, typename V, typename T>
+inline __attribute__((always_inline)) void times_at(const V (&x)[M + 2], V (&y)[M]) {
+  if constexpr (M == 2) {
+    times_at4(x, y);
+  } else {
+    times_at6<V, T>(x, y);
+  }
+}
+
 // Lanes k, k + 4, k + 8, ... of the 4L values at p, for k = 0..3: a row's tile columns split by their offset.
 template <typename T, int Bytes>
 inline __attribute__((always_inline)) void deinterleave4(const T* p, typename Vec<T, Bytes>::V (&x)[4]) {
@@ -189,110 +150,122 @@ inline __attribute__((always_inline)) void deinterleave4(const T* p, typename Ve
   x[3] = __builtin_shuffle(o01, o23, W::kOdds);
 }
 
-// d B for one window row of 6x6 tiles (x: 4n + 4 readable columns): out[b*n + j] is column b of tile column j's
-// 6-column slice (from column 4j) times B.
-template <typename T, int Bytes>
-inline __attribute__((always_inline)) void columns_times_b6(const T* x, int64_t n, T* out) {
+// Columns 0 .. M + 1 of the tile columns' slices of a window row (slice j from column M*j; lane l of c[k]: column
+// k of slice j + l), from the M*L + M + 2 columns at x: the even and odd columns split by vector shuffles (M = 4:
+// twice, then columns 4 and 5 as 0 and 1 of the next slices).
+template <typename T, int Bytes, int M>
+inline __attribute__((always_inline)) void split_columns(const T* x, typename Vec<T, Bytes>::V (&c)[M + 2]) {
+  using W = Vec<T, Bytes>;
+  constexpr int L = W::kLanes;
+  if constexpr (M == 2) {
+    const typename W::V lo = W::load(x), hi = W::load(x + L), lo2 = W::load(x + 2), hi2 = W::load(x + 2 + L);
+    c[0] = __builtin_shuffle(lo, hi, W::kEvens);
+    c[1] = __builtin_shuffle(lo, hi, W::kOdds);
+    c[2] = __builtin_shuffle(lo2, hi2, W::kEvens);
+    c[3] = __builtin_shuffle(lo2, hi2, W::kOdds);
+  } else {
+    typename W::V next[4];
+    deinterleave4<T, Bytes>(x, reinterpret_cast<typename W::V(&)[4]>(c));
+    deinterleave4<T, Bytes>(x + 4, next);  // the shuffles of columns 2 and 3 go unused
+    c[4] = next[0];
+    c[5] = next[1];
+  }
+}
+
+// The M vectors z (lane l of z[c]: output column M*(j + l) + c) interleaved into the M*L values at out.
+template <typename T, int Bytes, int M>
+inline __attribute__((always_inline)) void merge_columns(const typename Vec<T, Bytes>::V (&z)[M], T* out) {
+  using W = Vec<T, Bytes>;
+  constexpr int L = W::kLanes;
+  if constexpr (M == 2) {
+    W::store(out, __builtin_shuffle(z[0], z[1], W::kZipLow));
+    W::store(out + L, __builtin_shuffle(z[0], z[1], W::kZipHigh));
+  } else {  // two rounds: columns 0 and 2, 1 and 3, then the pairs
+    const typename W::V lo02 = __builtin_shuffle(z[0], z[2], W::kZipLow);
+    const typename W::V hi02 = __builtin_shuffle(z[0], z[2], W::kZipHigh);
+    const typename W::V lo13 = __builtin_shuffle(z[1], z[3], W::kZipLow);
+    const typename W::V hi13 = __builtin_shuffle(z[1], z[3], W::kZipHigh);
+    W::store(out, __builtin_shuffle(lo02, lo13, W::kZipLow));
+    W::store(out + L, __builtin_shuffle(lo02, lo13, W::kZipHigh));
+    W::store(out + 2 * L, __builtin_shuffle(hi02, hi13, W::kZipLow));
+    W::store(out + 3 * L, __builtin_shuffle(hi02, hi13, W::kZipHigh));
+  }
+}
+
+// d B for one window row of F(M x M, 3x3)'s tiles (x: M*n + M readable columns): out[b*n + j] is column b of tile
+// column j's (M + 2)-column slice times B.
+template <typename T, int Bytes, int M>
+inline __attribute__((always_inline)) void columns_times_b(const T* x, int64_t n, T* out) {
   using W = Vec<T, Bytes>;
   constexpr int L = W::kLanes;
   for (int64_t j = 0; j < n; j += L) {
-    typename W::V lo[4], hi[4];
-    deinterleave4<T, Bytes>(x + 4 * j, lo);
-    deinterleave4<T, Bytes>(x + 4 * j + 4, hi);  // columns 4 and 5 of each slice (the shuffles of 2, 3 unused)
-    const typename W::V cols[6] = {lo[0], lo[1], lo[2], lo[3], hi[0], hi[1]};
-    typename W::V y[6];
-    times_bt6<typename W::V, T>(cols, y);
-    for (int b = 0; b < 6; ++b) W::store(out + b * n + j, y[b]);
+    typename W::V c[M + 2], y[M + 2];
+    split_columns<T, Bytes, M>(x + M * j, c);
+    times_bt<M, typename W::V, T>(c, y);
+    for (int b = 0; b < M + 2; ++b) W::store(out + b * n + j, y[b]);
   }
 }
 
-// Bᵀ d B for every 6x6 tile of one channel's window (4*tile_rows + 2 rows of 4*tq + 2 columns, plus slack), as
-// input_transform_f2 does for 4x4 tiles: ξ = 6*a + b; `ring` holds 36*n elements, (d B) of six window rows.
-template <typename T, int Bytes>
-inline __attribute__((always_inline)) void input_transform_f4(const T* window, int64_t tile_rows, int64_t tq,
-                                                              int64_t n, T* v, int64_t v_stride, T* ring) {
-  using W = Vec<T, Bytes>;
-  constexpr int L = W::kLanes;
-  const int64_t cols = 4 * tq + 2;
-  columns_times_b6<T, Bytes>(window, n, ring);
-  columns_times_b6<T, Bytes>(window + cols, n, ring + 6 * n);
-  for (int64_t i = 0; i < tile_rows; ++i) {
-    const int64_t r = 4 * i;
-    for (int64_t k = 2; k < 6; ++k) {
-      columns_times_b6<T, Bytes>(window + (r + k) * cols, n, ring + ((r + k) % 6) * 6 * n);
-    }
-    T* vt = v + i * tq;
-    for (int64_t b = 0; b < 6; ++b) {
-      const T* x[6];
-      for (int k = 0; k < 6; ++k) x[k] = ring + ((r + k) % 6) * 6 * n + b * n;
-      for (int64_t j = 0; j < n; j += L) {
-        typename W::V a[6], y[6];
-        for (int k = 0; k < 6; ++k) a[k] = W::load(x[k] + j);
-        times_bt6<typename W::V, T>(a, y);
-        for (int k = 0; k < 6; ++k) W::store(vt + (6 * k + b) * v_stride + j, y[k]);
-      }
-    }
-  }
-}
-
-// Aᵀ M A for every 6x6 tile of one output channel, as output_transform_f2 does for 4x4 tiles; `line` holds 16*n
-// elements: a tile row's four output rows, each interleaved from its tiles' four columns.
-template <typename T, int Bytes>
-inline __attribute__((always_inline)) void output_transform_f4(const T* m, int64_t m_stride, int64_t tile_rows,
-                                                               int64_t tq, int64_t n, int64_t row0, int64_t out_h,
-                                                               int64_t out_w, T bias, T* y, T* line) {
-  using W = Vec<T, Bytes>;
-  constexpr int L = W::kLanes;
-  for (int64_t i = 0; i < tile_rows; ++i) {
-    const T* mt = m + i * tq;
-    const int64_t row = row0 + 4 * i;
-    for (int64_t j = 0; j < n; j += L) {
-      typename W::V s[4][6];  // Aᵀ M: row r of the tile's rows transformed, column b
-      for (int b = 0; b < 6; ++b) {
-        typename W::V a[6], z[4];
-        for (int k = 0; k < 6; ++k) a[k] = W::load(mt + (6 * k + b) * m_stride + j);
-        times_at6<typename W::V, T>(a, z);
-        for (int r = 0; r < 4; ++r) s[r][b] = z[r];
-      }
-      const typename W::V bv = W::splat(bias);
-      for (int r = 0; r < 4; ++r) {
-        typename W::V z[4];
-        times_at6<typename W::V, T>(s[r], z);
-        for (int c = 0; c < 4; ++c) z[c] += bv;
-        // Lane l of z[c] is output column 4(j + l) + c: two rounds of interleaving put them in order.
-        const typename W::V lo02 = __builtin_shuffle(z[0], z[2], W::kZipLow);
-        const typename W::V hi02 = __builtin_shuffle(z[0], z[2], W::kZipHigh);
-        const typename W::V lo13 = __builtin_shuffle(z[1], z[3], W::kZipLow);
-        const typename W::V hi13 = __builtin_shuffle(z[1], z[3], W::kZipHigh);
-        T* out = line + r * 4 * n + 4 * j;
-        W::store(out, __builtin_shuffle(lo02, lo13, W::kZipLow));
-        W::store(out + L, __builtin_shuffle(lo02, lo13, W::kZipHigh));
-        W::store(out + 2 * L, __builtin_shuffle(hi02, hi13, W::kZipLow));
-        W::store(out + 3 * L, __builtin_shuffle(hi02, hi13, W::kZipHigh));
-      }
-    }
-    for (int64_t r = 0; r < 4 && row + r < out_h; ++r) copy_row(y + (row + r) * out_w, line + r * 4 * n, out_w);
-  }
-}
-
-// The transforms of F(M x M, 3x3), M = 2 or 4.
+// Bᵀ d B of F(M x M, 3x3) for every tile of one channel's window (M*tile_rows + 2 rows of M*tq + 2 columns, plus
+// slack): V_ξ(c, t) at v[ξ*v_stride + t] for tile t = i*tq + j and ξ = (M + 2)*a + b (`v` already offset to
+// channel c's row). A row of tiles writes n values from t = i*tq, the excess landing where the next row of tiles
+// (or channel, or the buffer's slack) is written later. `ring` holds (M + 2)² n elements: (d B) of the M + 2 window
+// rows of a tile row, kept so that each window row is transformed once (tile rows overlap by two window rows).
 template <typename T, int Bytes, int M>
 inline __attribute__((always_inline)) void input_transform_body(const T* window, int64_t tile_rows, int64_t tq,
                                                                 int64_t n, T* v, int64_t v_stride, T* ring) {
-  if constexpr (M == 2) {
-    input_transform_f2<T, Bytes>(window, tile_rows, tq, n, v, v_stride, ring);
-  } else {
-    input_transform_f4<T, Bytes>(window, tile_rows, tq, n, v, v_stride, ring);
+  using W = Vec<T, Bytes>;
+  constexpr int L = W::kLanes, A = M + 2;
+  const int64_t cols = M * tq + 2;
+  const auto ring_row = [&](int64_t r) { return ring + r % A * A * n; };
+  columns_times_b<T, Bytes, M>(window, n, ring_row(0));
+  columns_times_b<T, Bytes, M>(window + cols, n, ring_row(1));
+  for (int64_t i = 0; i < tile_rows; ++i) {
+    const int64_t r = M * i;
+    for (int64_t k = 2; k < A; ++k) columns_times_b<T, Bytes, M>(window + (r + k) * cols, n, ring_row(r + k));
+    T* vt = v + i * tq;
+    for (int64_t b = 0; b < A; ++b) {
+      const T* x[A];
+      for (int k = 0; k < A; ++k) x[k] = ring_row(r + k) + b * n;
+      for (int64_t j = 0; j < n; j += L) {
+        typename W::V a[A], y[A];
+        for (int k = 0; k < A; ++k) a[k] = W::load(x[k] + j);
+        times_bt<M, typename W::V, T>(a, y);
+        for (int k = 0; k < A; ++k) W::store(vt + (A * k + b) * v_stride + j, y[k]);
+      }
+    }
   }
 }
+
+// Aᵀ M A of F(M x M, 3x3) for every tile of one output channel: M_ξ(o, t) at m[ξ*m_stride + t] -> output rows
+// M*tile_row0 ... of the out_h × out_w plane y (+ bias), reading up to n - tq values past a row (the buffer has
+// that slack). `line` holds M²n elements: a tile row's M output rows, each interleaved from its tiles' M columns.
 template <typename T, int Bytes, int M>
 inline __attribute__((always_inline)) void output_transform_body(const T* m, int64_t m_stride, int64_t tile_rows,
                                                                  int64_t tq, int64_t n, int64_t row0, int64_t out_h,
                                                                  int64_t out_w, T bias, T* y, T* line) {
-  if constexpr (M == 2) {
-    output_transform_f2<T, Bytes>(m, m_stride, tile_rows, tq, n, row0, out_h, out_w, bias, y, line);
-  } else {
-    output_transform_f4<T, Bytes>(m, m_stride, tile_rows, tq, n, row0, out_h, out_w, bias, y, line);
+  using W = Vec<T, Bytes>;
+  constexpr int L = W::kLanes, A = M + 2;
+  for (int64_t i = 0; i < tile_rows; ++i) {
+    const T* mt = m + i * tq;
+    const int64_t row = row0 + M * i;
+    for (int64_t j = 0; j < n; j += L) {
+      typename W::V s[M][A];  // Aᵀ M: row r of the tile's transformed rows, column b
+      for (int b = 0; b < A; ++b) {
+        typename W::V a[A], z[M];
+        for (int k = 0; k < A; ++k) a[k] = W::load(mt + (A * k + b) * m_stride + j);
+        times_at<M, typename W::V, T>(a, z);
+        for (int r = 0; r < M; ++r) s[r][b] = z[r];
+      }
+      const typename W::V bv = W::splat(bias);
+      for (int r = 0; r < M; ++r) {
+        typename W::V z[M];
+        times_at<M, typename W::V, T>(s[r], z);
+        for (int c = 0; c < M; ++c) z[c] += bv;
+        merge_columns<T, Bytes, M>(z, line + r * M * n + M * j);
+      }
+    }
+    for (int64_t r = 0; r < M && row + r < out_h; ++r) copy_row(y + (row + r) * out_w, line + r * M * n, out_w);
   }
 }
 
@@ -330,35 +303,21 @@ struct Transforms {
 template <int M, typename V, typename T>
 inline __attribute__((always_inline)) void filter_values(const T* taps, int64_t ld, bool flip, int64_t j, T* u,
                                                          int64_t u_stride) {
-  const auto tap = [&](int t) { return load_as<V>(taps + (flip ? 8 - t : t) * ld + j); };
-  if constexpr (M == 4) {
-    V rows[6][3];  // G g: G applied to the filter's columns
-    for (int s = 0; s < 3; ++s) {
-      const V column[3] = {tap(s), tap(3 + s), tap(6 + s)};
-      V gk[6];
-      times_g6<V, T>(column, gk);
-      for (int a = 0; a < 6; ++a) rows[a][s] = gk[a];
+  constexpr int A = M + 2;
+  // G x: F(2x2, 3x3)'s (x0, (x0 + x1 + x2)/2, (x0 - x1 + x2)/2, x2), or F(4x4, 3x3)'s (times_g6).
+  const auto times_g = [](const V(&x)[3], V(&y)[A]) {
+    if constexpr (M == 2) {
+      const V half = V{} + T(0.5);
+      y[0] = x[0];
+      y[1] = half * (x[0] + x[1] + x[2]);
+      y[2] = half * (x[0] - x[1] + x[2]);
+      y[3] = x[2];
+    } else {
+      times_g6<V, T>(x, y);
     }
-    for (int a = 0; a < 6; ++a) {  // (G g) Gᵀ: G applied to each row
-      V ua[6];
-      times_g6<V, T>(rows[a], ua);
-      for (int b = 0; b < 6; ++b) store_as(u + (6 * a + b) * u_stride + j, ua[b]);
-    }
-    return;
-  }
-  const V half = V{} + T(0.5);
-  for (int a = 0; a < 4; ++a) {
-    V row[3];  // row a of G g: G's row a applied to the filter's columns
-    for (int s = 0; s < 3; ++s) {
-      const V k0 = tap(s), k1 = tap(3 + s), k2 = tap(6 + s);
-      row[s] = a == 0 ? k0 : a == 3 ? k2 : a == 1 ? half * (k0 + k1 + k2) : half * (k0 - k1 + k2);
-    }
-    T* ua = u + 4 * a * u_stride + j;  // (G g) Gᵀ: Gᵀ's columns applied to the row
-    store_as(ua, row[0]);
-    store_as(ua + u_stride, half * (row[0] + row[1] + row[2]));
-    store_as(ua + 2 * u_stride, half * (row[0] - row[1] + row[2]));
-    store_as(ua + 3 * u_stride, row[2]);
-  }
+  };
+  const auto tap = [&](int r, int s) { return load_as<V>(taps + (flip ? 8 - 3 * r - s : 3 * r + s) * ld + j); };
+  both_sides<3, A, V>(times_g, tap, [&](int a, int b, V value) { store_as(u + (A * a + b) * u_stride + j, value); });
 }
 
 template <typename T, int Bytes, int M>
@@ -576,63 +535,26 @@ void winograd_3x3(const Winograd3x3& wp, int64_t tile, const T* src, const T* we
 
 namespace {
 
-// Bᵀ d B for the channels from c of one tile (V: a GCC vector of channels, or T for the channels past the last
-// whole vector): pixel (a, b) of its 4x4 input tile at at[4a + b] (zeros outside the input); V_ξ's row for the tile
-// at v + ξ*v_stride.
-template <typename V, typename T>
-inline __attribute__((always_inline)) void input_tile(const T* const* at, int64_t c, T* v, int64_t v_stride) {
-  V e[4][4];  // Bᵀ d
-  for (int b = 0; b < 4; ++b) {
-    const V d0 = load_as<V>(at[b] + c), d1 = load_as<V>(at[4 + b] + c);
-    const V d2 = load_as<V>(at[8 + b] + c), d3 = load_as<V>(at[12 + b] + c);
-    e[0][b] = d0 - d2;
-    e[1][b] = d1 + d2;
-    e[2][b] = d2 - d1;
-    e[3][b] = d1 - d3;
-  }
-  for (int a = 0; a < 4; ++a) {
-    store_as(v + (4 * a + 0) * v_stride + c, e[a][0] - e[a][2]);
-    store_as(v + (4 * a + 1) * v_stride + c, e[a][1] + e[a][2]);
-    store_as(v + (4 * a + 2) * v_stride + c, e[a][2] - e[a][1]);
-    store_as(v + (4 * a + 3) * v_stride + c, e[a][1] - e[a][3]);
-  }
+// The weight gradient's matrices applied to a column of values (V: a GCC vector, or T): A (forward's Aᵀ
+// transposed) and G' (forward's G transposed). F(3x3, 2x2): A (y0, y1) = (y0, y0 + y1, y0 - y1, -y1),
+// G' (m0, m1, m2, m3) = (m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3). F(3x3, 4x4): A (y0, y1, y2, y3) =
+// (y0, y0 - y1 + y2 - y3, y0 + y1 + y2 + y3, y0 + y1/2 + y2/4 + y3/8, y0 - 2y1 + 4y2 - 8y3, y3),
+// G' (m0 .. m5) = (m0 + (m2 - m1)/3 + (m4 - 16m3)/15, (m1 + m2)/3 - (8m3 + 2m4)/15, (m2 - m1)/3 + 4(m4 - m3)/15 + m5).
+template <typename V>
+inline __attribute__((always_inline)) void times_a4(const V (&y)[2], V (&z)[4]) {
+  z[0] = y[0];
+  z[1] = y[0] + y[1];
+  z[2] = y[0] - y[1];
+  z[3] = -y[1];
 }
 
-// A dy Aᵀ for the channels from k of one tile's 2x2 block of dY (pixel (a, b) at at[2a + b], zeros outside dY);
-// A applied to a pair (y0, y1) is (y0, y0 + y1, y0 - y1, -y1).
 template <typename V, typename T>
-inline __attribute__((always_inline)) void grad_tile(const T* const* at, int64_t k, T* u, int64_t u_stride) {
-  const V y00 = load_as<V>(at[0] + k), y01 = load_as<V>(at[1] + k);
-  const V y10 = load_as<V>(at[2] + k), y11 = load_as<V>(at[3] + k);
-  const V z0[4] = {y00, y00 + y01, y00 - y01, -y01};
-  const V z1[4] = {y10, y10 + y11, y10 - y11, -y11};
-  for (int b = 0; b < 4; ++b) {
-    store_as(u + (0 + b) * u_stride + k, z0[b]);
-    store_as(u + (4 + b) * u_stride + k, z0[b] + z1[b]);
-    store_as(u + (8 + b) * u_stride + k, z0[b] - z1[b]);
-    store_as(u + (12 + b) * u_stride + k, -z1[b]);
-  }
-}
-
-// F(3x3, 4x4)'s transforms of one tile (6x6 input pixels at at[6a + b], a 4x4 block of dY at at[4a + b]) and its
-// G' m G, as input_tile, grad_tile and filter_gradient do for F(3x3, 2x2); A is forward's Aᵀ transposed, applied
-// to a column (y0, y1, y2, y3) as (y0, y0 - y1 + y2 - y3, y0 + y1 + y2 + y3, y0 + y1/2 + y2/4 + y3/8,
-// y0 - 2y1 + 4y2 - 8y3, y3); G' as (m0 + (m2 - m1)/3 + (m4 - 16m3)/15, (m1 + m2)/3 - (8m3 + 2m4)/15,
-// (m2 - m1)/3 + 4(m4 - m3)/15 + m5).
-template <typename V, typename T>
-inline __attribute__((always_inline)) void input_tile6(const T* const* at, int64_t c, T* v, int64_t v_stride) {
-  V e[6][6];  // Bᵀ d
-  for (int b = 0; b < 6; ++b) {
-    V column[6], y[6];
-    for (int k = 0; k < 6; ++k) column[k] = load_as<V>(at[6 * k + b] + c);
-    times_bt6<V, T>(column, y);
-    for (int a = 0; a < 6; ++a) e[a][b] = y[a];
-  }
-  for (int a = 0; a < 6; ++a) {
-    V y[6];
-    times_bt6<V, T>(e[a], y);
-    for (int b = 0; b < 6; ++b) store_as(v + (6 * a + b) * v_stride + c, y[b]);
-  }
+inline __attribute__((always_inline)) void times_gt4(const V (&m)[4], V (&w)[3]) {
+  const V half = V{} + T(0.5);
+  const V half_sum = half * (m[1] + m[2]);
+  w[0] = m[0] + half_sum;
+  w[1] = half * (m[1] - m[2]);
+  w[2] = half_sum + m[3];
 }
 
 template <typename V, typename T>
@@ -648,22 +570,6 @@ inline __attribute__((always_inline)) void times_a6(const V (&y)[4], V (&z)[6]) 
 }
 
 template <typename V, typename T>
-inline __attribute__((always_inline)) void grad_tile6(const T* const* at, int64_t k, T* u, int64_t u_stride) {
-  V z[6][4];  // A dy
-  for (int b = 0; b < 4; ++b) {
-    V column[4], y[6];
-    for (int i = 0; i < 4; ++i) column[i] = load_as<V>(at[4 * i + b] + k);
-    times_a6<V, T>(column, y);
-    for (int a = 0; a < 6; ++a) z[a][b] = y[a];
-  }
-  for (int a = 0; a < 6; ++a) {
-    V y[6];
-    times_a6<V, T>(z[a], y);
-    for (int b = 0; b < 6; ++b) store_as(u + (6 * a + b) * u_stride + k, y[b]);
-  }
-}
-
-template <typename V, typename T>
 inline __attribute__((always_inline)) void times_gt6(const V (&m)[6], V (&w)[3]) {
   const auto c = [](T value) { return V{} + value; };
   const V third = c(T(1) / T(3)), fifteenth = c(T(1) / T(15));
@@ -673,21 +579,47 @@ inline __attribute__((always_inline)) void times_gt6(const V (&m)[6], V (&w)[3])
   w[2] = diff + c(4) * fifteenth * (m[4] - m[3]) + m[5];
 }
 
-template <typename V, typename T>
-inline __attribute__((always_inline)) void filter_gradient6(const T* m, int64_t m_stride, int64_t e, T* dw,
-                                                            int64_t dw_stride) {
-  V r[3][6];  // G' m
-  for (int b = 0; b < 6; ++b) {
-    V column[6], w[3];
-    for (int k = 0; k < 6; ++k) column[k] = load_as<V>(m + (6 * k + b) * m_stride + e);
-    times_gt6<V, T>(column, w);
-    for (int a = 0; a < 3; ++a) r[a][b] = w[a];
-  }
-  for (int a = 0; a < 3; ++a) {
-    V w[3];
-    times_gt6<V, T>(r[a], w);
-    for (int s = 0; s < 3; ++s) store_as(dw + (3 * a + s) * dw_stride + e, w[s]);
-  }
+// Bᵀ d B of F(3x3, M x M) for the channels from c of one tile (V: a GCC vector of channels, or T for the channels
+// past the last whole vector): pixel (a, b) of its (M + 2)² input tile at at[(M + 2)a + b] (zeros outside the
+// input); V_ξ's row for the tile at v + ξ*v_stride.
+template <int M, typename V, typename T>
+inline __attribute__((always_inline)) void input_tile(const T* const* at, int64_t c, T* v, int64_t v_stride) {
+  constexpr int A = M + 2;
+  both_sides<A, A, V>([](const V(&x)[A], V(&y)[A]) { times_bt<M, V, T>(x, y); },
+                      [&](int a, int b) { return load_as<V>(at[A * a + b] + c); },
+                      [&](int a, int b, V value) { store_as(v + (A * a + b) * v_stride + c, value); });
+}
+
+// A dy Aᵀ for the channels from k of one tile's M x M block of dY (pixel (a, b) at at[M*a + b], zeros outside dY).
+template <int M, typename V, typename T>
+inline __attribute__((always_inline)) void grad_tile(const T* const* at, int64_t k, T* u, int64_t u_stride) {
+  constexpr int A = M + 2;
+  const auto times_a = [](const V(&y)[M], V(&z)[A]) {
+    if constexpr (M == 2) {
+      times_a4(y, z);
+    } else {
+      times_a6<V, T>(y, z);
+    }
+  };
+  both_sides<M, A, V>(times_a, [&](int a, int b) { return load_as<V>(at[M * a + b] + k); },
+                      [&](int a, int b, V value) { store_as(u + (A * a + b) * u_stride + k, value); });
+}
+
+// dW = G' m G for the (output, input) channel pairs from e (V: a GCC vector of pairs, or T for one): m_ξ of pair e
+// at m[ξ*m_stride + e], tap t of its 3x3 filter written at dw[t*dw_stride + e].
+template <int M, typename V, typename T>
+inline __attribute__((always_inline)) void filter_gradient(const T* m, int64_t m_stride, int64_t e, T* dw,
+                                                           int64_t dw_stride) {
+  constexpr int A = M + 2;
+  const auto times_gt = [](const V(&x)[A], V(&w)[3]) {
+    if constexpr (M == 2) {
+      times_gt4<V, T>(x, w);
+    } else {
+      times_gt6<V, T>(x, w);
+    }
+  };
+  both_sides<A, 3, V>(times_gt, [&](int a, int b) { return load_as<V>(m + (A * a + b) * m_stride + e); },
+                      [&](int r, int s, V value) { store_as(dw + (3 * r + s) * dw_stride + e, value); });
 }
 
 // The transforms of tiles [t0, t1) of group g by F(3x3, M x M) (tile t is column t % tq of tile row t / tq % tp of
@@ -723,40 +655,10 @@ inline __attribute__((always_inline)) void wgrad_transforms_body(const Winograd3
     T* vt = v + (t - t0) * ldv;
     T* ut = u + (t - t0) * ldu;
     int64_t c = 0, k = 0;
-    if constexpr (M == 2) {
-      for (; c + L <= wp.in; c += L) input_tile<V>(xs, c, vt, v_stride);
-      for (; c < wp.in; ++c) input_tile<T>(xs, c, vt, v_stride);
-      for (; k + L <= wp.out; k += L) grad_tile<V>(ys, k, ut, u_stride);
-      for (; k < wp.out; ++k) grad_tile<T>(ys, k, ut, u_stride);
-    } else {
-      for (; c + L <= wp.in; c += L) input_tile6<V>(xs, c, vt, v_stride);
-      for (; c < wp.in; ++c) input_tile6<T>(xs, c, vt, v_stride);
-      for (; k + L <= wp.out; k += L) grad_tile6<V>(ys, k, ut, u_stride);
-      for (; k < wp.out; ++k) grad_tile6<T>(ys, k, ut, u_stride);
-    }
-  }
-}
-
-// dW = G' m G for the (output, input) channel pairs from e (V: a GCC vector of pairs, or T for one): m_ξ of pair e
-// at m[ξ*m_stride + e], tap t of its 3x3 filter written at dw[t*dw_stride + e]. G' applied to a column
-// (m0, m1, m2, m3) is (m0 + (m1 + m2)/2, (m1 - m2)/2, (m1 + m2)/2 + m3).
-template <typename V, typename T>
-inline __attribute__((always_inline)) void filter_gradient(const T* m, int64_t m_stride, int64_t e, T* dw,
-                                                           int64_t dw_stride) {
-  const auto at = [&](int xi) { return load_as<V>(m + xi * m_stride + e); };
-  const V half = V{} + T(0.5);
-  V r[3][4];
-  for (int b = 0; b < 4; ++b) {
-    const V half_sum = half * (at(4 + b) + at(8 + b));
-    r[0][b] = at(b) + half_sum;
-    r[1][b] = half * (at(4 + b) - at(8 + b));
-    r[2][b] = half_sum + at(12 + b);
-  }
-  for (int a = 0; a < 3; ++a) {
-    const V half_sum = half * (r[a][1] + r[a][2]);
-    store_as(dw + (3 * a + 0) * dw_stride + e, r[a][0] + half_sum);
-    store_as(dw + (3 * a + 1) * dw_stride + e, half * (r[a][1] - r[a][2]));
-    store_as(dw + (3 * a + 2) * dw_stride + e, half_sum + r[a][3]);
+    for (; c + L <= wp.in; c += L) input_tile<M, V>(xs, c, vt, v_stride);
+    for (; c < wp.in; ++c) input_tile<M, T>(xs, c, vt, v_stride);
+    for (; k + L <= wp.out; k += L) grad_tile<M, V>(ys, k, ut, u_stride);
+    for (; k < wp.out; ++k) grad_tile<M, T>(ys, k, ut, u_stride);
   }
 }
 
@@ -768,14 +670,6 @@ inline __attribute__((always_inline)) void filter_gradients_body(const T* partia
                                                                  int64_t m_stride, int64_t count, T* dw) {
   using V = typename detail::VecOf<T, Bytes>::type;
   constexpr int64_t L = Bytes / sizeof(T), P = (M + 2) * (M + 2);
-  const auto filter_gradients = [](auto lane, const T* m, int64_t m_stride, T* out, int64_t out_stride) {
-    using W = decltype(lane);
-    if constexpr (M == 2) {
-      filter_gradient<W>(m, m_stride, 0, out, out_stride);
-    } else {
-      filter_gradient6<W>(m, m_stride, 0, out, out_stride);
-    }
-  };
   alignas(64) T m[P * L], taps[9 * L];
   int64_t e = 0;
   for (; e + L <= count; e += L) {
@@ -784,7 +678,7 @@ inline __attribute__((always_inline)) void filter_gradients_body(const T* partia
       for (int64_t p = 1; p < parts; ++p) sum += load_as<V>(partial + p * part_stride + xi * m_stride + e);
       store_as(m + xi * L, sum);
     }
-    filter_gradients(V{}, m, L, taps, L);
+    filter_gradient<M, V>(m, L, 0, taps, L);
     transpose_body(taps, L, 9, L, dw + e * 9, 9);
   }
   for (; e < count; ++e) {
@@ -793,7 +687,7 @@ inline __attribute__((always_inline)) void filter_gradients_body(const T* partia
       for (int64_t p = 1; p < parts; ++p) sum += partial[p * part_stride + xi * m_stride + e];
       m[xi] = sum;
     }
-    filter_gradients(T{}, m, 1, dw + e * 9, 1);
+    filter_gradient<M, T>(m, 1, 0, dw + e * 9, 1);
   }
 }
 
