@@ -1,6 +1,7 @@
-// Winograd F(2x2, 3x3): see winograd.h for the method. The transforms' inner loops run along a row of tiles in
-// whole vectors (the input's even and odd columns split, the output's two columns merged, by vector shuffles) and
-// are compiled per ISA; the 16 products per item run on gemm.h's micro-kernels.
+// Winograd F(2x2, 3x3) and F(4x4, 3x3), and their duals for the weight gradient: see winograd.h for the method.
+// The transforms' inner loops run along a row of tiles in whole vectors (the input's tile columns split, the
+// output's merged, by vector shuffles) and are compiled per ISA; the 16 or 36 products per item run on gemm.h's
+// micro-kernels.
 #include "winograd.h"
 
 #include <algorithm>
@@ -401,7 +402,7 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   const int64_t total_rows = wp.n * tp;
   const int64_t nr_guess = 64 / int64_t(sizeof(T)) * 4;  // the AVX-512 6x4 micro-kernel's columns
   const int64_t budget = std::max(nr_guess, 4 * kScratchBytes / (P * int64_t(sizeof(T)) * (wp.in + wp.out)));
-  const int64_t target = budget >= nr_guess ? budget / nr_guess * nr_guess : budget;
+  const int64_t target = budget / nr_guess * nr_guess;
   int64_t tile_rows = std::clamp<int64_t>((target + tq / 2) / tq, 1, total_rows);
   const int64_t wanted = 2 * threads;
   const int64_t filters = wp.in * wp.out, u_bytes = P * filters * int64_t(sizeof(T));
