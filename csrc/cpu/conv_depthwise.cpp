@@ -234,50 +234,9 @@ inline __attribute__((always_inline)) void backward_weight_image(const Conv& cv,
   }
 }
 
-// The three routines compiled per vector width: 64 bytes with AVX-512, 32 with AVX2, 16 portable.
+// The three routines compiled per vector width (PerIsa): 64 bytes with AVX-512, 32 with AVX2, 16 portable.
 template <typename T>
 struct Kernels {
-  using Forward = void (*)(const Conv&, const PhaseWindow&, const T*, const T*, T, T*, T*, T*);
-  using BackwardInput = void (*)(const Conv&, const GradGeometry&, const T*, const T*, T*, T*, T*);
-  using BackwardWeight = void (*)(const Conv&, const PhaseWindow&, const int64_t*, const T*, const T*, T*, T*, T*);
-
-  CNN_EXT_TARGET_AVX512 static void forward_avx512(const Conv& cv, const PhaseWindow& pw, const T* x, const T* w,
-                                                   T b, T* y, T* win, T* line) {
-    forward_plane<T, 64>(cv, pw, x, w, b, y, win, line);
-  }
-  CNN_EXT_TARGET_AVX2 static void forward_avx2(const Conv& cv, const PhaseWindow& pw, const T* x, const T* w, T b,
-                                               T* y, T* win, T* line) {
-    forward_plane<T, 32>(cv, pw, x, w, b, y, win, line);
-  }
-  static void forward_portable(const Conv& cv, const PhaseWindow& pw, const T* x, const T* w, T b, T* y, T* win,
-                               T* line) {
-    forward_plane<T, 16>(cv, pw, x, w, b, y, win, line);
-  }
-  CNN_EXT_TARGET_AVX512 static void backward_input_avx512(const Conv& cv, const GradGeometry& gg, const T* dy,
-                                                          const T* w, T* dx, T* rows, T* lines) {
-    backward_input_plane<T, 64>(cv, gg, dy, w, dx, rows, lines);
-  }
-  CNN_EXT_TARGET_AVX2 static void backward_input_avx2(const Conv& cv, const GradGeometry& gg, const T* dy,
-                                                      const T* w, T* dx, T* rows, T* lines) {
-    backward_input_plane<T, 32>(cv, gg, dy, w, dx, rows, lines);
-  }
-  static void backward_input_portable(const Conv& cv, const GradGeometry& gg, const T* dy, const T* w, T* dx,
-                                      T* rows, T* lines) {
-    backward_input_plane<T, 16>(cv, gg, dy, w, dx, rows, lines);
-  }
-  CNN_EXT_TARGET_AVX512 static void backward_weight_avx512(const Conv& cv, const PhaseWindow& pw, const int64_t* taps,
-                                                           const T* dy, const T* x, T* acc, T* win, T* row) {
-    backward_weight_image<T, 64>(cv, pw, taps, dy, x, acc, win, row);
-  }
-  CNN_EXT_TARGET_AVX2 static void backward_weight_avx2(const Conv& cv, const PhaseWindow& pw, const int64_t* taps,
-                                                       const T* dy, const T* x, T* acc, T* win, T* row) {
-    backward_weight_image<T, 32>(cv, pw, taps, dy, x, acc, win, row);
-  }
-  static void backward_weight_portable(const Conv& cv, const PhaseWindow& pw, const int64_t* taps, const T* dy,
-                                       const T* x, T* acc, T* win, T* row) {
-    backward_weight_image<T, 16>(cv, pw, taps, dy, x, acc, win, row);
-  }
-
   // The vector width for rows of `row` elements: the ISA's, or half of it (still a width this CPU runs) when a
   // row fits in half a vector, so that short rows (7x7 planes) do not waste most of every vector.
   static int bytes(int64_t row) {
@@ -288,15 +247,20 @@ struct Kernels {
   static Fn of_width(int bytes, Fn at64, Fn at32, Fn at16) {
     return bytes == 64 ? at64 : bytes == 32 ? at32 : at16;
   }
-  static Forward forward(int bytes) {
-    return of_width<Forward>(bytes, &forward_avx512, &forward_avx2, &forward_portable);
+  // Body<64> compiled for AVX-512, Body<32> for AVX2, Body<16> portable: the variant for `bytes`.
+  template <auto Body64, auto Body32, auto Body16>
+  static auto variant(int bytes) {
+    return of_width(bytes, &PerIsa<Body64>::avx512, &PerIsa<Body32>::avx2, &PerIsa<Body16>::portable);
   }
-  static BackwardInput backward_input(int bytes) {
-    return of_width<BackwardInput>(bytes, &backward_input_avx512, &backward_input_avx2, &backward_input_portable);
+  static auto forward(int bytes) {
+    return variant<&forward_plane<T, 64>, &forward_plane<T, 32>, &forward_plane<T, 16>>(bytes);
   }
-  static BackwardWeight backward_weight(int bytes) {
-    return of_width<BackwardWeight>(bytes, &backward_weight_avx512, &backward_weight_avx2,
-                                    &backward_weight_portable);
+  static auto backward_input(int bytes) {
+    return variant<&backward_input_plane<T, 64>, &backward_input_plane<T, 32>, &backward_input_plane<T, 16>>(bytes);
+  }
+  static auto backward_weight(int bytes) {
+    return variant<&backward_weight_image<T, 64>, &backward_weight_image<T, 32>, &backward_weight_image<T, 16>>(
+        bytes);
   }
   static GradGeometry grad_geometry(int bytes, const Conv& cv) {
     return of_width(bytes, &GradGeometry::of<T, 64>, &GradGeometry::of<T, 32>, &GradGeometry::of<T, 16>)(cv);
