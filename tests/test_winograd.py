@@ -1,7 +1,8 @@
 """Winograd on the CPU (csrc/cpu/winograd.cpp): F(2x2, 3x3) and F(4x4, 3x3) for the forward and input gradient,
-F(3x3, 2x2) and F(3x3, 4x4) for the weight gradient ("winograd" and "winograd_4x4"), against torch in float64; their float32 error against a float64 reference per shape class (the
-README quotes these classes); the shapes that stress the tiling (odd sizes, padding 0-3, groups, items spanning
-images, 1x1 outputs, channel counts past whole vectors); and the dispatch rules that choose them.
+F(3x3, 2x2) and F(3x3, 4x4) for the weight gradient ("winograd" and "winograd_4x4"), against torch in float64;
+their float32 error against a float64 reference per shape class (the README quotes these classes); the shapes that
+stress the tiling (odd sizes, padding 0-3, groups, items spanning images, 1x1 outputs, channel counts past whole
+vectors); and the dispatch rules that choose them, with the float32 precision condition of the 4x4 tiles.
 tests/test_cpu_dispatch.py runs them on every ISA as well."""
 
 import contextlib
@@ -15,8 +16,8 @@ from cnn_ext import cpu_dispatch
 
 ops = torch.ops.cnn_ext
 
-# The output tiles (the weight gradient's tiles of dY), by algorithm name.
-TILES = {"winograd": 2, "winograd_4x4": 4}
+# Output tiles (the weight gradient's tiles of dY) of 2x2 and 4x4.
+TILES = ("winograd", "winograd_4x4")
 
 # (n, c, h, w, k, padding, groups)
 TILING_SHAPES = {
@@ -27,7 +28,7 @@ TILING_SHAPES = {
     "items_span_images": (9, 6, 5, 6, 4, 1, 1),  # 3x3 tiles per image: runs of tile rows cross images
     "one_output": (2, 3, 3, 3, 2, 0, 1),
     "one_pixel": (1, 2, 1, 1, 3, 1, 1),
-    "sizes_mod_4": (2, 3, 10, 7, 4, 1, 1),  # 10x7 outputs: 4x4 tiles with 2 and 3 rows / columns past the last whole one
+    "sizes_mod_4": (2, 3, 10, 7, 4, 1, 1),  # 10x7 outputs: 2 rows and 3 columns past the last whole 4x4 tile
     # The weight gradient's transforms run along the channels: whole AVX-512 vectors and a tail, per group.
     "channels_past_vectors": (2, 74, 6, 7, 70, 1, 2),
     # Few tiles, many output channels: the output channels split into blocks (ragged last one), each thread
@@ -152,7 +153,7 @@ def _expected(chosen, precision, dtype):
     ((2, 32, 28, 28, 64), "winograd_4x4"),
     ((16, 32, 8, 8, 64), "winograd_4x4"),  # the lanes kernels could serve it (16 images), Winograd's rule comes first
     ((1, 128, 28, 28, 128), "winograd_4x4"),  # 49 tiles (4x4): 334 transformed kernel values per tile
-    ((8, 256, 14, 14, 256), "winograd"),  # 128 tiles (4x4): 512 values per tile, F(4x4)'s kernel outweighs its gain
+    ((8, 256, 14, 14, 256), "winograd"),  # 128 tiles (4x4): 512 values per tile, F(4x4)'s larger kernel: a tie
     ((8, 16, 14, 14, 16), None),  # too few channels
     ((1, 256, 14, 14, 256), "winograd"),  # 49 tiles (2x2), 256 channels: U's blocks transformed where they are used
     ((1, 128, 14, 14, 128), None),  # 49 tiles, 128 channels: a tie with the implicit GEMM

@@ -232,8 +232,8 @@ bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, 
 // ratio to torch's time forward / input gradient, F(4x4) against F(2x2): 8x64@56 0.56 / 0.37 against 0.69 / 0.42,
 // 1x64@56 0.59 / 0.60 (0.83 / 0.85), 8x128@28 0.49 / 0.47 (0.65 / 0.58), 1x128@28 0.76 / 0.81 (0.84 / 0.87),
 // 8x128@14 0.79 / 0.76 (1.02 / 1.04), 4x256@28 0.44 / 0.38 (0.63 / 0.59), 128x32@28 0.36 / 0.35 (0.41 / 0.40),
-// 128x64@14 0.76 / 0.69 (0.92 / 0.84); slower past 384 values per tile: 8x256@14 (512) 0.81 / 0.73 (0.72 / 0.72),
-// 1x256@14 1.38 / 1.98 (1.01 / 1.11).
+// 128x64@14 0.76 / 0.69 (0.92 / 0.84); past 384 values per tile a tie or slower: 8x256@14 (512) 0.98x F(2x2)'s
+// time forward (its items at least 64 tiles; 1.07x with 28), 1x256@14 1.38 / 1.98 (1.01 / 1.11).
 //
 // Its float32 error, though, about 2.5e-6 of the outputs' scale (2-3x the implicit GEMM's; F(2x2)'s is below the
 // GEMM's), exceeds the suite's parity tolerance (1e-4 absolute plus relative) once outputs reach a scale of about
