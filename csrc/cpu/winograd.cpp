@@ -48,7 +48,7 @@ struct Vec : Vector<T, Bytes> {
 };
 
 // F(2x2, 3x3)'s matrices applied to a column of values (V: a GCC vector, or T). Bᵀ x: (x0 - x2, x1 + x2, x2 - x1,
-// x1 - x3); Aᵀ x: (x0 + x1 + x2, x1 - x2 - x3).
+// x1 - x3); Aᵀ x: (x0 + x1 + x2, x1 - x2 - x3); G x: (x0, (x0 + x1 + x2)/2, (x0 - x1 + x2)/2, x2).
 template <typename V>
 inline __attribute__((always_inline)) void times_bt4(const V (&x)[4], V (&y)[4]) {
   y[0] = x[0] - x[2];
@@ -60,6 +60,14 @@ template <typename V>
 inline __attribute__((always_inline)) void times_at4(const V (&x)[4], V (&y)[2]) {
   y[0] = x[0] + x[1] + x[2];
   y[1] = x[1] - x[2] - x[3];
+}
+template <typename V, typename T>
+inline __attribute__((always_inline)) void times_g4(const V (&x)[3], V (&y)[4]) {
+  const V half = V{} + T(0.5);
+  y[0] = x[0];
+  y[1] = half * (x[0] + x[1] + x[2]);
+  y[2] = half * (x[0] - x[1] + x[2]);
+  y[3] = x[2];
 }
 
 // F(4x4, 3x3)'s matrices (winograd.h) applied to a column of values, as sums sharing their terms.
@@ -305,14 +313,9 @@ template <int M, typename V, typename T>
 inline __attribute__((always_inline)) void filter_values(const T* taps, int64_t ld, bool flip, int64_t j, T* u,
                                                          int64_t u_stride) {
   constexpr int A = M + 2;
-  // G x: F(2x2, 3x3)'s (x0, (x0 + x1 + x2)/2, (x0 - x1 + x2)/2, x2), or F(4x4, 3x3)'s (times_g6).
   const auto times_g = [](const V(&x)[3], V(&y)[A]) {
     if constexpr (M == 2) {
-      const V half = V{} + T(0.5);
-      y[0] = x[0];
-      y[1] = half * (x[0] + x[1] + x[2]);
-      y[2] = half * (x[0] - x[1] + x[2]);
-      y[3] = x[2];
+      times_g4<V, T>(x, y);
     } else {
       times_g6<V, T>(x, y);
     }
