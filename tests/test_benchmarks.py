@@ -37,6 +37,20 @@ def test_quick_benchmarks_run_every_row_and_validate_it(tmp_path):
         assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_quick_conv_rows_at_high_float32_matmul_precision(tmp_path):
+    """`--float32-matmul-precision high` runs both sides under that setting (our 3x3 rows then take Winograd's 4x4
+    tiles) and records it; every row still validates against torch."""
+    out = tmp_path / "high.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--ops", "conv",
+                             "--float32-matmul-precision", "high", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["config"]["float32_matmul_precision"] == "high"
+    assert {row["case"] for row in report["rows"]} >= {"resnet.3x3_64", "resnet.3x3_128", "resnet.3x3_256"}
+    assert all(row["check"] == "ok" for row in report["rows"])
+
+
 def test_quick_models_section_runs_converted_torchvision_models(tmp_path):
     """`--ops models` (opt-in): resnet18, vgg11 and mobilenet_v2 through cnn_ext.convert, forward and forward +
     backward, each validated against the unconverted model."""
