@@ -334,6 +334,13 @@ inline __attribute__((always_inline)) void filter_block_body(const T* taps, int6
   for (; j < count; ++j) filter_values<M, T>(taps, ld, flip, j, u, u_stride);
 }
 
+// filter_block_body on the widest vectors of the ISA in use.
+template <typename T, int M>
+auto filter_block() {
+  return by_isa(&PerIsa<&filter_block_body<T, 64, M>>::avx512, &PerIsa<&filter_block_body<T, 32, M>>::avx2,
+                &PerIsa<&filter_block_body<T, 16, M>>::portable);
+}
+
 // U_ξ for `runs` runs of `count` consecutive filters of the kernel (run r from filter r*run_step; a filter is 9
 // taps): filter j of run r at u[ξ*u_stride + r*ld + j], for the GEMMs to read in place: a plain kernel's runs are
 // output channels (U_ξ row-major out × in), a flipped one's input channels (its transpose). Blocks of filters are
@@ -342,9 +349,7 @@ template <typename T, int M>
 void transform_filters(const T* weights, int64_t runs, int64_t run_step, int64_t count, bool flip, T* u, int64_t ld,
                        int64_t u_stride) {
   constexpr int64_t kBlock = 128;
-  const auto transform = by_isa(&PerIsa<&filter_block_body<T, 64, M>>::avx512,
-                                &PerIsa<&filter_block_body<T, 32, M>>::avx2,
-                                &PerIsa<&filter_block_body<T, 16, M>>::portable);
+  const auto transform = filter_block<T, M>();
   T taps[9 * kBlock];
   for (int64_t r = 0; r < runs; ++r) {
     for (int64_t f0 = 0; f0 < count; f0 += kBlock) {
@@ -365,9 +370,7 @@ void transform_weights(const Winograd3x3& wp, const T* weights, bool flip, int m
   constexpr int64_t kPositions = (M + 2) * (M + 2), kRun = 256;
   const int64_t panel = packed_a_size(wp.out, wp.in, mr), panels = ceil_div(wp.out, int64_t(mr));
   const int64_t channels = std::max<int64_t>(1, kRun / mr);  // input channels per run
-  const auto transform = by_isa(&PerIsa<&filter_block_body<T, 64, M>>::avx512,
-                                &PerIsa<&filter_block_body<T, 32, M>>::avx2,
-                                &PerIsa<&filter_block_body<T, 16, M>>::portable);
+  const auto transform = filter_block<T, M>();
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t gp = 0; gp < wp.groups * panels; ++gp) {
     const int64_t g = gp / panels, o0 = gp % panels * mr, rows = std::min<int64_t>(mr, wp.out - o0);
