@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "isa.h"
@@ -43,14 +44,18 @@ template <typename T>
 using RowsKernelFn = void (*)(int64_t kc, const T* const* a_rows, const T* b, const int64_t* b_off, T* c,
                               int64_t ldc, bool accumulate);
 
-// One micro-kernel: it computes an mr × nr tile of C, reading A's element (i, k) at a[k*lda + i] (fn: a packed
-// panel, lda = mr) or at a_rows[i][k] (rows_fn: rows of a matrix read in place, anywhere in memory).
+// One micro-kernel: it computes an mr × nr tile of C, reading A's element (i, k) at a[k*lda + i] (fns: a packed
+// panel, lda = mr) or at a_rows[i][k] (rows_fns: rows of a matrix read in place, anywhere in memory). nr is
+// nr / lanes vectors of `lanes` columns; fns[v - 1] and rows_fns[v - 1] are its forms with v of those vectors, the
+// narrower ones of the same mr for a ragged last column panel (70 columns cost 64 + 16, not 128).
 template <typename T>
 struct MicroKernel {
+  static constexpr int kMaxVectors = 4;
   int mr;
   int nr;
-  MicroKernelFn<T> fn;
-  RowsKernelFn<T> rows_fn;
+  int lanes;
+  MicroKernelFn<T> fns[kMaxVectors];
+  RowsKernelFn<T> rows_fns[kMaxVectors];
 };
 
 namespace detail {
@@ -148,18 +153,38 @@ void rows_kernel_baseline(int64_t kc, const T* const* a_rows, const T* b, const 
   micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV, true>(kc, nullptr, 0, a_rows, b, b_off, c, ldc, accumulate);
 }
 
-// The micro-kernel of the ISA whose vectors are Bytes wide, in both of its A forms.
+// The micro-kernel of the ISA whose vectors are Bytes wide, in both of its A forms and every width up to NV vectors.
+template <typename T, int Bytes, int MR, int NV>
+MicroKernelFn<T> kernel_fn() {
+  if constexpr (Bytes == 64) {
+    return &micro_kernel_avx512<T, MR, NV>;
+  } else if constexpr (Bytes == 32) {
+    return &micro_kernel_avx2<T, MR, NV>;
+  } else {
+    return &micro_kernel_baseline<T, MR, NV>;
+  }
+}
+template <typename T, int Bytes, int MR, int NV>
+RowsKernelFn<T> rows_kernel_fn() {
+  if constexpr (Bytes == 64) {
+    return &rows_kernel_avx512<T, MR, NV>;
+  } else if constexpr (Bytes == 32) {
+    return &rows_kernel_avx2<T, MR, NV>;
+  } else {
+    return &rows_kernel_baseline<T, MR, NV>;
+  }
+}
+
+template <typename T, int Bytes, int MR, int NV, int... V>
+MicroKernel<T> make(std::integer_sequence<int, V...>) {
+  static_assert(Bytes == 64 || Bytes == 32 || Bytes == 16);
+  static_assert(NV <= MicroKernel<T>::kMaxVectors);
+  constexpr int lanes = Bytes / static_cast<int>(sizeof(T));
+  return {MR, NV * lanes, lanes, {kernel_fn<T, Bytes, MR, V + 1>()...}, {rows_kernel_fn<T, Bytes, MR, V + 1>()...}};
+}
 template <typename T, int Bytes, int MR, int NV>
 MicroKernel<T> make() {
-  static_assert(Bytes == 64 || Bytes == 32 || Bytes == 16);
-  constexpr int nr = NV * Bytes / static_cast<int>(sizeof(T));
-  if constexpr (Bytes == 64) {
-    return {MR, nr, &micro_kernel_avx512<T, MR, NV>, &rows_kernel_avx512<T, MR, NV>};
-  } else if constexpr (Bytes == 32) {
-    return {MR, nr, &micro_kernel_avx2<T, MR, NV>, &rows_kernel_avx2<T, MR, NV>};
-  } else {
-    return {MR, nr, &micro_kernel_baseline<T, MR, NV>, &rows_kernel_baseline<T, MR, NV>};
-  }
+  return make<T, Bytes, MR, NV>(std::make_integer_sequence<int, NV>());
 }
 
 // The tile shapes of each ISA, best first. Several shapes exist so that the small channel counts of convolutions
@@ -201,15 +226,21 @@ struct Vector {
   static inline __attribute__((always_inline)) V splat(T x) { return V{} + x; }
 };
 
-// The micro-kernel that wastes the least work on padding for an M × N product (ties go to the earlier,
-// faster shape).
+// The micro-kernel with the least modelled time for an M × N product, padding and edge panels included (ties go
+// to the earlier, faster shape).
 template <typename T>
 MicroKernel<T> pick_micro_kernel(int64_t M, int64_t N) {
   const std::vector<MicroKernel<T>>& kernels = detail::micro_kernels<T>();
   MicroKernel<T> best = kernels.front();
   int64_t best_work = -1;
   for (const auto& k : kernels) {
-    const int64_t work = detail::round_up(M, k.mr) * detail::round_up(N, k.nr);
+    // Cost per k step and row panel, in half cycles of a core with two FMA and two load ports and a 4-cycle FMA
+    // latency: an mr × v kernel issues mr·v FMAs and mr + v loads, and needs 8 accumulators to hide the latency.
+    // A ragged last column panel runs on the edge kernel of fewer vectors (70 columns: 48 + 32 on 8x3).
+    const auto cost = [](int64_t mr, int64_t vectors) { return std::max({mr * vectors, mr + vectors, int64_t(8)}); };
+    const int64_t vectors = k.nr / k.lanes, edge = detail::round_up(N % k.nr, k.lanes) / k.lanes;
+    const int64_t work = detail::round_up(M, k.mr) / k.mr *
+                         (N / k.nr * cost(k.mr, vectors) + (edge > 0 ? cost(k.mr, edge) : 0));
     if (best_work < 0 || work < best_work) {
       best = k;
       best_work = work;
@@ -301,6 +332,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
     }
     for (int64_t j0 = 0; j0 < N; j0 += nr) {
       const int64_t cols = std::min<int64_t>(nr, N - j0);
+      const int64_t vectors = (cols + uk.lanes - 1) / uk.lanes;  // the kernel width this panel needs
       const T* b_strip = b + j0;
       const int64_t* strip_off = b_off + k0;
       if (cols < nr && pad == Pad::kNone) {
@@ -336,9 +368,9 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
         // C[i0:i0 + mr, j0:j0 + nr] (+)= this panel's product, into c_out (leading dimension ldo).
         const auto product = [&](T* c_out, int64_t ldo, bool add) {
           if (in_place && by_rows) {
-            uk.rows_fn(kc, panel_rows, b_strip, strip_off, c_out, ldo, add);
+            uk.rows_fns[vectors - 1](kc, panel_rows, b_strip, strip_off, c_out, ldo, add);
           } else {
-            uk.fn(kc, a_panel, lda, b_strip, strip_off, c_out, ldo, add);
+            uk.fns[vectors - 1](kc, a_panel, lda, b_strip, strip_off, c_out, ldo, add);
           }
         };
         T* c_tile = c + i0 * ldc + j0;
