@@ -119,6 +119,29 @@ def test_conv_algorithm_on_isa(isa, direction, algorithm, dtype):
             assert all(a != algorithm for a, _ in served), f"{shape_name}: {algorithm} cannot serve this"
 
 
+# Output widths around every column panel width (16 to 64 columns on AVX-512, 8 to 24 on AVX2 and the portable
+# code) and output channel counts of every micro-kernel height: a GEMM's ragged last column panel runs on a narrower
+# kernel of the same height, one or more vectors short of the full one (csrc/cpu/gemm.h).
+EDGE_WIDTHS = (1, 7, 9, 15, 17, 23, 25, 31, 33, 41, 47, 49, 57, 63, 65, 70, 97)
+EDGE_CHANNELS = (5, 6, 8, 10, 12, 64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_gemm_ragged_column_panels(isa, dtype):
+    g = torch.Generator().manual_seed(0)
+    t = lambda *s, scale=1.0: (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(  # noqa: E731
+        dtype).requires_grad_()
+    for k in EDGE_CHANNELS:
+        for width in EDGE_WIDTHS:
+            for kernel, padding in ((1, 0), (3, 1)):
+                # One output row per image: the products' columns are that row's positions.
+                inputs = (t(2, 7, 1, width), t(k, 7, kernel, kernel, scale=(7 * kernel * kernel) ** -0.5), t(k))
+                with cpu_dispatch.forced(isa=isa), cpu_dispatch.recording() as calls:
+                    _check_conv(inputs, dict(padding=padding), dtype)
+                assert calls and all(i == isa for _, _, i in calls), calls
+
+
 FUSED_SHAPES = {  # conv shape name, pooling (kernel, stride, padding, ceil_mode)
     "mnist_like": ("17_images", (2, 2, 0, False)),
     "overlapping_ceil": ("3x3_same", (3, 2, 1, True)),
