@@ -42,6 +42,24 @@ def test_grad_output_in_any_layout(op, layout, device):
         assert_close(got, want, torch.float64)
 
 
+@pytest.mark.parametrize("algorithm", ["winograd", "winograd_4x4", "gemm"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_weight_gradient_reads_any_layout(layout, algorithm):
+    """The weight gradients that compute on channels-last copies of the input and dY (Winograd's, the GEMM's): from
+    NCHW through our own blocked transpose (odd channel and position counts: its 8x8 blocks' edges), from anything
+    else through torch's copy."""
+    g = torch.Generator().manual_seed(3)
+    x = make_tensor((3, 13, 9, 11), torch.float64, "cpu", layout, g)
+    dy = make_tensor((3, 10, 9, 11), torch.float64, "cpu", layout, g)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    with cnn_ext.cpu_dispatch.forced(wgrad=algorithm), cnn_ext.cpu_dispatch.recording() as calls:
+        got = torch.ops.cnn_ext.conv2d_backward_weight(dy, x, [10, 13, 3, 3], *args)
+    assert calls == [("wgrad", algorithm, cnn_ext.cpu_dispatch.capability())]
+    want = torch.ops.aten.convolution_backward(dy, x, torch.empty(10, 13, 3, 3, dtype=torch.float64), None, *args[:3],
+                                               False, [0, 0], 1, [False, True, False])[1]
+    assert_close(got, want, torch.float64)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_outputs_are_nchw_whatever_the_input_layout(device):
     """Deliberately unlike torch, whose outputs follow a channels_last input: every cnn_ext kernel computes in NCHW
