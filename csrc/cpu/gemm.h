@@ -153,34 +153,26 @@ void rows_kernel_baseline(int64_t kc, const T* const* a_rows, const T* b, const 
   micro_kernel_body<typename VecOf<T, 16>::type, T, MR, NV, true>(kc, nullptr, 0, a_rows, b, b_off, c, ldc, accumulate);
 }
 
-// The micro-kernel of the ISA whose vectors are Bytes wide, in both of its A forms and every width up to NV vectors.
+// The micro-kernel of the ISA whose vectors are Bytes wide, in both of its A forms.
 template <typename T, int Bytes, int MR, int NV>
-MicroKernelFn<T> kernel_fn() {
+std::pair<MicroKernelFn<T>, RowsKernelFn<T>> kernel_fns() {
   if constexpr (Bytes == 64) {
-    return &micro_kernel_avx512<T, MR, NV>;
+    return {&micro_kernel_avx512<T, MR, NV>, &rows_kernel_avx512<T, MR, NV>};
   } else if constexpr (Bytes == 32) {
-    return &micro_kernel_avx2<T, MR, NV>;
+    return {&micro_kernel_avx2<T, MR, NV>, &rows_kernel_avx2<T, MR, NV>};
   } else {
-    return &micro_kernel_baseline<T, MR, NV>;
-  }
-}
-template <typename T, int Bytes, int MR, int NV>
-RowsKernelFn<T> rows_kernel_fn() {
-  if constexpr (Bytes == 64) {
-    return &rows_kernel_avx512<T, MR, NV>;
-  } else if constexpr (Bytes == 32) {
-    return &rows_kernel_avx2<T, MR, NV>;
-  } else {
-    return &rows_kernel_baseline<T, MR, NV>;
+    return {&micro_kernel_baseline<T, MR, NV>, &rows_kernel_baseline<T, MR, NV>};
   }
 }
 
+// The MR × NV micro-kernel with its narrower forms (V + 1 vectors for each V).
 template <typename T, int Bytes, int MR, int NV, int... V>
 MicroKernel<T> make(std::integer_sequence<int, V...>) {
   static_assert(Bytes == 64 || Bytes == 32 || Bytes == 16);
   static_assert(NV <= MicroKernel<T>::kMaxVectors);
   constexpr int lanes = Bytes / static_cast<int>(sizeof(T));
-  return {MR, NV * lanes, lanes, {kernel_fn<T, Bytes, MR, V + 1>()...}, {rows_kernel_fn<T, Bytes, MR, V + 1>()...}};
+  return {MR, NV * lanes, lanes, {kernel_fns<T, Bytes, MR, V + 1>().first...},
+          {kernel_fns<T, Bytes, MR, V + 1>().second...}};
 }
 template <typename T, int Bytes, int MR, int NV>
 MicroKernel<T> make() {
