@@ -1,6 +1,6 @@
-// CPU dgrad (cnn_ext.conv2d_backward_input): direct depthwise kernels (conv_depthwise.h), Winograd F(2x2, 3x3) on
-// dY with the kernel flipped (winograd.h), dcol = Wᵀ·dY with col2im as row adds, the fprop machinery on dY's
-// flipped windows (implicit), Wᵀ·dY panels with col2im (explicit), or the batch-in-lanes kernels; dispatch.cpp
+// CPU dgrad (cnn_ext.conv2d_backward_input): direct depthwise kernels (conv_depthwise.h), Winograd F(2x2, 3x3) or
+// F(4x4, 3x3) on dY with the kernel flipped (winograd.h), dcol = Wᵀ·dY with col2im as row adds, the fprop machinery on
+// dY's flipped windows (implicit), Wᵀ·dY panels with col2im (explicit), or the batch-in-lanes kernels; dispatch.cpp
 // chooses.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,6 @@
-// CPU fprop (cnn_ext.conv2d): direct depthwise kernels (conv_depthwise.h), Winograd F(2x2, 3x3) for stride-1 3x3
-// kernels (winograd.h), implicit im2col at any stride (conv_common.h has the shared machinery), explicit im2col
-// (the reference form, when forced), or the batch-in-lanes kernels; dispatch.cpp chooses.
+// CPU fprop (cnn_ext.conv2d): direct depthwise kernels (conv_depthwise.h), Winograd F(2x2, 3x3) or F(4x4, 3x3) for
+// stride-1 3x3 kernels (winograd.h), implicit im2col at any stride (conv_common.h has the shared machinery), explicit
+// im2col (the reference form, when forced), or the batch-in-lanes kernels; dispatch.cpp chooses.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -1,6 +1,7 @@
-// CPU wgrad (cnn_ext.conv2d_backward_weight): direct depthwise kernels (conv_depthwise.h), Winograd F(3x3, 2x2)
-// (winograd.h), the transposed GEMM of the input windows against dYᵀ, dot tiles of dY against the input windows
-// (few output channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp chooses.
+// CPU wgrad (cnn_ext.conv2d_backward_weight): direct depthwise kernels (conv_depthwise.h), Winograd F(3x3, 2x2) or
+// F(3x3, 4x4) (winograd.h), the transposed GEMM of the input windows against dYᵀ, dot tiles of dY against the input
+// windows (few output channels), a GEMM of dY against a gathered colᵀ, or the batch-in-lanes kernels; dispatch.cpp
+// chooses.
 // And the bias gradient (cnn_ext.conv2d_backward_bias).
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
