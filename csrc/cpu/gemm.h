@@ -347,12 +347,10 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
               for (int64_t k = 0; k < kc; k += 64 / int64_t(sizeof(T))) __builtin_prefetch(next + k);
             }
           }
-        } else if (in_place && i0 + 2 * mr <= m_full) {
-          // A's columns read in place (Wᵀ as dgrad's A): each k step reads a line k_step apart, a stride the
-          // hardware prefetchers do not follow across pages (18 KiB for 512 channels): fetch the next panel's lines.
-          const T* next = a + (i0 + mr) * layout.i_step + k0 * layout.k_step;
-          for (int64_t k = 0; k < kc; ++k) __builtin_prefetch(next + k * layout.k_step);
         }
+        // A's columns read in place (Wᵀ as dgrad's A, Winograd's U) are not prefetched: a line per k step for the
+        // next panel measured 5-11% slower on batch-8 weight and input gradients (perf: most of gemm_impl's own time
+        // sat on the prefetches), and at most 3% faster on a batch-1 one.
         const T* a_panel = layout.packed ? a + i0 * K + k0 * mr
                            : !in_place   ? a_edge.data()
                                          : a + i0 * layout.i_step + k0 * layout.k_step;  // (i_step = 1)
