@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <cstdlib>
 #include <utility>
 #include <vector>
 
@@ -310,6 +311,7 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
   const bool by_rows = !layout.packed && (layout.row_off != nullptr || layout.k_step == 1);  // else columns
   const auto row = [&](int64_t i) { return a + (layout.row_off != nullptr ? layout.row_off[i] : i * layout.i_step); };
   const T* panel_rows[16];
+  const int64_t row_panels = (M + mr - 1) / mr;
   // A's rows read in place are mr short streams per call, too short for the hardware prefetchers where they come
   // from memory: the input's windows (a row table: a 1x1 wgrad's A, 8-9% slower unfetched) or weights beyond L2,
   // re-read per column panel (512 channels: 6%). Fetch the next panel's then; elsewhere A is in cache (small
@@ -327,6 +329,12 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
         }
       }
     }
+    // B's rows far apart (2 KiB or more on average: input planes read in place, a 1x1 convolution's or dgrad's dY)
+    // each start a new stream, which the hardware prefetchers do not catch in time: the row panels fetch the next
+    // column panel's strip between them (1x1 forward and input gradient 5-11% faster; B in a compact buffer, as
+    // Winograd's V, needs none).
+    const bool prefetch_b =
+        kc > 1 && std::abs(b_off[k0 + kc - 1] - b_off[k0]) * int64_t(sizeof(T)) >= 2048 * (kc - 1);
     for (int64_t j0 = 0; j0 < N; j0 += nr) {
       const int64_t cols = std::min<int64_t>(nr, N - j0);
       const int64_t vectors = (cols + uk.lanes - 1) / uk.lanes;  // the kernel width this panel needs
@@ -354,6 +362,14 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
         // A's columns read in place (Wᵀ as dgrad's A, Winograd's U) are not prefetched: a line per k step for the
         // next panel measured 5-11% slower on batch-8 weight and input gradients (perf: most of gemm_impl's own time
         // sat on the prefetches), and at most 3% faster on a batch-1 one.
+        if (prefetch_b && j0 + nr < N) {
+          // This row panel's share of the next column panel's strip (B's rows, a line at a time).
+          const int64_t ka = i0 / mr * kc / row_panels, kb = (i0 / mr + 1) * kc / row_panels;
+          for (int64_t k = ka; k < kb; ++k) {
+            const T* next = b + strip_off[k] + j0 + nr;
+            for (int64_t l = 0; l < nr; l += 64 / int64_t(sizeof(T))) __builtin_prefetch(next + l);
+          }
+        }
         const T* a_panel = layout.packed ? a + i0 * K + k0 * mr
                            : !in_place   ? a_edge.data()
                                          : a + i0 * layout.i_step + k0 * layout.k_step;  // (i_step = 1)
