@@ -142,6 +142,24 @@ def test_gemm_ragged_column_panels(isa, dtype):
                 assert calls and all(i == isa for _, _, i in calls), calls
 
 
+# Outputs of 16 MiB or more leave the implicit GEMM's product buffer by non-temporal stores (add_streaming in
+# csrc/cpu/conv_common.h): the forward's output (64 channels) and the input gradient (64 input channels), with rows
+# of 130 or 92 values, not whole vectors, for the stores' scalar head and tail.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_large_outputs_stream(isa, dtype):
+    g = torch.Generator().manual_seed(2)
+    size = 130 if dtype == torch.float32 else 92
+    t = lambda *s, scale=1.0: (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(  # noqa: E731
+        dtype).requires_grad_()
+    for c, k in ((2, 64), (64, 2)):
+        inputs = (t(4, c, size, size), t(k, c, 3, 3, scale=(9 * c) ** -0.5), t(k))
+        with cpu_dispatch.forced(isa=isa, fprop="implicit", dgrad="implicit"), cpu_dispatch.recording() as calls:
+            _check_conv(inputs, dict(padding=1), dtype)
+        assert 4 * max(c, k) * size * size * inputs[0].element_size() >= 16 << 20
+        assert {(d, a) for d, a, _ in calls} >= {("fprop", "implicit"), ("dgrad", "implicit")}, calls
+
+
 FUSED_SHAPES = {  # conv shape name, pooling (kernel, stride, padding, ceil_mode)
     "mnist_like": ("17_images", (2, 2, 0, False)),
     "overlapping_ceil": ("3x3_same", (3, 2, 1, True)),

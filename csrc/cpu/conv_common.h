@@ -50,6 +50,10 @@
 #include "../checks.h"
 #include "gemm.h"
 #include "isa.h"
+
+#if CNN_EXT_X86
+#include <immintrin.h>
+#endif
 #include "scratch.h"
 
 namespace cnn_ext::cpu {
@@ -248,6 +252,62 @@ inline void copy_row(T* dst, const T* src, int64_t n) {
   }
 }
 
+// to[x] = from[x] + b for x < n with non-temporal stores, which bypass the caches: for outputs far larger than the
+// cores' L2, whose lines an ordinary store first reads from memory only to overwrite them all. Measured on the
+// stem's 26 MB output at batch 8: the convolution 9-10% faster, with the batch norm, ReLU and pooling after it
+// 2-3% faster in all; at batch 1 (3 MB) the next op found the output in cache, 2% slower streamed. The writer
+// calls stream_fence() before other threads may read what it streamed.
+#if CNN_EXT_X86
+template <typename T>
+CNN_EXT_TARGET_AVX512 void add_streaming_avx512(T* to, const T* from, int64_t n, T b) {
+  constexpr int64_t L = 64 / sizeof(T);
+  int64_t x = 0;
+  for (; x < n && reinterpret_cast<uintptr_t>(to + x) % 64 != 0; ++x) to[x] = from[x] + b;
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 bv = _mm512_set1_ps(b);
+    for (; x + L <= n; x += L) _mm512_stream_ps(to + x, _mm512_add_ps(_mm512_loadu_ps(from + x), bv));
+  } else {
+    const __m512d bv = _mm512_set1_pd(b);
+    for (; x + L <= n; x += L) _mm512_stream_pd(to + x, _mm512_add_pd(_mm512_loadu_pd(from + x), bv));
+  }
+  for (; x < n; ++x) to[x] = from[x] + b;
+}
+template <typename T>
+CNN_EXT_TARGET_AVX2 void add_streaming_avx2(T* to, const T* from, int64_t n, T b) {
+  constexpr int64_t L = 32 / sizeof(T);
+  int64_t x = 0;
+  for (; x < n && reinterpret_cast<uintptr_t>(to + x) % 32 != 0; ++x) to[x] = from[x] + b;
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 bv = _mm256_set1_ps(b);
+    for (; x + L <= n; x += L) _mm256_stream_ps(to + x, _mm256_add_ps(_mm256_loadu_ps(from + x), bv));
+  } else {
+    const __m256d bv = _mm256_set1_pd(b);
+    for (; x + L <= n; x += L) _mm256_stream_pd(to + x, _mm256_add_pd(_mm256_loadu_pd(from + x), bv));
+  }
+  for (; x < n; ++x) to[x] = from[x] + b;
+}
+#endif
+template <typename T>
+void add_plain(T* to, const T* from, int64_t n, T b) {
+  for (int64_t x = 0; x < n; ++x) to[x] = from[x] + b;
+}
+// add_streaming's variant for the ISA in use (the portable one stores normally).
+template <typename T>
+auto add_streaming() {
+#if CNN_EXT_X86
+  return by_isa(&add_streaming_avx512<T>, &add_streaming_avx2<T>, &add_plain<T>);
+#else
+  return &add_plain<T>;
+#endif
+}
+inline void stream_fence() {
+#if CNN_EXT_X86
+  _mm_sfence();
+#endif
+}
+// Outputs of at least this many bytes per call are written by add_streaming.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
 // dst[a][b] = src[a - top][b - left] for a < rows, b < cols; 0 where that falls outside the h × w plane src.
 template <typename T>
 void copy_window(const T* src, int64_t h, int64_t w, int64_t top, int64_t left, int64_t rows, int64_t cols,
@@ -432,10 +492,12 @@ inline ImplicitSplit implicit_split(const Conv& cv, bool flip, int64_t units, in
 }
 
 // One fprop/dgrad item by implicit im2col: rows [y0, y1) of the M output planes at dst (out_h*out_w apart) =
-// A · windows (+ bias[i] on plane i); `product` holds M × rows_per_item*cols, the product with its wasted columns.
+// A · windows (+ bias[i] on plane i); `product` holds M × rows_per_item*cols, the product with its wasted columns,
+// copied out by `add` (add_plain, or add_streaming for a large output).
 template <typename T>
 void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, MatrixA<T> a, const T* src,
-                        int64_t item, T* window, T* product, T* dst, const T* bias) {
+                        int64_t item, T* window, T* product, T* dst, const T* bias,
+                        void (*add)(T*, const T*, int64_t, T)) {
   const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
   if (win.cols == win.out_w) {  // no wasted columns (1x1 kernels): the GEMM writes the output rows in place
     const auto [y0, y1] = win.item_rows(item);
@@ -460,9 +522,7 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
   for (int64_t i = 0; i < m; ++i) {
     const T b = bias != nullptr ? bias[i] : T(0);
     for (int64_t y = y0; y < y1; ++y) {
-      const T* from = product + i * ld + (y - y0) * win.cols;
-      T* to = dst + (i * win.out_h + y) * win.out_w;
-      for (int64_t x = 0; x < win.out_w; ++x) to[x] = from[x] + b;
+      add(dst + (i * win.out_h + y) * win.out_w, product + i * ld + (y - y0) * win.cols, win.out_w, b);
     }
   }
 }
@@ -484,6 +544,8 @@ void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>&
   const auto windows = scratch.per_thread<T>(threads, win.source_rows.empty() ? win.buffer_size() : 0);
   const auto products =
       scratch.per_thread<T>(threads, win.cols == win.out_w ? 0 : std::min(m, m_chunk) * win.product_ld(uk.nr));
+  const bool stream = cv.n * cv.groups * m * plane * int64_t(sizeof(T)) >= kStreamBytes;
+  const auto add = stream ? add_streaming<T>() : &add_plain<T>;
 #pragma omp parallel num_threads(threads)
   {
     T* const window = windows.get();
@@ -494,7 +556,8 @@ void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>&
       const int64_t m0 = item / (cv.n * chunks) % m_chunks * m_chunk, rows = std::min(m_chunk, m - m0);
       const MatrixA<T> a_g{a.a + g * a_panel, a.layout, a.ld};
       implicit_conv_item(win, uk, rows, a_g.from_row(m0, k_gemm), src_of(img, g), item % chunks, window, product,
-                         dst_of(img, g) + m0 * plane, bias != nullptr ? bias + g * m + m0 : nullptr);
+                         dst_of(img, g) + m0 * plane, bias != nullptr ? bias + g * m + m0 : nullptr, add);
+      if (stream) stream_fence();
     }
   }
 }
