@@ -399,19 +399,25 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   const int threads = num_threads();
   // An item is a run of consecutive tile rows of one group, across images (row R of the group is tile row R % tp
   // of image R / tp), so that small images still make long GEMMs, and a block of output channels. Its tiles are
-  // the GEMMs' columns: about a multiple of the micro-kernel's width, with V and M (P × (in + out) × tiles) within
-  // about 2 MiB, but at least that width (4x4 tiles with 256 channels each side: 28 tiles measured 3-5% slower
-  // than 64, each item re-reading U's 9 MiB). The output channels are split only where they outnumber twice the
+  // the GEMMs' columns: a multiple of the micro-kernel's width with V and M (P × (in + out) × tiles) within about
+  // 1 MiB (half this machine's L2, rounded up), or a tile per 8 KiB of U where more (each item re-reads all of U),
+  // but V and M within 2 MiB and at least that width (4x4 tiles with 256 channels each side: 28 tiles measured
+  // 3-5% slower than 64, each item re-reading U's 9 MiB). Side by side against 2 MiB for all: 64 and 32 channels
+  // each side (and 32 -> 64) 6-11% faster forward and input gradient (128 tiles instead of 256, 256 instead of
+  // 512), 128 each side at 1 MiB (64 tiles, a 1 MiB U per item) 6-10% slower, hence U's bound; 128 -> 256,
+  // 64 -> 128 and 256 each side unchanged. The output channels are split only where they outnumber twice the
   // tiles (U, P × in × out, then outweighs V, P × in × tiles): into blocks of 64 or more, enough for two items per
   // thread and U's blocks within about 1 MiB each, which each thread transforms where its items use them. Where
   // there are still fewer than two items per thread, the runs are shortened.
   const int64_t total_rows = wp.n * tp;
   const int64_t nr_guess = 64 / int64_t(sizeof(T)) * 4;  // the AVX-512 6x4 micro-kernel's columns
-  const int64_t budget = std::max(nr_guess, 4 * kScratchBytes / (P * int64_t(sizeof(T)) * (wp.in + wp.out)));
-  const int64_t target = budget / nr_guess * nr_guess;
+  const int64_t filters = wp.in * wp.out, u_bytes = P * filters * int64_t(sizeof(T));
+  const int64_t per_tile = P * int64_t(sizeof(T)) * (wp.in + wp.out);  // V's and M's bytes
+  const int64_t most = std::max(nr_guess, 4 * kScratchBytes / per_tile / nr_guess * nr_guess);
+  const int64_t wide = detail::round_up(std::max(2 * kScratchBytes / per_tile, u_bytes / 8192), nr_guess);
+  const int64_t target = std::clamp(wide, nr_guess, most);
   int64_t tile_rows = std::clamp<int64_t>((target + tq / 2) / tq, 1, total_rows);
   const int64_t wanted = 2 * threads;
-  const int64_t filters = wp.in * wp.out, u_bytes = P * filters * int64_t(sizeof(T));
   const bool split = wp.out > 2 * total_rows * tq;
   const int64_t most_blocks = std::max<int64_t>(1, wp.out / 64);  // each block's items transform V again
   const int64_t blocks =
