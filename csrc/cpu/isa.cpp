@@ -49,5 +49,3 @@ const char* isa_name(Isa isa) {
 }
 
 }  // namespace cnn_ext::cpu
-
-extern "C" __attribute__((visibility("default"))) int cnn_ext_wbal = 0;
