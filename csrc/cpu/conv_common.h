@@ -257,40 +257,45 @@ inline void copy_row(T* dst, const T* src, int64_t n) {
 // stem's 26 MB output at batch 8: the convolution 9-10% faster, with the batch norm, ReLU and pooling after it
 // 2-3% faster in all; at batch 1 (3 MB) the next op found the output in cache, 2% slower streamed. The writer
 // calls stream_fence() before other threads may read what it streamed.
-#if CNN_EXT_X86
-template <typename T>
-CNN_EXT_TARGET_AVX512 void add_streaming_avx512(T* to, const T* from, int64_t n, T b) {
-  constexpr int64_t L = 64 / sizeof(T);
-  int64_t x = 0;
-  for (; x < n && reinterpret_cast<uintptr_t>(to + x) % 64 != 0; ++x) to[x] = from[x] + b;
-  if constexpr (std::is_same_v<T, float>) {
-    const __m512 bv = _mm512_set1_ps(b);
-    for (; x + L <= n; x += L) _mm512_stream_ps(to + x, _mm512_add_ps(_mm512_loadu_ps(from + x), bv));
-  } else {
-    const __m512d bv = _mm512_set1_pd(b);
-    for (; x + L <= n; x += L) _mm512_stream_pd(to + x, _mm512_add_pd(_mm512_loadu_pd(from + x), bv));
-  }
-  for (; x < n; ++x) to[x] = from[x] + b;
-}
-template <typename T>
-CNN_EXT_TARGET_AVX2 void add_streaming_avx2(T* to, const T* from, int64_t n, T b) {
-  constexpr int64_t L = 32 / sizeof(T);
-  int64_t x = 0;
-  for (; x < n && reinterpret_cast<uintptr_t>(to + x) % 32 != 0; ++x) to[x] = from[x] + b;
-  if constexpr (std::is_same_v<T, float>) {
-    const __m256 bv = _mm256_set1_ps(b);
-    for (; x + L <= n; x += L) _mm256_stream_ps(to + x, _mm256_add_ps(_mm256_loadu_ps(from + x), bv));
-  } else {
-    const __m256d bv = _mm256_set1_pd(b);
-    for (; x + L <= n; x += L) _mm256_stream_pd(to + x, _mm256_add_pd(_mm256_loadu_pd(from + x), bv));
-  }
-  for (; x < n; ++x) to[x] = from[x] + b;
-}
-#endif
 template <typename T>
 void add_plain(T* to, const T* from, int64_t n, T b) {
   for (int64_t x = 0; x < n; ++x) to[x] = from[x] + b;
 }
+// How many of n elements from `to` come before an address that is a multiple of `bytes`.
+template <typename T>
+int64_t unaligned_head(const T* to, int64_t n, int64_t bytes) {
+  const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(to) % bytes);
+  return std::min(n, misaligned == 0 ? 0 : (bytes - misaligned) / int64_t(sizeof(T)));
+}
+// One per ISA: GCC compiles the streaming intrinsics only inside a function of their ISA, never in a shared body.
+#if CNN_EXT_X86
+template <typename T>
+CNN_EXT_TARGET_AVX512 void add_streaming_avx512(T* to, const T* from, int64_t n, T b) {
+  int64_t x = unaligned_head(to, n, 64);
+  add_plain(to, from, x, b);
+  for (; x + 64 / int64_t(sizeof(T)) <= n; x += 64 / int64_t(sizeof(T))) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(to + x, _mm512_add_ps(_mm512_loadu_ps(from + x), _mm512_set1_ps(b)));
+    } else {
+      _mm512_stream_pd(to + x, _mm512_add_pd(_mm512_loadu_pd(from + x), _mm512_set1_pd(b)));
+    }
+  }
+  add_plain(to + x, from + x, n - x, b);
+}
+template <typename T>
+CNN_EXT_TARGET_AVX2 void add_streaming_avx2(T* to, const T* from, int64_t n, T b) {
+  int64_t x = unaligned_head(to, n, 32);
+  add_plain(to, from, x, b);
+  for (; x + 32 / int64_t(sizeof(T)) <= n; x += 32 / int64_t(sizeof(T))) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(to + x, _mm256_add_ps(_mm256_loadu_ps(from + x), _mm256_set1_ps(b)));
+    } else {
+      _mm256_stream_pd(to + x, _mm256_add_pd(_mm256_loadu_pd(from + x), _mm256_set1_pd(b)));
+    }
+  }
+  add_plain(to + x, from + x, n - x, b);
+}
+#endif
 // add_streaming's variant for the ISA in use (the portable one stores normally).
 template <typename T>
 auto add_streaming() {
