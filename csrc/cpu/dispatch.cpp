@@ -261,8 +261,8 @@ bool winograd_4x4_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out
 // transposed 1.39x. Since its threads take equal shares and its last pass runs in vectors, with 128+ channels each
 // side from 48 tiles whatever the sums: 1x256@14 0.52-0.89x torch's time (transposed 0.75-1.14), 4x256@14
 // 0.75-0.81 (1.04-1.18), 8x512@7 0.84 (1.05), 1x512@14 0.62 (0.80); not 2x512@7 (32 tiles: 0.84 against the
-// GEMM's 0.46), nor 64 channels on 49 tiles (0.98 against transposed's 0.75). With 32 channels each side, since
-// the GEMM prefetches less (side by side in one process, against transposed's time): 128x32@28 0.79-0.85,
+// GEMM's 0.46), nor 64 channels on 49 tiles (0.98 against transposed's 0.75). With 32 channels each side too
+// (side by side in one process, against transposed's time): 128x32@28 0.79-0.85,
 // 8x32@56 0.82-0.86, 2x32@28 0.76-0.84; 32x32@8 0.81x torch's time where the lanes kernels took 1.4-1.6x.
 bool winograd_wgrad_preferred(const Conv& cv) {
   const int64_t tiles = cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2);
@@ -278,7 +278,7 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 // 0.94-0.98, 128x32->64@14 0.99-1.03; past 16384 sums per tile 8x256@14 (18432) 1.05-1.17, 4x256@14 1.03-1.15;
 // on 5x5 outputs 128x64->128 (valid, 7x7 input) 1.1-1.3.
 // Unlike the forward's (winograd_4x4_precision), its float32 error needs no precision condition: the weight
-// gradient's tolerance scales with its own values, and against float64 it measured 1.2-2.0x the error of torch's
+// gradient's tolerance scales with its own values, and against float64 it measured 1.1-2.0x the error of torch's
 // own float32 weight gradient (ResNet-like layers at batch 2-16, and the 67-channel layer with unscaled weights),
 // at most 0.11 of the suite's tolerance (tests/test_winograd.py bounds it at 0.25).
 bool winograd_4x4_wgrad_preferred(const Conv& cv) {
