@@ -70,14 +70,18 @@ def _serves(direction, algorithm, shape_name, dtype, isa):
     return True
 
 
+def _leaf(shape, dtype, generator, scale=1.0):
+    """A leaf tensor that needs its gradient: normal values drawn in float64 (the same values in either dtype)."""
+    return (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+
 def _conv_case(shape_name, dtype, generator):
     n, c, h, w, k, kernel, stride, padding, dilation, groups = CONV_SHAPES[shape_name]
     kh, kw = torch.nn.modules.utils._pair(kernel)
     # Weights scaled by 1/sqrt(fan-in), as torch.nn initialises them: outputs stay near 1 however many channels a
     # shape sums, so float32's tolerance holds for ours and for torch's float32 reference alike.
     fan_in = c // groups * kh * kw
-    t = lambda *s, scale=1.0: (torch.randn(s, generator=generator, dtype=torch.float64) * scale).to(  # noqa: E731
-        dtype).requires_grad_()
+    t = lambda *s, scale=1.0: _leaf(s, dtype, generator, scale)  # noqa: E731
     return (t(n, c, h, w), t(k, c // groups, kh, kw, scale=fan_in ** -0.5), t(k)), dict(
         stride=stride, padding=padding, dilation=dilation, groups=groups)
 
@@ -130,8 +134,7 @@ EDGE_CHANNELS = (5, 6, 8, 10, 12, 64)
 @pytest.mark.parametrize("isa", ISAS)
 def test_gemm_ragged_column_panels(isa, dtype):
     g = torch.Generator().manual_seed(0)
-    t = lambda *s, scale=1.0: (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(  # noqa: E731
-        dtype).requires_grad_()
+    t = lambda *s, scale=1.0: _leaf(s, dtype, g, scale)  # noqa: E731
     for k in EDGE_CHANNELS:
         for width in EDGE_WIDTHS:
             for kernel, padding in ((1, 0), (3, 1)):
@@ -150,8 +153,7 @@ def test_gemm_ragged_column_panels(isa, dtype):
 def test_large_outputs_stream(isa, dtype):
     g = torch.Generator().manual_seed(2)
     size = 130 if dtype == torch.float32 else 92
-    t = lambda *s, scale=1.0: (torch.randn(s, generator=g, dtype=torch.float64) * scale).to(  # noqa: E731
-        dtype).requires_grad_()
+    t = lambda *s, scale=1.0: _leaf(s, dtype, g, scale)  # noqa: E731
     for c, k in ((2, 64), (64, 2)):
         inputs = (t(4, c, size, size), t(k, c, 3, 3, scale=(9 * c) ** -0.5), t(k))
         with cpu_dispatch.forced(isa=isa, fprop="implicit", dgrad="implicit"), cpu_dispatch.recording() as calls:
