@@ -50,11 +50,11 @@
 #include "../checks.h"
 #include "gemm.h"
 #include "isa.h"
+#include "scratch.h"
 
 #if CNN_EXT_X86
 #include <immintrin.h>
 #endif
-#include "scratch.h"
 
 namespace cnn_ext::cpu {
 
@@ -252,11 +252,7 @@ inline void copy_row(T* dst, const T* src, int64_t n) {
   }
 }
 
-// to[x] = from[x] + b for x < n with non-temporal stores, which bypass the caches: for outputs far larger than the
-// cores' L2, whose lines an ordinary store first reads from memory only to overwrite them all. Measured on the
-// stem's 26 MB output at batch 8: the convolution 9-10% faster, with the batch norm, ReLU and pooling after it
-// 2-3% faster in all; at batch 1 (3 MB) the next op found the output in cache, 2% slower streamed. The writer
-// calls stream_fence() before other threads may read what it streamed.
+// to[x] = from[x] + b for x < n: the implicit products' copy into the output rows.
 template <typename T>
 void add_plain(T* to, const T* from, int64_t n, T b) {
   for (int64_t x = 0; x < n; ++x) to[x] = from[x] + b;
@@ -267,7 +263,12 @@ int64_t unaligned_head(const T* to, int64_t n, int64_t bytes) {
   const int64_t misaligned = int64_t(reinterpret_cast<uintptr_t>(to) % bytes);
   return std::min(n, misaligned == 0 ? 0 : (bytes - misaligned) / int64_t(sizeof(T)));
 }
-// One per ISA: GCC compiles the streaming intrinsics only inside a function of their ISA, never in a shared body.
+// to[x] = from[x] + b for x < n with non-temporal stores, which bypass the caches: for outputs far larger than the
+// cores' L2, whose lines an ordinary store first reads from memory only to overwrite them all. Measured on the
+// stem's 26 MB output at batch 8: the convolution 9-10% faster, with the batch norm, ReLU and pooling after it
+// 2-3% faster in all; at batch 1 (3 MB) the next op found the output in cache, 2% slower streamed. The writer
+// calls stream_fence() before other threads may read what it streamed. One function per ISA: GCC compiles the
+// streaming intrinsics only inside a function of their ISA, never in a shared always-inline body.
 #if CNN_EXT_X86
 template <typename T>
 CNN_EXT_TARGET_AVX512 void add_streaming_avx512(T* to, const T* from, int64_t n, T b) {

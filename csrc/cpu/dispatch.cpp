@@ -262,8 +262,8 @@ bool winograd_4x4_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out
 // side from 48 tiles whatever the sums: 1x256@14 0.52-0.89x torch's time (transposed 0.75-1.14), 4x256@14
 // 0.75-0.81 (1.04-1.18), 8x512@7 0.84 (1.05), 1x512@14 0.62 (0.80); not 2x512@7 (32 tiles: 0.84 against the
 // GEMM's 0.46), nor 64 channels on 49 tiles (0.98 against transposed's 0.75). With 32 channels each side too
-// (side by side in one process, against transposed's time): 128x32@28 0.79-0.85,
-// 8x32@56 0.82-0.86, 2x32@28 0.76-0.84; 32x32@8 0.81x torch's time where the lanes kernels took 1.4-1.6x.
+// (side by side in one process, against transposed's time): 128x32@28 0.79-0.85, 8x32@56 0.82-0.86, 2x32@28
+// 0.76-0.84; 32x32@8 0.81x torch's time where the lanes kernels took 1.4-1.6x.
 bool winograd_wgrad_preferred(const Conv& cv) {
   const int64_t tiles = cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2);
   return (cv.cg >= 32 && cv.kg >= 32 && tiles >= 64 && 16 * cv.cg * cv.kg <= 4096 * tiles) ||
