@@ -162,6 +162,26 @@ def test_large_outputs_stream(isa, dtype):
         assert {(d, a) for d, a, _ in calls} >= {("fprop", "implicit"), ("dgrad", "implicit")}, calls
 
 
+# The weight gradient's Winograd and GEMM read channels-last copies of dY and x: kept in scratch from call to call up
+# to 64 MiB (conv_wgrad.cpp, kKeptCopyBytes), fresh tensors past it. A kept copy must hold this call's data, not a
+# larger earlier call's, and the kernel's own scratch must not overlap it; the 72 MB input takes the fresh path.
+@pytest.mark.parametrize("algorithm", ["winograd", "gemm"])
+def test_weight_gradient_copies(algorithm):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(2, 8, 40, 40), (1, 8, 9, 11), (1, 8, 1500, 1500)]
+    for shape in shapes:
+        x = _leaf(shape, torch.float32, g)
+        w = _leaf((8, 8, 3, 3), torch.float32, g, scale=72 ** -0.5)
+        grad_out = torch.randn(shape, generator=g)
+        with cpu_dispatch.forced(wgrad=algorithm), cpu_dispatch.recording() as calls:
+            got = torch.ops.cnn_ext.conv2d_backward_weight(grad_out, x, w.shape, [1, 1], [1, 1], [1, 1], 1)
+        assert calls == [("wgrad", algorithm, cpu_dispatch.capability())], calls
+        want = torch.ops.aten.convolution_backward(grad_out, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                   [False, True, False])[1]
+        assert_close(got, want, torch.float32, scale=(shape[0] * shape[2] * shape[3]) ** 0.5, msg=str(shape))
+    assert x.numel() * x.element_size() > 64 << 20
+
+
 FUSED_SHAPES = {  # conv shape name, pooling (kernel, stride, padding, ceil_mode)
     "mnist_like": ("17_images", (2, 2, 0, False)),
     "overlapping_ceil": ("3x3_same", (3, 2, 1, True)),

@@ -8,7 +8,8 @@
 // Buffers are made before a parallel region (an exception, such as a failed allocation, cannot leave an OpenMP
 // region), by the thread that calls the kernel: the OpenMP threads of that call use its slices (PerThread). A
 // kernel whose helper takes buffers too hands it its CallScratch; kernels called one after another by the same
-// thread reuse the slots.
+// thread reuse the slots. CallScratch objects nest: one made while another is alive on the same thread (an op that
+// keeps a copy of its input for the kernel it then calls) takes the slots after the ones the outer has taken.
 #pragma once
 
 #include <omp.h>
@@ -91,6 +92,11 @@ class PerThread {
 // order get the same slots on every call, and so the buffers sized by earlier calls.
 class CallScratch {
  public:
+  CallScratch() : first_(held()), next_(first_) {}
+  ~CallScratch() { held() = first_; }
+  CallScratch(const CallScratch&) = delete;
+  CallScratch& operator=(const CallScratch&) = delete;
+
   // n elements for the whole call, 64-byte aligned.
   template <typename T>
   T* whole(int64_t n) {
@@ -103,11 +109,21 @@ class CallScratch {
   }
 
  private:
+  // The slots taken by the calling thread's live CallScratch objects: the next one made starts after them.
+  static int& held() {
+    thread_local int slots = 0;
+    return slots;
+  }
   int next() {
     if (next_ == kSlots) throw std::logic_error("cnn_ext: a CPU kernel call asked for more scratch buffers than kSlots");
+    // Only the innermost live CallScratch takes slots: an outer one asking while an inner one holds the next slots
+    // would share them.
+    if (held() != next_) throw std::logic_error("cnn_ext: scratch asked of a CallScratch that is not the innermost");
+    held() = next_ + 1;
     return next_++;
   }
-  int next_ = 0;
+  int first_;
+  int next_;
 };
 
 }  // namespace cnn_ext::cpu
