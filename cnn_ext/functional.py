@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import ops
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu"]
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu", "batch_norm"]
 
 
 def _pair(value, name, op):
@@ -144,6 +144,26 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False, coun
     out = ops.avg_pool2d(input, kernel_size, stride, _pair(padding, "padding", op), bool(ceil_mode),
                          bool(count_include_pad), divisor_override)
     return out.squeeze(0) if unbatched else out
+
+
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """Batch normalisation over dim 1 of an (N, C, ...) input, as torch.nn.functional.batch_norm: by the batch's
+    statistics when training (then running_mean and running_var, where given, move towards them by `momentum`, the
+    variance unbiased), else by running_mean and running_var. float32 and float64 CPU tensors run on cnn_ext's
+    kernel; other devices and dtypes on torch's (there is no CUDA kernel of ours yet)."""
+    op = "batch_norm"
+    _check_tensor(input, "input", op)
+    if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    out, mean, var = ops.batch_norm(input, weight, bias, running_mean, running_var, bool(training), float(eps))
+    count = input.numel() // max(1, input.shape[1])
+    if training and count > 0:
+        with torch.no_grad():
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
+    return out
 
 
 # torch.fx records calls of these functions as calls (a symbolic trace cannot run their argument checks, which

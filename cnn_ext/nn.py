@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import functional
 
-__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "conv_maxpool_relu"]
+__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "conv_maxpool_relu"]
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -35,6 +35,24 @@ class AvgPool2d(torch.nn.AvgPool2d):
     def forward(self, input):
         return functional.avg_pool2d(input, self.kernel_size, self.stride, self.padding, self.ceil_mode,
                                      self.count_include_pad, self.divisor_override)
+
+
+class BatchNorm2d(torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d on cnn_ext's kernel (cnn_ext.functional.batch_norm): the same buffers, momentum (None:
+    a cumulative average), eval and track_running_stats rules as torch's."""
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                factor = 1.0 / float(self.num_batches_tracked)
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        return functional.batch_norm(input, self.running_mean if tracked else None,
+                                     self.running_var if tracked else None, self.weight, self.bias, use_batch_stats,
+                                     factor, self.eps)
 
 
 def conv_maxpool_relu(conv, pool, input):

@@ -15,3 +15,4 @@ conv2d = _ops.conv2d.default
 max_pool2d = _ops.max_pool2d.default
 avg_pool2d = _ops.avg_pool2d.default
 conv2d_maxpool_relu = _ops.conv2d_maxpool_relu.default
+batch_norm = _ops.batch_norm.default

@@ -238,6 +238,57 @@ std::tuple<at::Tensor, at::Tensor> conv2d_maxpool_relu_autograd(
   return {outputs[0], outputs[1]};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// batch_norm: (output, mean, var); the statistics are not differentiable (as torch's batch norm's saved ones).
+// ---------------------------------------------------------------------------------------------------------------
+
+struct BatchNorm : public torch::autograd::Function<BatchNorm> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var, bool training, double eps) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto batch_norm = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+        const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double)>("cnn_ext::batch_norm");
+    auto [output, mean, var] = batch_norm.call(input, weight, bias, running_mean, running_var, training, eps);
+    ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, var});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    return {output, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(7);
+    const auto saved = ctx->get_saved_variables();
+    const bool has_weight = saved[1].defined();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
+                                      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return none;
+    refuse_double_backward("cnn_ext.batch_norm");
+    static auto backward = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
+        bool, double, std::array<bool, 3>)>("cnn_ext::batch_norm_backward");
+    auto [grad_input, grad_weight, grad_bias] =
+        backward.call(grads[0], saved[0], has_weight ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt, saved[2],
+                      saved[3], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask);
+    none[0] = mask[0] ? grad_input : at::Tensor();
+    none[1] = mask[1] ? grad_weight : at::Tensor();
+    none[2] = mask[2] ? grad_bias : at::Tensor();
+    return none;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  auto outputs = BatchNorm::apply(input, weight, bias, running_mean, running_var, training, eps);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_ext, Autograd, m) {
@@ -245,6 +296,7 @@ TORCH_LIBRARY_IMPL(cnn_ext, Autograd, m) {
   m.impl("max_pool2d", &max_pool2d_autograd);
   m.impl("avg_pool2d", &avg_pool2d_autograd);
   m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_autograd);
+  m.impl("batch_norm", &batch_norm_autograd);
 }
 
 }  // namespace cnn_ext

@@ -15,6 +15,7 @@
 #include <c10/util/Optional.h>
 
 #include <array>
+#include <cmath>
 #include <initializer_list>
 #include <utility>
 
@@ -369,6 +370,64 @@ ConvPoolShape<T> check_conv2d_maxpool_relu_backward(
   TORCH_CHECK_VALUE(sizes_of<T>(output) == sizes_of<T>(grad_output), op, ": output has shape ", sizes_of<T>(output),
                     " but grad_output has shape ", sizes_of<T>(grad_output));
   return shape;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Batch normalisation over dimension 1 (channels) of an (N, C, ...) input: per channel, the statistics of its N × ...
+// values. weight, bias and the statistics are vectors of C. Returns C.
+// ---------------------------------------------------------------------------------------------------------------
+
+template <typename T>
+void check_channel_vector(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& v,
+                          const char* name) {
+  if (!v.has_value()) return;
+  check_same_dtype_device(op, {{&input, "input"}, {&*v, name}});
+  TORCH_CHECK_VALUE(v->dim() == 1 && sizes_of<T>(*v)[0] == sizes_of<T>(input)[1], op, ": ", name,
+                    " must be a vector of the input's ", sizes_of<T>(input)[1], " channels, got shape ",
+                    sizes_of<T>(*v));
+}
+
+// The forward: in training the batch's statistics normalise the input (running_mean and running_var are not read,
+// and may be absent); otherwise running_mean and running_var do.
+template <typename T>
+T check_batch_norm(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                   const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                   const c10::optional<at::Tensor>& running_var, bool training, double eps,
+                   const char* mean_name = "running_mean", const char* var_name = "running_var") {
+  TORCH_CHECK_VALUE(input.dim() >= 2, op, ": input must be an (N, C, ...) tensor of at least 2 dimensions, got a ",
+                    input.dim(), "-D tensor of shape ", sizes_of<T>(input));
+  check_floating(op, input, "input");
+  check_channel_vector<T>(op, input, weight, "weight");
+  check_channel_vector<T>(op, input, bias, "bias");
+  check_channel_vector<T>(op, input, running_mean, mean_name);
+  check_channel_vector<T>(op, input, running_var, var_name);
+  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
+  if (training) {
+    // As torch: one value per channel has no spread to normalise by.
+    T values = sizes_of<T>(input)[0];
+    for (int64_t d = 2; d < input.dim(); ++d) values = values * sizes_of<T>(input)[d];
+    const auto known = known_value(values);
+    TORCH_CHECK_VALUE(!known.has_value() || *known != 1, op,
+                      ": input has one value per channel, so training statistics are undefined (input shape ",
+                      sizes_of<T>(input), ")");
+  } else {
+    TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(), op, ": ", mean_name, " and ", var_name,
+                      " are required when training is False");
+  }
+  return sizes_of<T>(input)[1];
+}
+
+// The backward: grad_output shaped as the input; mean and var the statistics the forward normalised by.
+template <typename T>
+T check_batch_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                            const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
+                            double eps) {
+  // Checked as an evaluation's statistics: the backward reads them whichever way the forward found them.
+  const T c = check_batch_norm<T>(op, input, weight, c10::nullopt, mean, var, false, eps, "mean", "var");
+  check_same_dtype_device(op, {{&input, "input"}, {&grad_output, "grad_output"}});
+  TORCH_CHECK_VALUE(sizes_of<T>(grad_output) == sizes_of<T>(input), op, ": grad_output has shape ",
+                    sizes_of<T>(grad_output), " but input has shape ", sizes_of<T>(input));
+  return c;
 }
 
 }  // namespace cnn_ext

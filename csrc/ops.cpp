@@ -92,6 +92,26 @@ std::tuple<at::Tensor, at::Tensor> conv2d_maxpool_relu_meta(
   return {at::empty_symint(out, input.options()), at::empty_symint(out, input.options().dtype(at::kLong))};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_meta(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  const SymInt c = check_batch_norm<SymInt>("cnn_ext.batch_norm", input, weight, bias, running_mean, running_var,
+                                            training, eps);
+  return {at::empty_symint(input.sym_sizes(), input.options()), at::empty_symint({c}, input.options()),
+          at::empty_symint({c}, input.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_meta(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const at::Tensor& mean, const at::Tensor& var, bool training, double eps, std::array<bool, 3> output_mask) {
+  const SymInt c = check_batch_norm_backward<SymInt>("cnn_ext.batch_norm_backward", grad_output, input, weight, mean,
+                                                     var, eps);
+  const auto vector = [&](bool wanted) { return at::empty_symint({wanted ? c : SymInt(0)}, input.options()); };
+  return {output_mask[0] ? at::empty_symint(input.sym_sizes(), input.options()) : vector(false),
+          vector(output_mask[1]), vector(output_mask[2])};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cnn_ext, m) {
@@ -122,6 +142,13 @@ TORCH_LIBRARY(cnn_ext, m) {
         "Tensor weight, int[2] stride, int[2] padding, int[2] dilation, int groups, int[2] pool_kernel_size, "
         "int[2] pool_stride, int[2] pool_padding, int[2] pool_dilation, bool ceil_mode, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
+  // Batch normalisation over dim 1: (output, mean, var), the statistics it normalised by (the batch's, var biased,
+  // when training; else running_mean and running_var's values). Running statistics are updated by the caller.
+  m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+        "bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  // Gradients with respect to (input, weight, bias), as far as output_mask asks (empty otherwise).
+  m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, "
+        "bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cnn_ext, CompositeExplicitAutograd, m) {
@@ -139,6 +166,8 @@ TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {
   m.impl("avg_pool2d", &avg_pool2d_meta);
   m.impl("avg_pool2d_backward", &avg_pool2d_backward_meta);
   m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_meta);
+  m.impl("batch_norm", &batch_norm_meta);
+  m.impl("batch_norm_backward", &batch_norm_backward_meta);
 }
 
 }  // namespace cnn_ext

@@ -83,8 +83,12 @@ def test_backends_build_identical_models():
     assert isinstance(ref.d1, torch.nn.Linear) and isinstance(ref.relu, torch.nn.ReLU)
     for (name, a), (_, b) in zip(ext.state_dict().items(), ref.state_dict().items()):
         assert torch.equal(a, b), name
-    assert {type(m) for m in DeepMNIST("ext").modules()} >= {cnn_ext.nn.Conv2d, cnn_ext.nn.MaxPool2d}
-    assert not any(type(m) in (torch.nn.Conv2d, torch.nn.MaxPool2d) for m in DeepMNIST("ext").modules())
+    ours = {cnn_ext.nn.Conv2d, cnn_ext.nn.MaxPool2d, cnn_ext.nn.BatchNorm2d}
+    theirs = {torch.nn.Conv2d, torch.nn.MaxPool2d, torch.nn.BatchNorm2d}
+    assert {type(m) for m in DeepMNIST("ext").modules()} >= ours
+    assert not any(type(m) in theirs for m in DeepMNIST("ext").modules())
+    assert {type(m) for m in DeepMNIST("torch").modules()} >= theirs
+    assert DeepMNIST("ext").state_dict().keys() == DeepMNIST("torch").state_dict().keys()
 
 
 def _check_resume_equals_uninterrupted_run(tmp_path, monkeypatch, common, recipe):

@@ -13,7 +13,8 @@ BACKENDS = ("ext", "torch")
 
 
 def _layers(backend):
-    """The namespace providing Conv2d, MaxPool2d and AvgPool2d: the one switch between the two backends."""
+    """The namespace providing Conv2d, MaxPool2d, AvgPool2d and BatchNorm2d: the one switch between the two
+    backends."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     return ext_nn if backend == "ext" else nn
@@ -88,7 +89,7 @@ class DeepMNIST(nn.Module):
 
         def conv_bn_relu(c_in, c_out, padding):
             # No conv bias: the batch norm that follows has its own shift.
-            return [layers.Conv2d(c_in, c_out, 3, padding=padding, bias=False), nn.BatchNorm2d(c_out),
+            return [layers.Conv2d(c_in, c_out, 3, padding=padding, bias=False), layers.BatchNorm2d(c_out),
                     nn.ReLU(inplace=True)]
 
         self.features = nn.Sequential(

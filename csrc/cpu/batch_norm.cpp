@@ -1,0 +1,306 @@
+// CPU batch normalisation (cnn_ext.batch_norm, cnn_ext.batch_norm_backward) over dimension 1 of an (N, C, ...)
+// input. One task per channel: its N planes of L = H·W·... values are summed in a fixed order (vector lanes, blocks
+// of them added in double), so results do not depend on the thread count, and a task's passes re-read its channel
+// from L2 where it fits (DeepMNIST's widest layer: 400 KB per channel of x; the backward reads dY too). torch's own
+// kernels took 2.2 ms (forward) and 1.4 ms (backward) for 128x32x28x28 on the 2-core AMD machine, a plain copy of it
+// 0.19 ms; these 0.43-0.56 and 0.52-1.04 ms.
+//
+//   forward, training:  mean = Σx / M, var = Σ(x - mean)² / M (two passes: no cancellation), M = N·L
+//   forward:            y = (x - mean) · (weight · invstd) + bias,  invstd = 1 / sqrt(var + eps)
+//   backward, training: dx = (dy - Σdy / M - (x - mean) · invstd² · Σdy(x - mean) / M) · weight · invstd
+//   backward, eval:     dx = dy · weight · invstd
+//   dweight = Σdy(x - mean) · invstd,  dbias = Σdy
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstring>
+#include <tuple>
+
+#include "../checks.h"
+#include "conv_common.h"
+#include "isa.h"
+
+namespace cnn_ext::cpu {
+namespace {
+
+// One channel's values: N planes of L, `stride` apart.
+template <typename T>
+struct Channel {
+  const T* x;
+  int64_t n, l, stride;
+};
+
+// Sums run in T, in vectors of 64 bytes (two accumulators) within blocks of kBlock values of a plane, so each lane
+// adds at most kBlock / 32 = 16 terms and float32's rounding stays that of short sums; the blocks' lanes add into
+// double, in a fixed order (the same vectors on every ISA: GCC splits them for AVX2 and the portable build).
+// Summing in double throughout measured 2x the time: every value converted, half the values per vector.
+constexpr int64_t kBlock = 512;
+
+template <typename T>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct VecOf<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+template <typename T>
+using Vec = typename VecOf<T>::type;
+template <typename T>
+constexpr int64_t kWidth = 64 / sizeof(T);
+
+template <typename T>
+inline __attribute__((always_inline)) Vec<T> load(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename T>
+inline __attribute__((always_inline)) double lane_sum(Vec<T> v) {
+  double sum = 0;
+  for (int64_t k = 0; k < kWidth<T>; ++k) sum += double(v[k]);
+  return sum;
+}
+
+// Σ (x - shift), and Σ (x - shift)² if kSquares, over one channel.
+template <typename T, bool kSquares>
+inline __attribute__((always_inline)) void channel_sums_body(Channel<T> ch, T shift, double* sum, double* squares) {
+  constexpr int64_t w = kWidth<T>;
+  const Vec<T> centre = Vec<T>{} + shift;
+  double total = 0, total_squares = 0;
+  for (int64_t i = 0; i < ch.n; ++i) {
+    for (int64_t j0 = 0; j0 < ch.l; j0 += kBlock) {
+      const T* block = ch.x + i * ch.stride + j0;
+      const int64_t len = std::min(kBlock, ch.l - j0);
+      Vec<T> s0{}, s1{}, q0{}, q1{};
+      int64_t j = 0;
+      for (; j + 2 * w <= len; j += 2 * w) {
+        const Vec<T> d0 = load(block + j) - centre, d1 = load(block + j + w) - centre;
+        s0 += d0;
+        s1 += d1;
+        if constexpr (kSquares) {
+          q0 += d0 * d0;
+          q1 += d1 * d1;
+        }
+      }
+      total += lane_sum<T>(s0 + s1);
+      if constexpr (kSquares) total_squares += lane_sum<T>(q0 + q1);
+      for (; j < len; ++j) {
+        const T d = block[j] - shift;
+        total += d;
+        if constexpr (kSquares) total_squares += double(d) * d;
+      }
+    }
+  }
+  *sum = total;
+  *squares = total_squares;
+}
+
+// y = (x - centre) · scale + shift over one channel.
+template <typename T>
+inline __attribute__((always_inline)) void normalize_body(Channel<T> ch, T centre, T scale, T shift, T* y) {
+  for (int64_t i = 0; i < ch.n; ++i) {
+    const T* src = ch.x + i * ch.stride;
+    T* dst = y + i * ch.stride;
+    for (int64_t j = 0; j < ch.l; ++j) dst[j] = (src[j] - centre) * scale + shift;
+  }
+}
+
+// Σ dy and Σ dy · (x - mean) over one channel, in blocks as channel_sums_body.
+template <typename T>
+inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T* x, T mean, double* sum,
+                                                          double* dot) {
+  constexpr int64_t w = kWidth<T>;
+  const Vec<T> centre = Vec<T>{} + mean;
+  double total = 0, total_dot = 0;
+  for (int64_t i = 0; i < dy.n; ++i) {
+    for (int64_t j0 = 0; j0 < dy.l; j0 += kBlock) {
+      const T* g = dy.x + i * dy.stride + j0;
+      const T* v = x + i * dy.stride + j0;
+      const int64_t len = std::min(kBlock, dy.l - j0);
+      Vec<T> s0{}, s1{}, d0{}, d1{};
+      int64_t j = 0;
+      for (; j + 2 * w <= len; j += 2 * w) {
+        const Vec<T> g0 = load(g + j), g1 = load(g + j + w);
+        s0 += g0;
+        s1 += g1;
+        d0 += g0 * (load(v + j) - centre);
+        d1 += g1 * (load(v + j + w) - centre);
+      }
+      total += lane_sum<T>(s0 + s1);
+      total_dot += lane_sum<T>(d0 + d1);
+      for (; j < len; ++j) {
+        total += g[j];
+        total_dot += double(g[j] * (v[j] - mean));
+      }
+    }
+  }
+  *sum = total;
+  *dot = total_dot;
+}
+
+// dx = (dy - mean_dy - (x - mean) · proj) · scale over one channel (training).
+template <typename T>
+inline __attribute__((always_inline)) void grad_input_body(Channel<T> dy, const T* x, T mean, T mean_dy, T proj,
+                                                           T scale, T* dx) {
+  for (int64_t i = 0; i < dy.n; ++i) {
+    const T* g = dy.x + i * dy.stride;
+    const T* v = x + i * dy.stride;
+    T* dst = dx + i * dy.stride;
+    for (int64_t j = 0; j < dy.l; ++j) dst[j] = (g[j] - mean_dy - (v[j] - mean) * proj) * scale;
+  }
+}
+
+// dx = dy · scale over one channel (evaluation: the statistics are constants).
+template <typename T>
+inline __attribute__((always_inline)) void grad_input_eval_body(Channel<T> dy, T scale, T* dx) {
+  for (int64_t i = 0; i < dy.n; ++i) {
+    const T* g = dy.x + i * dy.stride;
+    T* dst = dx + i * dy.stride;
+    for (int64_t j = 0; j < dy.l; ++j) dst[j] = g[j] * scale;
+  }
+}
+
+template <typename T>
+void batch_norm_forward(const T* x, int64_t n, int64_t c, int64_t l, const T* weight, const T* bias,
+                        const T* running_mean, const T* running_var, bool training, double eps, T* y, T* mean,
+                        T* var) {
+  const auto sums = PerIsa<&channel_sums_body<T, false>>::pick();
+  const auto centered_sums = PerIsa<&channel_sums_body<T, true>>::pick();
+  const auto normalize = PerIsa<&normalize_body<T>>::pick();
+  const double count = double(n * l);
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const Channel<T> values{x + ch * l, n, l, c * l};
+    // x is centred on a value of T, and the rest of the mean (below T's precision) goes into the shift: a float32
+    // mean of 300 is off by up to 1.5e-5, as much as a spread of 0.05 resolves.
+    T centre;
+    double m, v;
+    if (training) {
+      // The corrected two-pass formulas: about any centre a, mean = a + Σ(x - a) / M and
+      // M · var = Σ(x - a)² - (Σ(x - a))² / M, so the rounding of a = T(Σx / M) cancels.
+      double sum, unused;
+      sums(values, T(0), &sum, &unused);
+      centre = T(sum / count);
+      double centered, squares;
+      centered_sums(values, centre, &centered, &squares);
+      m = double(centre) + centered / count;
+      v = std::max(0.0, (squares - centered * centered / count) / count);
+    } else {
+      centre = running_mean[ch];
+      m = double(centre);
+      v = double(running_var[ch]);
+    }
+    mean[ch] = T(m);
+    var[ch] = T(v);
+    const double scale = (weight ? double(weight[ch]) : 1.0) / std::sqrt(v + eps);
+    const double shift = (bias ? double(bias[ch]) : 0.0) - (m - double(centre)) * scale;
+    normalize(values, centre, T(scale), T(shift), y + ch * l);
+  }
+}
+
+template <typename T>
+void batch_norm_backward(const T* dy, const T* x, int64_t n, int64_t c, int64_t l, const T* weight, const T* mean,
+                         const T* var, bool training, double eps, T* dx, T* dweight, T* dbias) {
+  const auto sums = PerIsa<&grad_sums_body<T>>::pick();
+  const auto grad_input = PerIsa<&grad_input_body<T>>::pick();
+  const auto grad_input_eval = PerIsa<&grad_input_eval_body<T>>::pick();
+  const double count = double(n * l);
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const Channel<T> grads{dy + ch * l, n, l, c * l};
+    const double invstd = 1.0 / std::sqrt(double(var[ch]) + eps);
+    double sum = 0, dot = 0;
+    if (dweight || dbias || training) sums(grads, x + ch * l, mean[ch], &sum, &dot);
+    if (dweight) dweight[ch] = T(dot * invstd);
+    if (dbias) dbias[ch] = T(sum);
+    if (!dx) continue;
+    const double scale = (weight ? double(weight[ch]) : 1.0) * invstd;
+    if (training) {
+      grad_input(grads, x + ch * l, mean[ch], T(sum / count), T(dot / count * invstd * invstd), T(scale), dx + ch * l);
+    } else {
+      grad_input_eval(grads, T(scale), dx + ch * l);
+    }
+  }
+}
+
+template <typename T>
+const T* data_or_null(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// (N, C, L): the input's sizes around its channel dimension.
+std::tuple<int64_t, int64_t, int64_t> channel_view(const at::Tensor& t) {
+  return {t.size(0), t.size(1), t.numel() / std::max<int64_t>(1, t.size(0) * t.size(1))};
+}
+
+c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
+    const at::Tensor& input_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
+    const c10::optional<at::Tensor>& running_mean_, const c10::optional<at::Tensor>& running_var_, bool training,
+    double eps) {
+  constexpr const char* op = "cnn_ext.batch_norm";
+  check_batch_norm<int64_t>(op, input_, weight_, bias_, running_mean_, running_var_, training, eps);
+  check_backend_dtype(op, input_, "input", {at::kFloat, at::kDouble}, "CPU");
+  const at::Tensor input = input_.contiguous();
+  const auto weight = contiguous(weight_), bias = contiguous(bias_);
+  const auto running_mean = contiguous(running_mean_), running_var = contiguous(running_var_);
+  const auto [n, c, l] = channel_view(input);
+  at::Tensor output = at::empty(input.sizes(), input.options());
+  at::Tensor mean = at::zeros({c}, input.options()), var = at::zeros({c}, input.options());
+  if (n * l == 0) return {output, mean, var};  // an empty batch: nothing to normalise (statistics reported as 0)
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_batch_norm_cpu", [&] {
+    batch_norm_forward<scalar_t>(input.const_data_ptr<scalar_t>(), n, c, l, data_or_null<scalar_t>(weight),
+                                 data_or_null<scalar_t>(bias), data_or_null<scalar_t>(running_mean),
+                                 data_or_null<scalar_t>(running_var), training, eps,
+                                 output.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<scalar_t>(),
+                                 var.mutable_data_ptr<scalar_t>());
+  });
+  return {output, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const c10::optional<at::Tensor>& weight_,
+    const at::Tensor& mean_, const at::Tensor& var_, bool training, double eps, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "cnn_ext.batch_norm_backward";
+  check_batch_norm_backward<int64_t>(op, grad_output_, input_, weight_, mean_, var_, eps);
+  check_backend_dtype(op, input_, "input", {at::kFloat, at::kDouble}, "CPU");
+  const at::Tensor grad_output = grad_output_.contiguous(), input = input_.contiguous();
+  const at::Tensor mean = mean_.contiguous(), var = var_.contiguous();
+  const auto weight = contiguous(weight_);
+  const auto [n, c, l] = channel_view(input);
+  const auto options = input.options();
+  at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), options) : at::empty({0}, options);
+  at::Tensor grad_weight = output_mask[1] ? at::zeros({c}, options) : at::empty({0}, options);
+  at::Tensor grad_bias = output_mask[2] ? at::zeros({c}, options) : at::empty({0}, options);
+  if (n * l == 0) return {grad_input, grad_weight, grad_bias};
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_batch_norm_backward_cpu", [&] {
+    const auto out = [](bool wanted, at::Tensor& t) { return wanted ? t.mutable_data_ptr<scalar_t>() : nullptr; };
+    batch_norm_backward<scalar_t>(grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), n, c, l,
+                                  data_or_null<scalar_t>(weight), mean.const_data_ptr<scalar_t>(),
+                                  var.const_data_ptr<scalar_t>(), training, eps, out(output_mask[0], grad_input),
+                                  out(output_mask[1], grad_weight), out(output_mask[2], grad_bias));
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
+  m.impl("batch_norm", &batch_norm_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+}
+
+}  // namespace cnn_ext::cpu
