@@ -6,6 +6,7 @@ from typing import ClassVar
 
 CONV_OPS = ("conv2d.fwd", "conv2d.bwd_input", "conv2d.bwd_weight")
 POOL_OPS = ("max_pool2d.fwd", "max_pool2d.bwd", "avg_pool2d.fwd", "avg_pool2d.bwd")
+NORM_OPS = ("batch_norm.fwd", "batch_norm.bwd")
 
 INDEX_BYTES = 8  # max-pool indices are int64, in our ops and torch's alike
 
@@ -74,6 +75,29 @@ class PoolCase:
         return f"{batch}x{self.channels}x{self.size}² k{self.kernel} s{self.kernel}"
 
 
+@dataclass(frozen=True)
+class NormCase:
+    """Training-mode batch normalisation of a (N, C, H, W) input over its C channels (CPU only: on CUDA ours is
+    torch's)."""
+
+    section: ClassVar[str] = "norm"
+    ops: ClassVar[tuple] = NORM_OPS
+    unit: ClassVar[str] = "GB/s"
+
+    name: str
+    family: str
+    channels: int
+    size: int
+
+    def work(self, op, batch, elem_bytes):
+        """Bytes read + written, each tensor once: fwd reads x and writes y; bwd reads dY and x, writes dX."""
+        plane = batch * self.channels * self.size**2 * elem_bytes
+        return 2 * plane if op == "batch_norm.fwd" else 3 * plane
+
+    def describe(self, batch):
+        return f"{batch}x{self.channels}x{self.size}² training"
+
+
 CONV_CASES = (
     # The MNIST classifier's two convolutions.
     ConvCase("mnist.c1", "mnist", 1, 10, 28, 5),
@@ -92,15 +116,22 @@ POOL_CASES = (
     PoolCase("mnist.pool2", "mnist", 20, 8),
 )
 
+# DeepMNIST's batch norms after its 32-channel 28x28 and 64-channel 14x14 convolutions.
+NORM_CASES = (
+    NormCase("deep.bn32", "deep", 32, 28),
+    NormCase("deep.bn64", "deep", 64, 14),
+)
+
 # Batch size per device and shape family. The CPU runs the ResNet shapes at a small batch to finish in minutes;
 # --quick (the CI smoke test: ~60 s on 2 shared cores) shrinks it to 1.
 BATCH = {
     ("cpu", "mnist"): 128,
     ("cpu", "resnet"): 8,
+    ("cpu", "deep"): 128,
     ("cuda", "mnist"): 128,
     ("cuda", "resnet"): 32,
 }
-QUICK_BATCH = {**BATCH, ("cpu", "resnet"): 1}
+QUICK_BATCH = {**BATCH, ("cpu", "resnet"): 1, ("cpu", "deep"): 16}
 TRAIN_BATCH = 128
 
 
@@ -114,6 +145,7 @@ TARGET_TIME_RATIO = {
     ("cpu", "mnist_conv"): 0.5,
     ("cpu", "mnist_pool"): 0.2,
     ("cpu", "mnist_pool", "max_pool2d.bwd"): 0.5,  # scatters into a zeroed gradient: a store-bound floor
+    ("cpu", "deep_norm"): 1.0,
     ("cpu", "resnet_conv"): 1 / 0.6,
     ("cpu", "train"): 0.3,
     ("cpu", "models"): 1.0,  # a converted torchvision model must never be slower than on torch's layers

@@ -72,6 +72,26 @@ def pool_pairs(case, batch, dtype, device):
     }
 
 
+def norm_pairs(case, batch, dtype, device):
+    """{op: (ours, torch)} for the batch-norm `case` in training mode, against aten's native_batch_norm (and its
+    backward, given the statistics it saved)."""
+    x = torch.randn(batch, case.channels, case.size, case.size, dtype=dtype, device=device) * 2 + 1
+    weight = torch.rand(case.channels, dtype=dtype, device=device) + 0.5
+    bias = torch.randn(case.channels, dtype=dtype, device=device)
+    grad_out = torch.randn_like(x)
+    eps = 1e-5
+    _, mean, var = ext.batch_norm(x, weight, bias, None, None, True, eps)
+    _, save_mean, save_invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)
+    mask = [True, True, True]
+    return {
+        "batch_norm.fwd": (lambda: ext.batch_norm(x, weight, bias, None, None, True, eps)[0],
+                           lambda: aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)[0]),
+        "batch_norm.bwd": (lambda: ext.batch_norm_backward(grad_out, x, weight, mean, var, True, eps, mask)[0],
+                           lambda: aten.native_batch_norm_backward(grad_out, x, weight, None, None, save_mean,
+                                                                   save_invstd, True, eps, mask)[0]),
+    }
+
+
 def compare(ours, ref, tol):
     """("ok" or what differs, max |ours - ref| / max |ref| over the floating-point outputs). Integer outputs
     (max-pool indices) must be equal."""
@@ -108,9 +128,10 @@ def validate(ours_fn, torch_fn, dtype):
 
 
 def run(sections, device, dtypes, device_name, settings, time_pair, log):
-    """Rows for the "conv" and "pool" sections: each op validated, then timed interleaved with torch's."""
-    make_pairs = {"conv": conv_pairs, "pool": pool_pairs}
-    selected = [case for case in cases.CONV_CASES + cases.POOL_CASES if case.section in sections]
+    """Rows for the "conv", "pool" and "norm" sections: each op validated, then timed interleaved with torch's."""
+    make_pairs = {"conv": conv_pairs, "pool": pool_pairs, "norm": norm_pairs}
+    norm_cases = cases.NORM_CASES if device == "cpu" else ()
+    selected = [case for case in cases.CONV_CASES + cases.POOL_CASES + norm_cases if case.section in sections]
     rows = []
     with torch.no_grad():
         for dtype in dtypes:

@@ -13,7 +13,7 @@ import cnn_ext
 
 @dataclass
 class Row:
-    section: str  # "conv", "pool", "train" or "models"
+    section: str  # "conv", "pool", "norm", "train" or "models"
     case: str  # a shape name from cases.py, e.g. "resnet.3x3_64"
     op: str  # e.g. "conv2d.bwd_input"
     dtype: str

@@ -1,7 +1,8 @@
 """Benchmark cnn_ext's operators and an MNIST training step against torch's built-ins.
 
-    python -m benchmarks.run [--device cpu|cuda] [--ops conv,pool,train,models] [--quick] [--json PATH] [--plot PATH]
-                             [--repeat N] [--threads N] [--cpu-peak-gflops X] [--float32-matmul-precision P]
+    python -m benchmarks.run [--device cpu|cuda] [--ops conv,pool,norm,train,models] [--quick] [--json PATH]
+                             [--plot PATH] [--repeat N] [--threads N] [--cpu-peak-gflops X]
+                             [--float32-matmul-precision P]
 
 Every row is validated against torch before it is timed, then ours and torch's are timed interleaved (see
 timing.py). CPU: torch.utils.benchmark.Timer with torch's threads (or --threads). GPU: CUDA events around each op
@@ -23,8 +24,8 @@ import cnn_ext  # noqa: F401  (registers torch.ops.cnn_ext)
 
 from . import cases, models, ops, report, timing, train
 
-SECTIONS = ("conv", "pool", "train", "models")
-DEFAULT_SECTIONS = ("conv", "pool", "train")  # "models" (whole torchvision networks) takes minutes: opt-in
+SECTIONS = ("conv", "pool", "norm", "train", "models")
+DEFAULT_SECTIONS = ("conv", "pool", "norm", "train")  # "models" (whole torchvision networks) takes minutes: opt-in
 
 # Repetitions (each timing ours and torch once) and, for wall-clock timing, the length of one repetition's block
 # of calls. --quick is a smoke test of every row (~60 s on 2 cores), not a measurement.
@@ -37,7 +38,8 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--ops", default=",".join(DEFAULT_SECTIONS),
-                        help="comma-separated subset of conv,pool,train,models (default: conv,pool,train)")
+                        help="comma-separated subset of conv,pool,norm,train,models (default: conv,pool,norm,train; "
+                             "norm: CPU only)")
     parser.add_argument("--quick", action="store_true", help="every row, few repetitions, small CPU batches")
     parser.add_argument("--json", metavar="PATH", help="write machine, settings and rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of the time ratios")
