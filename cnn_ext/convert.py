@@ -66,7 +66,12 @@ class _Tracer(torch.fx.Tracer):
     are recorded as calls too: functional.py wraps them)."""
 
     def is_leaf_module(self, module, qualified_name):
-        return type(module) in _REPLACEMENTS.values() or super().is_leaf_module(module, qualified_name)
+        return type(module) in _LEAVES or super().is_leaf_module(module, qualified_name)
+
+
+# Every module class of cnn_ext.nn: those convert puts in, and those a model may hold already (BatchNorm2d), whose
+# forward a trace must not enter (it branches on the input's device and dtype).
+_LEAVES = {getattr(nn, name) for name in nn.__all__ if isinstance(getattr(nn, name), type)}
 
 
 def _max_pool2d_signature(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,

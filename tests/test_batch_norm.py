@@ -3,6 +3,7 @@ batch_norm_backward): output, running statistics and every gradient against torc
 evaluation, with and without affine parameters; bitwise independence of the thread count; opcheck; argument errors."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -137,6 +138,20 @@ def test_other_devices_and_dtypes_use_torch():
     x = torch.randn(4, 3, 5, 5, dtype=torch.bfloat16)
     assert torch.equal(cnn_ext.functional.batch_norm(x, None, None, training=True),
                        F.batch_norm(x, None, None, training=True))
+
+
+def test_convert_keeps_our_batch_norms_as_layers():
+    """cnn_ext.convert traces a model holding our batch norms (DeepMNIST's ext backend) without entering them: it
+    used to warn that torch.fx could not trace the model and leave it unfused."""
+    from cnn_ext.app.models import DeepMNIST
+
+    model = DeepMNIST("ext").eval()
+    x = torch.randn(2, 1, 28, 28)
+    expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = cnn_ext.convert(model)
+    assert torch.equal(converted(x), expected)
 
 
 def _opcheck_samples():
