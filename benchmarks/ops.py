@@ -74,7 +74,7 @@ def pool_pairs(case, batch, dtype, device):
 
 def norm_pairs(case, batch, dtype, device):
     """{op: (ours, torch)} for the batch-norm `case` in training mode, against aten's native_batch_norm (and its
-    backward, given the statistics it saved)."""
+    backward, given the statistics it saved), alone and followed by a ReLU."""
     x = torch.randn(batch, case.channels, case.size, case.size, dtype=dtype, device=device) * 2 + 1
     weight = torch.rand(case.channels, dtype=dtype, device=device) + 0.5
     bias = torch.randn(case.channels, dtype=dtype, device=device)
@@ -83,12 +83,24 @@ def norm_pairs(case, batch, dtype, device):
     _, mean, var = ext.batch_norm(x, weight, bias, None, None, True, eps)
     _, save_mean, save_invstd = aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)
     mask = [True, True, True]
+    kept = ext.batch_norm_relu(x, weight, bias, None, None, True, eps)[3]
+    relu_out = aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)[0].relu_()
+
+    def torch_relu_backward():
+        grad = aten.threshold_backward(grad_out, relu_out, 0)
+        return aten.native_batch_norm_backward(grad, x, weight, None, None, save_mean, save_invstd, True, eps, mask)[0]
+
     return {
         "batch_norm.fwd": (lambda: ext.batch_norm(x, weight, bias, None, None, True, eps)[0],
                            lambda: aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)[0]),
         "batch_norm.bwd": (lambda: ext.batch_norm_backward(grad_out, x, weight, mean, var, True, eps, mask)[0],
                            lambda: aten.native_batch_norm_backward(grad_out, x, weight, None, None, save_mean,
                                                                    save_invstd, True, eps, mask)[0]),
+        "batch_norm_relu.fwd": (lambda: ext.batch_norm_relu(x, weight, bias, None, None, True, eps)[0],
+                                lambda: aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)[0].relu_()),
+        "batch_norm_relu.bwd": (lambda: ext.batch_norm_backward(grad_out, x, weight, mean, var, True, eps, mask,
+                                                                kept)[0],
+                                torch_relu_backward),
     }
 
 

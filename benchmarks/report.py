@@ -113,7 +113,7 @@ def _fmt(value, spec):
 
 _COLUMNS = (  # header, width, cell
     ("case", 19, lambda r: r.case),
-    ("op", 18, lambda r: r.op),
+    ("op", 20, lambda r: r.op),
     ("dtype", 8, lambda r: r.dtype),
     ("N", 4, lambda r: str(r.batch)),
     ("ours ms", 9, lambda r: _fmt(r.ours_s and r.ours_s * 1e3, ".3f")),

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import ops
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu", "batch_norm"]
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu", "batch_norm", "batch_norm_relu"]
 
 
 def _pair(value, name, op):
@@ -151,11 +151,25 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     statistics when training (then running_mean and running_var, where given, move towards them by `momentum`, the
     variance unbiased), else by running_mean and running_var. float32 and float64 CPU tensors run on cnn_ext's
     kernel; other devices and dtypes on torch's (there is no CUDA kernel of ours yet)."""
-    op = "batch_norm"
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, "batch_norm")
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                    eps=1e-5):
+    """relu(batch_norm(...)) as one operator, arguments as batch_norm's: the output is written once, and the
+    backward reads a bool mask of the values ReLU kept instead of the output (ReLU's own backward pass is gone).
+    float32 and float64 CPU tensors; other devices and dtypes run torch's batch norm and ReLU."""
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, "batch_norm_relu")
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, op):
     _check_tensor(input, "input", op)
+    relu = op == "batch_norm_relu"
     if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
-        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
-    out, mean, var = ops.batch_norm(input, weight, bias, running_mean, running_var, bool(training), float(eps))
+        out = F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+        return F.relu(out) if relu else out
+    args = (input, weight, bias, running_mean, running_var, bool(training), float(eps))
+    out, mean, var = ops.batch_norm_relu(*args)[:3] if relu else ops.batch_norm(*args)
     count = input.numel() // max(1, input.shape[1])
     if training and count > 0:
         with torch.no_grad():

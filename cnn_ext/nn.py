@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import functional
 
-__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "conv_maxpool_relu"]
+__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "BatchNormReLU2d", "batch_norm_relu", "conv_maxpool_relu"]
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -42,6 +42,9 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
     a cumulative average), eval and track_running_stats rules as torch's."""
 
     def forward(self, input):
+        return self._normalize(input, functional.batch_norm)
+
+    def _normalize(self, input, batch_norm):
         self._check_input_dim(input)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -50,9 +53,16 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
                 factor = 1.0 / float(self.num_batches_tracked)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         tracked = not self.training or self.track_running_stats
-        return functional.batch_norm(input, self.running_mean if tracked else None,
-                                     self.running_var if tracked else None, self.weight, self.bias, use_batch_stats,
-                                     factor, self.eps)
+        return batch_norm(input, self.running_mean if tracked else None, self.running_var if tracked else None,
+                          self.weight, self.bias, use_batch_stats, factor, self.eps)
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """relu(BatchNorm2d(...)) as one layer (cnn_ext.functional.batch_norm_relu), BatchNorm2d's arguments, parameters
+    and buffers: a BatchNorm2d's state_dict loads into it and back."""
+
+    def forward(self, input):
+        return self._normalize(input, functional.batch_norm_relu)
 
 
 def conv_maxpool_relu(conv, pool, input):
@@ -64,3 +74,12 @@ def conv_maxpool_relu(conv, pool, input):
                                               conv.dilation, conv.groups, pool.kernel_size, pool.stride,
                                               pool.padding, pool.dilation, pool.ceil_mode)
     return torch.relu(pool(conv(input)))
+
+
+def batch_norm_relu(norm, input):
+    """relu(norm(input)). Runs as the fused operator (what BatchNormReLU2d runs) when `norm` is our BatchNorm2d;
+    otherwise, and under torch.fx's symbolic trace (cnn_ext.convert: our BatchNorm2d is a leaf there, its checks look
+    at the input's shape), as the two layers."""
+    if type(norm) is BatchNorm2d and not torch.fx._symbolic_trace.is_fx_tracing():
+        return norm._normalize(input, functional.batch_norm_relu)
+    return torch.relu(norm(input))

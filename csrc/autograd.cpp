@@ -239,25 +239,44 @@ std::tuple<at::Tensor, at::Tensor> conv2d_maxpool_relu_autograd(
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// batch_norm: (output, mean, var); the statistics are not differentiable (as torch's batch norm's saved ones).
+// batch_norm: (output, mean, var); batch_norm_relu: (output, mean, var, kept). The statistics and the mask are
+// not differentiable (as torch's batch norm's saved statistics).
 // ---------------------------------------------------------------------------------------------------------------
 
-struct BatchNorm : public torch::autograd::Function<BatchNorm> {
+using BatchNormForward = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double);
+using BatchNormReluForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+    const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double);
+
+template <bool kRelu>
+struct BatchNorm : public torch::autograd::Function<BatchNorm<kRelu>> {
+  static constexpr const char* kName = kRelu ? "cnn_ext.batch_norm_relu" : "cnn_ext.batch_norm";
+
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
                                const c10::optional<at::Tensor>& running_var, bool training, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto batch_norm = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-        const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double)>("cnn_ext::batch_norm");
-    auto [output, mean, var] = batch_norm.call(input, weight, bias, running_mean, running_var, training, eps);
-    ctx->mark_non_differentiable({mean, var});
+    variable_list outputs;
+    if constexpr (kRelu) {
+      static auto batch_norm_relu = op<BatchNormReluForward>("cnn_ext::batch_norm_relu");
+      auto [output, mean, var, kept] =
+          batch_norm_relu.call(input, weight, bias, running_mean, running_var, training, eps);
+      outputs = {output, mean, var, kept};
+    } else {
+      static auto batch_norm = op<BatchNormForward>("cnn_ext::batch_norm");
+      auto [output, mean, var] = batch_norm.call(input, weight, bias, running_mean, running_var, training, eps);
+      outputs = {output, mean, var};
+    }
+    ctx->mark_non_differentiable(variable_list(outputs.begin() + 1, outputs.end()));
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, var});
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), outputs[1], outputs[2],
+                            kRelu ? outputs[3] : at::Tensor()});
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
-    return {output, mean, var};
+    return outputs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -267,13 +286,15 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm> {
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
                                       ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return none;
-    refuse_double_backward("cnn_ext.batch_norm");
+    refuse_double_backward(kName);
     static auto backward = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
-        bool, double, std::array<bool, 3>)>("cnn_ext::batch_norm_backward");
+        bool, double, std::array<bool, 3>, const c10::optional<at::Tensor>&)>("cnn_ext::batch_norm_backward");
+    const auto optional = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
     auto [grad_input, grad_weight, grad_bias] =
-        backward.call(grads[0], saved[0], has_weight ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt, saved[2],
-                      saved[3], ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask);
+        backward.call(grads[0], saved[0], optional(saved[1]), saved[2], saved[3],
+                      ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask,
+                      optional(saved[4]));
     none[0] = mask[0] ? grad_input : at::Tensor();
     none[1] = mask[1] ? grad_weight : at::Tensor();
     none[2] = mask[2] ? grad_bias : at::Tensor();
@@ -285,8 +306,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_autograd(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
     double eps) {
-  auto outputs = BatchNorm::apply(input, weight, bias, running_mean, running_var, training, eps);
+  auto outputs = BatchNorm<false>::apply(input, weight, bias, running_mean, running_var, training, eps);
   return {outputs[0], outputs[1], outputs[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_autograd(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  auto outputs = BatchNorm<true>::apply(input, weight, bias, running_mean, running_var, training, eps);
+  return {outputs[0], outputs[1], outputs[2], outputs[3]};
 }
 
 }  // namespace
@@ -297,6 +326,7 @@ TORCH_LIBRARY_IMPL(cnn_ext, Autograd, m) {
   m.impl("avg_pool2d", &avg_pool2d_autograd);
   m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_autograd);
   m.impl("batch_norm", &batch_norm_autograd);
+  m.impl("batch_norm_relu", &batch_norm_relu_autograd);
 }
 
 }  // namespace cnn_ext

@@ -417,16 +417,25 @@ T check_batch_norm(const char* op, const at::Tensor& input, const c10::optional<
   return sizes_of<T>(input)[1];
 }
 
-// The backward: grad_output shaped as the input; mean and var the statistics the forward normalised by.
+// The backward: grad_output shaped as the input; mean and var the statistics the forward normalised by; kept,
+// when a ReLU followed (batch_norm_relu), its bool mask of the values it kept, shaped as the input.
 template <typename T>
 T check_batch_norm_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
                             const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var,
-                            double eps) {
+                            double eps, const c10::optional<at::Tensor>& kept) {
   // Checked as an evaluation's statistics: the backward reads them whichever way the forward found them.
   const T c = check_batch_norm<T>(op, input, weight, c10::nullopt, mean, var, false, eps, "mean", "var");
   check_same_dtype_device(op, {{&input, "input"}, {&grad_output, "grad_output"}});
   TORCH_CHECK_VALUE(sizes_of<T>(grad_output) == sizes_of<T>(input), op, ": grad_output has shape ",
                     sizes_of<T>(grad_output), " but input has shape ", sizes_of<T>(input));
+  if (kept.has_value()) {
+    TORCH_CHECK_TYPE(kept->scalar_type() == at::kBool, op, ": kept must be a bool tensor, got ",
+                     kept->scalar_type());
+    TORCH_CHECK_VALUE(kept->device() == input.device(), op, ": kept is on ", kept->device(),
+                      " but input is on ", input.device(), "; all tensors must be on the same device");
+    TORCH_CHECK_VALUE(sizes_of<T>(*kept) == sizes_of<T>(input), op, ": kept has shape ",
+                      sizes_of<T>(*kept), " but input has shape ", sizes_of<T>(input));
+  }
   return c;
 }
 

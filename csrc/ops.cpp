@@ -102,11 +102,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_meta(
           at::empty_symint({c}, input.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_meta(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  const SymInt c = check_batch_norm<SymInt>("cnn_ext.batch_norm_relu", input, weight, bias, running_mean,
+                                            running_var, training, eps);
+  return {at::empty_symint(input.sym_sizes(), input.options()), at::empty_symint({c}, input.options()),
+          at::empty_symint({c}, input.options()),
+          at::empty_symint(input.sym_sizes(), input.options().dtype(at::kBool))};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_meta(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const at::Tensor& mean, const at::Tensor& var, bool training, double eps, std::array<bool, 3> output_mask) {
+    const at::Tensor& mean, const at::Tensor& var, bool training, double eps, std::array<bool, 3> output_mask,
+    const c10::optional<at::Tensor>& kept) {
   const SymInt c = check_batch_norm_backward<SymInt>("cnn_ext.batch_norm_backward", grad_output, input, weight, mean,
-                                                     var, eps);
+                                                     var, eps, kept);
   const auto vector = [&](bool wanted) { return at::empty_symint({wanted ? c : SymInt(0)}, input.options()); };
   return {output_mask[0] ? at::empty_symint(input.sym_sizes(), input.options()) : vector(false),
           vector(output_mask[1]), vector(output_mask[2])};
@@ -146,9 +158,14 @@ TORCH_LIBRARY(cnn_ext, m) {
   // when training; else running_mean and running_var's values). Running statistics are updated by the caller.
   m.def("batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
         "bool training, float eps) -> (Tensor, Tensor, Tensor)");
-  // Gradients with respect to (input, weight, bias), as far as output_mask asks (empty otherwise).
+  // relu(batch_norm(...)) in one pass: (output, mean, var, kept), kept the bool mask of the values ReLU kept (above
+  // 0, or NaN), which the backward reads in place of the output (a quarter of its bytes in float32).
+  m.def("batch_norm_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+        "bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Gradients with respect to (input, weight, bias), as far as output_mask asks (empty otherwise); with kept
+  // (batch_norm_relu's mask), those of relu(batch_norm(...)).
   m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, "
-        "bool training, float eps, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+        "bool training, float eps, bool[3] output_mask, Tensor? kept=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cnn_ext, CompositeExplicitAutograd, m) {
@@ -167,6 +184,7 @@ TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {
   m.impl("avg_pool2d_backward", &avg_pool2d_backward_meta);
   m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_meta);
   m.impl("batch_norm", &batch_norm_meta);
+  m.impl("batch_norm_relu", &batch_norm_relu_meta);
   m.impl("batch_norm_backward", &batch_norm_backward_meta);
 }
 

@@ -1,6 +1,8 @@
-"""Batch normalisation (cnn_ext.functional.batch_norm, cnn_ext.nn.BatchNorm2d, the ops batch_norm and
-batch_norm_backward): output, running statistics and every gradient against torch's, on every ISA, in training and
-evaluation, with and without affine parameters; bitwise independence of the thread count; opcheck; argument errors."""
+"""Batch normalisation (cnn_ext.functional.batch_norm and batch_norm_relu, cnn_ext.nn.BatchNorm2d and
+BatchNormReLU2d, the ops batch_norm, batch_norm_relu and batch_norm_backward): output, running statistics and every
+gradient against torch's (followed by torch's ReLU for the fused form), on every ISA, in training and evaluation, with
+and without affine parameters; NaNs through the fused ReLU; bitwise independence of the thread count; opcheck;
+argument errors."""
 
 import copy
 import warnings
@@ -37,12 +39,15 @@ def _case(shape, dtype, g, mean=2.0, spread=3.0, affine=True):
     return x, w, b, running
 
 
-def _check(shape, dtype, training, affine=True, momentum=0.1, mean=2.0, spread=3.0, seed=0):
+def _check(shape, dtype, training, affine=True, momentum=0.1, mean=2.0, spread=3.0, seed=0, relu=False):
     g = torch.Generator().manual_seed(seed)
     x, w, b, (rm, rv) = _case(shape, dtype, g, mean, spread, affine)
     ours_rm, ours_rv = rm.clone(), rv.clone()
-    out = cnn_ext.functional.batch_norm(x, ours_rm, ours_rv, w, b, training, momentum, 1e-5)
+    ours = cnn_ext.functional.batch_norm_relu if relu else cnn_ext.functional.batch_norm
+    out = ours(x, ours_rm, ours_rv, w, b, training, momentum, 1e-5)
     ref = F.batch_norm(x, rm, rv, w, b, training, momentum, 1e-5)
+    if relu:
+        ref = F.relu(ref)
     assert_close(out, ref, dtype, msg="forward")
     assert_close(ours_rm, rm, dtype, msg="running_mean")
     assert_close(ours_rv, rv, dtype, msg="running_var")
@@ -54,16 +59,38 @@ def _check(shape, dtype, training, affine=True, momentum=0.1, mean=2.0, spread=3
             assert_close(got, want, dtype, scale=1.0 if name == "input" else values ** 0.5, msg=f"grad {name}")
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_matches_torch(shape, isa, training, dtype):
+def test_matches_torch(shape, isa, training, dtype, relu):
     if training and shape[0] * (torch.Size(shape[2:]).numel()) == 1:
         pytest.skip("one value per channel: training is an error (test_errors)")
     with cpu_dispatch.forced(isa=isa):
-        _check(shape, dtype, training)
-        _check(shape, dtype, training, affine=False, seed=1)
+        _check(shape, dtype, training, relu=relu)
+        _check(shape, dtype, training, affine=False, seed=1, relu=relu)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_relu_passes_nans_as_torch(isa):
+    """A NaN input comes out NaN (torch.relu keeps it) and its gradient flows back (threshold_backward clamps only
+    outputs <= 0); a NaN gradient where the output was clamped to 0 does not. Evaluation mode, so one NaN does not
+    make the whole channel's statistics NaN."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b, (rm, rv) = _case((2, 3, 5, 37), torch.float32, g)  # 37 per row: the vector body and its scalar tail
+    with torch.no_grad():
+        x[0, 1, 2, 3] = x[1, 2, 4, 36] = float("nan")
+    grad_out = torch.randn(x.shape, generator=g)
+    ref = F.relu(F.batch_norm(x, rm, rv, w, b, False))
+    grad_out[ref.detach() == 0] = float("nan")
+    with cpu_dispatch.forced(isa=isa):
+        out = cnn_ext.functional.batch_norm_relu(x, rm, rv, w, b, False)
+        got = grads(out, [x, w, b], grad_out)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    for name, a, e in zip(("input", "weight", "bias"), got, grads(ref, [x, w, b], grad_out)):
+        torch.testing.assert_close(a, e, equal_nan=True, msg=f"grad {name}")
+    assert not got[0].isnan().any() and got[0][0, 1, 2, 3] != 0
 
 
 # Channels whose mean is large against their spread (300 ± 0.05): float32 inputs resolve the spread only to ~6e-4, so
@@ -96,6 +123,10 @@ def test_thread_count_does_not_change_results():
             out, mean, var = ops.batch_norm(x.detach(), w.detach(), b.detach(), None, None, True, 1e-5)
             results.append((out, mean, var, *ops.batch_norm_backward(grad_out, x.detach(), w.detach(), mean, var,
                                                                      True, 1e-5, [True, True, True])))
+            out, mean, var, kept = ops.batch_norm_relu(x.detach(), w.detach(), b.detach(), None, None, True,
+                                                           1e-5)
+            results[-1] += (out, kept, *ops.batch_norm_backward(grad_out, x.detach(), w.detach(), mean, var,
+                                                                    True, 1e-5, [True, True, True], kept))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -125,6 +156,34 @@ def test_module_matches_torch(momentum, track_running_stats):
         assert_close(ours.state_dict()[key].double(), value.double(), torch.float64, msg=key)
     assert isinstance(ours, torch.nn.BatchNorm2d)
     copy.deepcopy(ours).load_state_dict(theirs.state_dict())
+
+
+def test_relu_module_matches_torch():
+    """BatchNormReLU2d against torch's BatchNorm2d then ReLU, sharing one state_dict; cnn_ext.nn.batch_norm_relu
+    runs our BatchNorm2d fused and torch's as its two layers."""
+    torch.manual_seed(0)
+    theirs = torch.nn.BatchNorm2d(6).double()
+    with torch.no_grad():
+        theirs.weight.normal_(1, 0.5)
+        theirs.bias.normal_()
+    ours = cnn_ext.nn.BatchNormReLU2d(6).double()
+    ours.load_state_dict(theirs.state_dict())
+    plain = cnn_ext.nn.BatchNorm2d(6).double()
+    plain.load_state_dict(theirs.state_dict())
+    for step in range(3):
+        x = torch.randn(4, 6, 5, 5, dtype=torch.float64) * 2 + step
+        expected = torch.relu(theirs(x))
+        assert_close(ours(x), expected, torch.float64, msg=f"train step {step}")
+        assert_close(cnn_ext.nn.batch_norm_relu(plain, x), expected, torch.float64, msg=f"helper, step {step}")
+    for key, value in theirs.state_dict().items():
+        assert_close(ours.state_dict()[key].double(), value.double(), torch.float64, msg=key)
+        assert_close(plain.state_dict()[key].double(), value.double(), torch.float64, msg=key)
+    ours.eval()
+    theirs.eval()
+    x = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    assert_close(ours(x), torch.relu(theirs(x)), torch.float64, msg="eval")
+    assert torch.equal(cnn_ext.nn.batch_norm_relu(theirs, x), torch.relu(theirs(x)))
+    assert isinstance(ours, torch.nn.BatchNorm2d)
 
 
 def test_empty_batch_leaves_running_statistics():
@@ -159,7 +218,11 @@ def _opcheck_samples():
     x, w, b, (rm, rv) = _case((3, 4, 5, 6), torch.float64, g)
     out, mean, var = ops.batch_norm(x, w, b, rm, rv, True, 1e-5)
     gy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    kept = ops.batch_norm_relu(x, w, b, rm, rv, True, 1e-5)[3]
     return [
+        (ops.batch_norm_relu, (x, w, b, rm, rv, True, 1e-5)),
+        (ops.batch_norm_relu, (x, None, None, rm, rv, False, 1e-5)),
+        (ops.batch_norm_backward, (gy, x.detach(), w.detach(), mean, var, True, 1e-5, [True, True, True], kept)),
         (ops.batch_norm, (x, w, b, rm, rv, True, 1e-5)),
         (ops.batch_norm, (x, None, None, None, None, True, 1e-3)),
         (ops.batch_norm, (x, w, b, rm, rv, False, 1e-5)),
@@ -168,16 +231,17 @@ def _opcheck_samples():
     ]
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(8))
 def test_opcheck(index):
     op, args = _opcheck_samples()[index]
     torch.library.opcheck(op, args)
 
 
-def test_double_backward_refused():
+@pytest.mark.parametrize("name", ["batch_norm", "batch_norm_relu"])
+def test_double_backward_refused(name):
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    out = cnn_ext.functional.batch_norm(x, None, None, training=True)
-    with pytest.raises(RuntimeError, match="cnn_ext.batch_norm: double backward"):
+    out = getattr(cnn_ext.functional, name)(x, None, None, training=True)
+    with pytest.raises(RuntimeError, match=f"cnn_ext.{name}: double backward"):
         torch.autograd.grad(out.square().sum(), x, create_graph=True)
 
 
@@ -197,6 +261,11 @@ ERRORS = [
                                           [True, True, True]), ValueError, "grad_output has shape"),
     (lambda x, c: ops.batch_norm_backward(x, x, None, torch.zeros(c + 1), torch.ones(c), True, 1e-5,
                                           [True, True, True]), ValueError, "mean must be"),
+    (lambda x, c: ops.batch_norm_relu(x, None, None, None, None, False, 1e-5), ValueError, "required when training"),
+    (lambda x, c: ops.batch_norm_backward(x, x, None, torch.zeros(c), torch.ones(c), True, 1e-5, [True, True, True],
+                                          (x > 0).float()), TypeError, "kept must be a bool tensor"),
+    (lambda x, c: ops.batch_norm_backward(x, x, None, torch.zeros(c), torch.ones(c), True, 1e-5, [True, True, True],
+                                          x[:1] > 0), ValueError, "kept has shape"),
 ]
 
 

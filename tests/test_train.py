@@ -91,6 +91,34 @@ def test_backends_build_identical_models():
     assert DeepMNIST("ext").state_dict().keys() == DeepMNIST("torch").state_dict().keys()
 
 
+@needs_ext
+def test_deep_model_backends_agree(monkeypatch):
+    """DeepMNIST on the ext backend (its batch norms fused with their ReLUs) against the torch backend, in float64:
+    one training step's logits, every gradient and the running statistics; a forward hook on a ReLU still sees its
+    call (that pair then runs as its two layers)."""
+    fused = []
+    real = cnn_ext.functional.batch_norm_relu
+    monkeypatch.setattr(cnn_ext.functional, "batch_norm_relu", lambda *a, **k: fused.append(1) or real(*a, **k))
+    models = []
+    for backend in ("ext", "torch"):
+        torch.manual_seed(0)
+        models.append(DeepMNIST(backend).double().train())
+    seen = []
+    models[0].features[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
+    results = []
+    for model in models:
+        torch.manual_seed(1)  # the same dropout mask
+        logits = model(x)
+        results.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
+    assert len(fused) == 4 and seen == [(8, 32, 28, 28)]
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-10)
+    for got, want in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    for (name, a), (_, b) in zip(models[0].state_dict().items(), models[1].state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
 def _check_resume_equals_uninterrupted_run(tmp_path, monkeypatch, common, recipe):
     """Two epochs in one go, and a two-epoch run interrupted (Ctrl-C) during its second epoch then resumed from its
     first epoch's checkpoint: bit-identical weights, optimiser state, schedule and metrics."""

@@ -105,28 +105,56 @@ inline __attribute__((always_inline)) void channel_sums_body(Channel<T> ch, T sh
   *squares = total_squares;
 }
 
-// y = (x - centre) · scale + shift over one channel.
-template <typename T>
-inline __attribute__((always_inline)) void normalize_body(Channel<T> ch, T centre, T scale, T shift, T* y) {
+// y = (x - centre) · scale + shift over one channel; with kRelu, y = relu(that), and kept[j] says whether ReLU kept
+// the value (not clamped to 0: above 0, or NaN, which torch.relu keeps too): the mask the backward reads in place of y.
+template <typename T, bool kRelu>
+inline __attribute__((always_inline)) void normalize_body(Channel<T> ch, T centre, T scale, T shift, T* y,
+                                                          uint8_t* kept) {
   for (int64_t i = 0; i < ch.n; ++i) {
     const T* src = ch.x + i * ch.stride;
     T* dst = y + i * ch.stride;
-    for (int64_t j = 0; j < ch.l; ++j) dst[j] = (src[j] - centre) * scale + shift;
+    if constexpr (kRelu) {
+      uint8_t* m = kept + i * ch.stride;
+      for (int64_t j = 0; j < ch.l; ++j) {
+        const T v = (src[j] - centre) * scale + shift;
+        const bool clamped = v <= T(0);
+        dst[j] = clamped ? T(0) : v;
+        m[j] = !clamped;
+      }
+    } else {
+      for (int64_t j = 0; j < ch.l; ++j) dst[j] = (src[j] - centre) * scale + shift;
+    }
   }
 }
 
-// Σ dy and Σ dy · (x - mean) over one channel, in blocks as channel_sums_body.
-template <typename T>
-inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T* x, T mean, double* sum,
-                                                          double* dot) {
+// dY's values as the batch norm's backward sees them: with a ReLU after it (kept given), dY where ReLU kept its
+// output, else 0 (a NaN too), as torch's threshold_backward. The mask is read as bytes: GCC vectorises a select on
+// uint8_t (masked loads), not on bool.
+template <typename T, bool kRelu>
+inline __attribute__((always_inline)) T grad_at(const T* g, const uint8_t* kept, int64_t j) {
+  const T value = g[j];  // read whatever the mask says: a conditional read would not vectorise
+  if constexpr (kRelu) return kept[j] ? value : T(0);
+  return value;
+}
+
+// Σ dy and Σ dy · (x - mean) over one channel, in blocks as channel_sums_body; `kept` (kRelu) masks dy.
+template <typename T, bool kRelu>
+inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T* x, const uint8_t* kept, T mean,
+                                                          double* sum, double* dot) {
   constexpr int64_t w = kWidth<T>;
   const Vec<T> centre = Vec<T>{} + mean;
+  alignas(64) T masked[kRelu ? kBlock : 1];  // a block of dy, masked
   double total = 0, total_dot = 0;
   for (int64_t i = 0; i < dy.n; ++i) {
     for (int64_t j0 = 0; j0 < dy.l; j0 += kBlock) {
       const T* g = dy.x + i * dy.stride + j0;
       const T* v = x + i * dy.stride + j0;
       const int64_t len = std::min(kBlock, dy.l - j0);
+      if constexpr (kRelu) {
+        const uint8_t* m = kept + i * dy.stride + j0;
+        for (int64_t j = 0; j < len; ++j) masked[j] = grad_at<T, true>(g, m, j);
+        g = masked;
+      }
       Vec<T> s0{}, s1{}, d0{}, d1{};
       int64_t j = 0;
       for (; j + 2 * w <= len; j += 2 * w) {
@@ -148,35 +176,39 @@ inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T
   *dot = total_dot;
 }
 
-// dx = (dy - mean_dy - (x - mean) · proj) · scale over one channel (training).
-template <typename T>
-inline __attribute__((always_inline)) void grad_input_body(Channel<T> dy, const T* x, T mean, T mean_dy, T proj,
-                                                           T scale, T* dx) {
+// dx = (dy - mean_dy - (x - mean) · proj) · scale over one channel (training); `kept` (kRelu) masks dy.
+template <typename T, bool kRelu>
+inline __attribute__((always_inline)) void grad_input_body(Channel<T> dy, const T* x, const uint8_t* kept, T mean,
+                                                           T mean_dy, T proj, T scale, T* dx) {
   for (int64_t i = 0; i < dy.n; ++i) {
     const T* g = dy.x + i * dy.stride;
     const T* v = x + i * dy.stride;
+    const uint8_t* m = kRelu ? kept + i * dy.stride : nullptr;
     T* dst = dx + i * dy.stride;
-    for (int64_t j = 0; j < dy.l; ++j) dst[j] = (g[j] - mean_dy - (v[j] - mean) * proj) * scale;
+    for (int64_t j = 0; j < dy.l; ++j) dst[j] = (grad_at<T, kRelu>(g, m, j) - mean_dy - (v[j] - mean) * proj) * scale;
   }
 }
 
-// dx = dy · scale over one channel (evaluation: the statistics are constants).
-template <typename T>
-inline __attribute__((always_inline)) void grad_input_eval_body(Channel<T> dy, T scale, T* dx) {
+// dx = dy · scale over one channel (evaluation: the statistics are constants); `kept` (kRelu) masks dy.
+template <typename T, bool kRelu>
+inline __attribute__((always_inline)) void grad_input_eval_body(Channel<T> dy, const uint8_t* kept, T scale,
+                                                                T* dx) {
   for (int64_t i = 0; i < dy.n; ++i) {
     const T* g = dy.x + i * dy.stride;
+    const uint8_t* m = kRelu ? kept + i * dy.stride : nullptr;
     T* dst = dx + i * dy.stride;
-    for (int64_t j = 0; j < dy.l; ++j) dst[j] = g[j] * scale;
+    for (int64_t j = 0; j < dy.l; ++j) dst[j] = grad_at<T, kRelu>(g, m, j) * scale;
   }
 }
 
 template <typename T>
 void batch_norm_forward(const T* x, int64_t n, int64_t c, int64_t l, const T* weight, const T* bias,
                         const T* running_mean, const T* running_var, bool training, double eps, T* y, T* mean,
-                        T* var) {
+                        T* var, uint8_t* kept) {
   const auto sums = PerIsa<&channel_sums_body<T, false>>::pick();
   const auto centered_sums = PerIsa<&channel_sums_body<T, true>>::pick();
-  const auto normalize = PerIsa<&normalize_body<T>>::pick();
+  const auto normalize =
+      kept ? PerIsa<&normalize_body<T, true>>::pick() : PerIsa<&normalize_body<T, false>>::pick();
   const double count = double(n * l);
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t ch = 0; ch < c; ++ch) {
@@ -204,31 +236,37 @@ void batch_norm_forward(const T* x, int64_t n, int64_t c, int64_t l, const T* we
     var[ch] = T(v);
     const double scale = (weight ? double(weight[ch]) : 1.0) / std::sqrt(v + eps);
     const double shift = (bias ? double(bias[ch]) : 0.0) - (m - double(centre)) * scale;
-    normalize(values, centre, T(scale), T(shift), y + ch * l);
+    normalize(values, centre, T(scale), T(shift), y + ch * l, kept ? kept + ch * l : nullptr);
   }
 }
 
 template <typename T>
 void batch_norm_backward(const T* dy, const T* x, int64_t n, int64_t c, int64_t l, const T* weight, const T* mean,
-                         const T* var, bool training, double eps, T* dx, T* dweight, T* dbias) {
-  const auto sums = PerIsa<&grad_sums_body<T>>::pick();
-  const auto grad_input = PerIsa<&grad_input_body<T>>::pick();
-  const auto grad_input_eval = PerIsa<&grad_input_eval_body<T>>::pick();
+                         const T* var, const uint8_t* kept, bool training, double eps, T* dx, T* dweight,
+                         T* dbias) {
+  const bool relu = kept != nullptr;
+  const auto sums = relu ? PerIsa<&grad_sums_body<T, true>>::pick() : PerIsa<&grad_sums_body<T, false>>::pick();
+  const auto grad_input =
+      relu ? PerIsa<&grad_input_body<T, true>>::pick() : PerIsa<&grad_input_body<T, false>>::pick();
+  const auto grad_input_eval =
+      relu ? PerIsa<&grad_input_eval_body<T, true>>::pick() : PerIsa<&grad_input_eval_body<T, false>>::pick();
   const double count = double(n * l);
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t ch = 0; ch < c; ++ch) {
     const Channel<T> grads{dy + ch * l, n, l, c * l};
+    const uint8_t* kept_ch = relu ? kept + ch * l : nullptr;
     const double invstd = 1.0 / std::sqrt(double(var[ch]) + eps);
     double sum = 0, dot = 0;
-    if (dweight || dbias || training) sums(grads, x + ch * l, mean[ch], &sum, &dot);
+    if (dweight || dbias || training) sums(grads, x + ch * l, kept_ch, mean[ch], &sum, &dot);
     if (dweight) dweight[ch] = T(dot * invstd);
     if (dbias) dbias[ch] = T(sum);
     if (!dx) continue;
     const double scale = (weight ? double(weight[ch]) : 1.0) * invstd;
     if (training) {
-      grad_input(grads, x + ch * l, mean[ch], T(sum / count), T(dot / count * invstd * invstd), T(scale), dx + ch * l);
+      grad_input(grads, x + ch * l, kept_ch, mean[ch], T(sum / count), T(dot / count * invstd * invstd),
+                 T(scale), dx + ch * l);
     } else {
-      grad_input_eval(grads, T(scale), dx + ch * l);
+      grad_input_eval(grads, kept_ch, T(scale), dx + ch * l);
     }
   }
 }
@@ -237,6 +275,10 @@ template <typename T>
 const T* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
+
+// A bool tensor's values as bytes (0 or 1), as the kernels read and write them.
+const uint8_t* kept_bytes(const at::Tensor& t) { return reinterpret_cast<const uint8_t*>(t.const_data_ptr<bool>()); }
+uint8_t* kept_bytes(at::Tensor& t) { return reinterpret_cast<uint8_t*>(t.mutable_data_ptr<bool>()); }
 
 // (N, C, L): the input's sizes around its channel dimension.
 std::tuple<int64_t, int64_t, int64_t> channel_view(const at::Tensor& t) {
@@ -247,11 +289,11 @@ c10::optional<at::Tensor> contiguous(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
-    const at::Tensor& input_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
-    const c10::optional<at::Tensor>& running_mean_, const c10::optional<at::Tensor>& running_var_, bool training,
-    double eps) {
-  constexpr const char* op = "cnn_ext.batch_norm";
+// The forward of batch_norm, and of batch_norm_relu when `relu` (then also the mask of kept outputs).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
+    const char* op, const at::Tensor& input_, const c10::optional<at::Tensor>& weight_,
+    const c10::optional<at::Tensor>& bias_, const c10::optional<at::Tensor>& running_mean_,
+    const c10::optional<at::Tensor>& running_var_, bool training, double eps, bool relu) {
   check_batch_norm<int64_t>(op, input_, weight_, bias_, running_mean_, running_var_, training, eps);
   check_backend_dtype(op, input_, "input", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor input = input_.contiguous();
@@ -259,27 +301,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
   const auto running_mean = contiguous(running_mean_), running_var = contiguous(running_var_);
   const auto [n, c, l] = channel_view(input);
   at::Tensor output = at::empty(input.sizes(), input.options());
+  at::Tensor kept = at::empty(relu ? input.sizes() : c10::IntArrayRef{0}, input.options().dtype(at::kBool));
   at::Tensor mean = at::zeros({c}, input.options()), var = at::zeros({c}, input.options());
-  if (n * l == 0) return {output, mean, var};  // an empty batch: nothing to normalise (statistics reported as 0)
+  // An empty batch: nothing to normalise (statistics reported as 0).
+  if (n * l == 0) return {output, mean, var, kept};
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_batch_norm_cpu", [&] {
     batch_norm_forward<scalar_t>(input.const_data_ptr<scalar_t>(), n, c, l, data_or_null<scalar_t>(weight),
                                  data_or_null<scalar_t>(bias), data_or_null<scalar_t>(running_mean),
                                  data_or_null<scalar_t>(running_var), training, eps,
                                  output.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<scalar_t>(),
-                                 var.mutable_data_ptr<scalar_t>());
+                                 var.mutable_data_ptr<scalar_t>(), relu ? kept_bytes(kept) : nullptr);
   });
+  return {output, mean, var, kept};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  auto [output, mean, var, unused] =
+      batch_norm_forward_cpu("cnn_ext.batch_norm", input, weight, bias, running_mean, running_var, training, eps, false);
   return {output, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_cpu(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps) {
+  return batch_norm_forward_cpu("cnn_ext.batch_norm_relu", input, weight, bias, running_mean, running_var, training,
+                                eps, true);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& grad_output_, const at::Tensor& input_, const c10::optional<at::Tensor>& weight_,
-    const at::Tensor& mean_, const at::Tensor& var_, bool training, double eps, std::array<bool, 3> output_mask) {
+    const at::Tensor& mean_, const at::Tensor& var_, bool training, double eps, std::array<bool, 3> output_mask,
+    const c10::optional<at::Tensor>& kept_) {
   constexpr const char* op = "cnn_ext.batch_norm_backward";
-  check_batch_norm_backward<int64_t>(op, grad_output_, input_, weight_, mean_, var_, eps);
+  check_batch_norm_backward<int64_t>(op, grad_output_, input_, weight_, mean_, var_, eps, kept_);
   check_backend_dtype(op, input_, "input", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor grad_output = grad_output_.contiguous(), input = input_.contiguous();
   const at::Tensor mean = mean_.contiguous(), var = var_.contiguous();
-  const auto weight = contiguous(weight_);
+  const auto weight = contiguous(weight_), kept = contiguous(kept_);
   const auto [n, c, l] = channel_view(input);
   const auto options = input.options();
   at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), options) : at::empty({0}, options);
@@ -290,8 +352,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const auto out = [](bool wanted, at::Tensor& t) { return wanted ? t.mutable_data_ptr<scalar_t>() : nullptr; };
     batch_norm_backward<scalar_t>(grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), n, c, l,
                                   data_or_null<scalar_t>(weight), mean.const_data_ptr<scalar_t>(),
-                                  var.const_data_ptr<scalar_t>(), training, eps, out(output_mask[0], grad_input),
-                                  out(output_mask[1], grad_weight), out(output_mask[2], grad_bias));
+                                  var.const_data_ptr<scalar_t>(), kept ? kept_bytes(*kept) : nullptr, training, eps,
+                                  out(output_mask[0], grad_input), out(output_mask[1], grad_weight),
+                                  out(output_mask[2], grad_bias));
   });
   return {grad_input, grad_weight, grad_bias};
 }
@@ -300,6 +363,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
 
 TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
   m.impl("batch_norm", &batch_norm_cpu);
+  m.impl("batch_norm_relu", &batch_norm_relu_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
 }
 
