@@ -80,6 +80,6 @@ def batch_norm_relu(norm, input):
     """relu(norm(input)). Runs as the fused operator (what BatchNormReLU2d runs) when `norm` is our BatchNorm2d;
     otherwise, and under torch.fx's symbolic trace (cnn_ext.convert: our BatchNorm2d is a leaf there, its checks look
     at the input's shape), as the two layers."""
-    if type(norm) is BatchNorm2d and not torch.fx._symbolic_trace.is_fx_tracing():
+    if type(norm) is BatchNorm2d and not isinstance(input, torch.fx.Proxy):
         return norm._normalize(input, functional.batch_norm_relu)
     return torch.relu(norm(input))

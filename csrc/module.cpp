@@ -1,6 +1,6 @@
 // The Python module cnn_ext._C: importing it loads the library, whose static initialisers register the operators
 // (ops.cpp and the kernels' files); its functions expose the CPU kernels' ISA and dispatch tables to
-// cnn_ext.cpu_dispatch.
+// cnn_ext.cpu_dispatch, and the CPU output cache (cpu/output_cache.h) to cnn_ext.
 #include <Python.h>
 
 #include <string>
@@ -9,6 +9,7 @@
 
 #include "cpu/dispatch.h"
 #include "cpu/isa.h"
+#include "cpu/output_cache.h"
 
 namespace cnn_ext::cpu {
 namespace {
@@ -94,6 +95,22 @@ PyObject* py_take_record(PyObject*, PyObject*) {
   return list;
 }
 
+PyObject* py_output_cache_info(PyObject*, PyObject*) {
+  return Py_BuildValue("(nn)", static_cast<Py_ssize_t>(output_cache_bytes()),
+                       static_cast<Py_ssize_t>(output_cache_budget()));
+}
+
+PyObject* py_set_output_cache_budget(PyObject*, PyObject* arg) {
+  const Py_ssize_t bytes = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  if (bytes < 0) {
+    PyErr_SetString(PyExc_ValueError, "the output cache's budget must be >= 0 bytes");
+    return nullptr;
+  }
+  set_output_cache_budget(static_cast<size_t>(bytes));
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", py_cpu_isa, METH_NOARGS, "The ISA the CPU kernels use now."},
     {"machine_isa", py_machine_isa, METH_NOARGS, "The best ISA this CPU and ATEN_CPU_CAPABILITY allow."},
@@ -103,6 +120,8 @@ PyMethodDef methods[] = {
     {"cpu_forced", py_forced, METH_NOARGS, "[(direction, algorithm)] currently forced."},
     {"set_cpu_recording", py_set_recording, METH_O, "Record which algorithm serves each call."},
     {"take_cpu_record", py_take_record, METH_NOARGS, "[(direction, algorithm, isa)] recorded since the last take."},
+    {"output_cache_info", py_output_cache_info, METH_NOARGS, "(bytes held, budget) of the CPU output cache."},
+    {"set_output_cache_budget", py_set_output_cache_budget, METH_O, "Set the CPU output cache's budget in bytes."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};

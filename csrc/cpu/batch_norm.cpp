@@ -25,6 +25,7 @@
 #include "../checks.h"
 #include "conv_common.h"
 #include "isa.h"
+#include "output_cache.h"
 
 namespace cnn_ext::cpu {
 namespace {
@@ -300,8 +301,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
   const auto weight = contiguous(weight_), bias = contiguous(bias_);
   const auto running_mean = contiguous(running_mean_), running_var = contiguous(running_var_);
   const auto [n, c, l] = channel_view(input);
-  at::Tensor output = at::empty(input.sizes(), input.options());
-  at::Tensor kept = at::empty(relu ? input.sizes() : c10::IntArrayRef{0}, input.options().dtype(at::kBool));
+  at::Tensor output = empty_output(input.sizes(), input.options());
+  at::Tensor kept = empty_output(relu ? input.sizes() : c10::IntArrayRef{0}, input.options().dtype(at::kBool));
   at::Tensor mean = at::zeros({c}, input.options()), var = at::zeros({c}, input.options());
   // An empty batch: nothing to normalise (statistics reported as 0).
   if (n * l == 0) return {output, mean, var, kept};
@@ -344,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const auto weight = contiguous(weight_), kept = contiguous(kept_);
   const auto [n, c, l] = channel_view(input);
   const auto options = input.options();
-  at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), options) : at::empty({0}, options);
+  at::Tensor grad_input = output_mask[0] ? empty_output(input.sizes(), options) : at::empty({0}, options);
   at::Tensor grad_weight = output_mask[1] ? at::zeros({c}, options) : at::empty({0}, options);
   at::Tensor grad_bias = output_mask[2] ? at::zeros({c}, options) : at::empty({0}, options);
   if (n * l == 0) return {grad_input, grad_weight, grad_bias};

@@ -17,6 +17,7 @@
 #include "conv_depthwise.h"
 #include "dispatch.h"
 #include "isa.h"
+#include "output_cache.h"
 #include "winograd.h"
 
 namespace cnn_ext::cpu {
@@ -210,7 +211,7 @@ at::Tensor conv2d_backward_input_cpu(const at::Tensor& grad_output, const at::Te
   const auto shape = check_conv2d_backward_input<int64_t>(op, grad_output, weight, input_size, stride, padding,
                                                           dilation, groups);
   check_backend_dtype(op, grad_output, "grad_output", {at::kFloat, at::kDouble}, "CPU");
-  at::Tensor grad_input = at::empty(shape.input_sizes(), grad_output.options());
+  at::Tensor grad_input = empty_output(shape.input_sizes(), grad_output.options());
   if (grad_input.numel() == 0) return grad_input;
   if (grad_output.numel() == 0) return grad_input.zero_();  // no output channels: nothing flows back
   const at::Tensor dy = grad_output.contiguous(), w = weight.contiguous();

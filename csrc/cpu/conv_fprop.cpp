@@ -14,6 +14,7 @@
 #include "conv_common.h"
 #include "conv_depthwise.h"
 #include "dispatch.h"
+#include "output_cache.h"
 #include "winograd.h"
 
 namespace cnn_ext::cpu {
@@ -99,7 +100,7 @@ at::Tensor conv2d_cpu(const at::Tensor& input, const at::Tensor& weight, const c
   constexpr const char* op = "cnn_ext.conv2d";
   const auto shape = check_conv2d<int64_t>(op, input, weight, bias, stride, padding, dilation, groups);
   check_backend_dtype(op, input, "input", {at::kFloat, at::kDouble}, "CPU");
-  at::Tensor out = at::empty(shape.output_sizes(), input.options());
+  at::Tensor out = empty_output(shape.output_sizes(), input.options());
   if (out.numel() == 0) return out;
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();

@@ -20,6 +20,7 @@
 #include "conv_common.h"
 #include "dispatch.h"
 #include "isa.h"
+#include "output_cache.h"
 #include "window_axis.h"
 
 #if CNN_EXT_X86
@@ -271,8 +272,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_maxpool_relu_cpu(
                                                         ceil_mode);
   check_backend_dtype(op, input, "input", {at::kFloat, at::kDouble}, "CPU");
   const auto sizes = shape.pool.output_sizes();
-  at::Tensor out = at::empty(sizes, input.options());
-  at::Tensor indices = at::empty(sizes, input.options().dtype(at::kLong));
+  at::Tensor out = empty_output(sizes, input.options());
+  at::Tensor indices = empty_output(sizes, input.options().dtype(at::kLong));
   if (out.numel() == 0) return {out, indices};
   const at::Tensor x = input.contiguous(), w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
@@ -346,7 +347,7 @@ at::Tensor conv2d_maxpool_relu_backward_pool_cpu(const at::Tensor& grad_output_,
   const auto conv_out = conv.output_sizes();
   const at::Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
   const at::Tensor indices = indices_.contiguous();
-  at::Tensor grad = at::empty(conv_out, grad_output.options());
+  at::Tensor grad = empty_output(conv_out, grad_output.options());
   if (grad.numel() == 0) return grad;
   const int64_t plane_in = ps.h * ps.w, plane_out = ps.p * ps.q, planes = ps.n * ps.c;
   std::vector<int64_t> first_bad(planes, -1);  // per plane, so the first bad index overall is reported
@@ -383,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_maxpool_relu_backward_cpu(
       choose_fused_backward(conv, all_float ? at::kFloat : grad_output.scalar_type(), output_mask[0]);
   if (algorithm == FusedBackward::kLanes && grad_output.numel() > 0) {
     const auto options = input.options();
-    at::Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), options) : at::empty({0}, options);
+    at::Tensor grad_input = output_mask[0] ? empty_output(input.sizes(), options) : at::empty({0}, options);
     at::Tensor grad_weight = output_mask[1] ? at::empty(weight.sizes(), options) : at::empty({0}, options);
     at::Tensor grad_bias = output_mask[2] ? at::empty({conv.k}, options) : at::empty({0}, options);
     const at::Tensor go = grad_output.contiguous(), out = output.contiguous(), idx = indices.contiguous();

@@ -31,11 +31,13 @@
 #include "../max_rule.h"
 #include "dispatch.h"
 #include "isa.h"
+#include "output_cache.h"
 #include "window_axis.h"
 
 namespace cnn_ext {
 namespace {
 
+using cpu::empty_output;
 using cpu::WindowAxis;
 
 constexpr const char* kMaxPool = "cnn_ext.max_pool2d";
@@ -241,8 +243,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input_, c10:
   check_backend_dtype(kMaxPool, input_, "input", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor input = input_.contiguous();
   auto out_sizes = s.output_sizes();
-  at::Tensor output = at::empty(out_sizes, input.options());
-  at::Tensor indices = at::empty(out_sizes, input.options().dtype(at::kLong));
+  at::Tensor output = empty_output(out_sizes, input.options());
+  at::Tensor indices = empty_output(out_sizes, input.options().dtype(at::kLong));
   const bool fixed = cpu::choose_max_pool_forward(s) == cpu::MaxPoolForward::kFixedWindow;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool2d_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
@@ -262,7 +264,7 @@ at::Tensor max_pool2d_backward_cpu(const at::Tensor& grad_output_, const at::Ten
   check_backend_dtype(kMaxPoolBackward, grad_output_, "grad_output", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::Tensor indices = indices_.contiguous();
-  at::Tensor grad_input = at::empty(s.input_sizes(), grad_output.options());
+  at::Tensor grad_input = empty_output(s.input_sizes(), grad_output.options());
 
   const int64_t plane_in = s.h * s.w, plane_out = s.p * s.q;
   // The first invalid index (lowest flat position in indices), found inside the parallel region and raised after it.
@@ -401,7 +403,7 @@ at::Tensor avg_pool2d_cpu(const at::Tensor& input_, c10::IntArrayRef kernel_size
   const auto s = check_pool2d<int64_t>(kAvgPool, input_, kernel_size, stride, padding, no_dilation, ceil_mode);
   check_backend_dtype(kAvgPool, input_, "input", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor input = input_.contiguous();
-  at::Tensor output = at::empty(s.output_sizes(), input.options());
+  at::Tensor output = empty_output(s.output_sizes(), input.options());
   const cpu::AvgPoolForward algorithm = cpu::choose_avg_pool_forward(s, divisor_override);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "avg_pool2d_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
@@ -480,7 +482,7 @@ at::Tensor avg_pool2d_backward_cpu(const at::Tensor& grad_output_, c10::IntArray
                                                     padding, ceil_mode, divisor_override);
   check_backend_dtype(kAvgPoolBackward, grad_output_, "grad_output", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor grad_output = grad_output_.contiguous();
-  at::Tensor grad_input = at::empty(s.input_sizes(), grad_output.options());
+  at::Tensor grad_input = empty_output(s.input_sizes(), grad_output.options());
   const int64_t plane_in = s.h * s.w, plane_out = s.p * s.q;
   const cpu::AvgPoolBackward algorithm = cpu::choose_avg_pool_backward(s, divisor_override);
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "avg_pool2d_backward_cpu", [&] {

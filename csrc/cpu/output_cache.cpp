@@ -1,0 +1,138 @@
+// The CPU ops' output cache: see output_cache.h.
+#include "output_cache.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Allocator.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <new>
+#include <vector>
+
+namespace cnn_ext::cpu {
+namespace {
+
+constexpr size_t kMinBytes = size_t(1) << 20;
+constexpr size_t kPage = 4096;
+constexpr size_t kDefaultBudget = size_t(1024) << 20;
+
+class OutputCache final : public c10::Allocator {
+ public:
+
+  c10::DataPtr allocate(size_t nbytes) override {
+    const size_t bytes = (std::max<size_t>(nbytes, 1) + kPage - 1) / kPage * kPage;
+    void* p = take(bytes);
+    if (p == nullptr) {
+      p = std::aligned_alloc(kPage, bytes);
+      TORCH_CHECK(p != nullptr, "cnn_ext: out of memory allocating ", bytes, " bytes for a CPU output");
+    }
+    return {p, new Block{p, bytes, this}, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  size_t bytes() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+  size_t budget() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return budget_;
+  }
+
+  // A new budget; blocks beyond it are freed now (the oldest first).
+  void set_budget(size_t budget) {
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      budget_ = budget;
+      evict_locked(evicted);
+    }
+    for (void* p : evicted) std::free(p);
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+    OutputCache* cache;
+  };
+  struct Free {
+    void* ptr;
+    size_t bytes;
+  };
+
+  // The most recently freed block of exactly `bytes` (its pages the likeliest to be in cache), or null.
+  void* take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = free_.size(); i-- > 0;) {
+      if (free_[i].bytes == bytes) {
+        void* p = free_[i].ptr;
+        free_.erase(free_.begin() + i);
+        cached_ -= bytes;
+        return p;
+      }
+    }
+    return nullptr;
+  }
+
+  // The oldest blocks leave (into `evicted`, to be freed outside the lock) while the cache holds more than its
+  // budget. free_ is in the order the blocks were freed.
+  void evict_locked(std::vector<void*>& evicted) {
+    size_t oldest = 0;
+    while (cached_ > budget_) {
+      evicted.push_back(free_[oldest].ptr);
+      cached_ -= free_[oldest].bytes;
+      ++oldest;
+    }
+    free_.erase(free_.begin(), free_.begin() + oldest);
+  }
+
+  // A freed output's block joins the cache.
+  static void give_back(void* context) {
+    Block* block = static_cast<Block*>(context);
+    OutputCache* cache = block->cache;
+    std::vector<void*> evicted;
+    {
+      std::lock_guard<std::mutex> lock(cache->mutex_);
+      cache->free_.push_back({block->ptr, block->bytes});
+      cache->cached_ += block->bytes;
+      cache->evict_locked(evicted);
+    }
+    delete block;
+    for (void* p : evicted) std::free(p);
+  }
+
+  size_t budget_ = kDefaultBudget;
+  std::mutex mutex_;
+  std::vector<Free> free_;
+  size_t cached_ = 0;
+};
+
+// Never destroyed: outputs may be freed after static destructors have run (Python frees tensors at exit).
+OutputCache& cache() {
+  static OutputCache* instance = new OutputCache();
+  return *instance;
+}
+
+}  // namespace
+
+at::Tensor empty_output(c10::IntArrayRef sizes, const at::TensorOptions& options) {
+  const size_t itemsize = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  size_t numel = 1;
+  for (const int64_t s : sizes) numel *= size_t(s);
+  if (numel * itemsize < kMinBytes || cache().budget() == 0) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), c10::MemoryFormat::Contiguous);
+}
+
+size_t output_cache_bytes() { return cache().bytes(); }
+size_t output_cache_budget() { return cache().budget(); }
+void set_output_cache_budget(size_t bytes) { cache().set_budget(bytes); }
+
+}  // namespace cnn_ext::cpu
