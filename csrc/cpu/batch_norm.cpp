@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 
 #include "../checks.h"
 #include "conv_common.h"
@@ -37,10 +38,12 @@ struct Channel {
   int64_t n, l, stride;
 };
 
-// Sums run in T, in vectors of 64 bytes (two accumulators) within blocks of kBlock values of a plane, so each lane
-// adds at most kBlock / 32 = 16 terms and float32's rounding stays that of short sums; the blocks' lanes add into
-// double, in a fixed order (the same vectors on every ISA: GCC splits them for AVX2 and the portable build).
-// Summing in double throughout measured 2x the time: every value converted, half the values per vector.
+// Sums run in T, in vectors of 64 bytes (two accumulators), each lane adding at most kBlock / 32 = 16 terms so that
+// float32's rounding stays that of short sums; then the lanes add into double, in a fixed order (the same vectors on
+// every ISA: GCC splits them for AVX2 and the portable build). A plane's values go two vectors at a time, the last
+// ones (fewer than 32 floats) as vectors filled up with zeros; blocks run across planes, so a channel of small
+// planes (DeepMNIST's last layer: 5x5) is summed as fast as one long plane. Summing in double throughout measured 2x
+// the time: every value converted, half the values per vector.
 constexpr int64_t kBlock = 512;
 
 template <typename T>
@@ -48,10 +51,14 @@ struct VecOf;
 template <>
 struct VecOf<float> {
   typedef float type __attribute__((vector_size(64)));
+  typedef int32_t lane;
+  typedef lane lanes __attribute__((vector_size(64)));
 };
 template <>
 struct VecOf<double> {
   typedef double type __attribute__((vector_size(64)));
+  typedef int64_t lane;
+  typedef lane lanes __attribute__((vector_size(64)));
 };
 template <typename T>
 using Vec = typename VecOf<T>::type;
@@ -65,6 +72,22 @@ inline __attribute__((always_inline)) Vec<T> load(const T* p) {
   return v;
 }
 
+// The first `count` (0 to kWidth) values at p in a vector, zeros in the other lanes; nothing past them is read.
+template <typename T>
+inline __attribute__((always_inline)) Vec<T> load_first(const T* p, int64_t count) {
+  Vec<T> v{};
+  std::memcpy(&v, p, count * sizeof(T));
+  return v;
+}
+
+// v with lanes from `count` on set to 0.
+template <typename T>
+inline __attribute__((always_inline)) Vec<T> keep_first(Vec<T> v, int64_t count) {
+  typename VecOf<T>::lanes index;
+  for (int64_t k = 0; k < kWidth<T>; ++k) index[k] = k;
+  return index < static_cast<typename VecOf<T>::lane>(count) ? v : Vec<T>{};
+}
+
 template <typename T>
 inline __attribute__((always_inline)) double lane_sum(Vec<T> v) {
   double sum = 0;
@@ -72,38 +95,60 @@ inline __attribute__((always_inline)) double lane_sum(Vec<T> v) {
   return sum;
 }
 
+// Vector accumulators of one or two sums, emptied into double every kBlock values.
+template <typename T>
+struct BlockSums {
+  Vec<T> a0{}, a1{}, b0{}, b1{};
+  int64_t filled = 0;
+  double a = 0, b = 0;
+
+  inline __attribute__((always_inline)) void count(int64_t values, bool second) {
+    filled += values;
+    if (filled >= kBlock) flush(second);
+  }
+  inline __attribute__((always_inline)) void flush(bool second) {
+    a += lane_sum<T>(a0 + a1);
+    if (second) b += lane_sum<T>(b0 + b1);
+    a0 = a1 = b0 = b1 = Vec<T>{};
+    filled = 0;
+  }
+};
+
 // Σ (x - shift), and Σ (x - shift)² if kSquares, over one channel.
 template <typename T, bool kSquares>
 inline __attribute__((always_inline)) void channel_sums_body(Channel<T> ch, T shift, double* sum, double* squares) {
   constexpr int64_t w = kWidth<T>;
   const Vec<T> centre = Vec<T>{} + shift;
-  double total = 0, total_squares = 0;
+  BlockSums<T> acc;
   for (int64_t i = 0; i < ch.n; ++i) {
-    for (int64_t j0 = 0; j0 < ch.l; j0 += kBlock) {
-      const T* block = ch.x + i * ch.stride + j0;
-      const int64_t len = std::min(kBlock, ch.l - j0);
-      Vec<T> s0{}, s1{}, q0{}, q1{};
-      int64_t j = 0;
-      for (; j + 2 * w <= len; j += 2 * w) {
-        const Vec<T> d0 = load(block + j) - centre, d1 = load(block + j + w) - centre;
-        s0 += d0;
-        s1 += d1;
-        if constexpr (kSquares) {
-          q0 += d0 * d0;
-          q1 += d1 * d1;
-        }
+    const T* row = ch.x + i * ch.stride;
+    int64_t j = 0;
+    for (; j + 2 * w <= ch.l; j += 2 * w) {
+      const Vec<T> d0 = load(row + j) - centre, d1 = load(row + j + w) - centre;
+      acc.a0 += d0;
+      acc.a1 += d1;
+      if constexpr (kSquares) {
+        acc.b0 += d0 * d0;
+        acc.b1 += d1 * d1;
       }
-      total += lane_sum<T>(s0 + s1);
-      if constexpr (kSquares) total_squares += lane_sum<T>(q0 + q1);
-      for (; j < len; ++j) {
-        const T d = block[j] - shift;
-        total += d;
-        if constexpr (kSquares) total_squares += double(d) * d;
+      acc.count(2 * w, kSquares);
+    }
+    if (j < ch.l) {  // the plane's last values; the zeros filling the vectors are masked out of the differences
+      const int64_t n0 = std::min(w, ch.l - j), n1 = ch.l - j - n0;
+      const Vec<T> d0 = keep_first<T>(load_first(row + j, n0) - centre, n0);
+      const Vec<T> d1 = keep_first<T>(load_first(row + j + w, n1) - centre, n1);
+      acc.a0 += d0;
+      acc.a1 += d1;
+      if constexpr (kSquares) {
+        acc.b0 += d0 * d0;
+        acc.b1 += d1 * d1;
       }
+      acc.count(2 * w, kSquares);
     }
   }
-  *sum = total;
-  *squares = total_squares;
+  acc.flush(kSquares);
+  *sum = acc.a;
+  *squares = acc.b;
 }
 
 // y = (x - centre) · scale + shift over one channel; with kRelu, y = relu(that), and kept[j] says whether ReLU kept
@@ -129,23 +174,31 @@ inline __attribute__((always_inline)) void normalize_body(Channel<T> ch, T centr
 }
 
 // dY's values as the batch norm's backward sees them: with a ReLU after it (kept given), dY where ReLU kept its
-// output, else 0 (a NaN too), as torch's threshold_backward. The mask is read as bytes: GCC vectorises a select on
-// uint8_t (masked loads), not on bool.
+// output, else 0 (a NaN too), as torch's threshold_backward. The mask's byte (0 or 1) becomes a bit mask ANDed with
+// dY's bits: no branch (a select compiled as one in the loops' scalar tails, mispredicted on every other value: 4x
+// the time of the whole backward on 5x5 planes), and the loops vectorise.
 template <typename T, bool kRelu>
 inline __attribute__((always_inline)) T grad_at(const T* g, const uint8_t* kept, int64_t j) {
-  const T value = g[j];  // read whatever the mask says: a conditional read would not vectorise
-  if constexpr (kRelu) return kept[j] ? value : T(0);
+  T value = g[j];
+  if constexpr (kRelu) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    Bits bits;
+    std::memcpy(&bits, &value, sizeof bits);
+    bits &= Bits(0) - Bits(kept[j]);
+    std::memcpy(&value, &bits, sizeof bits);
+  }
   return value;
 }
 
-// Σ dy and Σ dy · (x - mean) over one channel, in blocks as channel_sums_body; `kept` (kRelu) masks dy.
+// Σ dy and Σ dy · (x - mean) over one channel, in blocks as channel_sums_body; `kept` (kRelu) masks dy, a segment
+// of a plane at a time into a buffer.
 template <typename T, bool kRelu>
 inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T* x, const uint8_t* kept, T mean,
                                                           double* sum, double* dot) {
   constexpr int64_t w = kWidth<T>;
   const Vec<T> centre = Vec<T>{} + mean;
-  alignas(64) T masked[kRelu ? kBlock : 1];  // a block of dy, masked
-  double total = 0, total_dot = 0;
+  alignas(64) T masked[kRelu ? kBlock : 1];
+  BlockSums<T> acc;
   for (int64_t i = 0; i < dy.n; ++i) {
     for (int64_t j0 = 0; j0 < dy.l; j0 += kBlock) {
       const T* g = dy.x + i * dy.stride + j0;
@@ -156,25 +209,29 @@ inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T
         for (int64_t j = 0; j < len; ++j) masked[j] = grad_at<T, true>(g, m, j);
         g = masked;
       }
-      Vec<T> s0{}, s1{}, d0{}, d1{};
       int64_t j = 0;
       for (; j + 2 * w <= len; j += 2 * w) {
         const Vec<T> g0 = load(g + j), g1 = load(g + j + w);
-        s0 += g0;
-        s1 += g1;
-        d0 += g0 * (load(v + j) - centre);
-        d1 += g1 * (load(v + j + w) - centre);
+        acc.a0 += g0;
+        acc.a1 += g1;
+        acc.b0 += g0 * (load(v + j) - centre);
+        acc.b1 += g1 * (load(v + j + w) - centre);
+        acc.count(2 * w, true);
       }
-      total += lane_sum<T>(s0 + s1);
-      total_dot += lane_sum<T>(d0 + d1);
-      for (; j < len; ++j) {
-        total += g[j];
-        total_dot += double(g[j] * (v[j] - mean));
+      if (j < len) {  // the zeros filling dy's vectors zero their products
+        const int64_t n0 = std::min(w, len - j), n1 = len - j - n0;
+        const Vec<T> g0 = load_first(g + j, n0), g1 = load_first(g + j + w, n1);
+        acc.a0 += g0;
+        acc.a1 += g1;
+        acc.b0 += g0 * (load_first(v + j, n0) - centre);
+        acc.b1 += g1 * (load_first(v + j + w, n1) - centre);
+        acc.count(2 * w, true);
       }
     }
   }
-  *sum = total;
-  *dot = total_dot;
+  acc.flush(true);
+  *sum = acc.a;
+  *dot = acc.b;
 }
 
 // dx = (dy - mean_dy - (x - mean) · proj) · scale over one channel (training); `kept` (kRelu) masks dy.
