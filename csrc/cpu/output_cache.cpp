@@ -6,10 +6,10 @@
 #include <c10/core/Allocator.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
-#include <new>
 #include <vector>
 
 namespace cnn_ext::cpu {
@@ -19,9 +19,10 @@ constexpr size_t kMinBytes = size_t(1) << 20;
 constexpr size_t kPage = 4096;
 constexpr size_t kDefaultBudget = size_t(1024) << 20;
 
+// Blocks are whole pages, page-aligned; a freed output's block goes back to free_ (in the order freed), and the next
+// output of exactly its size takes the newest such block.
 class OutputCache final : public c10::Allocator {
  public:
-
   c10::DataPtr allocate(size_t nbytes) override {
     const size_t bytes = (std::max<size_t>(nbytes, 1) + kPage - 1) / kPage * kPage;
     void* p = take(bytes);
@@ -123,6 +124,7 @@ OutputCache& cache() {
 }  // namespace
 
 at::Tensor empty_output(c10::IntArrayRef sizes, const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(options.device().is_cpu(), "cnn_ext: the output cache serves CPU tensors only");
   const size_t itemsize = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   size_t numel = 1;
   for (const int64_t s : sizes) numel *= size_t(s);
