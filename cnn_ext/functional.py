@@ -163,6 +163,7 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
 
 
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, op):
+    """batch_norm or batch_norm_relu (op), then the running statistics' update."""
     _check_tensor(input, "input", op)
     relu = op == "batch_norm_relu"
     if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from . import functional
 
-__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "BatchNormReLU2d", "batch_norm_relu", "conv_maxpool_relu"]
+__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "BatchNormReLU2d", "batch_norm_relu",
+           "conv_maxpool_relu"]
 
 
 class Conv2d(torch.nn.Conv2d):

@@ -105,8 +105,15 @@ struct BlockSums {
   int64_t filled = 0;
   double a = 0, b = 0;
 
-  inline __attribute__((always_inline)) void count(int64_t values, bool second) {
-    filled += values;
+  // Two vectors of values (x0, x1) into the first sum and, if second, (y0, y1) into the second.
+  inline __attribute__((always_inline)) void add(Vec<T> x0, Vec<T> x1, Vec<T> y0, Vec<T> y1, bool second) {
+    a0 += x0;
+    a1 += x1;
+    if (second) {
+      b0 += y0;
+      b1 += y1;
+    }
+    filled += 2 * kWidth<T>;
     if (filled >= kBlock) flush(second);
   }
   inline __attribute__((always_inline)) void flush(bool second) {
@@ -128,25 +135,13 @@ inline __attribute__((always_inline)) void channel_sums_body(Channel<T> ch, T sh
     int64_t j = 0;
     for (; j + 2 * w <= ch.l; j += 2 * w) {
       const Vec<T> d0 = load(row + j) - centre, d1 = load(row + j + w) - centre;
-      acc.a0 += d0;
-      acc.a1 += d1;
-      if constexpr (kSquares) {
-        acc.b0 += d0 * d0;
-        acc.b1 += d1 * d1;
-      }
-      acc.count(2 * w, kSquares);
+      acc.add(d0, d1, d0 * d0, d1 * d1, kSquares);
     }
     if (j < ch.l) {  // the plane's last values; the zeros filling the vectors are masked out of the differences
       const int64_t n0 = std::min(w, ch.l - j), n1 = ch.l - j - n0;
       const Vec<T> d0 = keep_first<T>(load_first(row + j, n0) - centre, n0);
       const Vec<T> d1 = keep_first<T>(load_first(row + j + w, n1) - centre, n1);
-      acc.a0 += d0;
-      acc.a1 += d1;
-      if constexpr (kSquares) {
-        acc.b0 += d0 * d0;
-        acc.b1 += d1 * d1;
-      }
-      acc.count(2 * w, kSquares);
+      acc.add(d0, d1, d0 * d0, d1 * d1, kSquares);
     }
   }
   acc.flush(kSquares);
@@ -215,20 +210,12 @@ inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T
       int64_t j = 0;
       for (; j + 2 * w <= len; j += 2 * w) {
         const Vec<T> g0 = load(g + j), g1 = load(g + j + w);
-        acc.a0 += g0;
-        acc.a1 += g1;
-        acc.b0 += g0 * (load(v + j) - centre);
-        acc.b1 += g1 * (load(v + j + w) - centre);
-        acc.count(2 * w, true);
+        acc.add(g0, g1, g0 * (load(v + j) - centre), g1 * (load(v + j + w) - centre), true);
       }
       if (j < len) {  // the zeros filling dy's vectors zero their products
         const int64_t n0 = std::min(w, len - j), n1 = len - j - n0;
         const Vec<T> g0 = load_first(g + j, n0), g1 = load_first(g + j + w, n1);
-        acc.a0 += g0;
-        acc.a1 += g1;
-        acc.b0 += g0 * (load_first(v + j, n0) - centre);
-        acc.b1 += g1 * (load_first(v + j + w, n1) - centre);
-        acc.count(2 * w, true);
+        acc.add(g0, g1, g0 * (load_first(v + j, n0) - centre), g1 * (load_first(v + j + w, n1) - centre), true);
       }
     }
   }
@@ -380,8 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
     double eps) {
-  auto [output, mean, var, unused] =
-      batch_norm_forward_cpu("cnn_ext.batch_norm", input, weight, bias, running_mean, running_var, training, eps, false);
+  auto [output, mean, var, unused] = batch_norm_forward_cpu("cnn_ext.batch_norm", input, weight, bias, running_mean,
+                                                            running_var, training, eps, false);
   return {output, mean, var};
 }
 
