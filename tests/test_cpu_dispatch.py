@@ -248,6 +248,32 @@ def test_pool_algorithm_on_isa(isa, direction, algorithm, dtype):
     assert algorithm in ran, f"{algorithm} never served {direction} ({ran})"
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_tiled_max_pool_rows_of_every_width(isa, dtype, threads):
+    """The tiled 2x2 max pooling holds a row pair's windows in vector lanes, its vectors running past the row into
+    the next row pairs, and the last row pairs of each task go window by window. Rows of 1 to 35 windows (one
+    vector and a few, partial and full), ties (the first tap wins), NaN (the last wins) and -inf, one and two
+    tasks; values and indices against torch's."""
+    g = torch.Generator().manual_seed(3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for q in [1, 2, 3, 4, 5, 7, 8, 9, 12, 14, 16, 17, 35]:
+            x = torch.randint(-2, 3, (3, 5, 6, 2 * q), generator=g).to(dtype)  # few values: many ties
+            x.view(-1)[torch.randperm(x.numel(), generator=g)[:x.numel() // 10]] = float("nan")
+            x.view(-1)[torch.randperm(x.numel(), generator=g)[:x.numel() // 10]] = float("-inf")
+            with cpu_dispatch.forced(isa=isa), cpu_dispatch.recording() as calls:
+                out, idx = cnn_ext.functional.max_pool2d(x, 2, return_indices=True)
+            ref, ref_idx = F.max_pool2d(x, 2, return_indices=True)
+            assert calls == [("max_pool_forward", "tiled_2x2", isa)], calls
+            torch.testing.assert_close(out, ref, equal_nan=True, rtol=0, atol=0, msg=f"{q} windows per row")
+            assert torch.equal(idx, ref_idx), f"{q} windows per row"
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_tables_are_complete():
     """Every direction has its algorithms, each with a rule and a reason, and the last serves every call."""
     tables = cpu_dispatch.tables()

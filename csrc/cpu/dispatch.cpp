@@ -42,7 +42,9 @@
 // |                   | gemm_pool    | always                                             | fprop rows into scratch, pooled there |
 // | fused_backward    | lanes        | lanes::suits (and suits_dgrad for grad_input)      | unpooled dY built in the lanes layout, never stored |
 // |                   | composite    | always (and after lanes meets a foreign index)     | backward_pool, then dgrad/wgrad/bias |
-// | max_pool_forward  | fixed_window | column stride 1 or 2                               | compile-time windows vectorise    |
+// | max_pool_forward  | tiled_2x2    | 2x2 windows with stride 2 tiling the input         | a row pair's windows as vector    |
+// |                   |              |                                                    | lanes: no branch on the data      |
+// |                   | fixed_window | column stride 1 or 2                               | compile-time windows vectorise    |
 // |                   | general      | always                                             | any window                        |
 // | avg_pool_forward  | tiled_2x2    | 2x2 windows tiling the input, stride 2, divisor 4  | one flat loop over row pairs      |
 // |                   | fixed_window | column stride 1 or 2                               | as max pooling                    |
@@ -58,6 +60,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <limits>
 #include <mutex>
 
 #include "conv2d_lanes.h"
@@ -145,7 +148,10 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"composite", "always, and when lanes meets an index outside its window",
          "conv2d_maxpool_relu_backward_pool, then the convolution's backward ops"}}},
       {"max_pool_forward",
-       {{"fixed_window", "column stride 1 or 2 (2x2 and 3x3 undilated windows computed in registers)",
+       {{"tiled_2x2", "2x2 windows with stride 2 tiling the input, no padding, rows under 2^31 elements",
+         "a row pair's windows are the lanes of vectors (deinterleaved columns): no branch on the data, which the "
+         "per-window compare-and-select of short rows compiled to"},
+        {"fixed_window", "column stride 1 or 2 (2x2 and 3x3 undilated windows computed in registers)",
          "compile-time window and stride: the row loops vectorise"},
         {"general", "always", "any window"}}},
       {"avg_pool_forward",
@@ -311,11 +317,16 @@ bool dgrad_implicit_preferred(const Conv& cv, at::ScalarType dtype) {
   return detail::round_up(cv.cg, mr) <= 2 * cv.cg;
 }
 
-// 2x2 windows with stride 2 tiling the whole input with no padding, each averaging 4 elements (the MNIST model's
-// pooling): row pair m of the stacked planes (N*C*H rows) is output row m.
+// 2x2 windows with stride 2 tiling the whole input with no padding (the MNIST models' pooling), and for average
+// pooling a divisor of 4: row pair m of the stacked planes (N*C*H rows) is output row m.
 bool is_tiled_2x2(const PoolShape<int64_t>& s, c10::optional<int64_t> divisor_override) {
   return s.kh == 2 && s.kw == 2 && s.stride_h == 2 && s.stride_w == 2 && s.pad_h == 0 && s.pad_w == 0 &&
          s.h == 2 * s.p && s.w == 2 * s.q && (!divisor_override.has_value() || *divisor_override == 4);
+}
+
+// The tiled max-pooling kernel holds in-window offsets (up to W + 1) in lanes as wide as float's.
+bool max_tiled_2x2(const PoolShape<int64_t>& s) {
+  return is_tiled_2x2(s, c10::nullopt) && s.w < std::numeric_limits<int32_t>::max();
 }
 
 // Windows fixed at compile time exist for column strides 1 and 2 (pool2d.cpp's dispatch_fixed_window).
@@ -398,7 +409,8 @@ FusedBackward choose_fused_backward(const ConvShape<int64_t>& s, at::ScalarType 
 }
 
 MaxPoolForward choose_max_pool_forward(const PoolShape<int64_t>& s) {
-  return choose<MaxPoolForward>(Direction::kMaxPoolForward, {{has_fixed_window(s), true}, {true, true}});
+  return choose<MaxPoolForward>(Direction::kMaxPoolForward,
+                                {{max_tiled_2x2(s), true}, {has_fixed_window(s), true}, {true, true}});
 }
 
 AvgPoolForward choose_avg_pool_forward(const PoolShape<int64_t>& s, c10::optional<int64_t> divisor_override) {

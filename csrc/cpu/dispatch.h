@@ -32,7 +32,7 @@ enum class Dgrad : int { kLanes, kDepthwise, kWinograd4x4, kWinograd, kDcol, kIm
 enum class Wgrad : int { kLanes, kDepthwise, kWinograd4x4, kWinograd, kTransposed, kDotTiles, kGemm };
 enum class FusedForward : int { kLanes, kGemmPool };
 enum class FusedBackward : int { kLanes, kComposite };
-enum class MaxPoolForward : int { kFixedWindow, kGeneral };
+enum class MaxPoolForward : int { kTiled2x2, kFixedWindow, kGeneral };
 enum class AvgPoolForward : int { kTiled2x2, kFixedWindow, kGeneral };
 enum class AvgPoolBackward : int { kTiled2x2, kGeneral };
 

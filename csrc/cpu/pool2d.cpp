@@ -25,11 +25,13 @@
 #include <limits>
 #include <mutex>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
 #include "../max_rule.h"
 #include "dispatch.h"
+#include "gemm.h"
 #include "isa.h"
 #include "output_cache.h"
 #include "window_axis.h"
@@ -236,6 +238,119 @@ void max_pool_forward(const PoolShape<int64_t>& s, const scalar_t* input, scalar
   });
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// max_pool2d on 2x2 windows tiling the input (stride 2, no padding, H = 2P, W = 2Q: the MNIST models' pooling).
+// Row pair m of the stacked planes (N*C*H rows) is output row m, and its Q windows are the lanes of vectors of
+// L = 4, 8 or 16 (the fewest that hold Q, within the ISA's vectors): the rows' even and odd columns deinterleaved,
+// each row's two taps compared, then the rows' winners, which picks the tap the row-major scan picks (the first
+// maximum, the last NaN) with no branch on the data. A row pair's vectors run past its Q windows into the next row
+// pairs, which are computed after it; the last row pairs of a task, whose vectors would leave the task's rows, go
+// one window at a time.
+// ---------------------------------------------------------------------------------------------------------------
+// GCC vectors of integers, Lanes lanes of int32 or int64 (the comparison masks of float and double vectors) (typedefs in explicit specializations, as gemm.h's
+// VecOf: GCC does not apply vector_size to a typedef that depends on a template parameter).
+template <typename I, int Lanes>
+struct IntVec;
+template <>
+struct IntVec<int32_t, 4> { typedef int32_t type __attribute__((vector_size(16))); };
+template <>
+struct IntVec<int32_t, 8> { typedef int32_t type __attribute__((vector_size(32))); };
+template <>
+struct IntVec<int64_t, 2> { typedef int64_t type __attribute__((vector_size(16))); };
+template <>
+struct IntVec<int64_t, 4> { typedef int64_t type __attribute__((vector_size(32))); };
+
+template <typename T, int Bytes>
+struct TiledPairs {
+  using Vec = cpu::Vector<T, Bytes>;
+  using V = typename Vec::V;
+  static constexpr int L = Vec::kLanes;
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;  // lanes as wide as T's: V's comparison masks
+  using IV = typename IntVec<I, L>::type;
+
+  // Lane patterns: the even and odd elements of [lo, hi], and the interleaving of two vectors into [lo, hi]. Built
+  // by loops the compiler folds to constants.
+  static inline __attribute__((always_inline)) IV pattern(int64_t scale, int64_t offset) {
+    IV m{};
+    for (int j = 0; j < L; ++j) m[j] = I(scale * j + offset);
+    return m;
+  }
+  static inline __attribute__((always_inline)) IV interleaving(int half) {
+    IV m{};
+    for (int j = 0; j < L; ++j) m[j] = I((j % 2) * L + half * L / 2 + j / 2);
+    return m;
+  }
+  static inline __attribute__((always_inline)) IV takes(V v, V best) { return (v > best) | (v != v); }
+
+  // Q windows of the row pair a, a + w (w = 2q); `base` is the in-plane offset of its first row.
+  static inline __attribute__((always_inline)) void forward(const T* __restrict a, int64_t w, int64_t q, int64_t base,
+                                                            T* __restrict out, int64_t* __restrict indices) {
+    const T* __restrict b = a + w;
+    for (int64_t j0 = 0; j0 < q; j0 += L) {
+      const V a_lo = Vec::load(a + 2 * j0), a_hi = Vec::load(a + 2 * j0 + L);
+      const V b_lo = Vec::load(b + 2 * j0), b_hi = Vec::load(b + 2 * j0 + L);
+      const V a0 = __builtin_shuffle(a_lo, a_hi, pattern(2, 0)), a1 = __builtin_shuffle(a_lo, a_hi, pattern(2, 1));
+      const V b0 = __builtin_shuffle(b_lo, b_hi, pattern(2, 0)), b1 = __builtin_shuffle(b_lo, b_hi, pattern(2, 1));
+      const IV ta = takes(a1, a0), tb = takes(b1, b0);
+      const V va = ta ? a1 : a0, vb = tb ? b1 : b0;
+      const IV t = takes(vb, va);
+      Vec::store(out + j0, t ? vb : va);
+      // The winner's offset in its window: 0 or 1 in the first row, w or w + 1 in the second (masks are -1 or 0).
+      I tap[L];
+      cpu::store_as(tap, (t & ((IV{} + I(w)) - tb)) | (~t & -ta));
+      for (int j = 0; j < L; ++j) indices[j0 + j] = base + 2 * (j0 + j) + tap[j];
+    }
+  }
+};
+
+// One window of the tiled pooling, tap by tap: a points at its first tap, `base` is that tap's in-plane offset.
+template <typename T>
+inline void max_tiled_window(const T* a, int64_t w, int64_t base, T* out, int64_t* index) {
+  T best = a[0];
+  int64_t best_tap = 0;
+  for (const int64_t tap : {int64_t(1), w, w + 1}) {
+    if (takes_over(a[tap], best)) {
+      best = a[tap];
+      best_tap = tap;
+    }
+  }
+  *out = best;
+  *index = base + best_tap;
+}
+
+// Row pairs [first, last) of the stacked planes (a task's). Compiled per ISA (PerIsa) and per vector width.
+template <typename T, int Bytes>
+__attribute__((always_inline)) inline void max_tiled_rows(const PoolShape<int64_t>& s, const T* input, T* output,
+                                                          int64_t* indices, int64_t first, int64_t last) {
+  using Pairs = TiledPairs<T, Bytes>;
+  const int64_t q = s.q, w = s.w, covered = cpu::detail::round_up(q, Pairs::L);  // outputs a row pair's vectors write
+  for (int64_t m = first; m < last; ++m) {
+    const T* a = input + m * 2 * w;
+    const int64_t base = m % s.p * 2 * w;
+    if (m * q + covered <= last * q) {
+      Pairs::forward(a, w, q, base, output + m * q, indices + m * q);
+    } else {
+      for (int64_t j = 0; j < q; ++j) max_tiled_window(a + 2 * j, w, base + 2 * j, output + m * q + j, indices + m * q + j);
+    }
+  }
+}
+
+// The vector width of the tiled kernel: the fewest bytes of 16 and 32 that hold Q lanes of T, within the ISA's
+// vectors. Not 64: GCC 12 compiles the comparisons of 64-byte vectors into masks lane by lane.
+int tiled_bytes(int64_t q, int64_t element_size) {
+  return cpu::isa() != cpu::Isa::kDefault && q * element_size > 16 ? 32 : 16;
+}
+
+template <typename T>
+void max_pool_forward_tiled_2x2(const PoolShape<int64_t>& s, const T* input, T* output, int64_t* indices) {
+  using Rows16 = cpu::PerIsa<&max_tiled_rows<T, 16>>;
+  using Rows32 = cpu::PerIsa<&max_tiled_rows<T, 32>>;
+  const auto rows = tiled_bytes(s.q, sizeof(T)) == 32 ? Rows32::pick() : Rows16::pick();
+  at::parallel_for(0, s.n * s.c * s.p, grain_for(4 * s.q), [&](int64_t first, int64_t last) {
+    rows(s, input, output, indices, first, last);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input_, c10::IntArrayRef kernel_size,
                                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                   c10::IntArrayRef dilation, bool ceil_mode) {
@@ -245,11 +360,13 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input_, c10:
   auto out_sizes = s.output_sizes();
   at::Tensor output = empty_output(out_sizes, input.options());
   at::Tensor indices = empty_output(out_sizes, input.options().dtype(at::kLong));
-  const bool fixed = cpu::choose_max_pool_forward(s) == cpu::MaxPoolForward::kFixedWindow;
+  const cpu::MaxPoolForward algorithm = cpu::choose_max_pool_forward(s);
+  const bool fixed = algorithm == cpu::MaxPoolForward::kFixedWindow;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool2d_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
+    if (algorithm == cpu::MaxPoolForward::kTiled2x2) return max_pool_forward_tiled_2x2<scalar_t>(s, in, out, idx);
     dispatch_fixed_window(s, fixed, [&](auto window) { max_pool_forward<scalar_t, decltype(window)>(s, in, out, idx); });
   });
   return {output, indices};
