@@ -7,6 +7,7 @@ from typing import ClassVar
 CONV_OPS = ("conv2d.fwd", "conv2d.bwd_input", "conv2d.bwd_weight")
 POOL_OPS = ("max_pool2d.fwd", "max_pool2d.bwd", "avg_pool2d.fwd", "avg_pool2d.bwd")
 NORM_OPS = ("batch_norm.fwd", "batch_norm.bwd", "batch_norm_relu.fwd", "batch_norm_relu.bwd")
+DROPOUT_OPS = ("dropout.fwd", "dropout.bwd")
 
 INDEX_BYTES = 8  # max-pool indices are int64, in our ops and torch's alike
 
@@ -100,6 +101,31 @@ class NormCase:
         return f"{batch}x{self.channels}x{self.size}² training"
 
 
+@dataclass(frozen=True)
+class DropoutCase:
+    """Dropout of a (N, features) input with probability p, in the norm section (DeepMNIST's other per-value
+    layer). Ours draws its own random bits, so it is validated against torch's formula applied with its mask and
+    timed against torch's native_dropout (bernoulli_ and two multiplies) and its backward. CPU only."""
+
+    section: ClassVar[str] = "norm"
+    ops: ClassVar[tuple] = DROPOUT_OPS
+    unit: ClassVar[str] = "GB/s"
+
+    name: str
+    family: str
+    features: int
+    p: float
+
+    def work(self, op, batch, elem_bytes):
+        """Bytes read + written, each tensor once: fwd reads x, writes y and the bool mask; bwd reads dY and the
+        mask, writes dX."""
+        values = batch * self.features
+        return values * (2 * elem_bytes + 1)
+
+    def describe(self, batch):
+        return f"{batch}x{self.features} p={self.p}"
+
+
 CONV_CASES = (
     # The MNIST classifier's two convolutions.
     ConvCase("mnist.c1", "mnist", 1, 10, 28, 5),
@@ -118,10 +144,11 @@ POOL_CASES = (
     PoolCase("mnist.pool2", "mnist", 20, 8),
 )
 
-# DeepMNIST's batch norms after its 32-channel 28x28 and 64-channel 14x14 convolutions.
+# DeepMNIST's batch norms after its 32-channel 28x28 and 64-channel 14x14 convolutions, and its classifier's dropout.
 NORM_CASES = (
     NormCase("deep.bn32", "deep", 32, 28),
     NormCase("deep.bn64", "deep", 64, 14),
+    DropoutCase("deep.dropout", "deep", 128 * 5 * 5, 0.3),
 )
 
 # Batch size per device and shape family. The CPU runs the ResNet shapes at a small batch to finish in minutes;

@@ -104,6 +104,23 @@ def norm_pairs(case, batch, dtype, device):
     }
 
 
+def dropout_pairs(case, batch, dtype, device):
+    """{op: (ours, torch, reference)} for the dropout `case`: ours and torch's draw different masks, so ours is
+    checked against torch's formula (x * kept * scale, as native_dropout computes it) with the mask ours drew."""
+    x = torch.randn(batch, case.features, dtype=dtype, device=device)
+    grad_out = torch.randn_like(x)
+    seed = 2024
+    kept = ext.dropout(x, case.p, seed)[1]
+    scale = 1.0 / (1.0 - case.p)
+    return {
+        "dropout.fwd": (lambda: ext.dropout(x, case.p, seed)[0], lambda: aten.native_dropout(x, case.p, True)[0],
+                        lambda: x * kept * scale),
+        "dropout.bwd": (lambda: ext.dropout_backward(grad_out, kept, case.p),
+                        lambda: aten.native_dropout_backward(grad_out, kept, scale),
+                        lambda: grad_out * kept * scale),
+    }
+
+
 def compare(ours, ref, tol):
     """("ok" or what differs, max |ours - ref| / max |ref| over the floating-point outputs). Integer outputs
     (max-pool indices) must be equal."""
@@ -150,10 +167,11 @@ def run(sections, device, dtypes, device_name, settings, time_pair, log):
             dtype_name = str(dtype).removeprefix("torch.")
             for case in selected:
                 batch = cases.batch_size(device, case.family, settings.quick)
-                pairs = make_pairs[case.section](case, batch, dtype, device)
+                make = dropout_pairs if isinstance(case, cases.DropoutCase) else make_pairs[case.section]
+                pairs = make(case, batch, dtype, device)
                 for op in case.ops:
-                    ours_fn, torch_fn = pairs[op]
-                    check, max_err, runnable = validate(ours_fn, torch_fn, dtype)
+                    ours_fn, torch_fn, *reference = pairs[op]  # a reference to check ours against, if not torch's
+                    check, max_err, runnable = validate(ours_fn, reference[0] if reference else torch_fn, dtype)
                     samples = time_pair({"ours": ours_fn, "torch": torch_fn} if runnable else {"torch": torch_fn})
                     row = Row(section=case.section, case=case.name, op=op, dtype=dtype_name, batch=batch,
                               shape=case.describe(batch), work=case.work(op, batch, dtype.itemsize),

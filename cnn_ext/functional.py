@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import ops
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu", "batch_norm", "batch_norm_relu"]
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu", "batch_norm", "batch_norm_relu", "dropout"]
 
 
 def _pair(value, name, op):
@@ -179,6 +179,26 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             if running_var is not None:
                 running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
     return out
+
+
+def dropout(input, p=0.5, training=True, inplace=False, generator=None):
+    """Dropout, as torch.nn.functional.dropout: when training, each value is kept with probability 1 - p and
+    scaled by 1 / (1 - p), or zeroed; otherwise (or with p = 0) the input itself is returned. float32 and float64
+    CPU tensors run on cnn_ext's kernel, whose random bits come from a counter-based generator seeded by one draw
+    from `generator` (torch's default generator when None), so torch.manual_seed repeats them; they are not the bits
+    torch's own dropout would draw. Other devices and dtypes, and inplace=True, run torch's dropout."""
+    op = "dropout"
+    _check_tensor(input, "input", op)
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{op}: p must be a number, got {p!r}")
+    if not 0 <= p <= 1:
+        raise ValueError(f"{op}: dropout probability p must be between 0 and 1, got {p}")
+    if not training or p == 0:  # torch's dropout returns the input itself then
+        return input
+    if inplace or input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+        return F.dropout(input, p, training, inplace)
+    seed = int(torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, generator=generator))
+    return ops.dropout(input, float(p), seed)[0]
 
 
 # torch.fx records calls of these functions as calls (a symbolic trace cannot run their argument checks, which

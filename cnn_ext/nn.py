@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from . import functional
 
-__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "BatchNormReLU2d", "batch_norm_relu",
+__all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "BatchNormReLU2d", "Dropout", "batch_norm_relu",
            "conv_maxpool_relu"]
 
 
@@ -64,6 +64,14 @@ class BatchNormReLU2d(BatchNorm2d):
 
     def forward(self, input):
         return self._normalize(input, functional.batch_norm_relu)
+
+
+class Dropout(torch.nn.Dropout):
+    """torch.nn.Dropout on cnn_ext's kernel (cnn_ext.functional.dropout): the same p, inplace and train/eval
+    rules as torch's, random bits of its own."""
+
+    def forward(self, input):
+        return functional.dropout(input, self.p, self.training, self.inplace)
 
 
 def conv_maxpool_relu(conv, pool, input):

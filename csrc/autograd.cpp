@@ -318,6 +318,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_autog
   return {outputs[0], outputs[1], outputs[2], outputs[3]};
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// dropout: (output, kept); the mask is not differentiable.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Dropout : public torch::autograd::Function<Dropout> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p, int64_t seed) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto dropout = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t)>("cnn_ext::dropout");
+    auto [output, kept] = dropout.call(input, p, seed);
+    ctx->mark_non_differentiable({kept});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({kept});
+    ctx->saved_data["p"] = p;
+    return {output, kept};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    refuse_double_backward("cnn_ext.dropout");
+    static auto backward =
+        op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("cnn_ext::dropout_backward");
+    return {backward.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["p"].toDouble()), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> dropout_autograd(const at::Tensor& input, double p, int64_t seed) {
+  auto outputs = Dropout::apply(input, p, seed);
+  return {outputs[0], outputs[1]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_ext, Autograd, m) {
@@ -327,6 +358,7 @@ TORCH_LIBRARY_IMPL(cnn_ext, Autograd, m) {
   m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_autograd);
   m.impl("batch_norm", &batch_norm_autograd);
   m.impl("batch_norm_relu", &batch_norm_relu_autograd);
+  m.impl("dropout", &dropout_autograd);
 }
 
 }  // namespace cnn_ext

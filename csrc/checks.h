@@ -439,4 +439,28 @@ T check_batch_norm_backward(const char* op, const at::Tensor& grad_output, const
   return c;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Dropout: any floating input, p a probability; the backward's kept is the forward's bool mask, shaped as
+// grad_output.
+// ---------------------------------------------------------------------------------------------------------------
+
+inline void check_dropout_probability(const char* op, double p) {
+  TORCH_CHECK_VALUE(p >= 0 && p <= 1, op, ": dropout probability p must be between 0 and 1, got ", p);
+}
+
+inline void check_dropout(const char* op, const at::Tensor& input, double p) {
+  check_floating(op, input, "input");
+  check_dropout_probability(op, p);
+}
+
+inline void check_dropout_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& kept, double p) {
+  check_floating(op, grad_output, "grad_output");
+  check_dropout_probability(op, p);
+  TORCH_CHECK_TYPE(kept.scalar_type() == at::kBool, op, ": kept must be a bool tensor, got ", kept.scalar_type());
+  TORCH_CHECK_VALUE(kept.device() == grad_output.device(), op, ": kept is on ", kept.device(),
+                    " but grad_output is on ", grad_output.device(), "; all tensors must be on the same device");
+  TORCH_CHECK_VALUE(kept.sym_sizes() == grad_output.sym_sizes(), op, ": kept has shape ", kept.sym_sizes(),
+                    " but grad_output has shape ", grad_output.sym_sizes());
+}
+
 }  // namespace cnn_ext

@@ -124,6 +124,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_meta(
           vector(output_mask[1]), vector(output_mask[2])};
 }
 
+std::tuple<at::Tensor, at::Tensor> dropout_meta(const at::Tensor& input, double p, int64_t seed) {
+  check_dropout("cnn_ext.dropout", input, p);
+  return {at::empty_symint(input.sym_sizes(), input.options()),
+          at::empty_symint(input.sym_sizes(), input.options().dtype(at::kBool))};
+}
+
+at::Tensor dropout_backward_meta(const at::Tensor& grad_output, const at::Tensor& kept, double p) {
+  check_dropout_backward("cnn_ext.dropout_backward", grad_output, kept, p);
+  return at::empty_symint(grad_output.sym_sizes(), grad_output.options());
+}
+
 }  // namespace
 
 TORCH_LIBRARY(cnn_ext, m) {
@@ -166,6 +177,12 @@ TORCH_LIBRARY(cnn_ext, m) {
   // (batch_norm_relu's mask), those of relu(batch_norm(...)).
   m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, "
         "bool training, float eps, bool[3] output_mask, Tensor? kept=None) -> (Tensor, Tensor, Tensor)");
+  // Dropout with probability p: (output, kept), kept the bool mask of the values kept (and scaled by 1 / (1 - p)).
+  // The mask is a function of seed and each value's position (cnn_ext.functional.dropout draws the seed from
+  // torch's generator).
+  m.def("dropout(Tensor input, float p, int seed) -> (Tensor, Tensor)");
+  // The input's gradient: grad_output where kept, scaled by 1 / (1 - p), else 0.
+  m.def("dropout_backward(Tensor grad_output, Tensor kept, float p) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cnn_ext, CompositeExplicitAutograd, m) {
@@ -186,6 +203,8 @@ TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {
   m.impl("batch_norm", &batch_norm_meta);
   m.impl("batch_norm_relu", &batch_norm_relu_meta);
   m.impl("batch_norm_backward", &batch_norm_backward_meta);
+  m.impl("dropout", &dropout_meta);
+  m.impl("dropout_backward", &dropout_backward_meta);
 }
 
 }  // namespace cnn_ext

@@ -93,25 +93,36 @@ def test_backends_build_identical_models():
 
 @needs_ext
 def test_deep_model_backends_agree(monkeypatch):
-    """DeepMNIST on the ext backend (its batch norms fused with their ReLUs) against the torch backend, in float64:
-    one training step's logits, every gradient and the running statistics; a forward hook on a ReLU still sees its
-    call (that pair then runs as its two layers)."""
-    fused = []
+    """DeepMNIST on the ext backend (its batch norms fused with their ReLUs, its dropout ours) against the torch
+    backend, in float64: one training step's logits, every gradient and the running statistics; a forward hook on a
+    ReLU still sees its call (that pair then runs as its two layers). The torch model drops what ours dropped."""
+    fused, masks = [], []
     real = cnn_ext.functional.batch_norm_relu
     monkeypatch.setattr(cnn_ext.functional, "batch_norm_relu", lambda *a, **k: fused.append(1) or real(*a, **k))
+    real_dropout = cnn_ext.ops.dropout
+
+    def dropout(*args):
+        output, kept = real_dropout(*args)
+        masks.append(kept)
+        return output, kept
+
+    monkeypatch.setattr(cnn_ext.ops, "dropout", dropout)
     models = []
     for backend in ("ext", "torch"):
         torch.manual_seed(0)
         models.append(DeepMNIST(backend).double().train())
+    p = models[1].classifier[1].p
+    models[1].classifier[1] = torch.nn.Module()
+    models[1].classifier[1].forward = lambda t: t * masks[0] * (1 / (1 - p))
     seen = []
     models[0].features[2].register_forward_hook(lambda module, args, out: seen.append(out.shape))
     x = torch.randn(8, 1, 28, 28, dtype=torch.float64)
     results = []
     for model in models:
-        torch.manual_seed(1)  # the same dropout mask
         logits = model(x)
         results.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
-    assert len(fused) == 4 and seen == [(8, 32, 28, 28)]
+    assert len(fused) == 4 and seen == [(8, 32, 28, 28)] and len(masks) == 1
+    assert 0 < masks[0].sum() < masks[0].numel()
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-10)
     for got, want in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)

@@ -13,7 +13,7 @@ BACKENDS = ("ext", "torch")
 
 
 def _layers(backend):
-    """The namespace providing Conv2d, MaxPool2d, AvgPool2d and BatchNorm2d: the one switch between the two
+    """The namespace providing Conv2d, MaxPool2d, AvgPool2d, BatchNorm2d and Dropout: the one switch between the two
     backends."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -97,7 +97,7 @@ class DeepMNIST(nn.Module):
             *conv_bn_relu(32, 64, 1), *conv_bn_relu(64, 64, 1), layers.MaxPool2d(2),  # 64x7x7
             *conv_bn_relu(64, 128, 0),  # 128x5x5
         )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(128 * 5 * 5, 10))
+        self.classifier = nn.Sequential(nn.Flatten(), layers.Dropout(0.3), nn.Linear(128 * 5 * 5, 10))
 
     def forward(self, x):
         return self.classifier(_batch_norm_relu_fused(self.features, x))
