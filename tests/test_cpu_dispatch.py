@@ -274,6 +274,26 @@ def test_tiled_max_pool_rows_of_every_width(isa, dtype, threads):
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_dgrad_of_valid_convolutions_on_small_planes(isa):
+    """A valid 3x3 convolution's dgrad on small planes (DeepMNIST's last layer: 64 -> 128 channels, 7x7 -> 5x5):
+    dcol, its GEMM's columns several images' dY planes; below 128 channels in all the lanes kernels (float32, on
+    ISAs that have them); never Winograd, whose tiles would cover dY padded by 2. Values against torch's."""
+    g = torch.Generator().manual_seed(4)
+    for n, c, k, size, dtype in [(16, 64, 128, 7, torch.float32), (17, 64, 128, 7, torch.float64),
+                                 (16, 32, 64, 9, torch.float32)]:
+        w = torch.randn(k, c, 3, 3, generator=g, dtype=torch.float64).to(dtype)
+        dy = torch.randn(n, k, size - 2, size - 2, generator=g, dtype=torch.float64).to(dtype)
+        with cpu_dispatch.forced(isa=isa), cpu_dispatch.recording() as calls:
+            got = ops.conv2d_backward_input(dy, w, [n, c, size, size], [1, 1], [0, 0], [1, 1], 1)
+        lanes = dtype == torch.float32 and isa != "default"
+        expected = "lanes" if lanes and c + k < 128 else "dcol"
+        assert calls == [("dgrad", expected, isa)], calls
+        want = torch.ops.aten.convolution_backward(dy, torch.empty(n, c, size, size, dtype=dtype), w, None, [1, 1],
+                                                   [0, 0], [1, 1], False, [0, 0], 1, [True, False, False])[0]
+        assert_close(got, want, dtype, scale=(k * 9) ** 0.5)
+
+
 def test_tables_are_complete():
     """Every direction has its algorithms, each with a rule and a reason, and the last serves every call."""
     tables = cpu_dispatch.tables()

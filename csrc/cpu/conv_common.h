@@ -571,14 +571,20 @@ void run_implicit_items(const Conv& cv, const Window& win, const MicroKernel<T>&
 // dgrad's dcol form (conv_dgrad.cpp): dX planes padded to hp × wp, input channels in channel_chunks chunks of cc.
 struct DcolPlan {
   int64_t wp, hp, cc, channel_chunks;
+  int64_t images;  // per item: their dY planes side by side as the GEMM's columns (dY's 5x5 planes: N = 25 each)
 };
 
-inline DcolPlan dcol_plan(const Conv& cv) {
+inline DcolPlan dcol_plan(const Conv& cv, int64_t element_bytes) {
   DcolPlan d{};
   d.wp = cv.w + 2 * cv.pad_w;
   d.hp = cv.h + 2 * cv.pad_h;
   d.channel_chunks = std::min(cv.cg, ceil_div(2 * num_threads(), cv.n * cv.groups));
   d.cc = ceil_div(cv.cg, d.channel_chunks);
+  // As many images as keep 2 items per thread and dcol within 1 MiB, spread evenly over the blocks.
+  const int64_t blocks = ceil_div(2 * num_threads(), cv.groups * d.channel_chunks);
+  const int64_t fit = std::max<int64_t>(1, 2 * kScratchBytes / (d.cc * cv.rs * cv.pq * element_bytes));
+  const int64_t most = std::max<int64_t>(1, std::min(fit, cv.n / blocks));
+  d.images = ceil_div(cv.n, ceil_div(cv.n, most));
   return d;
 }
 

@@ -136,43 +136,63 @@ inline __attribute__((always_inline)) void add_rows_body(T* __restrict dst, int6
 
 template <typename T>
 void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) {
-  const DcolPlan d = dcol_plan(cv);
+  const DcolPlan d = dcol_plan(cv, sizeof(T));
   const int64_t rows = d.cc * cv.rs;  // GEMM M for a full chunk
-  const MicroKernel<T> uk = pick_micro_kernel<T>(rows, cv.pq);
-  const std::vector<int64_t> dy_rows = row_offsets(cv.kg, cv.pq);
+  const int64_t ld = d.images * cv.pq;  // columns of a full item: its images' dY planes side by side
+  const MicroKernel<T> uk = pick_micro_kernel<T>(rows, ld);
+  const std::vector<int64_t> dy_rows = row_offsets(cv.kg, ld);
   const bool padded = cv.pad_h != 0 || cv.pad_w != 0;  // dX planes are the padded planes unless there is no padding
   const auto add_rows = PerIsa<&add_rows_body<T>>::pick();
 
-  const int64_t items = cv.n * cv.groups * d.channel_chunks;
+  const int64_t image_blocks = ceil_div(cv.n, d.images);
+  const int64_t items = image_blocks * cv.groups * d.channel_chunks;
   const int threads = num_threads();
-  // Scratch (scratch.h): dcol is written by the GEMM, the padded plane zeroed per channel below.
+  // Scratch (scratch.h): dY's rows gathered (every element read is written), dcol written by the GEMM, the padded
+  // plane zeroed per channel below.
   CallScratch scratch;
-  const auto dcols = scratch.per_thread<T>(threads, rows * cv.pq);
+  const auto dybs = scratch.per_thread<T>(threads, d.images > 1 ? cv.kg * ld : 0);
+  const auto dcols = scratch.per_thread<T>(threads, rows * ld);
   const auto dxps = scratch.per_thread<T>(threads, padded ? d.hp * d.wp : 0);
 #pragma omp parallel num_threads(threads)
   {
+    T* const dyb = dybs.get();
     T* const dcol = dcols.get();
     T* const dxp = dxps.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t img = item / (cv.groups * d.channel_chunks), g = item / d.channel_chunks % cv.groups;
+      const int64_t block = item / (cv.groups * d.channel_chunks), g = item / d.channel_chunks % cv.groups;
       const int64_t ci = item % d.channel_chunks;
       const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
+      const int64_t img0 = block * d.images, images = std::min(d.images, cv.n - img0);
       if (c0 >= c1) continue;
-      gemm_a_in_place(uk, (c1 - c0) * cv.rs, cv.pq, cv.kg, transposed_weights(cv, w, g, c0), cv.crs,
-                      dy + (img * cv.k + g * cv.kg) * cv.pq, dy_rows.data(), dcol, cv.pq, false);
-      for (int64_t c = c0; c < c1; ++c) {
-        T* plane = dx + (img * cv.c + g * cv.cg + c) * cv.hw;
-        T* acc = padded ? dxp : plane;
-        std::fill_n(acc, d.hp * d.wp, T(0));
-        for (int64_t r = 0; r < cv.r; ++r) {
-          for (int64_t s = 0; s < cv.s; ++s) {
-            add_rows(acc + r * cv.dil_h * d.wp + s * cv.dil_w, d.wp, dcol + (((c - c0) * cv.r + r) * cv.s + s) * cv.pq,
-                     cv.q, cv.p, cv.q);
+      // B: row k holds channel g*Kg + k of each image's dY, one plane after another (read in place for one image).
+      const T* b = dy + (img0 * cv.k + g * cv.kg) * cv.pq;
+      if (d.images > 1) {
+        for (int64_t k = 0; k < cv.kg; ++k) {
+          for (int64_t i = 0; i < images; ++i) {
+            std::copy_n(dy + ((img0 + i) * cv.k + g * cv.kg + k) * cv.pq, cv.pq, dyb + k * ld + i * cv.pq);
           }
         }
-        if (padded) {
-          for (int64_t y = 0; y < cv.h; ++y) std::copy_n(acc + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w, plane + y * cv.w);
+        b = dyb;
+      }
+      gemm_a_in_place(uk, (c1 - c0) * cv.rs, images * cv.pq, cv.kg, transposed_weights(cv, w, g, c0), cv.crs, b,
+                      dy_rows.data(), dcol, ld, false);
+      for (int64_t i = 0; i < images; ++i) {
+        for (int64_t c = c0; c < c1; ++c) {
+          T* plane = dx + ((img0 + i) * cv.c + g * cv.cg + c) * cv.hw;
+          T* acc = padded ? dxp : plane;
+          std::fill_n(acc, d.hp * d.wp, T(0));
+          for (int64_t r = 0; r < cv.r; ++r) {
+            for (int64_t s = 0; s < cv.s; ++s) {
+              add_rows(acc + r * cv.dil_h * d.wp + s * cv.dil_w, d.wp,
+                       dcol + (((c - c0) * cv.r + r) * cv.s + s) * ld + i * cv.pq, cv.q, cv.p, cv.q);
+            }
+          }
+          if (padded) {
+            for (int64_t y = 0; y < cv.h; ++y) {
+              std::copy_n(acc + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w, plane + y * cv.w);
+            }
+          }
         }
       }
     }

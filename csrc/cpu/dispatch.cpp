@@ -15,13 +15,15 @@
 // |                   |              | 48+ tiles with 128-256 each side, 384+ in all      |                                   |
 // |                   | implicit     | always (strides via stride-phase windows)          | no im2col: B read from padded windows |
 // |                   | explicit     | always (only when forced: implicit serves all)     | im2col panels, the reference form |
-// | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8     | as fprop                          |
+// | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8;    | as fprop                          |
+// |                   |              | not where dcol's column rule holds, 128+ channels  |                                   |
 // |                   | depthwise    | as fprop's depthwise                               | the same rows read backwards      |
-// |                   | winograd_4x4 | as fprop's winograd_4x4, padding <= 2              | fprop's on dY, kernel flipped     |
-// |                   | winograd     | as fprop's (dY's channels as input), padding <= 2  | fprop's on dY, kernel flipped     |
-// |                   | dcol         | stride 1, implicit would compute > 1.5x the useful | no wasted columns: Wᵀ·dY in place, |
-// |                   |              | columns or repack > 4 MiB of W for too few images, | col2im as contiguous row adds     |
-// |                   |              | dcol fits in 1 MiB                                 |                                   |
+// |                   | winograd_4x4 | as winograd, and fprop's winograd_4x4 rule         | fprop's on dY, kernel flipped     |
+// |                   | winograd     | as fprop's (dY's channels as input), padding <= 2, | fprop's on dY, kernel flipped     |
+// |                   |              | not where dcol's rule holds for wasted columns     |                                   |
+// |                   | dcol         | stride 1, implicit would compute > 1.5x the useful | no wasted columns: Wᵀ·dY in place |
+// |                   |              | columns or repack > 4 MiB of W for too few images, | (images side by side), col2im as  |
+// |                   |              | dcol fits in 1 MiB                                 | contiguous row adds               |
 // |                   | implicit     | stride 1, Cg fills at least half the row tiles     | the fprop machinery on flipped taps |
 // |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
@@ -104,16 +106,22 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"explicit", "always (only when forced: implicit serves every call)",
          "im2col panels: the reference form, R·S times the windows' copying"}}},
       {"dgrad",
-       {{"lanes", "float32, as fprop's lanes, stride 1 and 8+ input channels (lanes::suits_dgrad)", "as fprop"},
+       {{"lanes",
+         "float32, as fprop's lanes, stride 1 and 8+ input channels (lanes::suits_dgrad); not where dcol's column "
+         "rule (over 1.5x the useful columns) holds with 128+ channels in all",
+         "as fprop"},
         {"depthwise", "as fprop's depthwise", "fprop's rows read backwards: each dX row gathers its taps' dY rows"},
-        {"winograd_4x4", "as fprop's winograd_4x4 (dY's channels as its input), padding <= 2",
+        {"winograd_4x4",
+         "as fprop's winograd_4x4 (dY's channels as its input), padding <= 2, not where dcol's column rule holds",
          "fprop's F(4x4, 3x3) on dY with the kernel flipped and transposed, padded by 2 - pad"},
-        {"winograd", "as fprop's winograd (dY's channels as its input), padding <= 2",
+        {"winograd",
+         "as fprop's winograd (dY's channels as its input), padding <= 2, not where dcol's column rule holds",
          "fprop's Winograd on dY with the kernel flipped and transposed, padded by 2 - pad"},
         {"dcol",
          "stride 1, the implicit product would compute over 1.5x the useful columns or pack over 4 MiB of weights "
          "for too few images, dcol within 1 MiB",
-         "Wᵀ·dY read in place with no wasted columns; col2im as contiguous row adds into a padded plane"},
+         "Wᵀ·dY with no wasted columns, several images' dY planes side by side as its columns; col2im as contiguous "
+         "row adds into a padded plane"},
         {"implicit", "stride 1 and the input channels fill at least half of each GEMM row tile",
          "the fprop machinery on dY's zero-padded windows with flipped taps: no col2im"},
         {"explicit", "always", "Wᵀ·dY panels, then col2im"}}},
@@ -300,12 +308,15 @@ bool winograd_4x4_wgrad_preferred(const Conv& cv) {
 // place where the implicit product packs it per call: that pays where the kernel matrix is large and one image
 // cannot amortise it (batch 1 at 512 channels on 7x7, 9 MiB: dcol 1.4x torch's time, implicit 1.8x; at 2.3 MiB
 // they measured even).
+bool implicit_dgrad_wastes_columns(const Conv& cv) {
+  return double(cv.h) * Window::cols_of(cv, true) > 1.5 * double(cv.pq);
+}
+
 bool dcol_preferred(const Conv& cv, at::ScalarType dtype) {
-  const DcolPlan d = dcol_plan(cv);
   const int64_t element_bytes = int64_t(c10::elementSize(dtype));
-  const double implicit_cols = double(cv.h) * Window::cols_of(cv, true);
+  const DcolPlan d = dcol_plan(cv, element_bytes);
   const bool large_weights = dgrad_split(cv, element_bytes).m_parts > 1 && cv.k * cv.crs * element_bytes > (4 << 20);
-  return (implicit_cols > 1.5 * double(cv.pq) || large_weights) &&
+  return (implicit_dgrad_wastes_columns(cv) || large_weights) &&
          d.cc * cv.rs * cv.pq * element_bytes <= 2 * kScratchBytes;
 }
 
@@ -351,14 +362,23 @@ Fprop choose_fprop(const ConvShape<int64_t>& s, at::ScalarType dtype) {
 Dgrad choose_dgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   const Conv cv(s);
   const bool stride1 = cv.unit_stride();
-  const bool winograd = winograd_dgrad_can(cv) && winograd_preferred(cv, cv.kg, cv.cg, cv.h, cv.w);
+  // Where dcol's rule holds for the implicit product's wasted columns (valid convolutions on small planes),
+  // Winograd's tiles cover dY padded by 2 on each side and multiply more than the direct product's useful taps;
+  // dcol, with several images per GEMM, measured 0.6-0.8x Winograd's time and 0.55-0.9x the lanes kernels' from 128
+  // channels in all (DeepMNIST's 64 -> 128 at 7x7, batch 128: 2.7 vs 3.5-3.6 ms), the lanes kernels 0.6x dcol's
+  // below (32 -> 64 at 9x9: 0.87 vs 1.41 ms).
+  const bool dcol = stride1 && dcol_preferred(cv, dtype);
+  const bool small_planes = dcol && implicit_dgrad_wastes_columns(cv);
+  const bool winograd =
+      winograd_dgrad_can(cv) && winograd_preferred(cv, cv.kg, cv.cg, cv.h, cv.w) && !small_planes;
   const bool winograd_4x4 = winograd && winograd_4x4_preferred(cv, cv.kg, cv.cg, cv.h, cv.w, dtype);
+  const bool lanes = lanes::suits_dgrad(s) && !winograd && !(small_planes && cv.cg + cv.kg >= 128);
   return choose<Dgrad>(Direction::kDgrad,
-                       {{float32(dtype) && lanes::supports_dgrad(s), lanes::suits_dgrad(s) && !winograd},
+                       {{float32(dtype) && lanes::supports_dgrad(s), lanes},
                         {depthwise_serves(cv), true},
                         {winograd_dgrad_can(cv), winograd_4x4},
                         {winograd_dgrad_can(cv), winograd},
-                        {stride1, stride1 && dcol_preferred(cv, dtype)},
+                        {stride1, dcol},
                         {stride1, stride1 && dgrad_implicit_preferred(cv, dtype)},
                         {true, true}});
 }

@@ -81,7 +81,9 @@ void dropout_values(const T* x, T* y, bool* kept, int64_t numel, uint64_t seed, 
   const KeepRule rule = keep_rule(p);
   const T scale = static_cast<T>(dropout_scale(p));
   at::parallel_for(0, (numel + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) block(x, y, kept, b * kBlock, std::min(numel, (b + 1) * kBlock), seed, rule, scale);
+    for (int64_t b = b0; b < b1; ++b) {
+      block(x, y, kept, b * kBlock, std::min(numel, (b + 1) * kBlock), seed, rule, scale);
+    }
   });
 }
 

@@ -247,8 +247,9 @@ void max_pool_forward(const PoolShape<int64_t>& s, const scalar_t* input, scalar
 // pairs, which are computed after it; the last row pairs of a task, whose vectors would leave the task's rows, go
 // one window at a time.
 // ---------------------------------------------------------------------------------------------------------------
-// GCC vectors of integers, Lanes lanes of int32 or int64 (the comparison masks of float and double vectors) (typedefs in explicit specializations, as gemm.h's
-// VecOf: GCC does not apply vector_size to a typedef that depends on a template parameter).
+// GCC vectors of Lanes int32 or int64 lanes: the comparison masks of float and double vectors. Typedefs in explicit
+// specializations, as gemm.h's VecOf: GCC does not apply vector_size to a typedef that depends on a template
+// parameter.
 template <typename I, int Lanes>
 struct IntVec;
 template <>
@@ -330,7 +331,9 @@ __attribute__((always_inline)) inline void max_tiled_rows(const PoolShape<int64_
     if (m * q + covered <= last * q) {
       Pairs::forward(a, w, q, base, output + m * q, indices + m * q);
     } else {
-      for (int64_t j = 0; j < q; ++j) max_tiled_window(a + 2 * j, w, base + 2 * j, output + m * q + j, indices + m * q + j);
+      for (int64_t j = 0; j < q; ++j) {
+        max_tiled_window(a + 2 * j, w, base + 2 * j, output + m * q + j, indices + m * q + j);
+      }
     }
   }
 }
@@ -367,7 +370,8 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input_, c10:
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
     if (algorithm == cpu::MaxPoolForward::kTiled2x2) return max_pool_forward_tiled_2x2<scalar_t>(s, in, out, idx);
-    dispatch_fixed_window(s, fixed, [&](auto window) { max_pool_forward<scalar_t, decltype(window)>(s, in, out, idx); });
+    dispatch_fixed_window(s, fixed,
+                          [&](auto window) { max_pool_forward<scalar_t, decltype(window)>(s, in, out, idx); });
   });
   return {output, indices};
 }
