@@ -117,9 +117,11 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
 // ---------------------------------------------------------------------------------------------------------------
 // dgrad, stride 1, when the implicit product would waste most of its columns (valid convolutions on small images:
 // its dX windows are W + (S-1)*dil wide but dY only Q): dcol = W_g^T · dY_g, a GEMM with no wasted columns that
-// reads dY in place, then col2im into a zero-padded dX plane (Hp × Wp = (H + 2*ph) × (W + 2*pw)), where every
-// (c, r, s) row of dcol adds its P rows of Q values at plane offset r*dh*Wp + s*dw: P contiguous vector adds.
-// One item = (image, group, chunk of input channels): items write disjoint dX planes, in a fixed order.
+// reads dY in place (one image) or its rows gathered (several: their planes side by side, so that planes of a few
+// values still fill the GEMM's column tiles), then col2im into a zero-padded dX plane (Hp × Wp = (H + 2*ph) ×
+// (W + 2*pw)), where every (c, r, s) row of dcol adds its P rows of Q values at plane offset r*dh*Wp + s*dw: P
+// contiguous vector adds. One item = (block of images, group, chunk of input channels): items write disjoint dX
+// planes, in a fixed order.
 // ---------------------------------------------------------------------------------------------------------------
 
 // dst[i*dst_stride + j] += src[i*src_stride + j] for i < rows, j < len. Compiled per ISA (PerIsa).

@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -65,9 +64,12 @@ __attribute__((always_inline)) inline void dropout_block(const T* __restrict x, 
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     draws[k] = z ^ (z >> 31);
   }
-  // Value first + j takes the low half of draws[j / 2] for even j, the high half for odd j.
+  // Value first + j takes the low 32 bits of draws[j / 2] for even j, the high 32 for odd j.
   uint32_t halves[kBlock];
-  std::memcpy(halves, draws, sizeof(uint64_t) * pairs);
+  for (int64_t k = 0; k < pairs; ++k) {
+    halves[2 * k] = static_cast<uint32_t>(draws[k]);
+    halves[2 * k + 1] = static_cast<uint32_t>(draws[k] >> 32);
+  }
   for (int64_t j = 0; j < last - first; ++j) {
     const int32_t keep = (halves[j] >= rule.threshold) & !rule.none;  // 0 or 1, as wide as a float's lanes
     kept[first + j] = keep;
@@ -100,8 +102,8 @@ std::tuple<at::Tensor, at::Tensor> dropout_cpu(const at::Tensor& input_, double 
   check_dropout(op, input_, p);
   check_backend_dtype(op, input_, "input", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor input = input_.contiguous();
-  at::Tensor output = empty_output(input.sizes().vec(), input.options());
-  at::Tensor kept = empty_output(input.sizes().vec(), input.options().dtype(at::kBool));
+  at::Tensor output = empty_output(input.sizes(), input.options());
+  at::Tensor kept = empty_output(input.sizes(), input.options().dtype(at::kBool));
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_dropout_cpu", [&] {
     dropout_values<scalar_t>(input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(),
                              kept.mutable_data_ptr<bool>(), input.numel(), static_cast<uint64_t>(seed), p);
@@ -114,7 +116,7 @@ at::Tensor dropout_backward_cpu(const at::Tensor& grad_output_, const at::Tensor
   check_dropout_backward(op, grad_output_, kept_, p);
   check_backend_dtype(op, grad_output_, "grad_output", {at::kFloat, at::kDouble}, "CPU");
   const at::Tensor grad_output = grad_output_.contiguous(), kept = kept_.contiguous();
-  at::Tensor grad_input = empty_output(grad_output.sizes().vec(), grad_output.options());
+  at::Tensor grad_input = empty_output(grad_output.sizes(), grad_output.options());
   AT_DISPATCH_FLOATING_TYPES(grad_output.scalar_type(), "cnn_ext_dropout_backward_cpu", [&] {
     const auto values = PerIsa<&dropout_backward_values<scalar_t>>::pick();
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();

@@ -240,13 +240,14 @@ void max_pool_forward(const PoolShape<int64_t>& s, const scalar_t* input, scalar
 
 // ---------------------------------------------------------------------------------------------------------------
 // max_pool2d on 2x2 windows tiling the input (stride 2, no padding, H = 2P, W = 2Q: the MNIST models' pooling).
-// Row pair m of the stacked planes (N*C*H rows) is output row m, and its Q windows are the lanes of vectors of
-// L = 4, 8 or 16 (the fewest that hold Q, within the ISA's vectors): the rows' even and odd columns deinterleaved,
-// each row's two taps compared, then the rows' winners, which picks the tap the row-major scan picks (the first
-// maximum, the last NaN) with no branch on the data. A row pair's vectors run past its Q windows into the next row
-// pairs, which are computed after it; the last row pairs of a task, whose vectors would leave the task's rows, go
-// one window at a time.
+// Row pair m of the stacked planes (N*C*H rows) is output row m, and its Q windows are the lanes of 16- or 32-byte
+// vectors (the narrower where it holds Q; tiled_bytes): the rows' even and odd columns deinterleaved, each row's two
+// taps compared, then the rows' winners, which picks the tap the row-major scan picks (the first maximum, the last
+// NaN) with no branch on the data. A row pair's vectors run past its Q windows into the next row pairs, which are
+// computed after it; the last row pairs of a task, whose vectors would leave the task's rows, go one window at a
+// time.
 // ---------------------------------------------------------------------------------------------------------------
+
 // GCC vectors of Lanes int32 or int64 lanes: the comparison masks of float and double vectors. Typedefs in explicit
 // specializations, as gemm.h's VecOf: GCC does not apply vector_size to a typedef that depends on a template
 // parameter.
