@@ -325,7 +325,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_autog
 struct Dropout : public torch::autograd::Function<Dropout> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, double p, int64_t seed) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto dropout = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t)>("cnn_ext::dropout");
+    static auto dropout =
+        op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, int64_t)>("cnn_ext::dropout");
     auto [output, kept] = dropout.call(input, p, seed);
     ctx->mark_non_differentiable({kept});
     ctx->set_materialize_grads(false);

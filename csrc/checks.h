@@ -377,6 +377,16 @@ ConvPoolShape<T> check_conv2d_maxpool_relu_backward(
 // values. weight, bias and the statistics are vectors of C. Returns C.
 // ---------------------------------------------------------------------------------------------------------------
 
+// A bool mask of the values an op kept (a fused ReLU's, dropout's), shaped as `like` and on its device.
+template <typename T>
+void check_kept_mask(const char* op, const at::Tensor& kept, const at::Tensor& like, const char* like_name) {
+  TORCH_CHECK_TYPE(kept.scalar_type() == at::kBool, op, ": kept must be a bool tensor, got ", kept.scalar_type());
+  TORCH_CHECK_VALUE(kept.device() == like.device(), op, ": kept is on ", kept.device(), " but ", like_name, " is on ",
+                    like.device(), "; all tensors must be on the same device");
+  TORCH_CHECK_VALUE(sizes_of<T>(kept) == sizes_of<T>(like), op, ": kept has shape ", sizes_of<T>(kept), " but ",
+                    like_name, " has shape ", sizes_of<T>(like));
+}
+
 template <typename T>
 void check_channel_vector(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& v,
                           const char* name) {
@@ -428,14 +438,7 @@ T check_batch_norm_backward(const char* op, const at::Tensor& grad_output, const
   check_same_dtype_device(op, {{&input, "input"}, {&grad_output, "grad_output"}});
   TORCH_CHECK_VALUE(sizes_of<T>(grad_output) == sizes_of<T>(input), op, ": grad_output has shape ",
                     sizes_of<T>(grad_output), " but input has shape ", sizes_of<T>(input));
-  if (kept.has_value()) {
-    TORCH_CHECK_TYPE(kept->scalar_type() == at::kBool, op, ": kept must be a bool tensor, got ",
-                     kept->scalar_type());
-    TORCH_CHECK_VALUE(kept->device() == input.device(), op, ": kept is on ", kept->device(),
-                      " but input is on ", input.device(), "; all tensors must be on the same device");
-    TORCH_CHECK_VALUE(sizes_of<T>(*kept) == sizes_of<T>(input), op, ": kept has shape ",
-                      sizes_of<T>(*kept), " but input has shape ", sizes_of<T>(input));
-  }
+  if (kept.has_value()) check_kept_mask<T>(op, *kept, input, "input");
   return c;
 }
 
@@ -456,11 +459,7 @@ inline void check_dropout(const char* op, const at::Tensor& input, double p) {
 inline void check_dropout_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& kept, double p) {
   check_floating(op, grad_output, "grad_output");
   check_dropout_probability(op, p);
-  TORCH_CHECK_TYPE(kept.scalar_type() == at::kBool, op, ": kept must be a bool tensor, got ", kept.scalar_type());
-  TORCH_CHECK_VALUE(kept.device() == grad_output.device(), op, ": kept is on ", kept.device(),
-                    " but grad_output is on ", grad_output.device(), "; all tensors must be on the same device");
-  TORCH_CHECK_VALUE(kept.sym_sizes() == grad_output.sym_sizes(), op, ": kept has shape ", kept.sym_sizes(),
-                    " but grad_output has shape ", grad_output.sym_sizes());
+  check_kept_mask<c10::SymInt>(op, kept, grad_output, "grad_output");
 }
 
 }  // namespace cnn_ext
