@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -208,8 +209,10 @@ inline __attribute__((always_inline)) void store_as(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// A GCC vector of Bytes bytes of T (64 on AVX-512, 32 on AVX2, 16 portable), its lane count, and its loads and
-// stores: what the vectorised loops outside the micro-kernels (Winograd's transforms, the depthwise rows) work with.
+// A GCC vector of Bytes bytes of T (64 on AVX-512, 32 on AVX2, 16 portable), its lane count, its loads and stores,
+// and the lane permutations __builtin_shuffle takes (Mask: integers as wide as T, the type of V's comparisons too):
+// what the vectorised loops outside the micro-kernels (Winograd's transforms, the depthwise rows, the tiled max
+// pooling) work with.
 template <typename T, int Bytes>
 struct Vector {
   using V = typename detail::VecOf<T, Bytes>::type;
@@ -217,6 +220,28 @@ struct Vector {
   static inline __attribute__((always_inline)) V load(const T* p) { return load_as<V>(p); }
   static inline __attribute__((always_inline)) void store(T* p, V v) { store_as(p, v); }
   static inline __attribute__((always_inline)) V splat(T x) { return V{} + x; }
+
+  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  typedef Index Mask __attribute__((vector_size(Bytes)));
+
+  template <size_t... I>
+  static constexpr Mask evens(std::index_sequence<I...>) { return Mask{static_cast<Index>(2 * I)...}; }
+  template <size_t... I>
+  static constexpr Mask odds(std::index_sequence<I...>) { return Mask{static_cast<Index>(2 * I + 1)...}; }
+  // Lanes 0, L, 1, L+1, ... (low half) and L/2, L + L/2, ... (high half) of two vectors: interleaving them.
+  template <size_t... I>
+  static constexpr Mask zip_low(std::index_sequence<I...>) {
+    return Mask{static_cast<Index>(I / 2 + (I % 2) * kLanes)...};
+  }
+  template <size_t... I>
+  static constexpr Mask zip_high(std::index_sequence<I...>) {
+    return Mask{static_cast<Index>(kLanes / 2 + I / 2 + (I % 2) * kLanes)...};
+  }
+  // The even and odd elements of two vectors [lo, hi], and their interleaving.
+  static constexpr Mask kEvens = evens(std::make_index_sequence<kLanes>());
+  static constexpr Mask kOdds = odds(std::make_index_sequence<kLanes>());
+  static constexpr Mask kZipLow = zip_low(std::make_index_sequence<kLanes>());
+  static constexpr Mask kZipHigh = zip_high(std::make_index_sequence<kLanes>());
 };
 
 // The micro-kernel with the least modelled time for an M × N product, padding and edge panels included (ties go

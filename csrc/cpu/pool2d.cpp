@@ -25,7 +25,6 @@
 #include <limits>
 #include <mutex>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -248,40 +247,14 @@ void max_pool_forward(const PoolShape<int64_t>& s, const scalar_t* input, scalar
 // time.
 // ---------------------------------------------------------------------------------------------------------------
 
-// GCC vectors of Lanes int32 or int64 lanes: the comparison masks of float and double vectors. Typedefs in explicit
-// specializations, as gemm.h's VecOf: GCC does not apply vector_size to a typedef that depends on a template
-// parameter.
-template <typename I, int Lanes>
-struct IntVec;
-template <>
-struct IntVec<int32_t, 4> { typedef int32_t type __attribute__((vector_size(16))); };
-template <>
-struct IntVec<int32_t, 8> { typedef int32_t type __attribute__((vector_size(32))); };
-template <>
-struct IntVec<int64_t, 2> { typedef int64_t type __attribute__((vector_size(16))); };
-template <>
-struct IntVec<int64_t, 4> { typedef int64_t type __attribute__((vector_size(32))); };
-
 template <typename T, int Bytes>
 struct TiledPairs {
   using Vec = cpu::Vector<T, Bytes>;
   using V = typename Vec::V;
   static constexpr int L = Vec::kLanes;
-  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;  // lanes as wide as T's: V's comparison masks
-  using IV = typename IntVec<I, L>::type;
+  using I = typename Vec::Index;  // lanes as wide as T's: V's comparison masks
+  using IV = typename Vec::Mask;
 
-  // Lane patterns: the even and odd elements of [lo, hi], and the interleaving of two vectors into [lo, hi]. Built
-  // by loops the compiler folds to constants.
-  static inline __attribute__((always_inline)) IV pattern(int64_t scale, int64_t offset) {
-    IV m{};
-    for (int j = 0; j < L; ++j) m[j] = I(scale * j + offset);
-    return m;
-  }
-  static inline __attribute__((always_inline)) IV interleaving(int half) {
-    IV m{};
-    for (int j = 0; j < L; ++j) m[j] = I((j % 2) * L + half * L / 2 + j / 2);
-    return m;
-  }
   static inline __attribute__((always_inline)) IV takes(V v, V best) { return (v > best) | (v != v); }
 
   // Q windows of the row pair a, a + w (w = 2q); `base` is the in-plane offset of its first row.
@@ -291,8 +264,8 @@ struct TiledPairs {
     for (int64_t j0 = 0; j0 < q; j0 += L) {
       const V a_lo = Vec::load(a + 2 * j0), a_hi = Vec::load(a + 2 * j0 + L);
       const V b_lo = Vec::load(b + 2 * j0), b_hi = Vec::load(b + 2 * j0 + L);
-      const V a0 = __builtin_shuffle(a_lo, a_hi, pattern(2, 0)), a1 = __builtin_shuffle(a_lo, a_hi, pattern(2, 1));
-      const V b0 = __builtin_shuffle(b_lo, b_hi, pattern(2, 0)), b1 = __builtin_shuffle(b_lo, b_hi, pattern(2, 1));
+      const V a0 = __builtin_shuffle(a_lo, a_hi, Vec::kEvens), a1 = __builtin_shuffle(a_lo, a_hi, Vec::kOdds);
+      const V b0 = __builtin_shuffle(b_lo, b_hi, Vec::kEvens), b1 = __builtin_shuffle(b_lo, b_hi, Vec::kOdds);
       const IV ta = takes(a1, a0), tb = takes(b1, b0);
       const V va = ta ? a1 : a0, vb = tb ? b1 : b0;
       const IV t = takes(vb, va);

@@ -19,33 +19,10 @@ namespace {
 
 // The transforms use GCC vector types of `Bytes` bytes (gemm.h's VecOf): up to 64 on AVX-512, 32 on AVX2, 16 in the
 // portable build (Transforms::bytes). Their loops run over n tile columns, n a multiple of the vectors' lanes: the
-// columns past a row's tq compute values nobody uses, reading and writing buffer slack.
-// gemm.h's Vector, plus the lane permutations the transforms shuffle with.
+// columns past a row's tq compute values nobody uses, reading and writing buffer slack. gemm.h's Vector carries the
+// lane permutations the transforms shuffle with.
 template <typename T, int Bytes>
-struct Vec : Vector<T, Bytes> {
-  using typename Vector<T, Bytes>::V;
-  static constexpr int kLanes = Vector<T, Bytes>::kLanes;
-  using Index = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef Index Mask __attribute__((vector_size(Bytes)));
-
-  template <size_t... I>
-  static constexpr Mask evens(std::index_sequence<I...>) { return Mask{static_cast<Index>(2 * I)...}; }
-  template <size_t... I>
-  static constexpr Mask odds(std::index_sequence<I...>) { return Mask{static_cast<Index>(2 * I + 1)...}; }
-  // Lanes 0, L, 1, L+1, ... (low half) and L/2, L + L/2, ... (high half) of two vectors: interleaving them.
-  template <size_t... I>
-  static constexpr Mask zip_low(std::index_sequence<I...>) {
-    return Mask{static_cast<Index>(I / 2 + (I % 2) * kLanes)...};
-  }
-  template <size_t... I>
-  static constexpr Mask zip_high(std::index_sequence<I...>) {
-    return Mask{static_cast<Index>(kLanes / 2 + I / 2 + (I % 2) * kLanes)...};
-  }
-  static constexpr Mask kEvens = evens(std::make_index_sequence<kLanes>());
-  static constexpr Mask kOdds = odds(std::make_index_sequence<kLanes>());
-  static constexpr Mask kZipLow = zip_low(std::make_index_sequence<kLanes>());
-  static constexpr Mask kZipHigh = zip_high(std::make_index_sequence<kLanes>());
-};
+using Vec = Vector<T, Bytes>;
 
 // F(2x2, 3x3)'s matrices applied to a column of values (V: a GCC vector, or T). Bᵀ x: (x0 - x2, x1 + x2, x2 - x1,
 // x1 - x3); Aᵀ x: (x0 + x1 + x2, x1 - x2 - x3); G x: (x0, (x0 + x1 + x2)/2, (x0 - x1 + x2)/2, x2).
