@@ -152,7 +152,7 @@ NORM_CASES = (
 )
 
 # Batch size per device and shape family. The CPU runs the ResNet shapes at a small batch to finish in minutes;
-# --quick (the CI smoke test: ~60 s on 2 shared cores) shrinks it to 1.
+# --quick (the CI smoke test: ~60 s on 2 shared cores) shrinks it to 1; --batch FAMILY=N sets one family's.
 BATCH = {
     ("cpu", "mnist"): 128,
     ("cpu", "resnet"): 8,
@@ -162,10 +162,6 @@ BATCH = {
 }
 QUICK_BATCH = {**BATCH, ("cpu", "resnet"): 1, ("cpu", "deep"): 16}
 TRAIN_BATCH = 128
-
-
-def batch_size(device, family, quick):
-    return (QUICK_BATCH if quick else BATCH)[(device, family)]
 
 
 # Speed targets: the largest passing time ratio (ours / torch) per device and row group. A throughput target

@@ -166,7 +166,7 @@ def run(sections, device, dtypes, device_name, settings, time_pair, log):
         for dtype in dtypes:
             dtype_name = str(dtype).removeprefix("torch.")
             for case in selected:
-                batch = cases.batch_size(device, case.family, settings.quick)
+                batch = settings.batches[case.family]
                 make = dropout_pairs if isinstance(case, cases.DropoutCase) else make_pairs[case.section]
                 pairs = make(case, batch, dtype, device)
                 for op in case.ops:

@@ -2,7 +2,7 @@
 
     python -m benchmarks.run [--device cpu|cuda] [--ops conv,pool,norm,train,models] [--quick] [--json PATH]
                              [--plot PATH] [--repeat N] [--threads N] [--cpu-peak-gflops X]
-                             [--float32-matmul-precision P]
+                             [--float32-matmul-precision P] [--batch FAMILY=N ...]
 
 Every row is validated against torch before it is timed, then ours and torch's are timed interleaved (see
 timing.py). CPU: torch.utils.benchmark.Timer with torch's threads (or --threads). GPU: CUDA events around each op
@@ -44,6 +44,9 @@ def parse_args(argv):
     parser.add_argument("--json", metavar="PATH", help="write machine, settings and rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart of the time ratios")
     parser.add_argument("--repeat", type=int, metavar="N", help="repetitions per row (default: by device/--quick)")
+    parser.add_argument("--batch", action="append", default=[], metavar="FAMILY=N",
+                        help="batch size of a shape family's rows (mnist, deep, resnet; repeatable), e.g. resnet=1 "
+                             "for the ResNet rows at batch 1 with full timing blocks (default: by device/--quick)")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for torch and our kernels (default: torch's); on a shared machine, 1 "
                              "avoids OpenMP threads waiting on descheduled peers")
@@ -56,6 +59,13 @@ def parse_args(argv):
                              "scale); torch's CPU convolutions stay IEEE float32 (torch.backends.mkldnn.conv)")
     args = parser.parse_args(argv)
     args.sections = [s.strip() for s in args.ops.split(",") if s.strip()]
+    args.batches = {}
+    families = sorted({family for _, family in cases.BATCH})
+    for item in args.batch:
+        family, _, size = item.partition("=")
+        if family not in families or not size.isdigit() or int(size) < 1:
+            parser.error(f"--batch {item!r}: expected FAMILY=N with FAMILY one of {','.join(families)} and N >= 1")
+        args.batches[family] = int(size)
     unknown = set(args.sections) - set(SECTIONS)
     if unknown:
         parser.error(f"--ops: unknown {sorted(unknown)}; choose from {','.join(SECTIONS)}")
@@ -80,7 +90,9 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     cpu_share = min(torch.get_num_threads(), os.cpu_count()) / os.cpu_count()
-    settings = SimpleNamespace(quick=quick, reps=args.repeat or REPS[(device, quick)],
+    batches = {family: args.batches.get(family, n) for (d, family), n in
+               (cases.QUICK_BATCH if quick else cases.BATCH).items() if d == device}
+    settings = SimpleNamespace(quick=quick, reps=args.repeat or REPS[(device, quick)], batches=batches,
                                cpu_peak_flops=args.cpu_peak_gflops * 1e9 * cpu_share)
     wallclock = functools.partial(timing.wallclock_samples, device=device, reps=settings.reps,
                                   block_s=BLOCK_S[quick], warmup=WARMUP[quick])
@@ -90,8 +102,7 @@ def main(argv=None):
     machine = report.machine_info(device)
     device_name = machine.get("gpu", machine["cpu"])
     config = {"device": device, "sections": args.sections, "quick": quick, "reps": settings.reps,
-              "batches": {f"{d}/{family}": n for (d, family), n in
-                          (cases.QUICK_BATCH if quick else cases.BATCH).items() if d == device},
+              "batches": {f"{device}/{family}": n for family, n in batches.items()},
               "train_batch": cases.TRAIN_BATCH, "cpu_peak_gflops_used": settings.cpu_peak_flops / 1e9,
               "float32_matmul_precision": args.float32_matmul_precision,
               "timing": "CUDA events, L2 flushed per call (train step: wall clock)" if device == "cuda"

@@ -147,19 +147,38 @@ def test_gemm_ragged_column_panels(isa, dtype):
 
 # Outputs of 16 MiB or more leave the implicit GEMM's product buffer by non-temporal stores (add_streaming in
 # csrc/cpu/conv_common.h): the forward's output (64 channels) and the input gradient (64 input channels), with rows
-# of 130 or 92 values, not whole vectors, for the stores' scalar head and tail.
+# of 130 or 92 values, not whole vectors, for the stores' scalar head and tail. The other side has 32 channels, so
+# that A (64 x 32 x 9) is too large for the row-by-row GEMMs, which write the output in place.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_large_outputs_stream(isa, dtype):
     g = torch.Generator().manual_seed(2)
     size = 130 if dtype == torch.float32 else 92
     t = lambda *s, scale=1.0: _leaf(s, dtype, g, scale)  # noqa: E731
-    for c, k in ((2, 64), (64, 2)):
+    for c, k in ((32, 64), (64, 32)):
         inputs = (t(4, c, size, size), t(k, c, 3, 3, scale=(9 * c) ** -0.5), t(k))
         with cpu_dispatch.forced(isa=isa, fprop="implicit", dgrad="implicit"), cpu_dispatch.recording() as calls:
             _check_conv(inputs, dict(padding=1), dtype)
         assert 4 * max(c, k) * size * size * inputs[0].element_size() >= 16 << 20
         assert {(d, a) for d, a, _ in calls} >= {("fprop", "implicit"), ("dgrad", "implicit")}, calls
+
+
+# Wide output rows and few input channels (A within 64 KiB: a network's stem) make each output row an implicit GEMM
+# of its own, written in place (csrc/cpu/conv_common.h, implicit_row_by_row): rows of 95 to 200 columns, two or more
+# column panels with a ragged last one on every ISA, 10 and 64 output channels (a ragged last row panel), bias
+# first, strides 1 and 2; the input gradient's implicit windows the same way with 3 input channels.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_implicit_output_rows_in_place(isa, dtype):
+    g = torch.Generator().manual_seed(4)
+    t = lambda *s, scale=1.0: _leaf(s, dtype, g, scale)  # noqa: E731
+    for k in (10, 64):
+        for width, kernel, stride, padding in ((97, 3, 1, 1), (130, 3, 1, 0), (200, 5, 1, 2), (229, 7, 2, 3)):
+            inputs = (t(2, 3, 9, width), t(k, 3, kernel, kernel, scale=(3 * kernel * kernel) ** -0.5), t(k))
+            with cpu_dispatch.forced(isa=isa, fprop="implicit", dgrad="implicit"), cpu_dispatch.recording() as calls:
+                _check_conv(inputs, dict(stride=stride, padding=padding), dtype)
+            expected = {("fprop", "implicit")} | ({("dgrad", "implicit")} if stride == 1 else set())
+            assert {(d, a) for d, a, _ in calls} >= expected, calls
 
 
 # The weight gradient's Winograd and GEMM read channels-last copies of dY and x: kept in scratch from call to call up
