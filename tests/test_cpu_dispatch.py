@@ -166,7 +166,7 @@ def test_large_outputs_stream(isa, dtype):
 # Wide output rows and few input channels (A within 64 KiB: a network's stem) make each output row an implicit GEMM
 # of its own, written in place (csrc/cpu/conv_common.h, implicit_row_by_row): rows of 95 to 200 columns, two or more
 # column panels with a ragged last one on every ISA, 10 and 64 output channels (a ragged last row panel), bias
-# first, strides 1 and 2; the input gradient's implicit windows the same way with 3 input channels.
+# added after, strides 1 and 2; the input gradient's implicit windows the same way with 3 input channels.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("isa", ISAS)
 def test_implicit_output_rows_in_place(isa, dtype):

@@ -534,14 +534,14 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
   }
   const auto [y0, y1] = win.fill(src, item, window);
   if (implicit_row_by_row(win, uk, m)) {
-    // One GEMM per output row, written in place (bias first): no product buffer, no copy-out.
+    // One GEMM per output row, written in place, the bias added after it (as `add` does: the sums round the same
+    // as every other path's, which the fused convolutions' results must equal bit for bit).
     for (int64_t y = y0; y < y1; ++y) {
       T* out = dst + y * win.out_w;
+      gemm(uk, m, win.out_w, k_gemm, a, window + (y - y0) * win.cols, win.taps.data(), out, plane, false, Pad::kB);
       if (bias != nullptr) {
-        for (int64_t i = 0; i < m; ++i) std::fill_n(out + i * plane, win.out_w, bias[i]);
+        for (int64_t i = 0; i < m; ++i) add_plain(out + i * plane, out + i * plane, win.out_w, bias[i]);
       }
-      gemm(uk, m, win.out_w, k_gemm, a, window + (y - y0) * win.cols, win.taps.data(), out, plane, bias != nullptr,
-           Pad::kB);
     }
     return;
   }
