@@ -84,6 +84,54 @@ def test_padding_over_two(algorithm):
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
+# The weight gradient's two schedules (winograd_wgrad_tiles): by output-channel blocks where the tiles number at most
+# twice the output channels (every tile transformed once, each block's M turned into dW by the thread that made it),
+# else by runs of tiles, each thread summing its own M. (n, c, size, k, groups): blocks with a ragged last block,
+# per group, and on 4x4 tiles; runs with more tiles than the output channels allow.
+WGRAD_SCHEDULES = {
+    "blocks": (1, 40, 6, 50, 1),
+    "blocks_groups": (2, 24, 5, 36, 2),
+    "blocks_4x4_tiles": (3, 20, 9, 45, 1),
+    "runs": (6, 8, 12, 8, 1),
+}
+
+
+def _by_blocks(shape):
+    return shape != WGRAD_SCHEDULES["runs"]
+
+
+@pytest.mark.parametrize("algorithm", TILES)
+@pytest.mark.parametrize("shape", WGRAD_SCHEDULES.values(), ids=WGRAD_SCHEDULES.keys())
+def test_weight_gradient_schedules_for_any_thread_count(shape, algorithm):
+    """Both schedules match torch in float64 with 1, 2 and 3 threads; by output blocks nothing is summed across the
+    threads, so float32 results are bitwise the same for every thread count."""
+    n, c, size, k, groups = shape
+    tile = 2 if algorithm == "winograd" else 4
+    tiles = n * (-(-size // tile)) ** 2
+    assert (tiles <= 2 * k // groups) == _by_blocks(shape), (tiles, k)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, c, size, size, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, k, size, size, generator=g, dtype=torch.float64)
+    args = ([1, 1], [1, 1], [1, 1], groups)
+    want = torch.ops.aten.convolution_backward(dy, x, torch.empty(k, c // groups, 3, 3, dtype=torch.float64), None,
+                                               *args[:3], False, [0, 0], groups, [False, True, False])[1]
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with cpu_dispatch.forced(wgrad=algorithm), cpu_dispatch.recording() as calls:
+                got = ops.conv2d_backward_weight(dy, x, [k, c // groups, 3, 3], *args)
+                results[threads] = ops.conv2d_backward_weight(dy.float(), x.float(), [k, c // groups, 3, 3], *args)
+            assert {a for _, a, _ in calls} == {algorithm}, calls
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(results[threads].double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
+    if _by_blocks(shape):
+        assert torch.equal(results[1], results[2]) and torch.equal(results[1], results[3])
+
+
 # The classes whose float32 error the README states: (n, channels, size), weights scaled by 1/sqrt(fan-in) as
 # torch.nn initialises them, inputs and gradients standard normal.
 ERROR_CLASSES = {
