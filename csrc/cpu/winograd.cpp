@@ -765,14 +765,16 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw)
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
-  // Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8) and V within 8 MiB:
-  // by blocks of output channels (winograd_wgrad_blocks). Measured against the runs of tiles below: batch 1
-  // 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 -> 1.3 ms, 128 -> 128 on 28x28 by 4x4 tiles 0.85 ->
-  // 0.68 ms (batch 3: 1.15 -> 0.86), batch 8 256 -> 256 on 14x14 5.1 -> 4.5 ms; with more tiles the runs are as
-  // fast or faster (batch 16 at 256 channels equal, batch 32 at 512 channels on 7x7 (16 MiB of V) 14% faster, batch
-  // 2 64 -> 64 on 56x56 by 4x4 tiles 24% faster), each block re-reading all of V.
-  const int64_t v_bytes = P * tiles * padded_cols(wp.in, pick_micro_kernel<T>(wp.out, wp.in).nr) * int64_t(sizeof(T));
-  if (tiles <= 2 * wp.out && v_bytes <= (int64_t(8) << 20)) return winograd_wgrad_blocks<T, M>(wp, dy, x, dw);
+  // Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8), V and U (every
+  // tile's, held at once) within 16 MiB: by blocks of output channels (winograd_wgrad_blocks). Measured against
+  // the runs of tiles below: batch 1 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 -> 1.3 ms,
+  // 128 -> 128 on 28x28 by 4x4 tiles 0.85 -> 0.68 ms (batch 3: 1.15 -> 0.86), batch 8 256 -> 256 on 14x14 5.1 ->
+  // 4.5 ms. With more tiles the runs are as fast or faster, each block re-reading all of V: batch 16 at 256
+  // channels equal, batch 32 at 512 channels on 7x7 (33 MiB of V and U) 14% faster, batch 2 64 -> 64 on 56x56 by
+  // 4x4 tiles 24% faster.
+  const int64_t vu_bytes =
+      P * tiles * (padded_cols(wp.in, pick_micro_kernel<T>(wp.out, wp.in).nr) + wp.out) * int64_t(sizeof(T));
+  if (tiles <= 2 * wp.out && vu_bytes <= (int64_t(16) << 20)) return winograd_wgrad_blocks<T, M>(wp, dy, x, dw);
   // GEMM per ξ: M_ξ[out × in] += U_ξ[out × tiles] · V_ξ[tiles × in], both read in place: U_ξ's columns are the
   // rows of the transform's tile × out array.
   const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, wp.in);
