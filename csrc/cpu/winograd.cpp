@@ -709,16 +709,27 @@ inline __attribute__((always_inline)) void filter_gradients_body(const T* partia
   }
 }
 
+// wgrad_transforms_body and filter_gradients_body on the widest vectors of the ISA in use.
+template <typename T, int M>
+auto wgrad_transforms() {
+  return by_isa(&PerIsa<&wgrad_transforms_body<T, 64, M>>::avx512, &PerIsa<&wgrad_transforms_body<T, 32, M>>::avx2,
+                &PerIsa<&wgrad_transforms_body<T, 16, M>>::portable);
+}
+template <typename T, int M>
+auto filter_gradients() {
+  return by_isa(&PerIsa<&filter_gradients_body<T, 64, M>>::avx512, &PerIsa<&filter_gradients_body<T, 32, M>>::avx2,
+                &PerIsa<&filter_gradients_body<T, 16, M>>::portable);
+}
+
 // winograd_3x3_wgrad by F(3x3, M x M) on few tiles: every tile's V and U transformed once (the threads sharing
 // the tiles), then the items are blocks of output channels, each computing its M_ξ rows over all the tiles and
 // turning them into its filters' dW at once, while they are in L2. Nothing is summed across threads, and M never
 // leaves the thread that made it.
 template <typename T, int M>
-void winograd_wgrad_blocks(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
+void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, const T* dy, const T* x, T* dw) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
-  const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, wp.in);
   const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
   const int64_t v_stride = tiles * ldv, u_stride = tiles * ldu;
   // Blocks of whole row panels, M_ξ's block (P × block × in) within half of L2, at least two blocks per thread.
@@ -731,12 +742,8 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const T* dy, const T* x, T* dw
   T* const u = scratch.whole<T>(P * u_stride);
   const auto ms = scratch.per_thread<T>(threads, P * block * wp.in);
   const std::vector<int64_t> v_rows = row_offsets(tiles, ldv);
-  const auto transforms = by_isa(&PerIsa<&wgrad_transforms_body<T, 64, M>>::avx512,
-                                 &PerIsa<&wgrad_transforms_body<T, 32, M>>::avx2,
-                                 &PerIsa<&wgrad_transforms_body<T, 16, M>>::portable);
-  const auto finish = by_isa(&PerIsa<&filter_gradients_body<T, 64, M>>::avx512,
-                             &PerIsa<&filter_gradients_body<T, 32, M>>::avx2,
-                             &PerIsa<&filter_gradients_body<T, 16, M>>::portable);
+  const auto transforms = wgrad_transforms<T, M>();
+  const auto finish = filter_gradients<T, M>();
   const std::vector<T> zeros(std::max(wp.in, wp.out) + 64 / sizeof(T), T(0));  // plus a vector's read slack
   for (int64_t g = 0; g < wp.groups; ++g) {
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -765,6 +772,10 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw)
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
+  // GEMM per ξ: M_ξ[out × in] += U_ξ[out × tiles] · V_ξ[tiles × in], both read in place: U_ξ's columns are the
+  // rows of the transform's tile × out array.
+  const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, wp.in);
+  const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
   // Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8), V and U (every
   // tile's, held at once) within 16 MiB: by blocks of output channels (winograd_wgrad_blocks). Measured against
   // the runs of tiles below: batch 1 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 -> 1.3 ms,
@@ -772,13 +783,9 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw)
   // 4.5 ms. With more tiles the runs are as fast or faster, each block re-reading all of V: batch 16 at 256
   // channels equal, batch 32 at 512 channels on 7x7 (33 MiB of V and U) 14% faster, batch 2 64 -> 64 on 56x56 by
   // 4x4 tiles 24% faster.
-  const int64_t vu_bytes =
-      P * tiles * (padded_cols(wp.in, pick_micro_kernel<T>(wp.out, wp.in).nr) + wp.out) * int64_t(sizeof(T));
-  if (tiles <= 2 * wp.out && vu_bytes <= (int64_t(16) << 20)) return winograd_wgrad_blocks<T, M>(wp, dy, x, dw);
-  // GEMM per ξ: M_ξ[out × in] += U_ξ[out × tiles] · V_ξ[tiles × in], both read in place: U_ξ's columns are the
-  // rows of the transform's tile × out array.
-  const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, wp.in);
-  const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
+  if (tiles <= 2 * wp.out && P * tiles * (ldv + ldu) * int64_t(sizeof(T)) <= (int64_t(16) << 20)) {
+    return winograd_wgrad_blocks<T, M>(wp, uk, dy, x, dw);
+  }
   // An item is a run of consecutive tiles of one group (across images), with V and U within about 512 KiB (so they
   // stay in L2 from the transforms through the GEMMs: measured faster than 128 KiB-2 MiB on ResNet and DeepMNIST
   // layers) but about 64 tiles or more (each GEMM reads and writes its out × in block of M once per item: with
@@ -801,9 +808,7 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw)
   const auto vs = scratch.per_thread<T>(parts, P * run * ldv);
   const auto us = scratch.per_thread<T>(parts, P * run * ldu);
   const std::vector<int64_t> v_rows = row_offsets(run, ldv);
-  const auto transforms = by_isa(&PerIsa<&wgrad_transforms_body<T, 64, M>>::avx512,
-                                 &PerIsa<&wgrad_transforms_body<T, 32, M>>::avx2,
-                                 &PerIsa<&wgrad_transforms_body<T, 16, M>>::portable);
+  const auto transforms = wgrad_transforms<T, M>();
 
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t p = 0; p < parts; ++p) {
@@ -831,9 +836,7 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw)
   // The pairs in blocks of 256 per group, across the threads.
   constexpr int64_t kPairs = 256;
   const int64_t pairs = wp.out * wp.in, blocks = ceil_div(pairs, kPairs);
-  const auto finish = by_isa(&PerIsa<&filter_gradients_body<T, 64, M>>::avx512,
-                             &PerIsa<&filter_gradients_body<T, 32, M>>::avx2,
-                             &PerIsa<&filter_gradients_body<T, 16, M>>::portable);
+  const auto finish = filter_gradients<T, M>();
 #pragma omp parallel for num_threads(threads)
   for (int64_t gb = 0; gb < wp.groups * blocks; ++gb) {
     const int64_t g = gb / blocks, e0 = gb % blocks * kPairs;
