@@ -31,10 +31,26 @@ TILING_SHAPES = {
     "sizes_mod_4": (2, 3, 10, 7, 4, 1, 1),  # 10x7 outputs: 2 rows and 3 columns past the last whole 4x4 tile
     # The weight gradient's transforms run along the channels: whole AVX-512 vectors and a tail, per group.
     "channels_past_vectors": (2, 74, 6, 7, 70, 1, 2),
-    # Few tiles, many output channels: the output channels split into blocks (ragged last one), each thread
-    # transforming its blocks of the kernel; per group too.
+    # Few tiles, many output channels: the tiles as the GEMMs' rows, the output channels in blocks (ragged last
+    # one), input channels past whole vectors and past one chunk of the kernel's transform (130 > 128); per group.
     "output_blocks": (1, 130, 5, 6, 140, 1, 1),
     "output_blocks_groups": (1, 256, 4, 5, 256, 1, 2),
+    # The tiles as rows with padding 0 and 2 (3x3 and 5x6 outputs: tiles past the plane's edges), and with one
+    # block of output channels over runs of tile rows (one per thread).
+    "rows_pad0": (1, 12, 5, 5, 40, 0, 1),
+    "rows_pad2": (1, 9, 3, 4, 30, 2, 1),
+    "rows_runs": (2, 6, 4, 3, 20, 1, 1),
+}
+
+# Shapes for each orientation of the forward's GEMMs (winograd.cpp's winograd_oriented): the tiles as rows where
+# the output channels outnumber twice the tiles ("few_tiles", "runs": one block of output channels over runs of
+# tile rows), or with 128+ channels each side where M over all the tiles fits ("m_fits": 64 tiles); as columns
+# with many tiles. (n, c, size, k)
+ORIENTATIONS = {
+    "few_tiles": (1, 70, 5, 150),
+    "runs": (3, 8, 4, 30),
+    "m_fits": (1, 128, 16, 128),
+    "columns": (4, 12, 12, 10),
 }
 
 
@@ -132,6 +148,41 @@ def test_weight_gradient_schedules_for_any_thread_count(shape, algorithm):
         assert torch.equal(results[1], results[2]) and torch.equal(results[1], results[3])
 
 
+@pytest.mark.parametrize("algorithm", TILES)
+@pytest.mark.parametrize("shape", ORIENTATIONS.values(), ids=ORIENTATIONS.keys())
+def test_orientations_for_any_thread_count(shape, algorithm):
+    """The forward and input gradient in both orientations match torch in float64 with 1, 2 and 3 threads; each
+    output is one item's, summed in one order, so float32 results are bitwise the same for every thread count."""
+    n, c, size, k = shape
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(n, c, size, size, generator=g, dtype=torch.float64)
+    w = torch.randn(k, c, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(k, generator=g, dtype=torch.float64)
+    dy = torch.randn(n, k, size, size, generator=g, dtype=torch.float64)
+    want = _reference(x, w, b, dy, 1, 1)[:2]
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with cpu_dispatch.forced(fprop=algorithm, dgrad=algorithm), cpu_dispatch.recording() as calls:
+                for dtype in (torch.float64, torch.float32):
+                    xd, wd, bd, dyd = (t.to(dtype) for t in (x, w, b, dy))
+                    results[threads, dtype] = (ops.conv2d(xd, wd, bd, [1, 1], [1, 1], [1, 1], 1),
+                                               ops.conv2d_backward_input(dyd, wd, list(x.shape), [1, 1], [1, 1],
+                                                                         [1, 1], 1))
+            assert {a for _, a, _ in calls} == {algorithm}, calls
+            for got, ref in zip(results[threads, torch.float64], want):
+                torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+            for got, ref in zip(results[threads, torch.float32], want):
+                torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3):
+        for a, b in zip(results[1, torch.float32], results[threads, torch.float32]):
+            assert torch.equal(a, b)
+
+
 # The classes whose float32 error the README states: (n, channels, size), weights scaled by 1/sqrt(fan-in) as
 # torch.nn initialises them, inputs and gradients standard normal.
 ERROR_CLASSES = {
@@ -205,10 +256,16 @@ def _expected(chosen, precision, dtype):
     ((1, 128, 28, 28, 128), "winograd_4x4"),  # 49 tiles (4x4): 334 transformed kernel values per tile
     ((8, 256, 14, 14, 256), "winograd"),  # 128 tiles (4x4): 512 values per tile, F(4x4)'s larger kernel: a tie
     ((8, 16, 14, 14, 16), None),  # too few channels
-    ((1, 256, 14, 14, 256), "winograd"),  # 49 tiles (2x2), 256 channels: U's blocks transformed where they are used
-    ((1, 128, 14, 14, 128), None),  # 49 tiles, 128 channels: a tie with the implicit GEMM
-    ((1, 512, 14, 14, 512), None),  # 49 tiles, 512 channels: 16 MiB of U outweighs the products saved
-    ((1, 256, 6, 6, 256), None),  # 9 tiles
+    # Few tiles, many channels (the tiles as the GEMMs' rows): 49 tiles (2x2) with 128-512 channels, 9 with 256,
+    # 98 with 128 each side.
+    ((1, 256, 14, 14, 256), "winograd"),
+    ((1, 128, 14, 14, 128), "winograd"),
+    ((1, 512, 14, 14, 512), "winograd"),
+    ((1, 256, 6, 6, 256), "winograd"),
+    ((2, 128, 14, 14, 128), "winograd"),
+    ((1, 64, 14, 14, 64), None),  # 49 tiles, 64 output channels: fewer than twice the tiles
+    ((1, 256, 2, 2, 256), None),  # one tile
+    ((1, 512, 4, 4, 512), None),  # 4 tiles with over 256x256 channels
     ((32, 32, 8, 8, 32), None),  # 32 + 32 channels: a tie with the implicit GEMM
 ])
 def test_dispatch_rule(shape, chosen, precision, dtype):

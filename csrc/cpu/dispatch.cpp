@@ -12,7 +12,9 @@
 // |                   |              | only below 'highest' float32 matmul precision      |                                   |
 // |                   | winograd     | stride 1, undilated 3x3, 32+ channels each side    | F(2x2, 3x3): 2.25x fewer          |
 // |                   |              | and 96 in all (or 28+ output columns), 192+ tiles; | multiplications, as 16 GEMMs      |
-// |                   |              | 48+ tiles with 128-256 each side, 384+ in all      |                                   |
+// |                   |              | 48+ tiles with 128+ each side; 64+ each side with  |                                   |
+// |                   |              | over 2 output channels per tile (from 8 tiles, or  |                                   |
+// |                   |              | 4 with at most 256x256 channels)                   |                                   |
 // |                   | implicit     | always (strides via stride-phase windows)          | no im2col: B read from padded windows |
 // |                   | explicit     | always (only when forced: implicit serves all)     | im2col panels, the reference form |
 // | dgrad             | lanes        | lanes::suits_dgrad: as fprop, stride 1, C >= 8;    | as fprop                          |
@@ -99,7 +101,8 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
          "F(4x4, 3x3): 4x fewer multiplications (1.78x fewer than F(2x2, 3x3)), as 36 GEMMs over 6x6 tiles"},
         {"winograd",
          "stride 1, undilated 3x3, 32+ channels each side and 96 in all (or 28+ output columns), 192+ output tiles "
-         "(2x2); or 48+ tiles with 128-256 channels each side and 384+ in all",
+         "(2x2); or 48+ tiles with 128+ channels each side; or 64+ channels each side with over twice as many "
+         "output channels as tiles, 8+ tiles (4+ with at most 256 channels each side)",
          "F(2x2, 3x3): 2.25x fewer multiplications, as 16 GEMMs over transformed tiles"},
         {"implicit", "always (strided convolutions through stride-phase windows)",
          "no im2col: GEMM B rows read in place from zero-padded input windows"},
@@ -230,16 +233,22 @@ bool winograd_dgrad_can(const Conv& cv) { return winograd_can(cv) && cv.pad_h <=
 // (the transforms run over whole vectors of 16 tile columns, so narrower planes waste most of them): 128x32@28
 // 0.50 / 0.49x torch's time forward / input gradient (implicit 0.65 / 0.62), 8x32@56 0.79 / 0.69 (0.94 / 0.81);
 // on 14x14 still slower (128x32@14: 0.55 / 0.52 against the lanes kernels' 0.54 / 0.42).
-// With many channels, from 48 tiles: since the transforms' vectors narrow to the plane (7 tile columns: 8 lanes)
-// and split output channels transform their blocks of U where they are used, 256 channels on 7x7 and 14x14 planes
-// (49-128 tiles) measured 0.75-0.97x implicit's time forward and input gradient (1x256@14: 1.01-1.11x torch's
-// time against 1.12-1.36); 128/128 a tie, 64/64 and 512/512 slower (a 512x512 kernel's U is 16 MiB).
+// With many channels or few tiles: since the tiles became the GEMMs' rows where they are few (winograd.cpp's
+// winograd_oriented), measured against the default (implicit, dgrad's dcol where its rule holds; ms, forward /
+// input gradient, batch 1 unless given): 128@14 0.36 -> 0.20 / 0.41 -> 0.19, 2x128@14 0.40 -> 0.23 / 0.44 ->
+// 0.22, 256@7 0.30 -> 0.25 / 0.90 -> 0.29, 2x256@7 0.53 -> 0.39 / 1.01 -> 0.38, 8x512@7 6.9 -> 3.9 / 8.6 -> 3.9,
+// 128@8 0.11 -> 0.11 / 0.22 -> 0.12, 64@7 0.048 -> 0.048 / 0.077 -> 0.053, 256@4 0.14 -> 0.13 / 0.22 -> 0.13; slower
+// on 2x2 planes (one tile: 256@2 0.13 -> 0.15 / 0.13 -> 0.18), 512@4's input gradient (dcol 0.39 -> 0.65), and
+// with fewer output channels than twice the tiles under 128 each side (64@14 forward 0.093 -> 0.11, 2x48@10
+// 0.060 -> 0.087), which keep the rules above.
 bool winograd_channels(int64_t in, int64_t out) { return in >= 32 && out >= 32 && in + out >= 96; }
 bool winograd_preferred(const Conv& cv, int64_t in, int64_t out, int64_t out_h, int64_t out_w) {
   const int64_t tiles = cv.n * ceil_div(out_h, 2) * ceil_div(out_w, 2);
-  const bool many_channels = in >= 128 && out >= 128 && in + out >= 384 && in * out <= 256 * 256;
+  const bool many_channels = in >= 128 && out >= 128 && tiles >= 48;
+  const bool few_tiles =
+      in >= 64 && out >= 64 && out > 2 * tiles && (tiles >= 8 || (tiles >= 4 && in * out <= 256 * 256));
   return ((winograd_channels(in, out) || (in >= 32 && out >= 32 && out_w >= 28)) && tiles >= 192) ||
-         (many_channels && tiles >= 48);
+         many_channels || few_tiles;
 }
 
 // F(4x4, 3x3) (winograd.h) multiplies 1.78x less than F(2x2, 3x3) (36 products per 16 outputs instead of 64) but

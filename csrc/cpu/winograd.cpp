@@ -318,21 +318,38 @@ auto filter_block() {
                 &PerIsa<&filter_block_body<T, 16, M>>::portable);
 }
 
-// U_ξ for `runs` runs of `count` consecutive filters of the kernel (run r from filter r*run_step; a filter is 9
-// taps): filter j of run r at u[ξ*u_stride + r*ld + j], for the GEMMs to read in place: a plain kernel's runs are
-// output channels (U_ξ row-major out × in), a flipped one's input channels (its transpose). Blocks of filters are
-// transposed to tap-major (conv_common.h's transpose), then transformed along the filters in vectors.
+// U_ξ for `runs` runs of `count` filters of the kernel (filter j of run r is filter r*run_step + j*filter_step;
+// a filter is 9 taps): filter j of run r at u[ξ*u_stride + r*ld + j], for the GEMMs to read in place: a plain
+// kernel's runs are output channels (U_ξ row-major out × in), a flipped one's input channels (its transpose); or,
+// with a filter step, the other way round. Blocks of filters are transposed to tap-major (conv_common.h's
+// transpose), then transformed along the filters in vectors.
 template <typename T, int M>
-void transform_filters(const T* weights, int64_t runs, int64_t run_step, int64_t count, bool flip, T* u, int64_t ld,
-                       int64_t u_stride) {
+void transform_filters(const T* weights, int64_t runs, int64_t run_step, int64_t filter_step, int64_t count, bool flip,
+                       T* u, int64_t ld, int64_t u_stride) {
   constexpr int64_t kBlock = 128;
   const auto transform = filter_block<T, M>();
   T taps[9 * kBlock];
-  for (int64_t r = 0; r < runs; ++r) {
-    for (int64_t f0 = 0; f0 < count; f0 += kBlock) {
-      const int64_t filters = std::min(kBlock, count - f0);
-      transpose(weights + (r * run_step + f0) * 9, 9, filters, 9, taps, kBlock);
-      transform(taps, kBlock, filters, flip, u + r * ld + f0, u_stride);
+  if (filter_step == 1) {
+    for (int64_t r = 0; r < runs; ++r) {
+      for (int64_t f0 = 0; f0 < count; f0 += kBlock) {
+        const int64_t filters = std::min(kBlock, count - f0);
+        transpose(weights + (r * run_step + f0) * 9, 9, filters, 9, taps, kBlock);
+        transform(taps, kBlock, filters, flip, u + r * ld + f0, u_stride);
+      }
+    }
+    return;
+  }
+  // A run's filters far apart (a kernel's output channels for one input channel, 9*in apart; consecutive runs
+  // adjacent): 16 filters of 8 runs at a time, 72 consecutive taps of each filter transposed as whole 8x8 blocks.
+  constexpr int64_t kGroup = 16, kRuns = 8;
+  static_assert(kGroup * kRuns * 9 <= 9 * kBlock, "taps holds the group's filters");
+  for (int64_t f0 = 0; f0 < count; f0 += kGroup) {
+    const int64_t filters = std::min(kGroup, count - f0);
+    for (int64_t r0 = 0; r0 < runs; r0 += kRuns) {
+      const int64_t n = std::min(kRuns, runs - r0);
+      TORCH_INTERNAL_ASSERT(run_step == 1);
+      transpose(weights + (r0 + f0 * filter_step) * 9, 9 * filter_step, filters, 9 * n, taps, kGroup);
+      for (int64_t r = 0; r < n; ++r) transform(taps + 9 * r * kGroup, kGroup, filters, flip, u + (r0 + r) * ld + f0, u_stride);
     }
   }
 }
@@ -385,7 +402,192 @@ inline void prefetch_range(const T* p, int64_t n, bool write) {
   }
 }
 
-// winograd_3x3 for F(M x M, 3x3): P = (M + 2)² GEMMs.
+// ---------------------------------------------------------------------------------------------------------------
+// Few tiles, many channels (a deep layer at batch 1 or 2: 256 channels on 14x14 are 49 tiles of 2x2): the GEMMs
+// turned round, M_ξ[tiles × out] = V_ξ[tiles × in] · U_ξ[in × out], so that the tiles are their rows. 49 tiles as
+// columns filled 64 (four 16-lane vectors: a quarter of the products on padding); as rows they fill the 5-row
+// micro-kernel's panels to 50. The transforms run along the channels, in whole vectors whatever the plane's width.
+// ---------------------------------------------------------------------------------------------------------------
+
+// Bᵀ d B of F(M x M, 3x3) along the channels for one tile: the window's element (a, b) is the cin channels at
+// window[(M + 2)*a + b] (a channels-last pixel, or zeros past the input); V_ξ's row for the tile at v + ξ*v_stride.
+template <typename T, int Bytes, int M>
+inline __attribute__((always_inline)) void channels_input_body(const T* const* window, int64_t cin, T* v,
+                                                               int64_t v_stride) {
+  using W = Vec<T, Bytes>;
+  using V = typename W::V;
+  constexpr int A = M + 2;
+  const auto times = [](const V(&x)[A], V(&y)[A]) { times_bt<M, V, T>(x, y); };
+  for (int64_t c = 0; c < cin; c += W::kLanes) {
+    both_sides<A, A, V>(
+        times, [&](int a, int b) { return W::load(window[A * a + b] + c); },
+        [&](int a, int b, V value) { W::store(v + (A * a + b) * v_stride + c, value); });
+  }
+}
+
+// Aᵀ M A of F(M x M, 3x3) along `count` output channels (whole vectors) for one tile: M_ξ's row for the tile at
+// m + ξ*m_stride; output pixel (a, b) of the tile, plus bias, at y + a*row_step + b*pixel_step, for a < rows and
+// b < cols (the tiles past the plane's last row or column).
+template <typename T, int Bytes, int M>
+inline __attribute__((always_inline)) void channels_output_body(const T* m, int64_t m_stride, int64_t count,
+                                                                const T* bias, int64_t rows, int64_t cols, T* y,
+                                                                int64_t row_step, int64_t pixel_step) {
+  using W = Vec<T, Bytes>;
+  using V = typename W::V;
+  constexpr int A = M + 2;
+  const auto times = [](const V(&x)[A], V(&y)[M]) { times_at<M, V, T>(x, y); };
+  for (int64_t c = 0; c < count; c += W::kLanes) {
+    const V b = W::load(bias + c);
+    both_sides<A, M, V>(
+        times, [&](int i, int j) { return W::load(m + (A * i + j) * m_stride + c); },
+        [&](int i, int j, V value) {
+          if (i < rows && j < cols) W::store(y + i * row_step + j * pixel_step + c, value + b);
+        });
+  }
+}
+
+// The channel transforms on the ISA's widest vectors.
+template <typename T, int M>
+struct ChannelTransforms {
+  static int64_t lanes() { return by_isa(64, 32, 16) / int64_t(sizeof(T)); }
+  static auto input() {
+    return by_isa(&PerIsa<&channels_input_body<T, 64, M>>::avx512, &PerIsa<&channels_input_body<T, 32, M>>::avx2,
+                  &PerIsa<&channels_input_body<T, 16, M>>::portable);
+  }
+  static auto output() {
+    return by_isa(&PerIsa<&channels_output_body<T, 64, M>>::avx512, &PerIsa<&channels_output_body<T, 32, M>>::avx2,
+                  &PerIsa<&channels_output_body<T, 16, M>>::portable);
+  }
+};
+
+// A stride of n elements or more that is an odd number of cache lines: the P blocks a transform writes (or reads)
+// together then fall in different sets of the L1 cache. U's blocks 32 KiB apart all fell in one set (12 ways for
+// 16 blocks): a 256-channel batch-1 forward on one thread 0.86 -> 0.75 ms one line further apart.
+template <typename T>
+int64_t odd_lines(int64_t n) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  const int64_t lines = ceil_div(n, kLine);
+  return (lines | 1) * kLine;
+}
+
+// winograd_3x3 for F(M x M, 3x3) with the tiles as the GEMMs' rows, `uk` the micro-kernel for tiles × out. The
+// input is copied channels-last (a pixel's cin = in rounded up to whole vectors), each tile's window transformed
+// into V_ξ's row (tiles × in; every group's V made once, shared by the items). An item is a block of nr output
+// channels of one group over a run of tile rows (the runs only where the blocks are fewer than the threads): its
+// U (the GEMMs' B: input channel c's transformed filters along the block's channels), transformed and multiplied a
+// chunk of input channels at a time (U's chunk, within 512 KiB, stays in L2 for its P GEMMs; kept for the next
+// item of the same block where one chunk holds every input channel), then M's rows transformed back into a
+// channels-last block of the output rows and transposed into its planes.
+template <typename T, int M>
+void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T* src, const T* weights, bool flip,
+                       const T* bias, T* dst) {
+  constexpr int64_t A = M + 2, P = A * A;
+  const int64_t tp = ceil_div(wp.out_h, M), tq = ceil_div(wp.out_w, M), tiles = wp.n * tp * tq;
+  const int64_t lanes = ChannelTransforms<T, M>::lanes(), cin = detail::round_up(wp.in, lanes);
+  const int64_t in_plane = wp.in_h * wp.in_w, out_plane = wp.out_h * wp.out_w, filters = wp.in * wp.out;
+  const int64_t planes = wp.n * wp.groups;
+  const int threads = num_threads();
+  const int64_t block = uk.nr, blocks = ceil_div(wp.out, block);
+  constexpr int64_t kMostBlock = 64;  // the bias buffer's length: every micro-kernel's nr (gemm.h)
+  TORCH_INTERNAL_ASSERT(block <= kMostBlock, "cnn_ext: Winograd's output blocks exceed their bias buffer");
+  const int64_t total_rows = wp.n * tp;
+  const int64_t runs = std::min(total_rows, ceil_div(threads, wp.groups * blocks));
+  const int64_t run_rows = ceil_div(total_rows, runs), items = wp.groups * blocks * runs;
+  const int64_t chunk = std::max<int64_t>(8, (int64_t(512) << 10) / (P * block * int64_t(sizeof(T))) / 8 * 8);
+  // The P blocks of V, U and M an odd number of lines apart (odd_lines).
+  const int64_t v_stride = odd_lines<T>(tiles * cin), m_stride = odd_lines<T>(run_rows * tq * block);
+  const int64_t u_stride = odd_lines<T>(chunk * block);
+  // The channels-last copy's jobs: (plane, run of input channels), runs whole transposing blocks of 8.
+  const int64_t part = detail::round_up(ceil_div(wp.in, ceil_div(2 * threads, planes)), 8), parts = ceil_div(wp.in, part);
+
+  CallScratch scratch;
+  T* const x_cl = scratch.whole<T>(planes * in_plane * cin + cin);  // and cin zeros: the padding's pixel
+  T* const v = scratch.whole<T>(wp.groups * P * v_stride);
+  const auto us = scratch.per_thread<T>(threads, P * u_stride);
+  const auto ms = scratch.per_thread<T>(threads, P * m_stride);
+  const auto ys = scratch.per_thread<T>(threads, wp.n * out_plane * block);
+  const std::vector<int64_t> u_rows = row_offsets(chunk, block);
+  T* const zeros = x_cl + planes * in_plane * cin;
+  std::fill_n(zeros, cin, T(0));
+  const auto in_fn = ChannelTransforms<T, M>::input();
+  const auto out_fn = ChannelTransforms<T, M>::output();
+#pragma omp parallel num_threads(threads)
+  {
+    // The input channels-last: channel c of pixel p of plane (image, group) at x_cl[(plane*in_plane + p)*cin + c]
+    // (the channels past `in` zeros: V's columns past `in` are never multiplied, but transformed).
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < planes * parts; ++job) {
+      const int64_t plane = job / parts, c0 = job % parts * part, c1 = std::min(wp.in, c0 + part);
+      T* const to = x_cl + plane * in_plane * cin;
+      transpose(src + (plane * wp.in + c0) * in_plane, in_plane, c1 - c0, in_plane, to + c0, cin);
+      if (c1 == wp.in && cin > wp.in) {
+        for (int64_t p = 0; p < in_plane; ++p) std::fill(to + p * cin + wp.in, to + (p + 1) * cin, T(0));
+      }
+    }
+    // V: tile t = (image*tp + tile row)*tq + tile column of group g at v[(g*P + ξ)*v_stride + t*cin].
+#pragma omp for schedule(static)
+    for (int64_t gt = 0; gt < wp.groups * tiles; ++gt) {
+      const int64_t g = gt / tiles, t = gt % tiles, img = t / (tp * tq), tr = t / tq % tp, tc = t % tq;
+      const T* const plane = x_cl + (img * wp.groups + g) * in_plane * cin;
+      const T* window[P];
+      for (int64_t a = 0; a < A; ++a) {
+        const int64_t row = M * tr - wp.pad_h + a;
+        for (int64_t b = 0; b < A; ++b) {
+          const int64_t col = M * tc - wp.pad_w + b;
+          const bool inside = row >= 0 && row < wp.in_h && col >= 0 && col < wp.in_w;
+          window[A * a + b] = inside ? plane + (row * wp.in_w + col) * cin : zeros;
+        }
+      }
+      in_fn(window, cin, v + g * P * v_stride + t * cin, v_stride);
+    }
+    T* const u = us.get();
+    T* const m = ms.get();
+    T* const y = ys.get();
+    int64_t u_block = -1;  // the (group, block) whose whole U this thread holds, if any
+    // Items (group, block, run of tile rows), runs fastest; a thread's are consecutive (static schedule).
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t gb = item / runs, g = gb / blocks, o0 = gb % blocks * block, count = std::min(block, wp.out - o0);
+      const int64_t r0 = item % runs * run_rows, r1 = std::min(total_rows, r0 + run_rows);
+      if (r0 >= r1) continue;
+      const int64_t t0 = r0 * tq, rows = (r1 - r0) * tq;  // the run's tiles, the GEMMs' rows
+      const T* const vg = v + g * P * v_stride + t0 * cin;
+      for (int64_t c0 = 0; c0 < wp.in; c0 += chunk) {
+        const int64_t k = std::min(chunk, wp.in - c0);
+        if (u_block != gb) {
+          // U_ξ's rows c0.. (input channels) along the block's output channels: filter (o, c) is filter o*in + c
+          // of the kernel, c*out + o flipped.
+          const T* const first = weights + (g * filters + (flip ? c0 * wp.out + o0 : o0 * wp.in + c0)) * 9;
+          transform_filters<T, M>(first, k, flip ? wp.out : 1, flip ? 1 : wp.in, count, flip, u, block, u_stride);
+        }
+        for (int64_t xi = 0; xi < P; ++xi) {
+          gemm_a_rows(uk, rows, count, k, vg + xi * v_stride + c0, cin, u + xi * u_stride, u_rows.data(),
+                      m + xi * m_stride, block, c0 > 0, Pad::kBC);
+        }
+      }
+      u_block = wp.in <= chunk ? gb : -1;
+      T bias_block[kMostBlock] = {};
+      if (bias != nullptr) std::copy_n(bias + g * wp.out + o0, count, bias_block);
+      const int64_t width = detail::round_up(count, lanes);
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t t = t0 + i, img = t / (tp * tq), tr = t / tq % tp, tc = t % tq;
+        T* const at = y + (img * out_plane + M * tr * wp.out_w + M * tc) * block;
+        out_fn(m + i * block, m_stride, width, bias_block, std::min<int64_t>(M, wp.out_h - M * tr),
+               std::min<int64_t>(M, wp.out_w - M * tc), at, wp.out_w * block, block);
+      }
+      // Each image's output rows of the run, into the planes.
+      for (int64_t r = r0; r < r1;) {
+        const int64_t img = r / tp, tr = r % tp, n_rows = std::min(tp - tr, r1 - r);
+        const int64_t p0 = M * tr * wp.out_w, p1 = std::min(wp.out_h, M * (tr + n_rows)) * wp.out_w;
+        transpose(y + (img * out_plane + p0) * block, block, p1 - p0, count,
+                  dst + ((img * wp.groups + g) * wp.out + o0) * out_plane + p0, out_plane);
+        r += n_rows;
+      }
+    }
+  }
+}
+
+// winograd_3x3 for F(M x M, 3x3) with the tiles as the GEMMs' columns: P = (M + 2)² GEMMs.
 template <typename T, int M>
 void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst) {
   constexpr int64_t P = (M + 2) * (M + 2);
@@ -394,49 +596,36 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   const int64_t n = detail::round_up(tq, bytes / int64_t(sizeof(T)));  // the transforms' loops: whole vectors
   const int threads = num_threads();
   // An item is a run of consecutive tile rows of one group, across images (row R of the group is tile row R % tp
-  // of image R / tp), so that small images still make long GEMMs, and a block of output channels. Its tiles are
-  // the GEMMs' columns: a multiple of the micro-kernel's width with V and M (P × (in + out) × tiles) within about
-  // 1 MiB (half this machine's L2, rounded up), or a tile per 8 KiB of U where more (each item re-reads all of U),
-  // but V and M within 2 MiB and at least that width (4x4 tiles with 256 channels each side: 28 tiles measured
-  // 3-5% slower than 64, each item re-reading U's 9 MiB). Side by side against 2 MiB for all: 64 and 32 channels
-  // each side (and 32 -> 64) 6-11% faster forward and input gradient (128 tiles instead of 256, 256 instead of
-  // 512), 128 each side at 1 MiB (64 tiles, a 1 MiB U per item) 6-10% slower, hence U's bound; 128 -> 256,
-  // 64 -> 128 and 256 each side unchanged. The output channels are split only where they outnumber twice the
-  // tiles (U, P × in × out, then outweighs V, P × in × tiles): into blocks of 64 or more, enough for two items per
-  // thread and U's blocks within about 1 MiB each, which each thread transforms where its items use them. Where
-  // there are still fewer than two items per thread, the runs are shortened.
+  // of image R / tp), so that small images still make long GEMMs. Its tiles are the GEMMs' columns: a multiple of
+  // the micro-kernel's width with V and M (P × (in + out) × tiles) within about 1 MiB (half this machine's L2,
+  // rounded up), or a tile per 8 KiB of U where more (each item re-reads all of U), but V and M within 2 MiB and
+  // at least that width (4x4 tiles with 256 channels each side: 28 tiles measured 3-5% slower than 64, each item
+  // re-reading U's 9 MiB). Side by side against 2 MiB for all: 64 and 32 channels each side (and 32 -> 64) 6-11%
+  // faster forward and input gradient (128 tiles instead of 256, 256 instead of 512), 128 each side at 1 MiB (64
+  // tiles, a 1 MiB U per item) 6-10% slower, hence U's bound; 128 -> 256, 64 -> 128 and 256 each side unchanged.
+  // Where there are fewer than two items per thread, the runs are shortened.
   const int64_t total_rows = wp.n * tp;
   const int64_t nr_guess = 64 / int64_t(sizeof(T)) * 4;  // the AVX-512 6x4 micro-kernel's columns
-  const int64_t filters = wp.in * wp.out, u_bytes = P * filters * int64_t(sizeof(T));
+  const int64_t u_bytes = P * wp.in * wp.out * int64_t(sizeof(T));
   const int64_t per_tile = P * int64_t(sizeof(T)) * (wp.in + wp.out);  // V's and M's bytes
   const int64_t most = std::max(nr_guess, 4 * kScratchBytes / per_tile / nr_guess * nr_guess);
   const int64_t wide = detail::round_up(std::max(2 * kScratchBytes / per_tile, u_bytes / 8192), nr_guess);
   const int64_t target = std::clamp(wide, nr_guess, most);
   int64_t tile_rows = std::clamp<int64_t>((target + tq / 2) / tq, 1, total_rows);
-  const int64_t wanted = 2 * threads;
-  const bool split = wp.out > 2 * total_rows * tq;
-  const int64_t most_blocks = std::max<int64_t>(1, wp.out / 64);  // each block's items transform V again
-  const int64_t blocks =
-      split ? std::clamp(std::max(ceil_div(wanted, wp.groups * ceil_div(total_rows, tile_rows)),
-                                  ceil_div(u_bytes, 2 * kScratchBytes)),
-                         int64_t(1), most_blocks)
-            : 1;
-  tile_rows = std::min(tile_rows, ceil_div(total_rows, ceil_div(wanted, wp.groups * blocks)));
+  tile_rows = std::min(tile_rows, ceil_div(total_rows, ceil_div(2 * threads, wp.groups)));
   const int64_t chunks = ceil_div(total_rows, tile_rows), max_tiles = tile_rows * tq;
+  const int64_t items = wp.groups * chunks;  // (group, chunk), chunks fastest
 
   // GEMM per ξ: M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], V read in place (rows padded to whole panels).
   const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, max_tiles);
   const int64_t ld = padded_cols(max_tiles, uk.nr);
-  const int64_t block = detail::round_up(ceil_div(wp.out, blocks), uk.mr), block_count = ceil_div(wp.out, block);
-  const int64_t items = wp.groups * block_count * chunks;  // (group, block, chunk), chunks fastest
-  // Scratch (scratch.h), every U element written before it is read; the transforms' and GEMMs' reads past the
-  // tiles (slack, padding columns) reach only columns nobody uses: a GEMM's columns are independent.
-  // Without a split, U is transformed once, before the items, into pack_a's panels (a packed A reads faster than
-  // one in place: 10-30% on these GEMMs); split, each thread transforms its blocks of U, read in place.
+  // Scratch (scratch.h); the transforms' and GEMMs' reads past the tiles (slack, padding columns) reach only
+  // columns nobody uses: a GEMM's columns are independent. U is transformed once, before the items, into pack_a's
+  // panels (a packed A reads faster than one in place: 10-30% on these GEMMs).
   const int64_t u_panel = packed_a_size(wp.out, wp.in, uk.mr);
   CallScratch scratch;
-  const auto us = scratch.per_thread<T>(split ? threads : 1, P * (split ? block * wp.in : wp.groups * u_panel));
-  if (!split) transform_weights<T, M>(wp, weights, flip, uk.mr, us.slice(0));
+  T* const u = scratch.whole<T>(P * wp.groups * u_panel);
+  transform_weights<T, M>(wp, weights, flip, uk.mr, u);
   const std::vector<int64_t> v_rows = row_offsets(wp.in, ld);
   // V's P blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
   // row by up to n - tq values (see input_transform_body), which must not reach the next block's first channel.
@@ -460,31 +649,10 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
     T* const line = lines.get();
     T* const v = vs.get();
     T* const m = ms.get();
-    int64_t u_block = -1;  // split: the (group, block) whose U this thread holds
-    int64_t v_chunk = -1;  // the (group, chunk) whose V it holds (the next block's item may reuse it)
-    // Split, a thread takes consecutive items (its share at once), so that it transforms few blocks of U.
-#pragma omp for schedule(dynamic, split ? ceil_div(items, threads) : 1)
+#pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t g = item / (block_count * chunks), b = item / chunks % block_count;
-      const int64_t o0 = b * block, o1 = std::min(wp.out, o0 + block);
+      const int64_t g = item / chunks;
       const int64_t r0 = item % chunks * tile_rows, r1 = std::min(total_rows, r0 + tile_rows), tiles = (r1 - r0) * tq;
-      // The GEMMs' A, U_ξ's rows o0..o1 of group g: packed (at a + ξ*a_stride), or this thread's block read in
-      // place, lda apart (plain) or as its transpose's columns (flipped).
-      const T* a = us.slice(0) + g * P * u_panel + o0 * wp.in;
-      int64_t a_stride = u_panel, lda = 0;
-      if (split) {
-        // The block's runs of filters: its output channels (plain), or every input channel's run of its output
-        // channels (flipped), each run lda long.
-        const int64_t runs = flip ? wp.in : o1 - o0, run_step = flip ? wp.out : wp.in;
-        lda = flip ? o1 - o0 : wp.in;
-        a = us.get();
-        a_stride = (o1 - o0) * wp.in;
-        if (u_block != item / chunks) {
-          u_block = item / chunks;
-          const T* first = weights + (g * filters + (flip ? o0 : o0 * wp.in)) * 9;
-          transform_filters<T, M>(first, runs, run_step, lda, flip, us.get(), lda, a_stride);
-        }
-      }
       // Calls fn(image, its first tile row, rows, first column of V) for each image's share of rows [r0, r1).
       auto for_each_image = [&](auto&& fn) {
         for (int64_t r = r0; r < r1;) {
@@ -493,8 +661,7 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
           r += rows;
         }
       };
-      const int64_t chunk = g * chunks + item % chunks;
-      for (int64_t c = 0; c < wp.in && v_chunk != chunk; ++c) {
+      for (int64_t c = 0; c < wp.in; ++c) {
         for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
           // Window row a is input row M*tr - pad_h + a; column b is input column b - pad_w.
           const T* x = src + ((img * wp.groups + g) * wp.in + c) * in_plane;
@@ -507,23 +674,14 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
           in_fn(window, rows, tq, n, v + c * ld + col, v_stride, ring);
         });
       }
-      v_chunk = chunk;
       for (int64_t xi = 0; xi < P; ++xi) {
-        T* c = m + xi * m_stride + o0 * ld;
-        if (!split) {
-          gemm(uk, o1 - o0, tiles, wp.in, a + xi * a_stride, v + xi * v_stride, v_rows.data(), c, ld, false, Pad::kBC);
-        } else if (flip) {
-          gemm_a_in_place(uk, o1 - o0, tiles, wp.in, a + xi * a_stride, lda, v + xi * v_stride, v_rows.data(), c,
-                          ld, false, Pad::kBC);
-        } else {
-          gemm_a_rows(uk, o1 - o0, tiles, wp.in, a + xi * a_stride, lda, v + xi * v_stride, v_rows.data(), c, ld,
-                      false, Pad::kBC);
-        }
+        gemm(uk, wp.out, tiles, wp.in, u + (g * P + xi) * u_panel, v + xi * v_stride, v_rows.data(),
+             m + xi * m_stride, ld, false, Pad::kBC);
       }
       for_each_image([&](int64_t img, int64_t tr, int64_t rows, int64_t col) {
         T* y = dst + (img * wp.groups + g) * wp.out * out_plane;
-        for (int64_t o = o0; o < o1; ++o) {
-          if (o + 1 < o1) {  // the next plane's rows, to be written
+        for (int64_t o = 0; o < wp.out; ++o) {
+          if (o + 1 < wp.out) {  // the next plane's rows, to be written
             const int64_t h0 = M * tr, h1 = std::min(wp.out_h, M * (tr + rows));
             prefetch_range(y + (o + 1) * out_plane + h0 * wp.out_w, (h1 - h0) * wp.out_w, true);
           }
@@ -535,14 +693,36 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   }
 }
 
+// The two orientations' rule: the tiles as the GEMMs' rows (winograd_channels) where the output channels outnumber
+// twice the tiles (as columns, few tiles padded to whole vectors, 49 to 64), or where both sides have 128 channels
+// or more and an item's M over all the tiles (P × tiles × nr) stays within 1 MiB; else as columns (winograd_tiles:
+// many tiles, whose M and V per item the channel blocks would each re-read from beyond L2). Measured side by side
+// on the 2-core AVX-512 machine, forward / input gradient in ms, columns -> rows: batch 1 256@14 0.61 -> 0.45 /
+// 0.64 -> 0.46, batch 2 1.17 -> 0.76 / 1.27 -> 0.80, batch 4 1.71 -> 1.33 / 1.86 -> 1.33, batch 1 128@28 0.44 ->
+// 0.34 / 0.46 -> 0.37, 128@7 0.17 -> 0.08 / 0.31 -> 0.10, 512@7 1.50 -> 0.75 / 2.61 -> 0.90; batch 8 256@14 and
+// batch 2 128@28 (392 tiles) a tie, batch 1 64@28 0.14 -> 0.18 / 0.19 -> 0.24, 64@56 0.50 -> 0.80.
+template <typename T, int M>
+void winograd_oriented(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
+  const MicroKernel<T> uk = pick_micro_kernel<T>(tiles, wp.out);
+  const bool few_tiles = wp.out > 2 * tiles;
+  const bool m_fits = std::min(wp.in, wp.out) >= 128 && P * tiles * uk.nr * int64_t(sizeof(T)) <= (int64_t(1) << 20);
+  if (few_tiles || m_fits) {
+    winograd_channels<T, M>(wp, uk, src, weights, flip, bias, dst);
+  } else {
+    winograd_tiles<T, M>(wp, src, weights, flip, bias, dst);
+  }
+}
+
 }  // namespace
 
 template <typename T>
 void winograd_3x3(const Winograd3x3& wp, int64_t tile, const T* src, const T* weights, bool flip, const T* bias,
                   T* dst) {
   TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4, "cnn_ext: Winograd has no F(", tile, "x", tile, ", 3x3)");
-  return tile == 2 ? winograd_tiles<T, 2>(wp, src, weights, flip, bias, dst)
-                   : winograd_tiles<T, 4>(wp, src, weights, flip, bias, dst);
+  return tile == 2 ? winograd_oriented<T, 2>(wp, src, weights, flip, bias, dst)
+                   : winograd_oriented<T, 4>(wp, src, weights, flip, bias, dst);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
