@@ -11,11 +11,13 @@
 //
 // The sum over channels is, for each of the 16 positions ξ of the transformed tile (36 in F(4x4, 3x3)), one GEMM:
 // M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], on gemm.h's micro-kernels with U_ξ transformed once per
-// call into packed panels, or, where the output channels outnumber twice the tiles, block by block of output
-// channels by the threads that use them (in place).
-// An item is (group, a run of tile rows across images, a block of output channels): its input rows are copied
-// into zero-padded windows (conv_common.h's copy_window), transformed into V (16 × in × tiles), multiplied, and
-// transformed back into the output rows. Items write disjoint outputs, so results do not depend on the schedule.
+// call into packed panels; or, where the tiles are few for the channels, with the tiles as the GEMMs' rows,
+// M_ξ[tiles × out] = V_ξ[tiles × in] · U_ξ[in × out], U transformed block by block of output channels by the
+// threads that use it and the transforms run along the channels (winograd.cpp's winograd_oriented).
+// With the tiles as columns an item is (group, a run of tile rows across images): its input rows are copied into
+// zero-padded windows (conv_common.h's copy_window), transformed into V (16 × in × tiles), multiplied, and
+// transformed back into the output rows; as rows, (group, block of output channels, run of tile rows). Either
+// way items write disjoint outputs, each summed in one order, so results do not depend on the schedule.
 //
 // F(4x4, 3x3) computes each 4x4 block of outputs from a 6x6 tile with 36 multiplications instead of 144 (4x fewer;
 // 1.78x fewer than F(2x2, 3x3)), through 36 GEMMs, with the interpolation points 0, ±1, 1/2, -2 (Barabasz et al.,
