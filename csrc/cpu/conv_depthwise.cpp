@@ -240,7 +240,7 @@ struct Kernels {
   // The vector width for rows of `row` elements: the ISA's, or half of it (still a width this CPU runs) when a
   // row fits in half a vector, so that short rows (7x7 planes) do not waste most of every vector.
   static int bytes(int64_t row) {
-    const int widest = by_isa(64, 32, 16);
+    const int widest = vector_bytes();
     return widest > 16 && row * static_cast<int64_t>(sizeof(T)) <= widest / 2 ? widest / 2 : widest;
   }
   template <typename Fn>

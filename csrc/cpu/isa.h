@@ -43,6 +43,9 @@ Fn by_isa(Fn avx512, Fn avx2, Fn portable) {
   }
 }
 
+// The widest vectors the ISA in use has, in bytes: 64 (AVX-512), 32 (AVX2) or 16 (the portable build's).
+inline int vector_bytes() { return by_isa(64, 32, 16); }
+
 // A kernel body written once and compiled for every ISA: PerIsa<&body>::pick() is the variant for the ISA in use.
 // The body must be __attribute__((always_inline)), so that it is compiled inside each variant with its target.
 template <auto Body>

@@ -267,7 +267,7 @@ struct Transforms {
   // The narrowest vectors that take as few iterations over tq tile columns as the ISA's widest (a 7-column row of
   // tiles: one 8-lane vector instead of one 16-lane one, 7/8 of it used instead of 7/16).
   static int bytes(int64_t tq) {
-    const int widest = by_isa(64, 32, 16);
+    const int widest = vector_bytes();
     const auto iterations = [&](int b) { return ceil_div(tq, int64_t(b / sizeof(T))); };
     int b = widest;
     while (b > 16 && iterations(b / 2) == iterations(widest)) b /= 2;
@@ -454,7 +454,7 @@ inline __attribute__((always_inline)) void channels_output_body(const T* m, int6
 // The channel transforms on the ISA's widest vectors.
 template <typename T, int M>
 struct ChannelTransforms {
-  static int64_t lanes() { return by_isa(64, 32, 16) / int64_t(sizeof(T)); }
+  static int64_t lanes() { return vector_bytes() / int64_t(sizeof(T)); }
   static auto input() {
     return by_isa(&PerIsa<&channels_input_body<T, 64, M>>::avx512, &PerIsa<&channels_input_body<T, 32, M>>::avx2,
                   &PerIsa<&channels_input_body<T, 16, M>>::portable);
