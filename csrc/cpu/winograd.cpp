@@ -925,8 +925,8 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   // 1.4 ms.
   const int64_t panels = ceil_div(wp.out, int64_t(uk.mr));
   const int64_t fit_rows = std::max<int64_t>(1, kScratchBytes / (P * wp.in * int64_t(sizeof(T))));
-  const int64_t fit = ceil_div(fit_rows, int64_t(uk.mr));
-  int64_t blocks = std::max(ceil_div(panels, fit), std::min<int64_t>(panels, 2 * threads));
+  const int64_t fit_panels = ceil_div(fit_rows, int64_t(uk.mr));
+  int64_t blocks = std::max(ceil_div(panels, fit_panels), std::min<int64_t>(panels, 2 * threads));
   if (blocks < panels) blocks = std::min(panels, detail::round_up(blocks, int64_t(threads)));
   const int64_t block_rows = ceil_div(panels, blocks) * uk.mr, pairs = wp.out * wp.in;
   CallScratch scratch;
