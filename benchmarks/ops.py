@@ -12,7 +12,7 @@ aten = torch.ops.aten
 
 # Our result must match torch's within allclose(rtol=tol, atol=tol·max|torch|): the absolute part scales with
 # the output, since long fp32/bf16 reductions in a different order differ by that much without being wrong.
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def conv_pairs(case, batch, dtype, device):
@@ -136,10 +136,11 @@ def compare(ours, ref, tol):
             if not torch.equal(o, r):
                 return f"MISMATCH: output {i}: {(o != r).sum().item()} of {r.numel()} indices differ", max_err
             continue
-        scale = r.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-        err = ((o.float() - r.float()).abs().max() / scale).item()
+        o, r = o.double(), r.double()
+        scale = r.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+        err = ((o - r).abs().max() / scale).item()
         max_err = err if max_err is None else max(max_err, err)
-        if not torch.allclose(o.float(), r.float(), rtol=tol, atol=tol * scale.item()):
+        if not torch.allclose(o, r, rtol=tol, atol=tol * scale.item()):
             return f"MISMATCH: output {i}: max rel err {err:.1e} > {tol:.0e}", max_err
     return "ok", max_err
 
@@ -178,8 +179,9 @@ def run(sections, device, dtypes, device_name, settings, time_pair, log):
                               unit=case.unit,
                               peak=cases.peak_rate(device, device_name, dtype_name, case.unit,
                                                    settings.cpu_peak_flops),
-                              target=cases.target_ratio(device, case.family, case.section, op), check=check,
-                              max_err=max_err, torch_samples=samples["torch"], ours_samples=samples.get("ours", []))
+                              target=cases.target_ratio(device, case.family, case.section, op, case.name),
+                              check=check, max_err=max_err, torch_samples=samples["torch"],
+                              ours_samples=samples.get("ours", []))
                     log(row)
                     rows.append(row)
     return rows

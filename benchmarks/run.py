@@ -1,4 +1,4 @@
-"""Benchmark cnn_ext's operators and an MNIST training step against torch's built-ins.
+"""Benchmark cnn_ext's operators and training steps (the MNIST seed model's, DeepMNIST's) against torch's built-ins.
 
     python -m benchmarks.run [--device cpu|cuda] [--ops conv,pool,norm,train,models] [--quick] [--json PATH]
                              [--plot PATH] [--repeat N] [--threads N] [--cpu-peak-gflops X]

@@ -27,7 +27,7 @@ def test_quick_benchmarks_run_every_row_and_validate_it(tmp_path):
     rows = report["rows"]
     assert {row["section"] for row in rows} == {"conv", "pool", "norm", "train"}
     assert {"deep.bn32", "deep.bn64"} <= {row["case"] for row in rows}
-    assert {"mnist.train_step", "mnist.train_converted"} <= {row["case"] for row in rows}
+    assert {"mnist.train_step", "mnist.train_converted", "deep.train_step"} <= {row["case"] for row in rows}
     for row in rows:
         where = f"{row['case']} {row['op']}"
         assert row["check"] == "ok", where
