@@ -29,8 +29,11 @@ template <typename T>
 void conv2d_forward_implicit(const Conv& cv, const T* x, const T* w, const T* bias, T* y) {
   const ImplicitSplit split = implicit_split(cv, false, cv.n * cv.groups, Window::row_elements(cv, false) * sizeof(T),
                                              cv.kg * cv.crs * sizeof(T));
-  const Window win(cv, false, split.rows);
+  Window win(cv, false, split.rows);
   const MicroKernel<T> uk = pick_micro_kernel<T>(ceil_div(cv.kg, split.m_parts), win.rows_per_item * win.cols);
+  if (implicit_row_by_row(win, uk, ceil_div(cv.kg, split.m_parts)) && row_by_row_item_rows(win) < split.rows) {
+    win = Window(cv, false, row_by_row_item_rows(win));
+  }
   CallScratch scratch;
   run_implicit_items(
       cv, win, uk, cv.kg, split.m_parts, MatrixA<T>{w, MatrixA<T>::kRows, cv.crs}, cv.kg * cv.crs,
