@@ -4,7 +4,7 @@ compares like with like (backward rows call torch's aten backward ops directly, 
 import torch
 import torch.nn.functional as F
 
-from . import cases
+from . import cases, timing
 from .report import Row
 
 ext = torch.ops.cnn_ext
@@ -181,7 +181,8 @@ def run(sections, device, dtypes, device_name, settings, time_pair, log):
                                                    settings.cpu_peak_flops),
                               target=cases.target_ratio(device, case.family, case.section, op, case.name),
                               check=check, max_err=max_err, torch_samples=samples["torch"],
-                              ours_samples=samples.get("ours", []))
+                              ours_samples=samples.get("ours", []),
+                              ours_one_thread_samples=samples.get("ours" + timing.ONE_THREAD, []))
                     log(row)
                     rows.append(row)
     return rows

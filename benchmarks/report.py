@@ -28,6 +28,7 @@ class Row:
     torch_samples: list[float]  # seconds per call, one per repetition
     ours_samples: list[float] = field(default_factory=list)  # empty where ours could not run
     kernels: dict | None = None  # GPU kernels one call launches, {"ours": n, "torch": m} (the train step on CUDA)
+    ours_one_thread_samples: list[float] = field(default_factory=list)  # ours on one CPU thread (--thread-scaling)
 
     @property
     def ours_s(self):
@@ -50,6 +51,13 @@ class Row:
                    default=None)
 
     @property
+    def thread_speedup(self):
+        """Ours on one thread / ours on all of them (medians), where measured."""
+        if not self.ours_one_thread_samples or not self.ours_s:
+            return None
+        return statistics.median(self.ours_one_thread_samples) / self.ours_s
+
+    @property
     def ratio(self):
         return self.ours_s / self.torch_s if self.ours_s and self.torch_s else None
 
@@ -67,7 +75,7 @@ class Row:
 
     def to_dict(self):
         return {**asdict(self), "ours_s": self.ours_s, "torch_s": self.torch_s, "spread": self.spread,
-                "ratio": self.ratio, "passed": self.passed,
+                "ratio": self.ratio, "passed": self.passed, "thread_speedup": self.thread_speedup,
                 "ours_rate": self.rate(self.ours_s), "torch_rate": self.rate(self.torch_s),
                 "ours_pct_peak": self.pct_peak(self.ours_s), "torch_pct_peak": self.pct_peak(self.torch_s)}
 
@@ -124,6 +132,7 @@ _COLUMNS = (  # header, width, cell
     ("ours%pk", 7, lambda r: _fmt(r.pct_peak(r.ours_s), ".1f")),
     ("torch%pk", 8, lambda r: _fmt(r.pct_peak(r.torch_s), ".1f")),
     ("±iqr", 5, lambda r: _fmt(r.spread and 100 * r.spread, ".0f") + "%"),
+    ("thr×", 5, lambda r: _fmt(r.thread_speedup, ".2f")),
     ("ratio", 6, lambda r: _fmt(r.ratio, ".2f")),
     ("target", 6, lambda r: f"≤{r.target:.2f}"),
     ("speed", 5, lambda r: "PASS" if r.passed else "FAIL"),

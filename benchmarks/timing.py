@@ -26,17 +26,24 @@ def _seconds_per_call(fn, device):
     return time.perf_counter() - start
 
 
-def wallclock_samples(fns, device, reps, block_s, warmup):
+ONE_THREAD = "@1"  # suffix of the contenders wallclock_samples also times on one thread
+
+
+def wallclock_samples(fns, device, reps, block_s, warmup, one_thread=()):
     """Wall-clock time per call by torch.utils.benchmark.Timer (which synchronises the GPU).
-    Each repetition of a function is a block of calls lasting about block_s, so short ops are not timer noise."""
+    Each repetition of a function is a block of calls lasting about block_s, so short ops are not timer noise.
+    The functions named in one_thread are also timed on a single CPU thread, in the same interleaved repetitions,
+    as name + ONE_THREAD: how much faster the threads made them while these rows were timed."""
+    contenders = [(name, fn, torch.get_num_threads()) for name, fn in fns.items()]
+    contenders += [(name + ONE_THREAD, fns[name], 1) for name in one_thread if name in fns]
     calls = {}
-    for name, fn in fns.items():
+    for name, fn, _ in contenders:
         # The fastest warm-up call sizes the block: one call slowed by the machine would make it too short.
         fastest = min(_seconds_per_call(fn, device) for _ in range(max(warmup, 1)))
         calls[name] = max(1, min(10_000, math.ceil(block_s / fastest)))
     # Timer defaults to one thread; time with the threads torch (and our OpenMP kernels) would otherwise use.
-    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for name, fn in fns.items()}
-    samples = {name: [] for name in fns}
+    timers = {name: Timer("fn()", globals={"fn": fn}, num_threads=threads) for name, fn, threads in contenders}
+    samples = {name: [] for name in timers}
     for _ in range(reps):
         for name, timer in timers.items():
             samples[name].append(timer.timeit(calls[name]).median)

@@ -52,6 +52,25 @@ def test_quick_conv_rows_at_high_float32_matmul_precision(tmp_path):
     assert all(row["check"] == "ok" for row in report["rows"])
 
 
+def test_thread_scaling_times_ours_on_one_thread_too(tmp_path):
+    """`--thread-scaling` times each conv row's op of ours on one thread as well, in the same repetitions, and
+    reports the speedup the threads gave (thr×); it needs two threads or more."""
+    out = tmp_path / "scaling.json"
+    result = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "2", "--ops", "conv",
+                             "--thread-scaling", "--json", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "thr×" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["config"]["thread_scaling"] is True
+    for row in report["rows"]:
+        assert len(row["ours_one_thread_samples"]) == len(row["ours_samples"]) == report["config"]["reps"]
+        assert row["thread_speedup"] > 0, row["case"]
+    refused = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1",
+                              "--thread-scaling"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--thread-scaling" in refused.stderr
+
+
 def test_quick_models_section_runs_converted_torchvision_models(tmp_path):
     """`--ops models` (opt-in): resnet18, vgg11 and mobilenet_v2 through cnn_ext.convert, forward and forward +
     backward, each validated against the unconverted model."""
