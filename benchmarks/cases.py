@@ -21,7 +21,7 @@ class ConvCase:
     unit: ClassVar[str] = "GFLOP/s"
 
     name: str
-    family: str  # "mnist" or "resnet": selects the batch size and the speed target
+    family: str  # "mnist", "resnet" or "deep": selects the batch size and the speed target
     in_channels: int
     out_channels: int
     size: int  # input height = width
@@ -136,6 +136,12 @@ CONV_CASES = (
     ConvCase("resnet.3x3_128", "resnet", 128, 128, 28, 3, padding=1),
     ConvCase("resnet.3x3_256", "resnet", 256, 256, 14, 3, padding=1),
     ConvCase("resnet.1x1_256to64", "resnet", 256, 64, 56, 1),
+    # DeepMNIST's 3x3 convolutions after its first (cnn_ext.app.models): few channels on small planes, at the
+    # training batch. CPU only (no CUDA batch size for the family).
+    ConvCase("deep.c2_32", "deep", 32, 32, 28, 3, padding=1),
+    ConvCase("deep.c3_32to64", "deep", 32, 64, 14, 3, padding=1),
+    ConvCase("deep.c4_64", "deep", 64, 64, 14, 3, padding=1),
+    ConvCase("deep.c5_64to128", "deep", 64, 128, 7, 3),
 )
 
 # The MNIST classifier's two 2×2 pools (after c1: 10×24², after c2: 20×8²), timed as max and as avg pools.
@@ -171,6 +177,7 @@ TARGET_TIME_RATIO = {
     ("cpu", "mnist_pool"): 0.2,
     ("cpu", "mnist_pool", "max_pool2d.bwd"): 0.5,  # scatters into a zeroed gradient: a store-bound floor
     ("cpu", "deep_norm"): 1.0,
+    ("cpu", "deep_conv"): 1.0,
     # As fast as oneDNN on every ResNet layer, and the stride-1 3x3 layers (Winograd's) faster by 0.7x.
     ("cpu", "resnet_conv"): 1.0,
     ("cpu", "resnet_conv", "resnet.3x3_64"): 0.7,

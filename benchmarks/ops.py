@@ -161,7 +161,9 @@ def run(sections, device, dtypes, device_name, settings, time_pair, log):
     """Rows for the "conv", "pool" and "norm" sections: each op validated, then timed interleaved with torch's."""
     make_pairs = {"conv": conv_pairs, "pool": pool_pairs, "norm": norm_pairs}
     norm_cases = cases.NORM_CASES if device == "cpu" else ()
-    selected = [case for case in cases.CONV_CASES + cases.POOL_CASES + norm_cases if case.section in sections]
+    # A family without a batch size on this device (the deep family on CUDA) has no rows there.
+    selected = [case for case in cases.CONV_CASES + cases.POOL_CASES + norm_cases
+                if case.section in sections and case.family in settings.batches]
     rows = []
     with torch.no_grad():
         for dtype in dtypes:
