@@ -313,6 +313,29 @@ def test_dgrad_of_valid_convolutions_on_small_planes(isa):
         assert_close(got, want, dtype, scale=(k * 9) ** 0.5)
 
 
+# dcol's interleaved columns (csrc/cpu/conv_common.h, DcolPlan): several images per item with dY rows shorter than
+# 16 values, col2im over all of them at once and their planes transposed back, padded planes included; last items
+# with fewer images (one, for 21 images), dilation, groups, a 5x5 kernel; and 18-value rows, which keep the images'
+# planes side by side. Forced dcol, values against torch's.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_dcol_interleaved_images(isa, dtype):
+    g = torch.Generator().manual_seed(5)
+    for n, c, k, size, kernel, padding, dilation, groups in [
+            (33, 16, 24, 7, 3, 0, 1, 1), (21, 16, 32, 6, 3, 2, 1, 1), (19, 20, 24, 8, 3, 1, 2, 1),
+            (17, 32, 32, 7, 3, 1, 1, 2), (9, 8, 16, 5, 5, 2, 1, 1), (12, 8, 8, 20, 3, 0, 1, 1)]:
+        out = size + 2 * padding - dilation * (kernel - 1)
+        w = torch.randn(k, c // groups, kernel, kernel, generator=g, dtype=torch.float64).to(dtype)
+        dy = torch.randn(n, k, out, out, generator=g, dtype=torch.float64).to(dtype)
+        args = ([1, 1], [padding] * 2, [dilation] * 2)
+        with cpu_dispatch.forced(isa=isa, dgrad="dcol"), cpu_dispatch.recording() as calls:
+            got = ops.conv2d_backward_input(dy, w, [n, c, size, size], *args, groups)
+        assert calls == [("dgrad", "dcol", isa)], calls
+        want = torch.ops.aten.convolution_backward(dy, torch.empty(n, c, size, size, dtype=dtype), w, None, *args,
+                                                   False, [0, 0], groups, [True, False, False])[0]
+        assert_close(got, want, dtype, scale=(k // groups * kernel * kernel) ** 0.5, msg=str((n, c, k, size)))
+
+
 def test_tables_are_complete():
     """Every direction has its algorithms, each with a rule and a reason, and the last serves every call."""
     tables = cpu_dispatch.tables()

@@ -118,10 +118,10 @@ void conv2d_backward_input_explicit(const Conv& cv, const T* dy, const T* w, T* 
 // dgrad, stride 1, when the implicit product would waste most of its columns (valid convolutions on small images:
 // its dX windows are W + (S-1)*dil wide but dY only Q): dcol = W_g^T · dY_g, a GEMM with no wasted columns that
 // reads dY in place (one image) or its rows gathered (several: their planes side by side, so that planes of a few
-// values still fill the GEMM's column tiles), then col2im into a zero-padded dX plane (Hp × Wp = (H + 2*ph) ×
-// (W + 2*pw)), where every (c, r, s) row of dcol adds its P rows of Q values at plane offset r*dh*Wp + s*dw: P
-// contiguous vector adds. One item = (block of images, group, chunk of input channels): items write disjoint dX
-// planes, in a fixed order.
+// values still fill the GEMM's column tiles; interleaved where their rows are short, see DcolPlan), then col2im
+// into a zero-padded dX plane (Hp × Wp = (H + 2*ph) × (W + 2*pw)), where every (c, r, s) row of dcol adds its P rows
+// of Q values at plane offset r*dh*Wp + s*dw: P contiguous vector adds. One item = (block of images, group, chunk
+// of input channels): items write disjoint dX planes, in a fixed order.
 // ---------------------------------------------------------------------------------------------------------------
 
 // dst[i*dst_stride + j] += src[i*src_stride + j] for i < rows, j < len. Compiled per ISA (PerIsa).
@@ -150,16 +150,19 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
   const int64_t items = image_blocks * cv.groups * d.channel_chunks;
   const int threads = num_threads();
   // Scratch (scratch.h): dY's rows gathered (every element read is written), dcol written by the GEMM, the padded
-  // plane zeroed per channel below.
+  // plane(s) zeroed per channel below, and (several images, padded) their planes transposed back.
   CallScratch scratch;
+  const int64_t padded_plane = d.hp * d.wp;
   const auto dybs = scratch.per_thread<T>(threads, d.images > 1 ? cv.kg * ld : 0);
   const auto dcols = scratch.per_thread<T>(threads, rows * ld);
-  const auto dxps = scratch.per_thread<T>(threads, padded ? d.hp * d.wp : 0);
+  const auto dxps = scratch.per_thread<T>(threads, d.interleaved ? d.images * padded_plane : padded ? padded_plane : 0);
+  const auto backs = scratch.per_thread<T>(threads, d.interleaved && padded ? d.images * padded_plane : 0);
 #pragma omp parallel num_threads(threads)
   {
     T* const dyb = dybs.get();
     T* const dcol = dcols.get();
     T* const dxp = dxps.get();
+    T* const back = backs.get();
 #pragma omp for schedule(dynamic)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t block = item / (cv.groups * d.channel_chunks), g = item / d.channel_chunks % cv.groups;
@@ -167,18 +170,49 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
       const int64_t c0 = ci * d.cc, c1 = std::min(cv.cg, c0 + d.cc);
       const int64_t img0 = block * d.images, images = std::min(d.images, cv.n - img0);
       if (c0 >= c1) continue;
-      // B: row k holds channel g*Kg + k of each image's dY, one plane after another (read in place for one image).
+      // B: row k holds channel g*Kg + k of each image's dY, one plane after another (read in place for one
+      // image), or interleaved (DcolPlan): position p of image i at column p*images + i.
       const T* b = dy + (img0 * cv.k + g * cv.kg) * cv.pq;
       if (d.images > 1) {
         for (int64_t k = 0; k < cv.kg; ++k) {
-          for (int64_t i = 0; i < images; ++i) {
-            std::copy_n(dy + ((img0 + i) * cv.k + g * cv.kg + k) * cv.pq, cv.pq, dyb + k * ld + i * cv.pq);
+          const T* row = dy + (img0 * cv.k + g * cv.kg + k) * cv.pq;
+          if (d.interleaved) {
+            transpose(row, cv.k * cv.pq, images, cv.pq, dyb + k * ld, images);
+            continue;
           }
+          for (int64_t i = 0; i < images; ++i) std::copy_n(row + i * cv.k * cv.pq, cv.pq, dyb + k * ld + i * cv.pq);
         }
         b = dyb;
       }
       gemm_a_in_place(uk, (c1 - c0) * cv.rs, images * cv.pq, cv.kg, transposed_weights(cv, w, g, c0), cv.crs, b,
                       dy_rows.data(), dcol, ld, false);
+      if (d.interleaved) {
+        // col2im into the images' padded planes, interleaved as dcol's columns are (plane position x of image i at
+        // x*images + i), then transposed back into dX (through `back` where the planes are padded). Each element
+        // sums its taps in the same order as the single-image path below.
+        for (int64_t c = c0; c < c1; ++c) {
+          std::fill_n(dxp, padded_plane * images, T(0));
+          for (int64_t r = 0; r < cv.r; ++r) {
+            for (int64_t s = 0; s < cv.s; ++s) {
+              add_rows(dxp + (r * cv.dil_h * d.wp + s * cv.dil_w) * images, d.wp * images,
+                       dcol + (((c - c0) * cv.r + r) * cv.s + s) * ld, cv.q * images, cv.p, cv.q * images);
+            }
+          }
+          T* const planes = dx + (img0 * cv.c + g * cv.cg + c) * cv.hw;  // image i's at planes + i*C*H*W
+          if (!padded) {
+            transpose(dxp, images, cv.hw, images, planes, cv.c * cv.hw);
+            continue;
+          }
+          transpose(dxp, images, padded_plane, images, back, padded_plane);
+          for (int64_t i = 0; i < images; ++i) {
+            for (int64_t y = 0; y < cv.h; ++y) {
+              std::copy_n(back + i * padded_plane + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w,
+                          planes + i * cv.c * cv.hw + y * cv.w);
+            }
+          }
+        }
+        continue;
+      }
       for (int64_t i = 0; i < images; ++i) {
         for (int64_t c = c0; c < c1; ++c) {
           T* plane = dx + ((img0 + i) * cv.c + g * cv.cg + c) * cv.hw;
