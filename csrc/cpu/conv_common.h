@@ -512,8 +512,8 @@ bool implicit_row_by_row(const Window& win, const MicroKernel<T>& uk, int64_t m)
 
 // The output rows of an item that goes row by row: at most batch 1's (the rows shared out as two items per thread).
 // Each row's GEMM reads only its own rows of the windows, so a longer item gains nothing, while its windows crowd
-// L2 and fewer items balance the threads less evenly: the stem at batch 8, items of 92 rows (508 KB of windows)
-// -> 28 (155 KB), 2-6% faster side by side.
+// L2 and fewer items balance the threads less evenly: the stem at batch 8, items of 92 rows (524 KB of windows)
+// -> 28 (171 KB), 5.3-5.6 -> 4.9-5.2 ms over four pairs of processes.
 inline int64_t row_by_row_item_rows(const Window& win) {
   return std::min(win.rows_per_item, ceil_div(win.out_h, 2 * num_threads()));
 }
