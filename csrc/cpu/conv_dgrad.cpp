@@ -145,6 +145,10 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
   const std::vector<int64_t> dy_rows = row_offsets(cv.kg, ld);
   const bool padded = cv.pad_h != 0 || cv.pad_w != 0;  // dX planes are the padded planes unless there is no padding
   const auto add_rows = PerIsa<&add_rows_body<T>>::pick();
+  // A dX plane from col2im's sums on its zero-padded plane (Hp × Wp).
+  const auto unpad = [&](const T* sums, T* plane) {
+    for (int64_t y = 0; y < cv.h; ++y) std::copy_n(sums + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w, plane + y * cv.w);
+  };
 
   const int64_t image_blocks = ceil_div(cv.n, d.images);
   const int64_t items = image_blocks * cv.groups * d.channel_chunks;
@@ -204,12 +208,7 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
             continue;
           }
           transpose(dxp, images, padded_plane, images, back, padded_plane);
-          for (int64_t i = 0; i < images; ++i) {
-            for (int64_t y = 0; y < cv.h; ++y) {
-              std::copy_n(back + i * padded_plane + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w,
-                          planes + i * cv.c * cv.hw + y * cv.w);
-            }
-          }
+          for (int64_t i = 0; i < images; ++i) unpad(back + i * padded_plane, planes + i * cv.c * cv.hw);
         }
         continue;
       }
@@ -224,11 +223,7 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
                        dcol + (((c - c0) * cv.r + r) * cv.s + s) * ld + i * cv.pq, cv.q, cv.p, cv.q);
             }
           }
-          if (padded) {
-            for (int64_t y = 0; y < cv.h; ++y) {
-              std::copy_n(acc + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w, plane + y * cv.w);
-            }
-          }
+          if (padded) unpad(acc, plane);
         }
       }
     }
