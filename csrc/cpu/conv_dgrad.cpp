@@ -145,6 +145,18 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
   const std::vector<int64_t> dy_rows = row_offsets(cv.kg, ld);
   const bool padded = cv.pad_h != 0 || cv.pad_w != 0;  // dX planes are the padded planes unless there is no padding
   const auto add_rows = PerIsa<&add_rows_body<T>>::pick();
+  // col2im of one input channel's dcol rows (the R·S rows from `rows`, this image's columns from `col`) into its
+  // zero-padded plane at acc, whose positions hold `lanes` interleaved values each (1, or the images of an
+  // interleaved item): every tap adds P runs of Q*lanes values, taps in (r, s) order.
+  const auto col2im_channel = [&](const T* rows, int64_t col, int64_t lanes, T* acc) {
+    std::fill_n(acc, d.hp * d.wp * lanes, T(0));
+    for (int64_t r = 0; r < cv.r; ++r) {
+      for (int64_t s = 0; s < cv.s; ++s) {
+        add_rows(acc + (r * cv.dil_h * d.wp + s * cv.dil_w) * lanes, d.wp * lanes, rows + (r * cv.s + s) * ld + col,
+                 cv.q * lanes, cv.p, cv.q * lanes);
+      }
+    }
+  };
   // A dX plane from col2im's sums on its zero-padded plane (Hp × Wp).
   const auto unpad = [&](const T* sums, T* plane) {
     for (int64_t y = 0; y < cv.h; ++y) std::copy_n(sums + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w, plane + y * cv.w);
@@ -192,16 +204,9 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
                       dy_rows.data(), dcol, ld, false);
       if (d.interleaved) {
         // col2im into the images' padded planes, interleaved as dcol's columns are (plane position x of image i at
-        // x*images + i), then transposed back into dX (through `back` where the planes are padded). Each element
-        // sums its taps in the same order as the single-image path below.
+        // x*images + i), then transposed back into dX (through `back` where the planes are padded).
         for (int64_t c = c0; c < c1; ++c) {
-          std::fill_n(dxp, padded_plane * images, T(0));
-          for (int64_t r = 0; r < cv.r; ++r) {
-            for (int64_t s = 0; s < cv.s; ++s) {
-              add_rows(dxp + (r * cv.dil_h * d.wp + s * cv.dil_w) * images, d.wp * images,
-                       dcol + (((c - c0) * cv.r + r) * cv.s + s) * ld, cv.q * images, cv.p, cv.q * images);
-            }
-          }
+          col2im_channel(dcol + (c - c0) * cv.rs * ld, 0, images, dxp);
           T* const planes = dx + (img0 * cv.c + g * cv.cg + c) * cv.hw;  // image i's at planes + i*C*H*W
           if (!padded) {
             transpose(dxp, images, cv.hw, images, planes, cv.c * cv.hw);
@@ -216,13 +221,7 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
         for (int64_t c = c0; c < c1; ++c) {
           T* plane = dx + ((img0 + i) * cv.c + g * cv.cg + c) * cv.hw;
           T* acc = padded ? dxp : plane;
-          std::fill_n(acc, d.hp * d.wp, T(0));
-          for (int64_t r = 0; r < cv.r; ++r) {
-            for (int64_t s = 0; s < cv.s; ++s) {
-              add_rows(acc + r * cv.dil_h * d.wp + s * cv.dil_w, d.wp,
-                       dcol + (((c - c0) * cv.r + r) * cv.s + s) * ld + i * cv.pq, cv.q, cv.p, cv.q);
-            }
-          }
+          col2im_channel(dcol + (c - c0) * cv.rs * ld, i * cv.pq, 1, acc);
           if (padded) unpad(acc, plane);
         }
       }

@@ -29,10 +29,11 @@ template <typename T>
 void conv2d_forward_implicit(const Conv& cv, const T* x, const T* w, const T* bias, T* y) {
   const ImplicitSplit split = implicit_split(cv, false, cv.n * cv.groups, Window::row_elements(cv, false) * sizeof(T),
                                              cv.kg * cv.crs * sizeof(T));
+  const int64_t m = ceil_div(cv.kg, split.m_parts);  // output channels per part
   Window win(cv, false, split.rows);
-  const MicroKernel<T> uk = pick_micro_kernel<T>(ceil_div(cv.kg, split.m_parts), win.rows_per_item * win.cols);
-  if (implicit_row_by_row(win, uk, ceil_div(cv.kg, split.m_parts)) && row_by_row_item_rows(win) < split.rows) {
-    win = Window(cv, false, row_by_row_item_rows(win));
+  const MicroKernel<T> uk = pick_micro_kernel<T>(m, win.rows_per_item * win.cols);
+  if (const int64_t rows = row_by_row_item_rows(win); implicit_row_by_row(win, uk, m) && rows < split.rows) {
+    win = Window(cv, false, rows);
   }
   CallScratch scratch;
   run_implicit_items(
