@@ -150,6 +150,50 @@ def test_weight_gradient_schedules_for_any_thread_count(shape, algorithm):
         assert torch.equal(results[1], results[2]) and torch.equal(results[1], results[3])
 
 
+# x and dY as the weight gradient may get them: each NCHW or channels-last (its runs of tiles read either in place,
+# copying an image's rows channels-last as they reach them; by blocks it reads channels-last copies), or neither.
+LAYOUTS = {
+    "nchw": lambda t: t,
+    "channels_last": lambda t: t.contiguous(memory_format=torch.channels_last),
+    "strided": lambda t: t.repeat_interleave(2, dim=3)[..., ::2],  # every other column of a wider tensor
+}
+
+
+@pytest.mark.parametrize("algorithm", TILES)
+@pytest.mark.parametrize("shape", TILING_SHAPES.values(), ids=TILING_SHAPES.keys())
+def test_weight_gradient_reads_any_layout(shape, algorithm):
+    """The weight gradient from x and dY in every pair of layouts matches torch in float64, and in float32 is
+    bitwise the same for every pair (the same sums in the same order), with 2 and 3 threads (runs of tiles that
+    start and end mid tile row and cross images)."""
+    n, c, h, w, k, padding, groups = shape
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    p, q = h + 2 * padding - 2, w + 2 * padding - 2
+    dy = torch.randn(n, k, p, q, generator=g, dtype=torch.float64)
+    args = ([k, c // groups, 3, 3], [1, 1], [padding, padding], [1, 1], groups)
+    want = torch.ops.aten.convolution_backward(dy, x, torch.empty(args[0], dtype=torch.float64), None, *args[1:4],
+                                               False, [0, 0], groups, [False, True, False])[1]
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            first = None
+            for (x_layout, to_x), (dy_layout, to_dy) in [(a, b) for a in LAYOUTS.items() for b in LAYOUTS.items()]:
+                xl, dyl = to_x(x), to_dy(dy)
+                assert torch.equal(xl, x) and torch.equal(dyl, dy)
+                with cpu_dispatch.forced(wgrad=algorithm), cpu_dispatch.recording() as calls:
+                    got = ops.conv2d_backward_weight(dyl, xl, *args)
+                    single = ops.conv2d_backward_weight(dyl.float(), xl.float(), *args)
+                assert {a for _, a, _ in calls} == {algorithm}, calls
+                torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m: f"{x_layout} x, "
+                                           f"{dy_layout} dY: {m}")
+                if first is None:
+                    first = single
+                assert torch.equal(single, first), (x_layout, dy_layout, threads)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("algorithm", TILES)
 @pytest.mark.parametrize("shape", ORIENTATIONS.values(), ids=ORIENTATIONS.keys())
 def test_orientations_for_any_thread_count(shape, algorithm):

@@ -361,8 +361,16 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
   }
 }
 
+// The stride-1 3x3 convolution Winograd sees in cv.
+Winograd3x3 winograd_problem(const Conv& cv) {
+  return {cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w};
+}
+
+// dw by `algorithm` from dY and x, NCHW or, as their flags say, channels-last (n × h × w × channels): Winograd reads
+// either, the GEMM channels-last x, the others NCHW.
 template <typename T>
-void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, const T* dy, const T* x, T* dw) {
+void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, const T* dy, bool dy_channels_last,
+                            const T* x, bool x_channels_last, T* dw) {
   const Conv cv(shape);
   switch (algorithm) {
     case Wgrad::kLanes:
@@ -371,9 +379,9 @@ void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, co
     case Wgrad::kDepthwise:
       return depthwise_backward_weight(cv, dy, x, dw);
     case Wgrad::kWinograd4x4:
-    case Wgrad::kWinograd:  // dy and x channels-last
-      return winograd_3x3_wgrad<T>({cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w},
-                                   algorithm == Wgrad::kWinograd4x4 ? 4 : 2, dy, x, dw);
+    case Wgrad::kWinograd:
+      return winograd_3x3_wgrad<T>(winograd_problem(cv), algorithm == Wgrad::kWinograd4x4 ? 4 : 2, dy,
+                                   dy_channels_last, x, x_channels_last, dw);
     case Wgrad::kTransposed:
       return conv2d_backward_weight_transposed(cv, dy, x, dw);
     case Wgrad::kDotTiles:
@@ -434,6 +442,16 @@ void to_channels_last(const T* src, int64_t n, int64_t c, int64_t hw, T* dst) {
 // time. Larger ones are fresh tensors, so that scratch never holds more than a few of them.
 constexpr int64_t kKeptCopyBytes = int64_t(64) << 20;
 
+// t (N, C, H, W)'s elements as they lie where t is contiguous, NCHW or channels-last (channels_last set to which),
+// else those of a contiguous NCHW copy held by `owner`.
+template <typename T>
+const T* as_it_lies(const at::Tensor& t, bool& channels_last, at::Tensor& owner) {
+  channels_last = !t.is_contiguous() && t.permute({0, 2, 3, 1}).is_contiguous();
+  if (channels_last || t.is_contiguous()) return t.const_data_ptr<T>();
+  owner = t.contiguous();
+  return owner.const_data_ptr<T>();
+}
+
 // t (N, C, H, W)'s elements in N×H×W×C order: t's own when it is channels-last already, else a copy in scratch (or
 // in `owner`, past kKeptCopyBytes). Contiguous NCHW is copied by to_channels_last (aten's permute copy measured 2.5x
 // the time of a plain copy of the same tensor: 0.80 against 0.31 ms for 128x64x14x14), any other layout by aten.
@@ -467,18 +485,27 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
   if (grad_weight.numel() == 0) return grad_weight;
   if (grad_output.numel() == 0) return grad_weight.zero_();  // empty batch: nothing to sum
   const Wgrad algorithm = choose_wgrad(shape, input.scalar_type());
-  // The GEMM gathers from a channels-last copy of x (see gather_col_t); Winograd transforms along the channels of
-  // channels-last x and dY.
   const bool winograd = algorithm == Wgrad::kWinograd || algorithm == Wgrad::kWinograd4x4;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_conv2d_backward_weight_cpu", [&] {
+    // Winograd transforms along the channels of channels-last x and dY: copies of the whole tensors where it
+    // transforms every tile once (few tiles), else the rows its runs of tiles read, copied as it reaches them, from
+    // the tensors as they lie. The GEMM gathers from a channels-last copy of x (see gather_col_t).
+    const bool winograd_copies =
+        winograd && winograd_wgrad_needs_channels_last<scalar_t>(winograd_problem(Conv(shape)),
+                                                                 algorithm == Wgrad::kWinograd4x4 ? 4 : 2);
     CallScratch copies;  // the kernel's own CallScratch takes the slots after these
     at::Tensor dy_owner, x_owner;  // hold dY's and x's elements where neither the inputs nor scratch do
-    const scalar_t* dy_data = winograd ? channels_last<scalar_t>(grad_output, copies, dy_owner)
-                                       : (dy_owner = grad_output.contiguous()).const_data_ptr<scalar_t>();
-    const scalar_t* x_data = winograd || algorithm == Wgrad::kGemm
+    bool dy_channels_last = true, x_channels_last = true;
+    const scalar_t* dy_data = winograd_copies ? channels_last<scalar_t>(grad_output, copies, dy_owner)
+                              : winograd      ? as_it_lies<scalar_t>(grad_output, dy_channels_last, dy_owner)
+                                              : (dy_owner = grad_output.contiguous()).const_data_ptr<scalar_t>();
+    const scalar_t* x_data = winograd_copies || algorithm == Wgrad::kGemm
                                  ? channels_last<scalar_t>(input, copies, x_owner)
-                                 : (x_owner = input.contiguous()).const_data_ptr<scalar_t>();
-    conv2d_backward_weight<scalar_t>(shape, algorithm, dy_data, x_data, grad_weight.mutable_data_ptr<scalar_t>());
+                             : winograd ? as_it_lies<scalar_t>(input, x_channels_last, x_owner)
+                                        : (x_owner = input.contiguous()).const_data_ptr<scalar_t>();
+    if (!winograd) dy_channels_last = false, x_channels_last = algorithm == Wgrad::kGemm;
+    conv2d_backward_weight<scalar_t>(shape, algorithm, dy_data, dy_channels_last, x_data, x_channels_last,
+                                     grad_weight.mutable_data_ptr<scalar_t>());
   });
   return grad_weight;
 }

@@ -959,24 +959,51 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   }
 }
 
+// Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8), V and U (every tile's,
+// held at once) within 16 MiB: winograd_wgrad_blocks, on channels-last x and dY. Measured against the runs of tiles
+// (winograd_wgrad_tiles): batch 1 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 -> 1.3 ms, 128 -> 128
+// on 28x28 by 4x4 tiles 0.85 -> 0.68 ms (batch 3: 1.15 -> 0.86), batch 8 256 -> 256 on 14x14 5.1 -> 4.5 ms. With
+// more tiles the runs are as fast or faster, each block re-reading all of V: batch 16 at 256 channels equal, batch 32
+// at 512 channels on 7x7 (33 MiB of V and U) 14% faster, batch 2 64 -> 64 on 56x56 by 4x4 tiles 24% faster.
+template <typename T, int M>
+bool wgrad_by_blocks(const Winograd3x3& wp) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
+  const int64_t ldv = padded_cols(wp.in, pick_micro_kernel<T>(wp.out, wp.in).nr), ldu = wp.out;
+  return tiles <= 2 * wp.out && P * tiles * (ldv + ldu) * int64_t(sizeof(T)) <= (int64_t(16) << 20);
+}
+
+// Rows [r0, r1) of image img's channels [c0, c0 + count) of an n × channels × h × w tensor (channels-last: n × h ×
+// w × channels), channels-last into band: (row, col, c) at ((row - r0)*w + col)*count + c - c0. From NCHW by 8x8
+// register transposes (conv_common.h), from channels-last as each position's run of channels.
+template <typename T>
+void band_channels_last(const T* src, bool channels_last, int64_t img, int64_t channels, int64_t h, int64_t w,
+                        int64_t c0, int64_t count, int64_t r0, int64_t r1, T* band) {
+  const int64_t positions = (r1 - r0) * w;
+  if (positions <= 0) return;
+  if (!channels_last) {
+    transpose(src + ((img * channels + c0) * h + r0) * w, h * w, count, positions, band, count);
+  } else if (count == channels) {
+    std::copy_n(src + (img * h + r0) * w * channels, positions * channels, band);
+  } else {
+    const T* from = src + (img * h + r0) * w * channels + c0;
+    for (int64_t pos = 0; pos < positions; ++pos) std::copy_n(from + pos * channels, count, band + pos * count);
+  }
+}
+
 // winograd_3x3_wgrad by F(3x3, M x M): P = (M + 2)² GEMMs.
 template <typename T, int M>
-void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw) {
+void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, bool dy_channels_last, const T* x,
+                          bool x_channels_last, T* dw) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
   // GEMM per ξ: M_ξ[out × in] += U_ξ[out × tiles] · V_ξ[tiles × in], both read in place: U_ξ's columns are the
-  // rows of the transform's tile × out array.
+  // transform's rows of `out` values, one per tile.
   const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, wp.in);
   const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
-  // Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8), V and U (every
-  // tile's, held at once) within 16 MiB: by blocks of output channels (winograd_wgrad_blocks). Measured against
-  // the runs of tiles below: batch 1 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 -> 1.3 ms,
-  // 128 -> 128 on 28x28 by 4x4 tiles 0.85 -> 0.68 ms (batch 3: 1.15 -> 0.86), batch 8 256 -> 256 on 14x14 5.1 ->
-  // 4.5 ms. With more tiles the runs are as fast or faster, each block re-reading all of V: batch 16 at 256
-  // channels equal, batch 32 at 512 channels on 7x7 (33 MiB of V and U) 14% faster, batch 2 64 -> 64 on 56x56 by
-  // 4x4 tiles 24% faster.
-  if (tiles <= 2 * wp.out && P * tiles * (ldv + ldu) * int64_t(sizeof(T)) <= (int64_t(16) << 20)) {
+  if (wgrad_by_blocks<T, M>(wp)) {
+    TORCH_INTERNAL_ASSERT(dy_channels_last && x_channels_last, "cnn_ext: Winograd's wgrad by blocks needs NHWC");
     return winograd_wgrad_blocks<T, M>(wp, uk, dy, x, dw);
   }
   // An item is a run of consecutive tiles of one group (across images), with V and U within about 512 KiB (so they
@@ -998,24 +1025,58 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw)
   // stored; U and V rows past an item's tiles are never read.
   CallScratch scratch;
   T* const partial = scratch.whole<T>(parts * m_size);
-  const auto vs = scratch.per_thread<T>(parts, P * run * ldv);
-  const auto us = scratch.per_thread<T>(parts, P * run * ldu);
-  const std::vector<int64_t> v_rows = row_offsets(run, ldv);
+  // V and U tile by tile: tile t's P rows (V_ξ's at t*v_tile + ξ*ldv) in one run, so that its transforms write
+  // two runs of memory, not 2P rows a run of tiles apart (P*2 streams on a handful of L1 sets); a cache line between
+  // tiles keeps the GEMMs' rows of B (and A's columns) off 4 KiB strides (64 channels in F(3x3, 2x2): 16*64 floats).
+  const int64_t v_tile = P * ldv + 64 / sizeof(T), u_tile = P * ldu + 64 / sizeof(T);
+  const auto vs = scratch.per_thread<T>(parts, run * v_tile);
+  const auto us = scratch.per_thread<T>(parts, run * u_tile);
+  // An item's tiles read their input and dY rows from channels-last copies of those rows alone (band_channels_last),
+  // made by the thread as it reaches them, image by image: they stay in L2 from the copy through the transforms.
+  // Copies of the whole tensors before the call, and V and U as P rows of a run's tiles each, measured 1.7x the time
+  // per image at batch 128 (25.6 MB of copies written to memory and read back) as at batch 8 (DeepMNIST's 32 -> 32
+  // layer on 28x28 planes); with both changes, on one thread, that layer's weight gradient at batch 128 took 6.2-8.2
+  // ms instead of 12.0-13.4, its 64 -> 64 on 14x14 6.0-8.2 instead of 8.2-11.0.
+  const int64_t tp = ceil_div(wp.out_h, M), tq = ceil_div(wp.out_w, M), per_image = tp * tq;
+  const int64_t band_tile_rows = std::min(tp, (run + 2 * tq - 2) / tq);  // the most an image's part of a run spans
+  const int64_t x_band = (M * band_tile_rows + 2) * wp.in_w * wp.in;
+  const auto bands = scratch.per_thread<T>(parts, x_band + M * band_tile_rows * wp.out_w * wp.out);
+  const std::vector<int64_t> v_rows = row_offsets(run, v_tile);
   const auto transforms = wgrad_transforms<T, M>();
 
 #pragma omp parallel for schedule(static, 1) num_threads(parts)
   for (int64_t p = 0; p < parts; ++p) {
     T* const v = vs.slice(p);
     T* const u = us.slice(p);
+    T* const x_rows = bands.slice(p);
+    T* const dy_rows = x_rows + x_band;
     const std::vector<T> zeros(std::max(wp.in, wp.out) + 64 / sizeof(T), T(0));  // plus a vector's read slack
     T* acc = partial + p * m_size;
     const int64_t first = items * p / parts, last = items * (p + 1) / parts;
     for (int64_t item = first; item < last; ++item) {
       const int64_t g = item / chunks, t0 = item % chunks * run, t1 = std::min(tiles, t0 + run);
       const bool accumulate = item > first && (item - 1) / chunks == g;
-      transforms(wp, x, dy, g, t0, t1, zeros.data(), v, run * ldv, ldv, u, run * ldu, ldu);
+      for (int64_t s0 = t0, s1; s0 < t1; s0 = s1) {
+        // Tiles [s0, s1) of image img, in its tile rows [i0, i1): input rows [r0, r1) (the others are padding)
+        // and dY rows [M*i0, M*i0 + dy_h), transformed as the tiles of a one-image view of the copied rows.
+        const int64_t img = s0 / per_image;
+        s1 = std::min(t1, (img + 1) * per_image);
+        const int64_t i0 = s0 % per_image / tq, i1 = (s1 - 1) % per_image / tq + 1;
+        const int64_t r0 = std::max<int64_t>(0, M * i0 - wp.pad_h);
+        const int64_t r1 = std::max(r0, std::min(wp.in_h, M * i1 - wp.pad_h + 2));
+        const int64_t dy_h = std::min(M * (i1 - i0), wp.out_h - M * i0);
+        band_channels_last(x, x_channels_last, img, wp.groups * wp.in, wp.in_h, wp.in_w, g * wp.in, wp.in, r0, r1,
+                           x_rows);
+        band_channels_last(dy, dy_channels_last, img, wp.groups * wp.out, wp.out_h, wp.out_w, g * wp.out, wp.out,
+                           M * i0, M * i0 + dy_h, dy_rows);
+        const Winograd3x3 rows{1, 1, wp.in, wp.out, r1 - r0, wp.in_w, dy_h, wp.out_w, r0 - (M * i0 - wp.pad_h),
+                               wp.pad_w};
+        const int64_t first_tile = img * per_image + i0 * tq;  // the view's tile 0
+        transforms(rows, x_rows, dy_rows, 0, s0 - first_tile, s1 - first_tile, zeros.data(),
+                   v + (s0 - t0) * v_tile, ldv, v_tile, u + (s0 - t0) * u_tile, ldu, u_tile);
+      }
       for (int64_t xi = 0; xi < P; ++xi) {
-        gemm_a_in_place(uk, wp.out, wp.in, t1 - t0, u + xi * run * ldu, ldu, v + xi * run * ldv,
+        gemm_a_in_place(uk, wp.out, wp.in, t1 - t0, u + xi * ldu, u_tile, v + xi * ldv,
                         v_rows.data(), acc + (g * P + xi) * wp.out * wp.in, wp.in, accumulate, Pad::kB);
       }
     }
@@ -1041,16 +1102,26 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, const T* x, T* dw)
 }  // namespace
 
 template <typename T>
-void winograd_3x3_wgrad(const Winograd3x3& wp, int64_t tile, const T* dy, const T* x, T* dw) {
+bool winograd_wgrad_needs_channels_last(const Winograd3x3& wp, int64_t tile) {
+  return tile == 2 ? wgrad_by_blocks<T, 2>(wp) : wgrad_by_blocks<T, 4>(wp);
+}
+
+template <typename T>
+void winograd_3x3_wgrad(const Winograd3x3& wp, int64_t tile, const T* dy, bool dy_channels_last, const T* x,
+                        bool x_channels_last, T* dw) {
   TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4, "cnn_ext: Winograd has no F(3x3, ", tile, "x", tile, ")");
-  return tile == 2 ? winograd_wgrad_tiles<T, 2>(wp, dy, x, dw) : winograd_wgrad_tiles<T, 4>(wp, dy, x, dw);
+  return tile == 2 ? winograd_wgrad_tiles<T, 2>(wp, dy, dy_channels_last, x, x_channels_last, dw)
+                   : winograd_wgrad_tiles<T, 4>(wp, dy, dy_channels_last, x, x_channels_last, dw);
 }
 
 template void winograd_3x3<float>(const Winograd3x3&, int64_t, const float*, const float*, bool, const float*,
                                   float*);
 template void winograd_3x3<double>(const Winograd3x3&, int64_t, const double*, const double*, bool, const double*,
                                    double*);
-template void winograd_3x3_wgrad<float>(const Winograd3x3&, int64_t, const float*, const float*, float*);
-template void winograd_3x3_wgrad<double>(const Winograd3x3&, int64_t, const double*, const double*, double*);
+template bool winograd_wgrad_needs_channels_last<float>(const Winograd3x3&, int64_t);
+template bool winograd_wgrad_needs_channels_last<double>(const Winograd3x3&, int64_t);
+template void winograd_3x3_wgrad<float>(const Winograd3x3&, int64_t, const float*, bool, const float*, bool, float*);
+template void winograd_3x3_wgrad<double>(const Winograd3x3&, int64_t, const double*, bool, const double*, bool,
+                                         double*);
 
 }  // namespace cnn_ext::cpu

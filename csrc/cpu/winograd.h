@@ -40,7 +40,9 @@
 //   dW_kc = G' [ Σ_tiles (A dy_k A') ⊙ (B' d_c B) ] G      (A' = Aᵀ above, B' = Bᵀ above, G' = Gᵀ)
 //
 // so the sum over tiles and images is, per ξ, one GEMM with the tiles as its reduction: M_ξ[out × in] =
-// U_ξ[out × tiles] · V_ξ[tiles × in]. Its transforms run along the channels of channels-last copies of x and dY.
+// U_ξ[out × tiles] · V_ξ[tiles × in]. Its transforms run along the channels of channels-last x and dY: copies of
+// the whole tensors where each tile is transformed once across the threads (few tiles), else of the rows each run of
+// tiles reads, made by its thread as it reaches them.
 // F(3x3, 4x4) is the same with F(4x4, 3x3)'s matrices: 4x4 blocks of dY, 6x6 input tiles, 36 GEMMs.
 //
 // Error: F(2x2, 3x3)'s coefficients are ±1 and ±1/2, so its float32 error stays within a small multiple of the
@@ -67,9 +69,16 @@ template <typename T>
 void winograd_3x3(const Winograd3x3& wp, int64_t tile, const T* src, const T* weights, bool flip, const T* bias,
                   T* dst);
 
-// dw (K × in × 3 × 3) = the weight gradient of that convolution by F(3x3, tile x tile), tile 2 or 4, from
-// channels-last dY (n × out_h × out_w × K) and x (n × in_h × in_w × groups*in).
+// dw (K × in × 3 × 3) = the weight gradient of that convolution by F(3x3, tile x tile), tile 2 or 4, from dY
+// (n × K × out_h × out_w, or channels-last: n × out_h × out_w × K) and x (n × groups*in × in_h × in_w, or
+// channels-last), each in the layout its flag says; both channels-last where winograd_wgrad_needs_channels_last.
 template <typename T>
-void winograd_3x3_wgrad(const Winograd3x3& wp, int64_t tile, const T* dy_nhwc, const T* x_nhwc, T* dw);
+void winograd_3x3_wgrad(const Winograd3x3& wp, int64_t tile, const T* dy, bool dy_channels_last, const T* x,
+                        bool x_channels_last, T* dw);
+
+// Whether winograd_3x3_wgrad reads x and dY channels-last only: on few tiles it transforms each tile once, the
+// threads sharing them out; its runs of tiles copy the rows they read channels-last themselves, from either layout.
+template <typename T>
+bool winograd_wgrad_needs_channels_last(const Winograd3x3& wp, int64_t tile);
 
 }  // namespace cnn_ext::cpu
