@@ -333,6 +333,8 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
                                               ("highest", torch.float64)])
 @pytest.mark.parametrize("shape, chosen", [
     ((8, 64, 14, 14, 64), "winograd"),  # 14x14 pads to 16x16: 4x4 tiles multiply 0.73 as much, and measured slower
+    ((16, 64, 14, 14, 64), "winograd_4x4"),  # ... but faster on runs of tiles (more than twice the output channels)
+    ((128, 32, 14, 14, 64), "winograd_4x4"),  # DeepMNIST's third layer
     ((8, 64, 28, 28, 64), "winograd_4x4"),
     ((1, 128, 16, 16, 128), "winograd"),  # no kernels to transform: 64 tiles (2x2) are enough; 16 (4x4) are not
     ((1, 256, 14, 14, 256), "winograd"),  # 49 tiles with many channels

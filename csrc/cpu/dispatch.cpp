@@ -32,7 +32,8 @@
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
 // |                   | winograd_4x4 | winograd's rule, 36·in·out sums within 16384 per   | F(3x3, 4x4): 36 GEMMs             |
 // |                   |              | 4x4 tile, 4x4 tiles multiplying <= 2/3 as much as  |                                   |
-// |                   |              | 2x2 ones (padding); any float32 precision          |                                   |
+// |                   |              | 2x2 ones (padding), 3/4 with more tiles than 2·Kg; |                                   |
+// |                   |              | any float32 precision                              |                                   |
 // |                   | winograd     | 32+ channels each side, from 64 tiles, at most     | F(3x3, 2x2): GEMMs over the tiles |
 // |                   |              | 4096 weights·16 per tile; or 128+ channels each    |                                   |
 // |                   |              | side from 48 tiles                                 |                                   |
@@ -133,7 +134,8 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
         {"winograd_4x4",
          "winograd's rule with its 36 transformed in × out sums within 16384 per 4x4 tile, where its tiles "
-         "multiply at most 2/3 as much as the 2x2 ones (planes padded to multiples of 4); at any float32 precision "
+         "multiply at most 2/3 as much as the 2x2 ones (planes padded to multiples of 4), 3/4 with more tiles than "
+         "twice the output channels; at any float32 precision "
          "(its error stays within 2x torch's own weight gradient's)",
          "F(3x3, 4x4): 1.78x fewer multiplications than F(3x3, 2x2), as 36 GEMMs over the transformed 6x6 tiles"},
         {"winograd", "32+ channels each side from 64 output tiles (no kernels to transform), with at most 4096 of the "
@@ -301,7 +303,10 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 // 128x32@28 0.82-1.22 (0.92-1.00 in four of five runs on the AMD machine); past 16384 sums per tile 8x256@14
 // (18432) 1.05-1.17, 4x256@14 1.03-1.15; on 5x5 outputs 128x64->128 (valid, 7x7 input) 1.1-1.4. On 14x14 planes
 // (0.73 the products) it lost on the AMD machine: 128x64@14 1.00-1.06, 128x32->64@14 1.18-1.25, 32x64@14 1.29,
-// 8x128@14 1.15 (0.94-1.03 on the Intel machine before), hence 2/3.
+// 8x128@14 1.15 (0.94-1.03 on the Intel machine before), hence 2/3. Since its runs of tiles copy the rows they read
+// themselves (winograd.cpp), 14x14 planes (up to 3/4 as much) pay on those runs, i.e. with more 4x4 tiles than twice
+// the output channels: 128x32->64@14 0.84-0.95, 128x64@14 0.81-0.84, 32x64@14 0.82-0.89, 16x64@14 0.84-0.85; not on
+// the blocks of output channels (8x64@14 1.36-1.37, 8x128@14 1.05-1.50).
 // Unlike the forward's (winograd_4x4_precision), its float32 error needs no precision condition: the weight
 // gradient's tolerance scales with its own values, and against float64 it measured 1.1-2.0x the error of torch's
 // own float32 weight gradient (ResNet-like layers at batch 2-16, and the 67-channel layer with unscaled weights),
@@ -309,7 +314,9 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 bool winograd_4x4_wgrad_preferred(const Conv& cv) {
   const int64_t tiles = cv.n * ceil_div(cv.p, 4) * ceil_div(cv.q, 4);
   const int64_t tiles_2x2 = cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2);
-  return winograd_wgrad_preferred(cv) && 36 * cv.cg * cv.kg <= 16384 * tiles && 3 * 36 * tiles <= 2 * 16 * tiles_2x2;
+  const bool runs = tiles > 2 * cv.kg;
+  return winograd_wgrad_preferred(cv) && 36 * cv.cg * cv.kg <= 16384 * tiles &&
+         (3 * 36 * tiles <= 2 * 16 * tiles_2x2 || (runs && 4 * 36 * tiles <= 3 * 16 * tiles_2x2));
 }
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
