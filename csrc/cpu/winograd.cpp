@@ -706,15 +706,22 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
 // on the 2-core AVX-512 machine, forward / input gradient in ms, columns -> rows: batch 1 256@14 0.61 -> 0.45 /
 // 0.64 -> 0.46, batch 2 1.17 -> 0.76 / 1.27 -> 0.80, batch 4 1.71 -> 1.33 / 1.86 -> 1.33, batch 1 128@28 0.44 ->
 // 0.34 / 0.46 -> 0.37, 128@7 0.17 -> 0.08 / 0.31 -> 0.10, 512@7 1.50 -> 0.75 / 2.61 -> 0.90; batch 8 256@14 and
-// batch 2 128@28 (392 tiles) a tie, batch 1 64@28 0.14 -> 0.18 / 0.19 -> 0.24, 64@56 0.50 -> 0.80.
+// batch 2 128@28 (392 tiles) a tie, batch 1 64@28 0.14 -> 0.18 / 0.19 -> 0.24, 64@56 0.50 -> 0.80. Also as rows
+// where a row has fewer than 4 tiles (5x5 or 6x6 outputs on 2x2 tiles): as columns its transforms run on 4-lane
+// vectors, a lane of them empty. Two runs each, forward / input gradient: 128 x 64 -> 128 on 7x7, unpadded (5x5
+// outputs; DeepMNIST's last layer) 1.77, 1.48 -> 0.96, 1.26 / -, 64 x 128 -> 128 on 5x5 1.71, 1.35 -> 0.86, 0.85
+// / 1.35, 1.32 -> 0.84, 0.84; on 4x4 tiles, 128 x 64 -> 128 on 7x7 unpadded 3.9, 3.6 -> 2.9, 2.2 / 2.3, 2.6 ->
+// 1.5, 1.4, 32 x 64 -> 64 on 10x10 0.87, 0.85 -> 0.39, 0.66 / 0.81, 0.96 -> 0.38, 0.61. With 4 tiles a row (7x7 or
+// 8x8 outputs) neither won throughout (128 x 64 -> 64 on 8x8 1.40, 1.28 -> 1.50, 1.53 forward, 2.40, 2.13 -> 1.22,
+// 1.14 input gradient).
 template <typename T, int M>
 void winograd_oriented(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const MicroKernel<T> uk = pick_micro_kernel<T>(tiles, wp.out);
-  const bool few_tiles = wp.out > 2 * tiles;
+  const bool few_tiles = wp.out > 2 * tiles, narrow = ceil_div(wp.out_w, M) < 4;
   const bool m_fits = std::min(wp.in, wp.out) >= 128 && P * tiles * uk.nr * int64_t(sizeof(T)) <= (int64_t(1) << 20);
-  if (few_tiles || m_fits) {
+  if (few_tiles || m_fits || narrow) {
     winograd_channels<T, M>(wp, uk, src, weights, flip, bias, dst);
   } else {
     winograd_tiles<T, M>(wp, src, weights, flip, bias, dst);

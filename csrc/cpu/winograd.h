@@ -11,9 +11,10 @@
 //
 // The sum over channels is, for each of the 16 positions ξ of the transformed tile (36 in F(4x4, 3x3)), one GEMM:
 // M_ξ[out × tiles] = U_ξ[out × in] · V_ξ[in × tiles], on gemm.h's micro-kernels with U_ξ transformed once per
-// call into packed panels; or, where the tiles are few for the channels, with the tiles as the GEMMs' rows,
-// M_ξ[tiles × out] = V_ξ[tiles × in] · U_ξ[in × out], U transformed block by block of output channels by the
-// threads that use it and the transforms run along the channels (winograd.cpp's winograd_oriented).
+// call into packed panels; or, where the tiles are few for the channels or a row of them is short (5x5 outputs),
+// with the tiles as the GEMMs' rows, M_ξ[tiles × out] = V_ξ[tiles × in] · U_ξ[in × out], U transformed block by
+// block of output channels by the threads that use it and the transforms run along the channels (winograd.cpp's
+// winograd_oriented).
 // With the tiles as columns an item is (group, a run of tile rows across images): its input rows are copied into
 // zero-padded windows (conv_common.h's copy_window), transformed into V (16 × in × tiles), multiplied, and
 // transformed back into the output rows; as rows, (group, block of output channels, run of tile rows). Either
