@@ -495,15 +495,20 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
                                                                  algorithm == Wgrad::kWinograd4x4 ? 4 : 2);
     CallScratch copies;  // the kernel's own CallScratch takes the slots after these
     at::Tensor dy_owner, x_owner;  // hold dY's and x's elements where neither the inputs nor scratch do
-    bool dy_channels_last = true, x_channels_last = true;
-    const scalar_t* dy_data = winograd_copies ? channels_last<scalar_t>(grad_output, copies, dy_owner)
-                              : winograd      ? as_it_lies<scalar_t>(grad_output, dy_channels_last, dy_owner)
-                                              : (dy_owner = grad_output.contiguous()).const_data_ptr<scalar_t>();
-    const scalar_t* x_data = winograd_copies || algorithm == Wgrad::kGemm
-                                 ? channels_last<scalar_t>(input, copies, x_owner)
-                             : winograd ? as_it_lies<scalar_t>(input, x_channels_last, x_owner)
-                                        : (x_owner = input.contiguous()).const_data_ptr<scalar_t>();
-    if (!winograd) dy_channels_last = false, x_channels_last = algorithm == Wgrad::kGemm;
+    bool dy_channels_last = false, x_channels_last = false;
+    const scalar_t* dy_data;
+    const scalar_t* x_data;
+    if (winograd && !winograd_copies) {
+      dy_data = as_it_lies<scalar_t>(grad_output, dy_channels_last, dy_owner);
+      x_data = as_it_lies<scalar_t>(input, x_channels_last, x_owner);
+    } else {
+      dy_channels_last = winograd_copies;
+      x_channels_last = winograd_copies || algorithm == Wgrad::kGemm;
+      dy_data = dy_channels_last ? channels_last<scalar_t>(grad_output, copies, dy_owner)
+                                 : (dy_owner = grad_output.contiguous()).const_data_ptr<scalar_t>();
+      x_data = x_channels_last ? channels_last<scalar_t>(input, copies, x_owner)
+                               : (x_owner = input.contiguous()).const_data_ptr<scalar_t>();
+    }
     conv2d_backward_weight<scalar_t>(shape, algorithm, dy_data, dy_channels_last, x_data, x_channels_last,
                                      grad_weight.mutable_data_ptr<scalar_t>());
   });
