@@ -438,8 +438,8 @@ void to_channels_last(const T* src, int64_t n, int64_t c, int64_t hw, T* dst) {
 }
 
 // Channels-last copies up to this size are kept in scratch (scratch.h) from call to call: a fresh 13 MB tensor per
-// call (DeepMNIST's 32-channel 28x28 layers at batch 128) page-faulted ~1900 times, ~40% of that weight gradient's
-// time. Larger ones are fresh tensors, so that scratch never holds more than a few of them.
+// call (DeepMNIST's 32-channel 28x28 layers at batch 128, when Winograd read whole copies) page-faulted ~1900 times,
+// ~40% of that weight gradient's time. Larger ones are fresh tensors, so that scratch never holds more than a few.
 constexpr int64_t kKeptCopyBytes = int64_t(64) << 20;
 
 // t (N, C, H, W)'s elements as they lie where t is contiguous, NCHW or channels-last (channels_last set to which),
