@@ -44,13 +44,15 @@ TILING_SHAPES = {
 
 # Shapes for each orientation of the forward's GEMMs (winograd.cpp's winograd_oriented): the tiles as rows where
 # the output channels outnumber twice the tiles ("few_tiles", "runs": one block of output channels over runs of
-# tile rows), or with 128+ channels each side where M over all the tiles fits ("m_fits": 64 tiles); as columns
-# with many tiles. (n, c, size, k)
+# tile rows), or with 128+ channels each side where M over all the tiles fits ("m_fits": 64 tiles), or where a row
+# has fewer than 4 tiles ("short_rows": 5x5 outputs, 3 or 2 tiles a row); as columns with many tiles in rows of 4+
+# (16x16: 8 or 4 tiles a row). (n, c, size, k)
 ORIENTATIONS = {
     "few_tiles": (1, 70, 5, 150),
     "runs": (3, 8, 4, 30),
     "m_fits": (1, 128, 16, 128),
-    "columns": (4, 12, 12, 10),
+    "short_rows": (6, 20, 5, 24),
+    "columns": (4, 12, 16, 10),
 }
 
 
