@@ -361,10 +361,11 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
   }
 }
 
-// The stride-1 3x3 convolution Winograd sees in cv.
+// The stride-1 3x3 convolution Winograd sees in cv, and the output tiles (dY's blocks) of its algorithm.
 Winograd3x3 winograd_problem(const Conv& cv) {
   return {cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w};
 }
+int64_t winograd_tile(Wgrad algorithm) { return algorithm == Wgrad::kWinograd4x4 ? 4 : 2; }
 
 // dw by `algorithm` from dY and x, NCHW or, as their flags say, channels-last (n × h × w × channels): Winograd reads
 // either, the GEMM channels-last x, the others NCHW.
@@ -380,8 +381,8 @@ void conv2d_backward_weight(const ConvShape<int64_t>& shape, Wgrad algorithm, co
       return depthwise_backward_weight(cv, dy, x, dw);
     case Wgrad::kWinograd4x4:
     case Wgrad::kWinograd:
-      return winograd_3x3_wgrad<T>(winograd_problem(cv), algorithm == Wgrad::kWinograd4x4 ? 4 : 2, dy,
-                                   dy_channels_last, x, x_channels_last, dw);
+      return winograd_3x3_wgrad<T>(winograd_problem(cv), winograd_tile(algorithm), dy, dy_channels_last, x,
+                                   x_channels_last, dw);
     case Wgrad::kTransposed:
       return conv2d_backward_weight_transposed(cv, dy, x, dw);
     case Wgrad::kDotTiles:
@@ -490,9 +491,8 @@ at::Tensor conv2d_backward_weight_cpu(const at::Tensor& grad_output, const at::T
     // Winograd transforms along the channels of channels-last x and dY: copies of the whole tensors where it
     // transforms every tile once (few tiles), else the rows its runs of tiles read, copied as it reaches them, from
     // the tensors as they lie. The GEMM gathers from a channels-last copy of x (see gather_col_t).
-    const bool winograd_copies =
-        winograd && winograd_wgrad_needs_channels_last<scalar_t>(winograd_problem(Conv(shape)),
-                                                                 algorithm == Wgrad::kWinograd4x4 ? 4 : 2);
+    const bool winograd_copies = winograd && winograd_wgrad_needs_channels_last<scalar_t>(
+                                                 winograd_problem(Conv(shape)), winograd_tile(algorithm));
     CallScratch copies;  // the kernel's own CallScratch takes the slots after these
     at::Tensor dy_owner, x_owner;  // hold dY's and x's elements where neither the inputs nor scratch do
     bool dy_channels_last = false, x_channels_last = false;
