@@ -635,7 +635,7 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   const std::vector<int64_t> v_rows = row_offsets(wp.in, ld);
   // V's P blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
   // row by up to n - tq values (see input_transform_body), which must not reach the next block's first channel.
-  const int64_t v_stride = wp.in * ld + n, m_stride = wp.out * ld;
+  const int64_t v_stride = wp.in * ld + n, m_stride = odd_lines<T>(wp.out * ld);
   const int64_t win_cols = M * tq + 2, win_rows = M * std::min(tile_rows, tp) + 2;
   const int64_t slack = M * n + M;  // read past the windows' and M's last rows
   const int64_t in_plane = wp.in_h * wp.in_w, out_plane = wp.out_h * wp.out_w;
