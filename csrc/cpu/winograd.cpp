@@ -924,7 +924,7 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
   const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
-  const int64_t v_stride = tiles * ldv, u_stride = tiles * ldu;
+  const int64_t v_stride = odd_lines<T>(tiles * ldv), u_stride = odd_lines<T>(tiles * ldu);
   // Blocks of whole row panels, M_ξ's block (P × block × in) about half of L2 (rounded up to whole panels), at
   // least two blocks per thread and a multiple of the threads, the panels spread evenly over them. 256 rows as
   // blocks of 36 (six 6-row panels) left a last block of 4 rows, one thread idle for most of a block: 7% of the
