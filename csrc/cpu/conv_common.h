@@ -228,30 +228,6 @@ void transpose(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst,
   PerIsa<&transpose_body<T>>::pick()(src, ld_src, rows, cols, dst, ld_dst);
 }
 
-// Copies n elements with fixed-size (hence inlined) block moves, overlapping to cover any n: the rows copied into
-// windows are short (one image row), and a libc memmove call per row would cost more than the copy itself.
-template <typename T>
-inline void copy_row(T* dst, const T* src, int64_t n) {
-  char* d = reinterpret_cast<char*>(dst);
-  const char* s = reinterpret_cast<const char*>(src);
-  const int64_t bytes = n * static_cast<int64_t>(sizeof(T));
-  if (bytes >= 64) {
-    for (int64_t i = 0; i + 64 < bytes; i += 64) std::memcpy(d + i, s + i, 64);
-    std::memcpy(d + bytes - 64, s + bytes - 64, 64);
-  } else if (bytes >= 32) {
-    std::memcpy(d, s, 32);
-    std::memcpy(d + bytes - 32, s + bytes - 32, 32);
-  } else if (bytes >= 16) {
-    std::memcpy(d, s, 16);
-    std::memcpy(d + bytes - 16, s + bytes - 16, 16);
-  } else if (bytes >= 8) {
-    std::memcpy(d, s, 8);
-    std::memcpy(d + bytes - 8, s + bytes - 8, 8);
-  } else if (bytes >= 4) {
-    std::memcpy(d, s, 4);
-  }
-}
-
 // to[x] = from[x] + b for x < n: the implicit products' copy into the output rows.
 template <typename T>
 void add_plain(T* to, const T* from, int64_t n, T b) {
@@ -322,12 +298,12 @@ void copy_window(const T* src, int64_t h, int64_t w, int64_t top, int64_t left, 
   for (int64_t a = 0; a < rows; ++a, dst += cols) {
     const int64_t sa = a - top;
     if (sa < 0 || sa >= h) {
-      std::fill_n(dst, cols, T(0));
+      zero_row(dst, cols);
       continue;
     }
-    for (int64_t b = 0; b < b0; ++b) dst[b] = T(0);
+    zero_row(dst, b0);
     copy_row(dst + b0, src + sa * w + b0 - left, b1 - b0);
-    for (int64_t b = b1; b < cols; ++b) dst[b] = T(0);
+    zero_row(dst + b1, cols - b1);
   }
 }
 
@@ -343,12 +319,12 @@ void copy_window_phase(const T* src, int64_t h, int64_t w, int64_t row0, int64_t
   for (int64_t a = 0; a < rows; ++a, dst += cols) {
     const int64_t sa = row0 + a * step_h;
     if (sa < 0 || sa >= h) {
-      std::fill_n(dst, cols, T(0));
+      zero_row(dst, cols);
       continue;
     }
-    for (int64_t b = 0; b < b0; ++b) dst[b] = T(0);
+    zero_row(dst, b0);
     for (int64_t b = b0; b < b1; ++b) dst[b] = src[sa * w + col0 + b * step_w];
-    for (int64_t b = b1; b < cols; ++b) dst[b] = T(0);
+    zero_row(dst + b1, cols - b1);
   }
 }
 
