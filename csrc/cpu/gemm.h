@@ -464,14 +464,18 @@ void gemm_impl(const MicroKernel<T>& uk, int64_t M, int64_t N, int64_t K, const 
           product(c_tile, ldc, acc);
           continue;
         }
-        // Ragged tile: compute the full tile in a scratch buffer, then copy the valid part (by copy_row and
-        // zero_row: as std::copy_n and fill_n, libc calls, they cost 10 calls a tile, on DeepMNIST's 64-channel
-        // weight gradients (64 rows on 5-row panels) 16k tiles a training step).
-        zero_row(tile, mr * nr);
+        // Ragged tile: compute the full tile in a scratch buffer (C's values where accumulating, zeros around
+        // them), then copy the valid part. By zero_row and copy_row, a row at a time: std::fill_n and copy_n
+        // compiled to libc calls, about 10 a tile (DeepMNIST's 64-channel weight gradients, 64 rows on 5-row
+        // panels, have 16k such tiles a training step).
         if (acc) {
-          for (int64_t i = 0; i < rows_here; ++i) copy_row(tile + i * nr, c_tile + i * ldc, cols);
+          for (int64_t i = 0; i < mr; ++i) {
+            const int64_t valid = i < rows_here ? cols : 0;
+            copy_row(tile + i * nr, c_tile + i * ldc, valid);
+            zero_row(tile + i * nr + valid, nr - valid);
+          }
         }
-        product(tile, nr, true);
+        product(tile, nr, acc);
         for (int64_t i = 0; i < rows_here; ++i) copy_row(c_tile + i * ldc, tile + i * nr, cols);
       }
     }
