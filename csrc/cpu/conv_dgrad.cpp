@@ -159,7 +159,7 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
   };
   // A dX plane from col2im's sums on its zero-padded plane (Hp × Wp).
   const auto unpad = [&](const T* sums, T* plane) {
-    for (int64_t y = 0; y < cv.h; ++y) std::copy_n(sums + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w, plane + y * cv.w);
+    for (int64_t y = 0; y < cv.h; ++y) copy_row(plane + y * cv.w, sums + (y + cv.pad_h) * d.wp + cv.pad_w, cv.w);
   };
 
   const int64_t image_blocks = ceil_div(cv.n, d.images);
@@ -196,7 +196,7 @@ void conv2d_backward_input_dcol(const Conv& cv, const T* dy, const T* w, T* dx) 
             transpose(row, cv.k * cv.pq, images, cv.pq, dyb + k * ld, images);
             continue;
           }
-          for (int64_t i = 0; i < images; ++i) std::copy_n(row + i * cv.k * cv.pq, cv.pq, dyb + k * ld + i * cv.pq);
+          for (int64_t i = 0; i < images; ++i) copy_row(dyb + k * ld + i * cv.pq, row + i * cv.k * cv.pq, cv.pq);
         }
         b = dyb;
       }

@@ -55,17 +55,20 @@ void gather_col_t(const Conv& cv, const T* xn, int64_t g, int64_t pq0, int64_t p
     for (int64_t r = 0; r < cv.r; ++r) {
       const int64_t in_h = out_p * cv.stride_h - cv.pad_h + r * cv.dil_h;
       if (in_h < 0 || in_h >= cv.h) {
-        d = std::fill_n(d, cv.s * cv.cg, T(0));
+        zero_row(d, cv.s * cv.cg);
+        d += cv.s * cv.cg;
         continue;
       }
       const T* row = xn + (in_h * cv.w + w_off) * cv.c + g * cv.cg;  // row[s*dw*C + c] is tap s, channel c
-      d = std::fill_n(d, s_first * cv.cg, T(0));
+      zero_row(d, s_first * cv.cg);
+      d += s_first * cv.cg;
       if (rows_contiguous) {
         d = copy_run(d, row + s_first * cv.c, (s_last - s_first) * cv.c, xn_end);
       } else {
         for (int64_t s = s_first; s < s_last; ++s) d = copy_run(d, row + s * cv.dil_w * cv.c, cv.cg, xn_end);
       }
-      d = std::fill_n(d, (cv.s - s_last) * cv.cg, T(0));
+      zero_row(d, (cv.s - s_last) * cv.cg);
+      d += (cv.s - s_last) * cv.cg;
     }
     if (++out_q == cv.q) {
       out_q = 0;
