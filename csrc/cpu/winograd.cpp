@@ -635,6 +635,8 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
   const std::vector<int64_t> v_rows = row_offsets(wp.in, ld);
   // V's P blocks are n elements apart beyond their in × ld rows: a channel's last row of tiles may overflow its
   // row by up to n - tq values (see input_transform_body), which must not reach the next block's first channel.
+  // M's blocks an odd number of lines apart (odd_lines), as the output transform reads a tile's P values at once:
+  // 32 output channels on 28x28 planes put them 36 KiB apart, all in one L1 set.
   const int64_t v_stride = wp.in * ld + n, m_stride = odd_lines<T>(wp.out * ld);
   const int64_t win_cols = M * tq + 2, win_rows = M * std::min(tile_rows, tp) + 2;
   const int64_t slack = M * n + M;  // read past the windows' and M's last rows
@@ -924,6 +926,7 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
   const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
+  // The transforms write a tile's P values at once: its blocks an odd number of lines apart (odd_lines).
   const int64_t v_stride = odd_lines<T>(tiles * ldv), u_stride = odd_lines<T>(tiles * ldu);
   // Blocks of whole row panels, M_ξ's block (P × block × in) about half of L2 (rounded up to whole panels), at
   // least two blocks per thread and a multiple of the threads, the panels spread evenly over them. 256 rows as
