@@ -122,8 +122,8 @@ void for_each_output_row(const Conv& cv, T* plane, int64_t r, int64_t s, int64_t
 // Copies n elements. Short runs (the common case: one output row, a few channels or one kernel row) are moved as
 // one 64-byte block when the source allows it; the bytes past n land on elements the caller writes later (it
 // fills its buffer strictly left to right) or in 64 bytes of slack after the buffer; longer ones by copy_row. A
-// libc memmove call per run would cost more than the copy. An empty run's src may point outside the source (a window wholly in the
-// padding), so it reads nothing.
+// libc memmove call per run would cost more than the copy. An empty run's src may point outside the source (a
+// window wholly in the padding), so it reads nothing.
 template <typename T>
 inline T* copy_run(T* dst, const T* src, int64_t n, const T* src_end) {
   constexpr int64_t kBlock = 64 / sizeof(T);
