@@ -75,12 +75,16 @@ inline __attribute__((always_inline)) Vec<T> load(const T* p) {
   return v;
 }
 
-// v with lanes from `count` on set to 0.
+// v with lanes from `count` on set to 0. The mask comes from a shift (index - count is negative below count), not a
+// comparison: GCC 12 lowers a vector comparison in these ISA-generic bodies, compiled in the baseline context before
+// they are inlined into each ISA's variant, into a branch per lane.
 template <typename T>
 inline __attribute__((always_inline)) Vec<T> keep_first(Vec<T> v, int64_t count) {
-  typename VecOf<T>::lanes index;
+  using Lanes = typename VecOf<T>::lanes;
+  Lanes index;
   for (int64_t k = 0; k < kWidth<T>; ++k) index[k] = k;
-  return index < static_cast<typename VecOf<T>::lane>(count) ? v : Vec<T>{};
+  const Lanes below = (index - static_cast<typename VecOf<T>::lane>(count)) >> (8 * sizeof(T) - 1);
+  return reinterpret_cast<Vec<T>>(reinterpret_cast<Lanes>(v) & below);
 }
 
 // The first `count` (0 to kWidth) values at p in lanes 0 .. count - 1, zeros in the others; nothing outside
