@@ -181,6 +181,27 @@ def test_implicit_output_rows_in_place(isa, dtype):
             assert {(d, a) for d, a, _ in calls} >= expected, calls
 
 
+# A stride-2 window's phases are gathered in whole vectors (conv_common.h, gather_evens: two loads, their even lanes)
+# and the rest of a phase row element by element. Every phase-row length from 1 to past two vectors of 16 floats,
+# both column phases, left padding 0 to 3 (the first column read in the plane or not) and the plane's last column
+# read or not, on every ISA: the forward and the weight gradient, whose implicit and transposed products read the
+# windows.
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_stride_two_windows_of_every_width(isa, dtype):
+    g = torch.Generator().manual_seed(5)
+    t = lambda *s, scale=1.0: _leaf(s, dtype, g, scale)  # noqa: E731
+    for width in range(1, 72):
+        for kernel, padding in ((1, 0), (3, 1), (4, 3), (2, 0)):
+            if width + 2 * padding < kernel:
+                continue
+            inputs = (t(2, 2, 5, width), t(3, 2, kernel, kernel, scale=(2 * kernel * kernel) ** -0.5), t(3))
+            with cpu_dispatch.forced(isa=isa, fprop="implicit", wgrad="transposed"), \
+                    cpu_dispatch.recording() as calls:
+                _check_conv(inputs, dict(stride=2, padding=padding), dtype)
+            assert {("fprop", "implicit", isa), ("wgrad", "transposed", isa)} <= set(calls), calls
+
+
 # The weight gradient's Winograd and GEMM read channels-last copies of dY and x: kept in scratch from call to call up
 # to 64 MiB (conv_wgrad.cpp, kKeptCopyBytes), fresh tensors past it. A kept copy must hold this call's data, not a
 # larger earlier call's, and the kernel's own scratch must not overlap it; the 72 MB input takes the fresh path.
