@@ -362,26 +362,12 @@ inline __attribute__((always_inline)) void copy_window_phase_body(const T* src, 
     zero_row(dst + b1, cols - b1);
   }
 }
-template <typename T>
-CNN_EXT_TARGET_AVX512 void copy_window_phase_avx512(const T* src, int64_t h, int64_t w, int64_t row0, int64_t step_h,
-                                                    int64_t col0, int64_t step_w, int64_t rows, int64_t cols, T* dst) {
-  copy_window_phase_body<T, 64>(src, h, w, row0, step_h, col0, step_w, rows, cols, dst);
-}
-template <typename T>
-CNN_EXT_TARGET_AVX2 void copy_window_phase_avx2(const T* src, int64_t h, int64_t w, int64_t row0, int64_t step_h,
-                                                int64_t col0, int64_t step_w, int64_t rows, int64_t cols, T* dst) {
-  copy_window_phase_body<T, 32>(src, h, w, row0, step_h, col0, step_w, rows, cols, dst);
-}
-template <typename T>
-void copy_window_phase_portable(const T* src, int64_t h, int64_t w, int64_t row0, int64_t step_h, int64_t col0,
-                                int64_t step_w, int64_t rows, int64_t cols, T* dst) {
-  copy_window_phase_body<T, 16>(src, h, w, row0, step_h, col0, step_w, rows, cols, dst);
-}
+// copy_window_phase_body for the ISA in use, on its widest vectors.
 template <typename T>
 void copy_window_phase(const T* src, int64_t h, int64_t w, int64_t row0, int64_t step_h, int64_t col0,
                        int64_t step_w, int64_t rows, int64_t cols, T* dst) {
-  by_isa(&copy_window_phase_avx512<T>, &copy_window_phase_avx2<T>, &copy_window_phase_portable<T>)(
-      src, h, w, row0, step_h, col0, step_w, rows, cols, dst);
+  by_isa(&PerIsa<&copy_window_phase_body<T, 64>>::avx512, &PerIsa<&copy_window_phase_body<T, 32>>::avx2,
+         &PerIsa<&copy_window_phase_body<T, 16>>::portable)(src, h, w, row0, step_h, col0, step_w, rows, cols, dst);
 }
 
 // The distinct values of (i*dil) % stride for i < taps, in order of first appearance: the stride phases a strided
@@ -555,6 +541,7 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
                         int64_t item, T* window, T* product, T* dst, const T* bias,
                         void (*add)(T*, const T*, int64_t, T)) {
   const int64_t k_gemm = static_cast<int64_t>(win.taps.size()), plane = win.out_h * win.out_w;
+  const auto add_bias = add_rows<T>();  // to output rows a GEMM wrote in place
   if (win.cols == win.out_w) {  // no wasted columns (1x1 kernels): the GEMM writes the output rows in place
     const auto [y0, y1] = win.item_rows(item);
     T* out = dst + y0 * win.out_w;
@@ -566,7 +553,6 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
       gemm(uk, m, n, k_gemm, a, src + y0 * win.src_w, win.source_rows.data(), out, plane, false, Pad::kNone);
     }
     if (bias != nullptr) {
-      const auto add_bias = add_rows<T>();
       for (int64_t i = 0; i < m; ++i) add_bias(out + i * plane, out + i * plane, n, bias[i]);
     }
     return;
@@ -579,7 +565,6 @@ void implicit_conv_item(const Window& win, const MicroKernel<T>& uk, int64_t m, 
       T* out = dst + y * win.out_w;
       gemm(uk, m, win.out_w, k_gemm, a, window + (y - y0) * win.cols, win.taps.data(), out, plane, false, Pad::kB);
       if (bias != nullptr) {
-        const auto add_bias = add_rows<T>();
         for (int64_t i = 0; i < m; ++i) add_bias(out + i * plane, out + i * plane, win.out_w, bias[i]);
       }
     }
