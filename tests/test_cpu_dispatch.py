@@ -183,7 +183,7 @@ def test_implicit_output_rows_in_place(isa, dtype):
 
 # A stride-2 window's phases are gathered in whole vectors (conv_common.h, gather_evens: two loads, their even lanes)
 # and the rest of a phase row element by element. Every phase-row length from 1 to past two vectors of 16 floats,
-# both column phases, left padding 0 to 3 (the first column read in the plane or not) and the plane's last column
+# both column phases, left padding 0, 1 or 3 (the first column read in the plane or not) and the plane's last column
 # read or not, on every ISA: the forward and the weight gradient, whose implicit and transposed products read the
 # windows.
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
