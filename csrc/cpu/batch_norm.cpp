@@ -139,24 +139,43 @@ struct BlockSums {
   }
 };
 
-// Fetches the n values at p (towards L2), a line at a time. A channel is N planes far apart, each a short stream (a
-// 28x28 plane: 49 lines) that the hardware prefetchers catch late: the first pass over a channel fetches the next
-// plane while it sums this one.
-template <typename T>
+// Fetches the lines of the n values at p (towards L2; for writing if kWrite). A channel is N planes far apart, each
+// a short stream (a 28x28 plane: 49 lines) that the hardware prefetchers catch late: the first pass over a channel
+// fetches the next plane while it sums this one.
+template <bool kWrite = false, typename T>
 inline __attribute__((always_inline)) void prefetch(const T* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(bytes + b, 0, 2);
+  const uintptr_t end = reinterpret_cast<uintptr_t>(p + n);
+  for (uintptr_t b = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63); b < end; b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(b), kWrite, 2);
 }
 
-// Σ (x - shift), and Σ (x - shift)² if kSquares, over one channel.
+// Planes of at most this many bytes have the lines their results go to fetched during the first pass, plane by
+// plane (write_to): they are output memory no op has touched since a previous step (a training step keeps its
+// activations for the backward), and a store that misses waits a memory latency per line, where plane after plane
+// of 1-16 lines was too short a stream for the hardware to fetch ahead. DeepMNIST's training step, batch 128
+// (Intel Xeon, 2 threads): 128x64x14x14 forward 1.56 -> 0.94 ms, backward 1.40 -> 1.00; 128x128x5x5 1.40 -> 0.56,
+// 0.75 -> 0.47; the step 2-4% faster. 28x28 planes (3 KiB) measured no faster, up to 8% slower: their stores
+// stream well enough.
+constexpr int64_t kWriteAheadPlaneBytes = 1024;
+
+template <typename T>
+bool write_ahead(int64_t l) {
+  return l * int64_t(sizeof(T)) <= kWriteAheadPlaneBytes;
+}
+
+// Σ (x - shift), and Σ (x - shift)² if kSquares, over one channel; y and kept (if not null) are the channel's
+// outputs, fetched plane by plane for writing (kWriteAheadPlaneBytes).
 template <typename T, bool kSquares>
-inline __attribute__((always_inline)) void channel_sums_body(Channel<T> ch, T shift, double* sum, double* squares) {
+inline __attribute__((always_inline)) void channel_sums_body(Channel<T> ch, T shift, double* sum, double* squares,
+                                                             const T* y, const uint8_t* kept) {
   constexpr int64_t w = kWidth<T>;
   const Vec<T> centre = Vec<T>{} + shift;
   BlockSums<T> acc;
   for (int64_t i = 0; i < ch.n; ++i) {
     const T* row = ch.x + i * ch.stride;
     if (!kSquares && i + 1 < ch.n) prefetch(row + ch.stride, ch.l);  // the first pass
+    if (y) prefetch<true>(y + i * ch.stride, ch.l);
+    if (kept) prefetch<true>(kept + i * ch.stride, ch.l);
     int64_t j = 0;
     for (; j + 2 * w <= ch.l; j += 2 * w) {
       const Vec<T> d0 = load(row + j) - centre, d1 = load(row + j + w) - centre;
@@ -214,10 +233,11 @@ inline __attribute__((always_inline)) T grad_at(const T* g, const uint8_t* kept,
 }
 
 // Σ dy and Σ dy · (x - mean) over one channel, in blocks as channel_sums_body; `kept` (kRelu) masks dy, a segment
-// of a plane at a time into a buffer.
+// of a plane at a time into a buffer. dx (if not null): the channel's input gradient, fetched plane by plane for
+// writing.
 template <typename T, bool kRelu>
 inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T* x, const uint8_t* kept, T mean,
-                                                          double* sum, double* dot) {
+                                                          double* sum, double* dot, const T* dx) {
   constexpr int64_t w = kWidth<T>;
   const Vec<T> centre = Vec<T>{} + mean;
   alignas(64) T masked[kRelu ? kBlock : 1];
@@ -229,6 +249,7 @@ inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T
       prefetch(x + next, dy.l);
       if constexpr (kRelu) prefetch(kept + next, dy.l);
     }
+    if (dx) prefetch<true>(dx + i * dy.stride, dy.l);
     for (int64_t j0 = 0; j0 < dy.l; j0 += kBlock) {
       const T* g = dy.x + i * dy.stride + j0;
       const T* v = x + i * dy.stride + j0;
@@ -290,6 +311,7 @@ void batch_norm_forward(const T* x, int64_t n, int64_t c, int64_t l, const T* we
   const auto normalize =
       kept ? PerIsa<&normalize_body<T, true>>::pick() : PerIsa<&normalize_body<T, false>>::pick();
   const double count = double(n * l);
+  const bool ahead = write_ahead<T>(l);
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t ch = 0; ch < c; ++ch) {
     const Channel<T> values{x + ch * l, n, l, c * l};
@@ -301,10 +323,10 @@ void batch_norm_forward(const T* x, int64_t n, int64_t c, int64_t l, const T* we
       // The corrected two-pass formulas: about any centre a, mean = a + Σ(x - a) / M and
       // M · var = Σ(x - a)² - (Σ(x - a))² / M, so the rounding of a = T(Σx / M) cancels.
       double sum, unused;
-      sums(values, T(0), &sum, &unused);
+      sums(values, T(0), &sum, &unused, ahead ? y + ch * l : nullptr, ahead && kept ? kept + ch * l : nullptr);
       centre = T(sum / count);
       double centered, squares;
-      centered_sums(values, centre, &centered, &squares);
+      centered_sums(values, centre, &centered, &squares, nullptr, nullptr);
       m = double(centre) + centered / count;
       v = std::max(0.0, (squares - centered * centered / count) / count);
     } else {
@@ -331,13 +353,16 @@ void batch_norm_backward(const T* dy, const T* x, int64_t n, int64_t c, int64_t 
   const auto grad_input_eval =
       relu ? PerIsa<&grad_input_eval_body<T, true>>::pick() : PerIsa<&grad_input_eval_body<T, false>>::pick();
   const double count = double(n * l);
+  const bool ahead = dx && write_ahead<T>(l);
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t ch = 0; ch < c; ++ch) {
     const Channel<T> grads{dy + ch * l, n, l, c * l};
     const uint8_t* kept_ch = relu ? kept + ch * l : nullptr;
     const double invstd = 1.0 / std::sqrt(double(var[ch]) + eps);
     double sum = 0, dot = 0;
-    if (dweight || dbias || training) sums(grads, x + ch * l, kept_ch, mean[ch], &sum, &dot);
+    if (dweight || dbias || training) {
+      sums(grads, x + ch * l, kept_ch, mean[ch], &sum, &dot, ahead ? dx + ch * l : nullptr);
+    }
     if (dweight) dweight[ch] = T(dot * invstd);
     if (dbias) dbias[ch] = T(sum);
     if (!dx) continue;
