@@ -51,6 +51,9 @@ ORIENTATIONS = {
     "few_tiles": (1, 70, 5, 150),
     "runs": (3, 8, 4, 30),
     "m_fits": (1, 128, 16, 128),
+    # 294 tiles (2x2) with 256 channels each side, an M of 1.2 MiB: as rows below one core's L2 (2 MiB, as on the
+    # Intel machines), as columns where it is 1 MiB
+    "m_within_l2": (6, 256, 14, 256),
     "short_rows": (6, 20, 5, 24),
     "columns": (4, 12, 16, 10),
 }

@@ -2,8 +2,11 @@
 
 #include <ATen/Version.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <string>
 
 namespace cnn_ext::cpu {
@@ -34,6 +37,17 @@ std::atomic<int> limit{static_cast<int>(Isa::kAvx512)};
 Isa machine_isa() {
   static const Isa isa = std::min(cpu_supports(), torch_allows());
   return isa;
+}
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (reported > 0) return int64_t(reported);
+#endif
+    return int64_t(1) << 20;
+  }();
+  return bytes;
 }
 
 Isa isa() { return static_cast<Isa>(std::min(static_cast<int>(machine_isa()), limit.load(std::memory_order_relaxed))); }

@@ -9,6 +9,8 @@
 // per-ISA variants compile as portable code and isa() is kDefault.
 #pragma once
 
+#include <cstdint>
+
 #if defined(__x86_64__)
 #define CNN_EXT_X86 1
 // AVX-512 here means F, VL, BW and DQ (what torch's AVX512 capability requires), with FMA.
@@ -32,6 +34,8 @@ Isa isa();
 Isa set_isa_limit(Isa limit);
 // "avx512", "avx2" or "default", as torch spells its capabilities (in lower case).
 const char* isa_name(Isa isa);
+// One core's L2 cache in bytes as the OS reports it (sysconf), 1 MiB where it does not; read once.
+int64_t l2_cache_bytes();
 
 // The variant of a kernel compiled for the ISA in use.
 template <typename Fn>

@@ -703,8 +703,15 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
 
 // The two orientations' rule: the tiles as the GEMMs' rows (winograd_channels) where the output channels outnumber
 // twice the tiles (as columns, few tiles padded to whole vectors, 49 to 64), or where both sides have 128 channels
-// or more and an item's M over all the tiles (P × tiles × nr) stays within 1 MiB; else as columns (winograd_tiles:
-// many tiles, whose M and V per item the channel blocks would each re-read from beyond L2). Measured side by side
+// or more and an item's M over all the tiles (P × tiles × nr) stays within 1 MiB, or with 256 or more each side
+// below one core's L2 (l2_cache_bytes); else as columns (winograd_tiles: many tiles, whose M and V per item the
+// channel blocks would each re-read from beyond L2). The L2 bound, on the Intel Xeon (2 MiB of L2 per core),
+// alternating runs, columns -> rows, forward / input gradient in ms: batch 8 256@14 (392 tiles, an M of 1.6 MiB)
+// 4.68-4.73 -> 4.31-4.38 / 4.92-5.11 -> 4.31-4.32, batch 6 3.92-3.98 -> 3.14-3.19 / 4.03-4.20 -> 3.17-3.20, batch
+// 8 256 -> 512@14 9.6-10.2 -> 9.2 / 10.3-10.7 -> 8.6-8.7, batch 24 512@7 17.9-18.2 -> 15.5-15.7 / 19.0-19.2 ->
+// 15.6-16.1; at 2 MiB (batch 32 512@7) 23.0-23.5 -> 24.4-24.7 forward, hence below; with 128 channels M beyond
+// 1 MiB lost there too (batch 2 128@28: 1.16-1.21 -> 1.42-1.49), hence 256. On the AMD machine (1 MiB of L2)
+// the rule is the 1 MiB one, as measured there (below). Measured side by side
 // on the 2-core AVX-512 machine, forward / input gradient in ms, columns -> rows: batch 1 256@14 0.61 -> 0.45 /
 // 0.64 -> 0.46, batch 2 1.17 -> 0.76 / 1.27 -> 0.80, batch 4 1.71 -> 1.33 / 1.86 -> 1.33, batch 1 128@28 0.44 ->
 // 0.34 / 0.46 -> 0.37, 128@7 0.17 -> 0.08 / 0.31 -> 0.10, 512@7 1.50 -> 0.75 / 2.61 -> 0.90; batch 8 256@14 and
@@ -722,7 +729,9 @@ void winograd_oriented(const Winograd3x3& wp, const T* src, const T* weights, bo
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const MicroKernel<T> uk = pick_micro_kernel<T>(tiles, wp.out);
   const bool few_tiles = wp.out > 2 * tiles, narrow = ceil_div(wp.out_w, M) < 4;
-  const bool m_fits = std::min(wp.in, wp.out) >= 128 && P * tiles * uk.nr * int64_t(sizeof(T)) <= (int64_t(1) << 20);
+  const int64_t m_bytes = P * tiles * uk.nr * int64_t(sizeof(T)), channels = std::min(wp.in, wp.out);
+  const bool m_fits =
+      channels >= 128 && (m_bytes <= (int64_t(1) << 20) || (channels >= 256 && m_bytes < l2_cache_bytes()));
   if (few_tiles || m_fits || narrow) {
     winograd_channels<T, M>(wp, uk, src, weights, flip, bias, dst);
   } else {
