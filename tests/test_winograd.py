@@ -108,11 +108,12 @@ def test_padding_over_two(algorithm):
 # The weight gradient's two schedules (winograd_wgrad_tiles): by output-channel blocks where the tiles number at most
 # twice the output channels (every tile transformed once, each block's M turned into dW by the thread that made it),
 # else by runs of tiles, each thread summing its own M. (n, c, size, k, groups): blocks with a ragged last block,
-# per group, and on 4x4 tiles; more blocks than two per thread (M's block bounded by L2: 200 output channels over 160
-# input channels, uneven blocks of whole panels); runs with more tiles than the output channels allow.
+# per group, and on 4x4 tiles; more blocks than two per thread (M's block bounded by half of L2: 200 output channels
+# over 512 input channels on L2s of up to 2 MiB, uneven blocks of whole panels); runs with more tiles than the output
+# channels allow.
 WGRAD_SCHEDULES = {
     "blocks": (1, 40, 6, 50, 1),
-    "blocks_bounded_by_l2": (1, 160, 6, 200, 1),
+    "blocks_bounded_by_l2": (1, 512, 6, 200, 1),
     "blocks_groups": (2, 24, 5, 36, 2),
     "blocks_4x4_tiles": (3, 20, 9, 45, 1),
     "runs": (6, 8, 12, 8, 1),

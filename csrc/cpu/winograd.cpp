@@ -937,13 +937,15 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
   // The transforms write a tile's P values at once: its blocks an odd number of lines apart (odd_lines).
   const int64_t v_stride = odd_lines<T>(tiles * ldv), u_stride = odd_lines<T>(tiles * ldu);
-  // Blocks of whole row panels, M_ξ's block (P × block × in) about half of L2 (rounded up to whole panels), at
-  // least two blocks per thread and a multiple of the threads, the panels spread evenly over them. 256 rows as
-  // blocks of 36 (six 6-row panels) left a last block of 4 rows, one thread idle for most of a block: 7% of the
-  // call at batch 8 by perf; as 8 blocks of 5-6 panels, side by side, batch 1 256@14 0.43 -> 0.41 ms, 512@7 1.6 ->
-  // 1.4 ms.
+  // Blocks of whole row panels, M_ξ's block (P × block × in) about half of one core's L2 as the OS reports it
+  // (l2_cache_bytes; rounded up to whole panels), at least two blocks per thread and a multiple of the threads, the
+  // panels spread evenly over them. 256 rows as blocks of 36 (six 6-row panels) left a last block of 4 rows, one
+  // thread idle for most of a block: 7% of the call at batch 8 by perf; as 8 blocks of 5-6 panels, side by side,
+  // batch 1 256@14 0.43 -> 0.41 ms, 512@7 1.6 -> 1.4 ms. Every block reads all of V, so the larger the blocks the
+  // less V is re-read: on the Intel Xeon (2 MiB of L2), blocks of 1 MiB instead of 512 KiB, alternating runs, ms:
+  // batch 8 256@14 5.17-5.41 -> 4.66-4.82, batch 8 512@7 7.9-9.1 -> 6.8-7.4, batch 1 unchanged (0.76-0.83, 1.12-1.31).
   const int64_t panels = ceil_div(wp.out, int64_t(uk.mr));
-  const int64_t fit_rows = std::max<int64_t>(1, kScratchBytes / (P * wp.in * int64_t(sizeof(T))));
+  const int64_t fit_rows = std::max<int64_t>(1, l2_cache_bytes() / 2 / (P * wp.in * int64_t(sizeof(T))));
   const int64_t fit_panels = ceil_div(fit_rows, int64_t(uk.mr));
   int64_t blocks = std::max(ceil_div(panels, fit_panels), std::min<int64_t>(panels, 2 * threads));
   if (blocks < panels) blocks = std::min(panels, detail::round_up(blocks, int64_t(threads)));
