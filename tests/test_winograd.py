@@ -52,7 +52,8 @@ ORIENTATIONS = {
     "runs": (3, 8, 4, 30),
     "m_fits": (1, 128, 16, 128),
     # 294 tiles (2x2) with 256 channels each side, an M of 1.2 MiB: as rows below one core's L2 (2 MiB, as on the
-    # Intel machines), as columns where it is 1 MiB
+    # Intel machines; M a quarter of L2 or more, so U's chunk is half of L2: all 256 input channels at once), as
+    # columns where it is 1 MiB
     "m_within_l2": (6, 256, 14, 256),
     "short_rows": (6, 20, 5, 24),
     "columns": (4, 12, 16, 10),
