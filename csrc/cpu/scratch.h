@@ -13,6 +13,9 @@
 #pragma once
 
 #include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include <algorithm>
 #include <array>
@@ -32,12 +35,26 @@ struct FreeScratch {
 template <typename T>
 using Scratch = std::unique_ptr<T[], FreeScratch>;
 
-// n elements, 64-byte aligned (a vector never straddles two cache lines), uninitialised.
+// Buffers of this size or more are made of whole 2 MiB pages where the OS has them (Linux's transparent huge pages,
+// asked for by madvise: the default "madvise" mode gives them to no one else). A GEMM reading Winograd's V and U in
+// place touches a page per 1-4 rows of each, more than the first-level TLB holds; on huge pages, side by side on
+// the Intel Xeon: batch 1 256@14 weight gradient 0.82-0.89 -> 0.71-0.80 ms, batch 8 128@28 3.8-3.9 -> 3.3-3.5,
+// batch 8 256@14 4.8-5.0 -> 4.4-4.8; the benchmark's batch-1 ResNet rows 0-9% faster, DeepMNIST's step ~1%.
+constexpr size_t kHugePageBytes = size_t(2) << 20;
+constexpr size_t kHugeFromBytes = size_t(1) << 20;
+
+// n elements, 64-byte aligned (a vector never straddles two cache lines), uninitialised; from kHugeFromBytes on,
+// whole huge pages (2 MiB-aligned, rounded up to 2 MiB).
 template <typename T>
 Scratch<T> scratch(int64_t n) {
-  const size_t bytes = (std::max<size_t>(n * sizeof(T), 1) + 63) / 64 * 64;  // aligned_alloc: whole alignments
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  const size_t wanted = std::max<size_t>(n * sizeof(T), 1);
+  const size_t align = wanted >= kHugeFromBytes ? kHugePageBytes : 64;
+  const size_t bytes = (wanted + align - 1) / align * align;  // aligned_alloc: whole alignments
+  T* p = static_cast<T*>(std::aligned_alloc(align, bytes));
   if (p == nullptr) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align == kHugePageBytes) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: nothing to do if refused
+#endif
   return Scratch<T>(p);
 }
 
