@@ -1,6 +1,8 @@
 // The CPU ops' output cache: see output_cache.h.
 #include "output_cache.h"
 
+#include "scratch.h"
+
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
@@ -19,16 +21,23 @@ constexpr size_t kMinBytes = size_t(1) << 20;
 constexpr size_t kPage = 4096;
 constexpr size_t kDefaultBudget = size_t(1024) << 20;
 
-// Blocks are whole pages, page-aligned; a freed output's block goes back to free_ (in the order freed), and the next
-// output of exactly its size takes the newest such block.
+// Blocks are whole pages, page-aligned (2 MiB-aligned from 2 MiB on); a freed output's block goes back to free_ (in
+// the order freed), and the next output of exactly its size takes the newest such block.
 class OutputCache final : public c10::Allocator {
  public:
   c10::DataPtr allocate(size_t nbytes) override {
     const size_t bytes = (std::max<size_t>(nbytes, 1) + kPage - 1) / kPage * kPage;
     void* p = take(bytes);
     if (p == nullptr) {
-      p = std::aligned_alloc(kPage, bytes);
+      // From one huge page's size on, 2 MiB-aligned and advised onto huge pages (scratch.h; the block's tail past
+      // its last whole huge page stays on 4 KiB pages, so nothing is rounded up), as torch's own CPU allocator
+      // does under THP_MEM_ALLOC_ENABLE=1. The next op reads an output across many pages at once (a convolution
+      // reads rows of every input channel's plane, a batch norm a plane per channel): alternating runs on the
+      // Intel Xeon, DeepMNIST's training step 70.5-72.5 -> 67.1-68.0 ms (ratio to torch's 0.62-0.63 -> 0.60-0.61).
+      const size_t align = bytes >= kHugePageBytes ? kHugePageBytes : kPage;
+      if (posix_memalign(&p, align, bytes) != 0) p = nullptr;  // (aligned_alloc wants whole alignments)
       TORCH_CHECK(p != nullptr, "cnn_ext: out of memory allocating ", bytes, " bytes for a CPU output");
+      if (align == kHugePageBytes) advise_huge_pages(p, bytes);
     }
     return {p, new Block{p, bytes, this}, &OutputCache::give_back, c10::Device(c10::DeviceType::CPU)};
   }

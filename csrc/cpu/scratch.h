@@ -43,6 +43,17 @@ using Scratch = std::unique_ptr<T[], FreeScratch>;
 constexpr size_t kHugePageBytes = size_t(2) << 20;
 constexpr size_t kHugeFromBytes = size_t(1) << 20;
 
+// Asks for [p, p + bytes) on huge pages (those 2 MiB pages of it that lie wholly inside); advice only, nothing to do
+// where the OS refuses or has none.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#ifdef MADV_HUGEPAGE
+  madvise(p, bytes, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 // n elements, 64-byte aligned (a vector never straddles two cache lines), uninitialised; from kHugeFromBytes on,
 // whole huge pages (2 MiB-aligned, rounded up to 2 MiB).
 template <typename T>
@@ -52,9 +63,7 @@ Scratch<T> scratch(int64_t n) {
   const size_t bytes = (wanted + align - 1) / align * align;  // aligned_alloc: whole alignments
   T* p = static_cast<T*>(std::aligned_alloc(align, bytes));
   if (p == nullptr) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-  if (align == kHugePageBytes) madvise(p, bytes, MADV_HUGEPAGE);  // advice only: nothing to do if refused
-#endif
+  if (align == kHugePageBytes) advise_huge_pages(p, bytes);
   return Scratch<T>(p);
 }
 
