@@ -8,7 +8,8 @@
 // the oldest let go first) and given to the next output of its size: no faults, and its pages are often still in
 // cache.
 //
-// Only outputs of 1 MiB or more come from here (malloc serves small ones well). The tensors are ordinary CPU tensors
+// Only outputs of 1 MiB or more come from here (malloc serves small ones well); those of 2 MiB and more are 2 MiB-
+// aligned and advised onto transparent huge pages (output_cache.cpp). The tensors are ordinary CPU tensors
 // (resizable; the cache is only their allocator). The budget is 1 GiB until set (cnn_ext sets it at import from
 // CNN_EXT_OUTPUT_CACHE_MB; 0 keeps nothing).
 #pragma once
