@@ -934,6 +934,16 @@ auto filter_gradients() {
                 &PerIsa<&filter_gradients_body<T, 16, M>>::portable);
 }
 
+// The lengths of winograd_wgrad_blocks' rows of V and U (a tile's in and out values): V's whole column panels of
+// the micro-kernel (nr; its GEMMs read them whole, Pad::kB), both an odd number of cache lines (odd_lines). Rows of
+// 256 channels, 1 KiB apart, put a GEMM's strip of B (a row's panel per tile) and A's columns (U's rows) in 16 of
+// L1's 64 sets; one line longer, in one process, ms: batch 1 256@14 0.649-0.662 -> 0.614-0.620, batch 4 2.06-2.09
+// -> 1.94-1.98, batch 8 4.05-4.12 -> 3.83-3.93, batch 1 512@7 0.99 -> 0.95, batch 2 128@28 1.06-1.13 -> 1.01-1.09.
+template <typename T>
+std::pair<int64_t, int64_t> blocks_rows(const Winograd3x3& wp, int nr) {
+  return {odd_lines<T>(padded_cols(wp.in, nr)), odd_lines<T>(wp.out)};
+}
+
 // winograd_3x3_wgrad by F(3x3, M x M) on few tiles: every tile's V and U transformed once (the threads sharing
 // the tiles), then the items are blocks of output channels, each computing its M_ξ rows over all the tiles and
 // turning them into its filters' dW at once, while they are in L2. Nothing is summed across threads, and M never
@@ -943,7 +953,7 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
-  const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
+  const auto [ldv, ldu] = blocks_rows<T>(wp, uk.nr);
   // The transforms write a tile's P values at once: its blocks an odd number of lines apart (odd_lines).
   const int64_t v_stride = odd_lines<T>(tiles * ldv), u_stride = odd_lines<T>(tiles * ldu);
   // Blocks of whole row panels, M_ξ's block (P × block × in) about half of one core's L2 as the OS reports it
@@ -959,10 +969,13 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   int64_t blocks = std::max(ceil_div(panels, fit_panels), std::min<int64_t>(panels, 2 * threads));
   if (blocks < panels) blocks = std::min(panels, detail::round_up(blocks, int64_t(threads)));
   const int64_t block_rows = ceil_div(panels, blocks) * uk.mr, pairs = wp.out * wp.in;
+  // M_ξ's blocks an odd number of lines apart (odd_lines), as G' M G reads a pair's P values at once: 64 rows of
+  // 256 channels put them 64 KiB apart, all in one L1 set.
+  const int64_t m_stride = odd_lines<T>(block_rows * wp.in);
   CallScratch scratch;
   T* const v = scratch.whole<T>(P * v_stride);
   T* const u = scratch.whole<T>(P * u_stride);
-  const auto ms = scratch.per_thread<T>(threads, P * block_rows * wp.in);
+  const auto ms = scratch.per_thread<T>(threads, P * m_stride);
   const std::vector<int64_t> v_rows = row_offsets(tiles, ldv);
   const auto transforms = wgrad_transforms<T, M>();
   const auto finish = filter_gradients<T, M>();
@@ -982,9 +995,9 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
       T* const m = ms.get();
       for (int64_t xi = 0; xi < P; ++xi) {
         gemm_a_in_place(uk, rows, wp.in, tiles, u + xi * u_stride + o0, ldu, v + xi * v_stride, v_rows.data(),
-                        m + xi * count, wp.in, false, Pad::kB);
+                        m + xi * m_stride, wp.in, false, Pad::kB);
       }
-      finish(m, 1, 0, count, count, dw + (g * pairs + o0 * wp.in) * 9);
+      finish(m, 1, 0, m_stride, count, dw + (g * pairs + o0 * wp.in) * 9);
     }
   }
 }
@@ -999,7 +1012,7 @@ template <typename T, int M>
 bool wgrad_by_blocks(const Winograd3x3& wp) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
-  const int64_t ldv = padded_cols(wp.in, pick_micro_kernel<T>(wp.out, wp.in).nr), ldu = wp.out;
+  const auto [ldv, ldu] = blocks_rows<T>(wp, pick_micro_kernel<T>(wp.out, wp.in).nr);
   return tiles <= 2 * wp.out && P * tiles * (ldv + ldu) * int64_t(sizeof(T)) <= (int64_t(16) << 20);
 }
 
