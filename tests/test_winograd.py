@@ -343,12 +343,16 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
     ((16, 64, 14, 14, 64), "winograd_4x4"),  # ... but faster on runs of tiles (more than twice the output channels)
     ((128, 32, 14, 14, 64), "winograd_4x4"),  # DeepMNIST's third layer
     ((8, 64, 28, 28, 64), "winograd_4x4"),
-    ((1, 128, 16, 16, 128), "winograd"),  # no kernels to transform: 64 tiles (2x2) are enough; 16 (4x4) are not
+    ((1, 128, 16, 16, 128), "winograd_4x4"),  # both on the blocks of output channels (few tiles): 0.56 the products
     ((1, 256, 14, 14, 256), "winograd"),  # 49 tiles with many channels
     ((2, 256, 14, 14, 256), "winograd"),  # 32 tiles (4x4): 73728 sums per tile, M outweighs the products saved
     ((1, 64, 14, 14, 64), None),  # 49 tiles, 64 channels: left to the GEMMs
     ((2, 512, 7, 7, 512), None),  # 32 tiles
-    ((16, 32, 8, 8, 64), "winograd_4x4"),  # ahead of the lanes kernels
+    ((16, 32, 8, 8, 64), "winograd"),  # ahead of the lanes kernels; its 4x4 tiles would leave the runs for the blocks
+    ((1, 64, 28, 28, 64), "winograd"),  # likewise
+    ((2, 128, 28, 28, 128), "winograd_4x4"),  # ... unless 128 channels each side
+    ((4, 512, 7, 7, 512), "winograd_4x4"),  # on the blocks: no bound on the sums per tile there
+    ((1, 256, 28, 28, 256), "winograd_4x4"),
     ((8, 16, 14, 14, 16), None),  # too few channels
     ((32, 32, 8, 8, 32), "winograd_4x4"),  # 32 channels each side: ahead of the lanes kernels too
     ((64, 64, 5, 5, 64), "winograd"),  # 5x5 planes: 4x4 tiles pad them to 8x8, as many products as 2x2 tiles

@@ -51,6 +51,7 @@
 #include "gemm.h"
 #include "isa.h"
 #include "scratch.h"
+#include "winograd.h"
 
 #if CNN_EXT_X86
 #include <immintrin.h>
@@ -91,6 +92,11 @@ struct Conv {
 
   bool unit_stride() const { return stride_h == 1 && stride_w == 1; }
 };
+
+// The stride-1 3x3 convolution cv is, as Winograd's forward and weight gradient see it (winograd.h).
+inline Winograd3x3 winograd_problem(const Conv& cv) {
+  return {cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w};
+}
 
 inline int num_threads() { return at::get_num_threads(); }
 

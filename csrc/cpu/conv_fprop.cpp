@@ -89,8 +89,7 @@ void conv2d_forward(const ConvShape<int64_t>& shape, Fprop algorithm, const T* x
       return depthwise_forward(cv, x, w, bias, y);
     case Fprop::kWinograd4x4:
     case Fprop::kWinograd:
-      return winograd_3x3(Winograd3x3{cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w},
-                          algorithm == Fprop::kWinograd4x4 ? 4 : 2, x, w, false, bias, y);
+      return winograd_3x3(winograd_problem(cv), algorithm == Fprop::kWinograd4x4 ? 4 : 2, x, w, false, bias, y);
     case Fprop::kImplicit:
       return conv2d_forward_implicit(cv, x, w, bias, y);
     case Fprop::kExplicit:

@@ -364,10 +364,7 @@ void conv2d_backward_weight_transposed(const Conv& cv, const T* dy, const T* x, 
   }
 }
 
-// The stride-1 3x3 convolution Winograd sees in cv, and the output tiles (dY's blocks) of its algorithm.
-Winograd3x3 winograd_problem(const Conv& cv) {
-  return {cv.n, cv.groups, cv.cg, cv.kg, cv.h, cv.w, cv.p, cv.q, cv.pad_h, cv.pad_w};
-}
+// The output tiles (dY's blocks) of a Winograd algorithm.
 int64_t winograd_tile(Wgrad algorithm) { return algorithm == Wgrad::kWinograd4x4 ? 4 : 2; }
 
 // dw by `algorithm` from dY and x, NCHW or, as their flags say, channels-last (n × h × w × channels): Winograd reads

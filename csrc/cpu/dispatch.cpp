@@ -30,10 +30,11 @@
 // |                   | explicit     | always                                             | Wᵀ·dY panels + col2im             |
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
-// |                   | winograd_4x4 | winograd's rule, 36·in·out sums within 16384 per   | F(3x3, 4x4): 36 GEMMs             |
-// |                   |              | 4x4 tile, 4x4 tiles multiplying <= 2/3 as much as  |                                   |
-// |                   |              | 2x2 ones (padding), 3/4 with more tiles than 2·Kg; |                                   |
-// |                   |              | any float32 precision                              |                                   |
+// |                   | winograd_4x4 | winograd's rule, 4x4 tiles multiplying <= 2/3 as   | F(3x3, 4x4): 36 GEMMs             |
+// |                   |              | much as 2x2 ones (padding); by runs of tiles: 3/4, |                                   |
+// |                   |              | 36·in·out sums within 16384 per 4x4 tile; on the   |                                   |
+// |                   |              | blocks only where 2x2 tiles are or 128+ channels   |                                   |
+// |                   |              | each side; any float32 precision                   |                                   |
 // |                   | winograd     | 32+ channels each side, from 64 tiles, at most     | F(3x3, 2x2): GEMMs over the tiles |
 // |                   |              | 4096 weights·16 per tile; or 128+ channels each    |                                   |
 // |                   |              | side from 48 tiles                                 |                                   |
@@ -307,16 +308,37 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 // themselves (winograd.cpp), 14x14 planes (up to 3/4 as much) pay on those runs, i.e. with more 4x4 tiles than twice
 // the output channels: 128x32->64@14 0.84-0.95, 128x64@14 0.81-0.84, 32x64@14 0.82-0.89, 16x64@14 0.84-0.85; not on
 // the blocks of output channels (8x64@14 1.36-1.37, 8x128@14 1.05-1.50).
+// The bound on the sums per tile is the runs' alone: on the blocks (few tiles, winograd_wgrad_needs_channels_last)
+// nothing is summed across parts and each block's M is written once. But below 128 channels a side the 4x4 tiles
+// take the blocks only where the 2x2 ones do too: having 4x fewer tiles, they reach the blocks' bound (tiles <=
+// twice the output channels) on planes where the 2x2 tiles run by runs, and there the blocks, of 16-24 output
+// channels at 64-96 channels, measured 1.3-2.2x the runs' time: 1x64@28 0.266 against 0.136-0.140 ms, 2x64@28 0.459
+// / 0.266, 4x64@16 0.343 / 0.170, 8x64@16 0.599 / 0.328, 1x96@28 0.446 / 0.306, 1x32@28 0.127 / 0.058, 16x32->64@8
+// 0.221 / 0.117, 2x128->64@28 0.770 / 0.547, 2x64->128@28 0.621 / 0.505; with 128 each side they won (2x128@28
+// 1.03-1.08 / 1.07-1.19, 3x128@28 1.54 / 1.61, 4x128@28 2.01 / 2.15). Where both run on the blocks, on 7x7, 8x8,
+// 16x16 and 28x28 planes (at most 0.56 the products), side by side in one process, ms, F(3x3, 2x2) -> F(3x3, 4x4):
+// 3x256@7 0.59 -> 0.55, 8x256@7 1.32 -> 1.09, 4x512@7 2.52 -> 2.12, 8x512@7 5.16-5.33 -> 3.68-3.70, 16x512@7 8.7 ->
+// 7.1, 32x256@7 4.58 -> 3.59, 4x256@8 0.72 -> 0.62, 8x256@8 1.29 -> 1.04, 8x128@8 0.43 -> 0.37, 4x128@8 0.240 ->
+// 0.244, 1x256@28 2.00 -> 1.64, 2x256@28 3.73 -> 2.87, 1x128@16 0.244 -> 0.241, 1x256@16 0.705 -> 0.686, 1x128@32
+// 0.91 -> 0.69 (torch: 0.74, 1.54, 3.79, 6.65-6.73, 12.5, 5.30, 1.07, 1.90, 0.50, 0.30, 2.64, 5.08, 0.29, 1.01,
+// 0.95).
 // Unlike the forward's (winograd_4x4_precision), its float32 error needs no precision condition: the weight
 // gradient's tolerance scales with its own values, and against float64 it measured 1.1-2.0x the error of torch's
-// own float32 weight gradient (ResNet-like layers at batch 2-16, and the 67-channel layer with unscaled weights),
-// at most 0.11 of the suite's tolerance (tests/test_winograd.py bounds it at 0.25).
-bool winograd_4x4_wgrad_preferred(const Conv& cv) {
+// own float32 weight gradient (ResNet-like layers at batch 2-16, and the 67-channel layer with unscaled weights;
+// 1.7-2.6x on 4-16x512@7 and 8x256@8), at most 0.11 of the suite's tolerance (tests/test_winograd.py bounds it at
+// 0.25).
+bool winograd_4x4_wgrad_preferred(const Conv& cv, at::ScalarType dtype) {
   const int64_t tiles = cv.n * ceil_div(cv.p, 4) * ceil_div(cv.q, 4);
   const int64_t tiles_2x2 = cv.n * ceil_div(cv.p, 2) * ceil_div(cv.q, 2);
-  const bool runs = tiles > 2 * cv.kg;
-  return winograd_wgrad_preferred(cv) && 36 * cv.cg * cv.kg <= 16384 * tiles &&
-         (3 * 36 * tiles <= 2 * 16 * tiles_2x2 || (runs && 4 * 36 * tiles <= 3 * 16 * tiles_2x2));
+  const Winograd3x3 wp = winograd_problem(cv);
+  const auto by_blocks = [&](int64_t tile) {
+    return dtype == at::kDouble ? winograd_wgrad_needs_channels_last<double>(wp, tile)
+                                : winograd_wgrad_needs_channels_last<float>(wp, tile);
+  };
+  const bool blocks = by_blocks(4);
+  return winograd_wgrad_preferred(cv) && (!blocks || by_blocks(2) || (cv.cg >= 128 && cv.kg >= 128)) &&
+         (blocks || 36 * cv.cg * cv.kg <= 16384 * tiles) &&
+         (3 * 36 * tiles <= 2 * 16 * tiles_2x2 || (!blocks && 4 * 36 * tiles <= 3 * 16 * tiles_2x2));
 }
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no
@@ -419,7 +441,7 @@ Wgrad choose_wgrad(const ConvShape<int64_t>& s, at::ScalarType dtype) {
   // the dot tiles (8x16->16@32: 1.57 vs 1.30; 128x1->32@28: 1.19 vs 0.90), and for a 1x1, stride-1 kernel with
   // Kg > Cg the GEMM's copy of the input is the smaller gather (1x/8x64->256@56: 1.21/1.13 vs 0.91/0.96).
   const bool winograd = winograd_can(cv) && winograd_wgrad_preferred(cv);
-  const bool winograd_4x4 = winograd && winograd_4x4_wgrad_preferred(cv);
+  const bool winograd_4x4 = winograd && winograd_4x4_wgrad_preferred(cv, dtype);
   const bool transposed = (cv.kg >= 32 || (cv.rs == 1 && cv.kg >= 16)) && cv.crs >= 32 &&
                           !(cv.rs == 1 && cv.unit_stride() && cv.kg > cv.cg) &&
                           (cv.crs * cv.kg <= kTransposedWeightsPerPosition * cv.n * cv.pq ||
