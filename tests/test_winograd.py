@@ -345,7 +345,7 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
     ((8, 64, 28, 28, 64), "winograd_4x4"),
     ((1, 128, 16, 16, 128), "winograd_4x4"),  # both on the blocks of output channels (few tiles): 0.56 the products
     ((1, 256, 14, 14, 256), "winograd"),  # 49 tiles with many channels
-    ((2, 256, 14, 14, 256), "winograd"),  # 32 tiles (4x4): 73728 sums per tile, M outweighs the products saved
+    ((2, 256, 14, 14, 256), "winograd"),  # 14x14 on the blocks: 4x4 tiles multiply 0.73 as much, more than 2/3
     ((1, 64, 14, 14, 64), None),  # 49 tiles, 64 channels: left to the GEMMs
     ((2, 512, 7, 7, 512), None),  # 32 tiles
     ((16, 32, 8, 8, 64), "winograd"),  # ahead of the lanes kernels; its 4x4 tiles would leave the runs for the blocks
@@ -356,7 +356,7 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
     ((8, 16, 14, 14, 16), None),  # too few channels
     ((32, 32, 8, 8, 32), "winograd_4x4"),  # 32 channels each side: ahead of the lanes kernels too
     ((64, 64, 5, 5, 64), "winograd"),  # 5x5 planes: 4x4 tiles pad them to 8x8, as many products as 2x2 tiles
-    ((8, 256, 14, 14, 256), "winograd"),  # 18432 sums per 4x4 tile
+    ((8, 256, 14, 14, 256), "winograd"),  # likewise (18432 sums per 4x4 tile, no bound on the blocks)
 ])
 def test_weight_gradient_dispatch_rule(shape, chosen, precision, dtype):
     n, c, size, _, k = shape
