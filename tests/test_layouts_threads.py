@@ -126,6 +126,30 @@ def test_results_for_1_2_and_3_threads(threads):
         assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])  # outputs and input gradients
 
 
+def test_in_place_1x1_items_for_1_2_and_3_threads(threads):
+    """A 1x1, stride-1, unpadded convolution's forward and input gradient read their source planes in place; the
+    rows per item follow the thread count and keep items on whole cache lines where the planes are whole lines
+    (56 and 28 columns; not 14). Whatever the split, the results are bitwise the same, and torch's within
+    tolerance."""
+    g = torch.Generator().manual_seed(5)
+    for n, c, k, size in ((1, 32, 24, 56), (3, 40, 16, 28), (2, 24, 40, 14), (1, 8, 8, 28)):
+        x, w = torch.randn(n, c, size, size, generator=g), torch.randn(k, c, 1, 1, generator=g)
+        dy = torch.randn(n, k, size, size, generator=g)
+        args = ([1, 1], [0, 0], [1, 1], 1)
+        runs = []
+        for count in (1, 2, 3):
+            threads(count)
+            runs.append((torch.ops.cnn_ext.conv2d(x, w, None, *args),
+                         torch.ops.cnn_ext.conv2d_backward_input(dy, w, list(x.shape), *args)))
+        threads(1)
+        dx = torch.ops.aten.convolution_backward(dy, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                 [True, False, False])[0]
+        for y, d in runs:
+            assert torch.equal(y, runs[0][0]) and torch.equal(d, runs[0][1]), (n, c, k, size)
+        assert_close(runs[0][0], F.conv2d(x, w), torch.float32)
+        assert_close(runs[0][1], dx, torch.float32)
+
+
 # Shapes whose calls take the kernels that keep scratch from call to call (csrc/cpu/scratch.h): Winograd (all three
 # directions), the implicit products and dcol, the transposed, dot-tile and GEMM weight gradients.
 SCRATCH_CASES = [((2, 48, 28, 28), (48, 48, 3, 3), 1, 1),   # Winograd, 4x4 tiles (float64 takes them)

@@ -28,7 +28,7 @@ namespace {
 template <typename T>
 void conv2d_forward_implicit(const Conv& cv, const T* x, const T* w, const T* bias, T* y) {
   const ImplicitSplit split = implicit_split(cv, false, cv.n * cv.groups, Window::row_elements(cv, false) * sizeof(T),
-                                             cv.kg * cv.crs * sizeof(T));
+                                             cv.kg * cv.crs * sizeof(T), sizeof(T));
   const int64_t m = ceil_div(cv.kg, split.m_parts);  // output channels per part
   Window win(cv, false, split.rows);
   const MicroKernel<T> uk = pick_micro_kernel<T>(m, win.rows_per_item * win.cols);
