@@ -854,12 +854,14 @@ inline __attribute__((always_inline)) void filter_gradient(const T* m, int64_t m
 }
 
 // The transforms of tiles [t0, t1) of group g by F(3x3, M x M) (tile t is column t % tq of tile row t / tq % tp of
-// image t / (tp*tq)): row t - t0 of V_ξ (ldv apart, blocks v_stride apart) and of U_ξ (ldu, u_stride).
+// image t / (tp*tq)): row t - t0 of V_ξ (ldv apart, blocks v_stride apart; none where v is null) and, for the
+// group's output channels [k0, k1), of U_ξ (ldu, u_stride; channel k0 first; none where u is null).
 template <typename T, int Bytes, int M>
 inline __attribute__((always_inline)) void wgrad_transforms_body(const Winograd3x3& wp, const T* x, const T* dy,
                                                                  int64_t g, int64_t t0, int64_t t1, const T* zeros,
                                                                  T* v, int64_t v_stride, int64_t ldv, T* u,
-                                                                 int64_t u_stride, int64_t ldu) {
+                                                                 int64_t u_stride, int64_t ldu, int64_t k0,
+                                                                 int64_t k1) {
   using V = typename detail::VecOf<T, Bytes>::type;
   constexpr int64_t L = Bytes / sizeof(T), A = M + 2;
   const int64_t tp = ceil_div(wp.out_h, M), tq = ceil_div(wp.out_w, M);
@@ -875,21 +877,27 @@ inline __attribute__((always_inline)) void wgrad_transforms_body(const Winograd3
         xs[A * a + b] = inside ? x + ((img * wp.in_h + h) * wp.in_w + w) * x_channels + g * wp.in : zeros;
       }
     }
-    const T* ys[M * M];
+    const T* ys[M * M];  // from channel k0 on
     for (int64_t a = 0; a < M; ++a) {
       for (int64_t b = 0; b < M; ++b) {
         const int64_t h = M * i + a, w = M * j + b;
         const bool inside = h < wp.out_h && w < wp.out_w;
-        ys[M * a + b] = inside ? dy + ((img * wp.out_h + h) * wp.out_w + w) * dy_channels + g * wp.out : zeros;
+        ys[M * a + b] =
+            (inside ? dy + ((img * wp.out_h + h) * wp.out_w + w) * dy_channels + g * wp.out : zeros) + k0;
       }
     }
-    T* vt = v + (t - t0) * ldv;
-    T* ut = u + (t - t0) * ldu;
-    int64_t c = 0, k = 0;
-    for (; c + L <= wp.in; c += L) input_tile<M, V>(xs, c, vt, v_stride);
-    for (; c < wp.in; ++c) input_tile<M, T>(xs, c, vt, v_stride);
-    for (; k + L <= wp.out; k += L) grad_tile<M, V>(ys, k, ut, u_stride);
-    for (; k < wp.out; ++k) grad_tile<M, T>(ys, k, ut, u_stride);
+    if (v != nullptr) {
+      T* vt = v + (t - t0) * ldv;
+      int64_t c = 0;
+      for (; c + L <= wp.in; c += L) input_tile<M, V>(xs, c, vt, v_stride);
+      for (; c < wp.in; ++c) input_tile<M, T>(xs, c, vt, v_stride);
+    }
+    if (u != nullptr) {
+      T* ut = u + (t - t0) * ldu;
+      int64_t k = 0;
+      for (; k + L <= k1 - k0; k += L) grad_tile<M, V>(ys, k, ut, u_stride);
+      for (; k < k1 - k0; ++k) grad_tile<M, T>(ys, k, ut, u_stride);
+    }
   }
 }
 
@@ -934,28 +942,28 @@ auto filter_gradients() {
                 &PerIsa<&filter_gradients_body<T, 16, M>>::portable);
 }
 
-// The lengths of winograd_wgrad_blocks' rows of V and U (a tile's in and out values): V's whole column panels of
-// the micro-kernel (nr; its GEMMs read them whole, Pad::kB), both an odd number of cache lines (odd_lines). Rows of
-// 256 channels, 1 KiB apart, put a GEMM's strip of B (a row's panel per tile) and A's columns (U's rows) in 16 of
-// L1's 64 sets; one line longer, in one process, ms: batch 1 256@14 0.649-0.662 -> 0.614-0.620, batch 4 2.06-2.09
-// -> 1.94-1.98, batch 8 4.05-4.12 -> 3.83-3.93, batch 1 512@7 0.99 -> 0.95, batch 2 128@28 1.06-1.13 -> 1.01-1.09.
+// The length of winograd_wgrad_blocks' rows of V (a tile's in values): whole column panels of the micro-kernel (nr;
+// its GEMMs read them whole, Pad::kB), an odd number of cache lines (odd_lines), as U's rows are. Rows of 256
+// channels, 1 KiB apart, put a GEMM's strip of B (a row's panel per tile) and A's columns (U's rows) in 16 of L1's
+// 64 sets; one line longer, in one process, ms: batch 1 256@14 0.649-0.662 -> 0.614-0.620, batch 4 2.06-2.09 ->
+// 1.94-1.98, batch 8 4.05-4.12 -> 3.83-3.93, batch 1 512@7 0.99 -> 0.95, batch 2 128@28 1.06-1.13 -> 1.01-1.09.
 template <typename T>
-std::pair<int64_t, int64_t> blocks_rows(const Winograd3x3& wp, int nr) {
-  return {odd_lines<T>(padded_cols(wp.in, nr)), odd_lines<T>(wp.out)};
+int64_t blocks_v_row(const Winograd3x3& wp, int nr) {
+  return odd_lines<T>(padded_cols(wp.in, nr));
 }
 
-// winograd_3x3_wgrad by F(3x3, M x M) on few tiles: every tile's V and U transformed once (the threads sharing
-// the tiles), then the items are blocks of output channels, each computing its M_ξ rows over all the tiles and
-// turning them into its filters' dW at once, while they are in L2. Nothing is summed across threads, and M never
-// leaves the thread that made it.
+// winograd_3x3_wgrad by F(3x3, M x M) on few tiles: every tile's V transformed once (the threads sharing the
+// tiles), then the items are blocks of output channels, each transforming its channels' U over all the tiles,
+// computing its M_ξ rows and turning them into its filters' dW at once, while they are in L2. Nothing is summed
+// across threads, and neither U nor M leaves the thread that made it.
 template <typename T, int M>
 void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, const T* dy, const T* x, T* dw) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
-  const auto [ldv, ldu] = blocks_rows<T>(wp, uk.nr);
+  const int64_t ldv = blocks_v_row<T>(wp, uk.nr);
   // The transforms write a tile's P values at once: its blocks an odd number of lines apart (odd_lines).
-  const int64_t v_stride = odd_lines<T>(tiles * ldv), u_stride = odd_lines<T>(tiles * ldu);
+  const int64_t v_stride = odd_lines<T>(tiles * ldv);
   // Blocks of whole row panels, M_ξ's block (P × block × in) about half of one core's L2 as the OS reports it
   // (l2_cache_bytes; rounded up to whole panels), at least two blocks per thread and a multiple of the threads, the
   // panels spread evenly over them. 256 rows as blocks of 36 (six 6-row panels) left a last block of 4 rows, one
@@ -972,10 +980,18 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   // M_ξ's blocks an odd number of lines apart (odd_lines), as G' M G reads a pair's P values at once: 64 rows of
   // 256 channels put them 64 KiB apart, all in one L1 set.
   const int64_t m_stride = odd_lines<T>(block_rows * wp.in);
+  // U is transformed by each block for its own output channels, into the thread's own buffer (ldb apart, blocks
+  // b_stride apart), from a whole vector's channel on: with every thread's U transformed once and shared, each
+  // block's GEMMs read lines another core had just written, and the transforms barely gained from the second thread
+  // (batch 1 128@28 by 4x4 tiles: 0.166 ms on one thread, 0.14 on two). Side by side, alternating processes, ms:
+  // batch 1 128@28 0.648-0.661 -> 0.452-0.466, 64 -> 128@28 0.35-0.44 -> 0.255-0.268, 256@14 0.631-0.655 ->
+  // 0.579-0.603, batch 4 2.08-2.20 -> 1.95-2.03, batch 8 3.97-4.49 -> 3.79-3.86, batch 8 512@7 3.75-3.90 -> 3.65-3.70.
+  constexpr int64_t kAlign = 64 / sizeof(T);  // the widest vector's channels: U's transform runs whole vectors
+  const int64_t ldb = odd_lines<T>(block_rows + 2 * kAlign), b_stride = odd_lines<T>(tiles * ldb);
   CallScratch scratch;
   T* const v = scratch.whole<T>(P * v_stride);
-  T* const u = scratch.whole<T>(P * u_stride);
   const auto ms = scratch.per_thread<T>(threads, P * m_stride);
+  const auto us = scratch.per_thread<T>(threads, P * b_stride);
   const std::vector<int64_t> v_rows = row_offsets(tiles, ldv);
   const auto transforms = wgrad_transforms<T, M>();
   const auto finish = filter_gradients<T, M>();
@@ -984,26 +1000,27 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t part = 0; part < threads; ++part) {
       const int64_t t0 = tiles * part / threads, t1 = tiles * (part + 1) / threads;
-      if (t0 < t1) {
-        transforms(wp, x, dy, g, t0, t1, zeros.data(), v + t0 * ldv, v_stride, ldv, u + t0 * ldu, u_stride, ldu);
-      }
+      if (t0 < t1) transforms(wp, x, dy, g, t0, t1, zeros.data(), v + t0 * ldv, v_stride, ldv, nullptr, 0, 0, 0, 0);
     }
 #pragma omp parallel for schedule(dynamic) num_threads(threads)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t o0 = panels * b / blocks * uk.mr;
       const int64_t rows = std::min(panels * (b + 1) / blocks * uk.mr, wp.out) - o0, count = rows * wp.in;
       T* const m = ms.get();
+      T* const u = us.get();
+      const int64_t k0 = o0 / kAlign * kAlign, k1 = std::min(wp.out, detail::round_up(o0 + rows, kAlign));
+      transforms(wp, x, dy, g, 0, tiles, zeros.data(), nullptr, 0, 0, u, b_stride, ldb, k0, k1);
       for (int64_t xi = 0; xi < P; ++xi) {
-        gemm_a_in_place(uk, rows, wp.in, tiles, u + xi * u_stride + o0, ldu, v + xi * v_stride, v_rows.data(),
-                        m + xi * m_stride, wp.in, false, Pad::kB);
+        gemm_a_in_place(uk, rows, wp.in, tiles, u + xi * b_stride + (o0 - k0), ldb, v + xi * v_stride,
+                        v_rows.data(), m + xi * m_stride, wp.in, false, Pad::kB);
       }
       finish(m, 1, 0, m_stride, count, dw + (g * pairs + o0 * wp.in) * 9);
     }
   }
 }
 
-// Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8), V and U (every tile's,
-// held at once) within 16 MiB: winograd_wgrad_blocks, on channels-last x and dY. Measured against the runs of tiles
+// Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8), V and U (every tile's;
+// U now by the threads' blocks) within 16 MiB: winograd_wgrad_blocks, on channels-last x and dY. Measured against the runs of tiles
 // (winograd_wgrad_tiles): batch 1 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 -> 1.3 ms, 128 -> 128
 // on 28x28 by 4x4 tiles 0.85 -> 0.68 ms (batch 3: 1.15 -> 0.86), batch 8 256 -> 256 on 14x14 5.1 -> 4.5 ms. With
 // more tiles the runs are as fast or faster, each block re-reading all of V: batch 16 at 256 channels equal, batch 32
@@ -1012,8 +1029,8 @@ template <typename T, int M>
 bool wgrad_by_blocks(const Winograd3x3& wp) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
-  const auto [ldv, ldu] = blocks_rows<T>(wp, pick_micro_kernel<T>(wp.out, wp.in).nr);
-  return tiles <= 2 * wp.out && P * tiles * (ldv + ldu) * int64_t(sizeof(T)) <= (int64_t(16) << 20);
+  const int64_t ldv = blocks_v_row<T>(wp, pick_micro_kernel<T>(wp.out, wp.in).nr);
+  return tiles <= 2 * wp.out && P * tiles * (ldv + wp.out) * int64_t(sizeof(T)) <= (int64_t(16) << 20);
 }
 
 // Rows [r0, r1) of image img's channels [c0, c0 + count) of an n × channels × h × w tensor (channels-last: n × h ×
@@ -1116,7 +1133,7 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, bool dy_channels_l
                                wp.pad_w};
         const int64_t first_tile = img * per_image + i0 * tq;  // the view's tile 0
         transforms(rows, x_rows, dy_rows, 0, s0 - first_tile, s1 - first_tile, zeros.data(),
-                   v + (s0 - t0) * v_tile, ldv, v_tile, u + (s0 - t0) * u_tile, ldu, u_tile);
+                   v + (s0 - t0) * v_tile, ldv, v_tile, u + (s0 - t0) * u_tile, ldu, u_tile, 0, wp.out);
       }
       for (int64_t xi = 0; xi < P; ++xi) {
         gemm_a_in_place(uk, wp.out, wp.in, t1 - t0, u + xi * ldu, u_tile, v + xi * ldv,
