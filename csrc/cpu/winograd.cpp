@@ -1020,11 +1020,12 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
 }
 
 // Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8), V and U (every tile's;
-// U now by the threads' blocks) within 16 MiB: winograd_wgrad_blocks, on channels-last x and dY. Measured against the runs of tiles
-// (winograd_wgrad_tiles): batch 1 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 -> 1.3 ms, 128 -> 128
-// on 28x28 by 4x4 tiles 0.85 -> 0.68 ms (batch 3: 1.15 -> 0.86), batch 8 256 -> 256 on 14x14 5.1 -> 4.5 ms. With
-// more tiles the runs are as fast or faster, each block re-reading all of V: batch 16 at 256 channels equal, batch 32
-// at 512 channels on 7x7 (33 MiB of V and U) 14% faster, batch 2 64 -> 64 on 56x56 by 4x4 tiles 24% faster.
+// U now by the threads' blocks) within 16 MiB: winograd_wgrad_blocks, on channels-last x and dY. Measured against
+// the runs of tiles (winograd_wgrad_tiles): batch 1 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 ->
+// 1.3 ms, 128 -> 128 on 28x28 by 4x4 tiles 0.85 -> 0.68 ms (batch 3: 1.15 -> 0.86), batch 8 256 -> 256 on 14x14 5.1
+// -> 4.5 ms. With more tiles the runs are as fast or faster, each block re-reading all of V: batch 16 at 256
+// channels equal, batch 32 at 512 channels on 7x7 (33 MiB of V and U) 14% faster, batch 2 64 -> 64 on 56x56 by 4x4
+// tiles 24% faster.
 template <typename T, int M>
 bool wgrad_by_blocks(const Winograd3x3& wp) {
   constexpr int64_t P = (M + 2) * (M + 2);
