@@ -868,31 +868,31 @@ inline __attribute__((always_inline)) void wgrad_transforms_body(const Winograd3
   const int64_t x_channels = wp.groups * wp.in, dy_channels = wp.groups * wp.out;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t img = t / (tp * tq), i = t / tq % tp, j = t % tq;
-    const T* xs[A * A];
-    for (int64_t a = 0; a < A; ++a) {
-      const int64_t h = M * i - wp.pad_h + a;
-      for (int64_t b = 0; b < A; ++b) {
-        const int64_t w = M * j - wp.pad_w + b;
-        const bool inside = h >= 0 && h < wp.in_h && w >= 0 && w < wp.in_w;
-        xs[A * a + b] = inside ? x + ((img * wp.in_h + h) * wp.in_w + w) * x_channels + g * wp.in : zeros;
-      }
-    }
-    const T* ys[M * M];  // from channel k0 on
-    for (int64_t a = 0; a < M; ++a) {
-      for (int64_t b = 0; b < M; ++b) {
-        const int64_t h = M * i + a, w = M * j + b;
-        const bool inside = h < wp.out_h && w < wp.out_w;
-        ys[M * a + b] =
-            (inside ? dy + ((img * wp.out_h + h) * wp.out_w + w) * dy_channels + g * wp.out : zeros) + k0;
-      }
-    }
     if (v != nullptr) {
+      const T* xs[A * A];
+      for (int64_t a = 0; a < A; ++a) {
+        const int64_t h = M * i - wp.pad_h + a;
+        for (int64_t b = 0; b < A; ++b) {
+          const int64_t w = M * j - wp.pad_w + b;
+          const bool inside = h >= 0 && h < wp.in_h && w >= 0 && w < wp.in_w;
+          xs[A * a + b] = inside ? x + ((img * wp.in_h + h) * wp.in_w + w) * x_channels + g * wp.in : zeros;
+        }
+      }
       T* vt = v + (t - t0) * ldv;
       int64_t c = 0;
       for (; c + L <= wp.in; c += L) input_tile<M, V>(xs, c, vt, v_stride);
       for (; c < wp.in; ++c) input_tile<M, T>(xs, c, vt, v_stride);
     }
     if (u != nullptr) {
+      const T* ys[M * M];  // from channel k0 on
+      for (int64_t a = 0; a < M; ++a) {
+        for (int64_t b = 0; b < M; ++b) {
+          const int64_t h = M * i + a, w = M * j + b;
+          const bool inside = h < wp.out_h && w < wp.out_w;
+          ys[M * a + b] =
+              (inside ? dy + ((img * wp.out_h + h) * wp.out_w + w) * dy_channels + g * wp.out : zeros) + k0;
+        }
+      }
       T* ut = u + (t - t0) * ldu;
       int64_t k = 0;
       for (; k + L <= k1 - k0; k += L) grad_tile<M, V>(ys, k, ut, u_stride);
