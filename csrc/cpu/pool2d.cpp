@@ -33,6 +33,7 @@
 #include "gemm.h"
 #include "isa.h"
 #include "output_cache.h"
+#include "pool2d.h"
 #include "window_axis.h"
 
 namespace cnn_ext {
@@ -225,18 +226,6 @@ __attribute__((always_inline)) inline void max_pool_rows(const PoolShape<int64_t
   }
 }
 
-template <typename scalar_t, typename Win>
-void max_pool_forward(const PoolShape<int64_t>& s, const scalar_t* input, scalar_t* output, int64_t* indices) {
-  const WindowAxis rows(s.p, s.h, s.kh, s.stride_h, s.pad_h, s.dil_h);
-  const WindowAxis cols(s.q, s.w, s.kw, s.stride_w, s.pad_w, s.dil_w);
-  const int64_t num_rows = s.n * s.c * s.p;
-  using Variants = cpu::PerIsa<&max_pool_rows<scalar_t, Win>>;
-  const auto pool_rows = cpu::by_isa<typename Variants::Fn>(&Variants::avx2, &Variants::avx2, &Variants::portable);
-  at::parallel_for(0, num_rows, grain_for(s.q * s.kh * s.kw), [&](int64_t first, int64_t last) {
-    pool_rows(s, rows, cols, input, output, indices, first, last);
-  });
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // max_pool2d on 2x2 windows tiling the input (stride 2, no padding, H = 2P, W = 2Q: the MNIST models' pooling).
 // Row pair m of the stacked planes (N*C*H rows) is output row m, and its Q windows are the lanes of 16- or 32-byte
@@ -294,15 +283,20 @@ inline void max_tiled_window(const T* a, int64_t w, int64_t base, T* out, int64_
 }
 
 // Row pairs [first, last) of the stacked planes (a task's). Compiled per ISA (PerIsa) and per vector width.
+// padded: the buffers have MaxPoolRows' kSlack elements of room past the last row pair's, so it runs in vectors too.
 template <typename T, int Bytes>
 __attribute__((always_inline)) inline void max_tiled_rows(const PoolShape<int64_t>& s, const T* input, T* output,
-                                                          int64_t* indices, int64_t first, int64_t last) {
+                                                          int64_t* indices, int64_t first, int64_t last,
+                                                          bool padded) {
   using Pairs = TiledPairs<T, Bytes>;
   const int64_t q = s.q, w = s.w, covered = cpu::detail::round_up(q, Pairs::L);  // outputs a row pair's vectors write
+  // Past the last row pair's outputs, its vectors write covered - q < L values, and its second row's loads read
+  // 2 (covered - q) past the plane.
+  static_assert(2 * Pairs::L <= cpu::MaxPoolRows<T>::kSlack, "the padded buffers' room");
   for (int64_t m = first; m < last; ++m) {
     const T* a = input + m * 2 * w;
     const int64_t base = m % s.p * 2 * w;
-    if (m * q + covered <= last * q) {
+    if (padded || m * q + covered <= last * q) {
       Pairs::forward(a, w, q, base, output + m * q, indices + m * q);
     } else {
       for (int64_t j = 0; j < q; ++j) {
@@ -318,15 +312,37 @@ int tiled_bytes(int64_t q, int64_t element_size) {
   return cpu::isa() != cpu::Isa::kDefault && q * element_size > 16 ? 32 : 16;
 }
 
+}  // namespace
+
 template <typename T>
-void max_pool_forward_tiled_2x2(const PoolShape<int64_t>& s, const T* input, T* output, int64_t* indices) {
-  using Rows16 = cpu::PerIsa<&max_tiled_rows<T, 16>>;
-  using Rows32 = cpu::PerIsa<&max_tiled_rows<T, 32>>;
-  const auto rows = tiled_bytes(s.q, sizeof(T)) == 32 ? Rows32::pick() : Rows16::pick();
-  at::parallel_for(0, s.n * s.c * s.p, grain_for(4 * s.q), [&](int64_t first, int64_t last) {
-    rows(s, input, output, indices, first, last);
+cpu::MaxPoolRows<T>::MaxPoolRows(const PoolShape<int64_t>& s)
+    : s_(s),
+      row_axis_(s.p, s.h, s.kh, s.stride_h, s.pad_h, s.dil_h),
+      col_axis_(s.q, s.w, s.kw, s.stride_w, s.pad_w, s.dil_w),
+      algorithm_(cpu::choose_max_pool_forward(s)) {
+  if (algorithm_ == cpu::MaxPoolForward::kTiled2x2) {
+    using Rows16 = cpu::PerIsa<&max_tiled_rows<T, 16>>;
+    using Rows32 = cpu::PerIsa<&max_tiled_rows<T, 32>>;
+    tiled_ = tiled_bytes(s.q, sizeof(T)) == 32 ? Rows32::pick() : Rows16::pick();
+    return;
+  }
+  dispatch_fixed_window(s, algorithm_ == cpu::MaxPoolForward::kFixedWindow, [&](auto window) {
+    using Variants = cpu::PerIsa<&max_pool_rows<T, decltype(window)>>;
+    windows_ = cpu::by_isa<typename Variants::Fn>(&Variants::avx2, &Variants::avx2, &Variants::portable);
   });
 }
+
+template <typename T>
+void cpu::MaxPoolRows<T>::rows(const T* input, T* output, int64_t* indices, int64_t first, int64_t last,
+                               bool padded) const {
+  if (tiled_) return tiled_(s_, input, output, indices, first, last, padded);
+  windows_(s_, row_axis_, col_axis_, input, output, indices, first, last);
+}
+
+template class cpu::MaxPoolRows<float>;
+template class cpu::MaxPoolRows<double>;
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input_, c10::IntArrayRef kernel_size,
                                                   c10::IntArrayRef stride, c10::IntArrayRef padding,
@@ -337,15 +353,15 @@ std::tuple<at::Tensor, at::Tensor> max_pool2d_cpu(const at::Tensor& input_, c10:
   auto out_sizes = s.output_sizes();
   at::Tensor output = empty_output(out_sizes, input.options());
   at::Tensor indices = empty_output(out_sizes, input.options().dtype(at::kLong));
-  const cpu::MaxPoolForward algorithm = cpu::choose_max_pool_forward(s);
-  const bool fixed = algorithm == cpu::MaxPoolForward::kFixedWindow;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "max_pool2d_cpu", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
     int64_t* idx = indices.mutable_data_ptr<int64_t>();
-    if (algorithm == cpu::MaxPoolForward::kTiled2x2) return max_pool_forward_tiled_2x2<scalar_t>(s, in, out, idx);
-    dispatch_fixed_window(s, fixed,
-                          [&](auto window) { max_pool_forward<scalar_t, decltype(window)>(s, in, out, idx); });
+    const cpu::MaxPoolRows<scalar_t> pool(s);
+    // The tiled kernel's rows are row pairs of the input, 4 values per output; the others' windows kh*kw.
+    const int64_t work = pool.tiled() ? 4 * s.q : s.q * s.kh * s.kw;
+    at::parallel_for(0, s.n * s.c * s.p, grain_for(work),
+                     [&](int64_t first, int64_t last) { pool.rows(in, out, idx, first, last); });
   });
   return {output, indices};
 }
