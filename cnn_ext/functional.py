@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from . import ops
 
-__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu", "batch_norm", "batch_norm_relu", "dropout"]
+__all__ = ["conv2d", "max_pool2d", "avg_pool2d", "conv2d_maxpool_relu", "batch_norm", "batch_norm_relu",
+           "batch_norm_relu_max_pool2d", "dropout"]
 
 
 def _pair(value, name, op):
@@ -162,6 +163,29 @@ def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, tr
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, "batch_norm_relu")
 
 
+def batch_norm_relu_max_pool2d(input, running_mean, running_var, weight=None, bias=None, training=False,
+                               momentum=0.1, eps=1e-5, kernel_size=2, stride=None, padding=0, dilation=1,
+                               ceil_mode=False):
+    """max_pool2d(relu(batch_norm(...)), kernel_size, ...) as one operator, arguments as batch_norm's and
+    max_pool2d's: each plane is normalised into a buffer and pooled from there, so the full-size normalised output
+    is never written, and the backward rebuilds the batch norm's gradient plane by plane from the pooled one. The
+    same values as the three ops (bit for bit as cnn_ext's batch_norm_relu and max_pool2d). float32 and float64 CPU
+    tensors (N, C, H, W); other devices and dtypes run torch's batch norm, ReLU and max pooling."""
+    op = "batch_norm_relu_max_pool2d"
+    _check_tensor(input, "input", op)
+    kernel_size = _pair(kernel_size, "kernel_size", op)
+    stride = _pool_stride(stride, kernel_size, op)
+    padding, dilation = _pair(padding, "padding", op), _pair(dilation, "dilation", op)
+    if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+        out = F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+        return F.max_pool2d(out, kernel_size, stride, padding, dilation, ceil_mode)
+    out, mean, var, _ = ops.batch_norm_relu_max_pool2d(input, weight, bias, running_mean, running_var,
+                                                       bool(training), float(eps), kernel_size, stride, padding,
+                                                       dilation, bool(ceil_mode))
+    _update_running_stats(input, running_mean, running_var, training, momentum, mean, var)
+    return out
+
+
 def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, op):
     """batch_norm or batch_norm_relu (op), then the running statistics' update."""
     _check_tensor(input, "input", op)
@@ -171,6 +195,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         return F.relu(out) if relu else out
     args = (input, weight, bias, running_mean, running_var, bool(training), float(eps))
     out, mean, var = ops.batch_norm_relu(*args)[:3] if relu else ops.batch_norm(*args)
+    _update_running_stats(input, running_mean, running_var, training, momentum, mean, var)
+    return out
+
+
+def _update_running_stats(input, running_mean, running_var, training, momentum, mean, var):
+    """When training, running_mean and running_var (where given) move towards the batch's statistics by
+    `momentum`, the variance unbiased, as torch's batch norm moves them."""
     count = input.numel() // max(1, input.shape[1])
     if training and count > 0:
         with torch.no_grad():
@@ -178,7 +209,6 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
             if running_var is not None:
                 running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
-    return out
 
 
 def dropout(input, p=0.5, training=True, inplace=False, generator=None):

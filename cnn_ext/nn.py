@@ -2,13 +2,15 @@
 kernels. Each subclasses its torch.nn twin and replaces only the computation, so state_dicts load both ways and
 `isinstance(m, torch.nn.Conv2d)` still holds."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from . import functional
 
 __all__ = ["Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm2d", "BatchNormReLU2d", "Dropout", "batch_norm_relu",
-           "conv_maxpool_relu"]
+           "batch_norm_relu_max_pool", "conv_maxpool_relu"]
 
 
 class Conv2d(torch.nn.Conv2d):
@@ -92,3 +94,16 @@ def batch_norm_relu(norm, input):
     if type(norm) is BatchNorm2d and not isinstance(input, torch.fx.Proxy):
         return norm._normalize(input, functional.batch_norm_relu)
     return torch.relu(norm(input))
+
+
+def batch_norm_relu_max_pool(norm, pool, input):
+    """pool(relu(norm(input))). Runs as the fused operator (cnn_ext.functional.batch_norm_relu_max_pool2d) when
+    `norm` is our BatchNorm2d and `pool` our MaxPool2d without return_indices; otherwise, and under torch.fx's
+    symbolic trace, as the three layers."""
+    if (type(norm) is BatchNorm2d and type(pool) is MaxPool2d and not pool.return_indices
+            and not isinstance(input, torch.fx.Proxy)):
+        fused = functools.partial(functional.batch_norm_relu_max_pool2d, kernel_size=pool.kernel_size,
+                                  stride=pool.stride, padding=pool.padding, dilation=pool.dilation,
+                                  ceil_mode=pool.ceil_mode)
+        return norm._normalize(input, fused)
+    return pool(batch_norm_relu(norm, input))

@@ -17,4 +17,5 @@ avg_pool2d = _ops.avg_pool2d.default
 conv2d_maxpool_relu = _ops.conv2d_maxpool_relu.default
 batch_norm = _ops.batch_norm.default
 batch_norm_relu = _ops.batch_norm_relu.default
+batch_norm_relu_max_pool2d = _ops.batch_norm_relu_max_pool2d.default
 dropout = _ops.dropout.default

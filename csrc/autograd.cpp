@@ -319,6 +319,67 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_autog
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// batch_norm_relu_max_pool2d: (output, mean, var, indices); the statistics and indices are not differentiable.
+// ---------------------------------------------------------------------------------------------------------------
+
+struct BatchNormReluMaxPool : public torch::autograd::Function<BatchNormReluMaxPool> {
+  static constexpr const char* kName = "cnn_ext.batch_norm_relu_max_pool2d";
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var, bool training, double eps,
+                               c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+                               c10::IntArrayRef dilation, bool ceil_mode) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static auto forward_op = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+        const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double, c10::IntArrayRef,
+        c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, bool)>("cnn_ext::batch_norm_relu_max_pool2d");
+    auto [output, mean, var, indices] = forward_op.call(input, weight, bias, running_mean, running_var, training, eps,
+                                                        kernel_size, stride, padding, dilation, ceil_mode);
+    ctx->mark_non_differentiable({mean, var, indices});
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, var, output, indices});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    return {output, mean, var, indices};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    variable_list none(12);
+    const auto saved = ctx->get_saved_variables();
+    const bool has_weight = saved[1].defined();
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
+                                      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return none;
+    refuse_double_backward(kName);
+    static auto backward = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+        const at::Tensor&, const at::Tensor&, bool, double, std::array<bool, 3>)>(
+        "cnn_ext::batch_norm_relu_max_pool2d_backward");
+    const auto weight = saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
+    auto [grad_input, grad_weight, grad_bias] =
+        backward.call(grads[0], saved[4], saved[5], saved[0], weight, saved[2], saved[3],
+                      ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask);
+    none[0] = mask[0] ? grad_input : at::Tensor();
+    none[1] = mask[1] ? grad_weight : at::Tensor();
+    none[2] = mask[2] ? grad_bias : at::Tensor();
+    return none;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_autograd(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps, c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, bool ceil_mode) {
+  auto outputs = BatchNormReluMaxPool::apply(input, weight, bias, running_mean, running_var, training, eps,
+                                             kernel_size, stride, padding, dilation, ceil_mode);
+  return {outputs[0], outputs[1], outputs[2], outputs[3]};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
 // dropout: (output, kept); the mask is not differentiable.
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -359,6 +420,7 @@ TORCH_LIBRARY_IMPL(cnn_ext, Autograd, m) {
   m.impl("conv2d_maxpool_relu", &conv2d_maxpool_relu_autograd);
   m.impl("batch_norm", &batch_norm_autograd);
   m.impl("batch_norm_relu", &batch_norm_relu_autograd);
+  m.impl("batch_norm_relu_max_pool2d", &batch_norm_relu_max_pool2d_autograd);
   m.impl("dropout", &dropout_autograd);
 }
 

@@ -442,6 +442,45 @@ T check_batch_norm_backward(const char* op, const at::Tensor& grad_output, const
   return c;
 }
 
+// relu(batch_norm(...)) max-pooled (cnn_ext.batch_norm_relu_max_pool2d): the batch norm's checks, then the pooling's
+// on the input; returns the pooling's shape.
+template <typename T>
+PoolShape<T> check_batch_norm_relu_max_pool2d(const char* op, const at::Tensor& input,
+                                              const c10::optional<at::Tensor>& weight,
+                                              const c10::optional<at::Tensor>& bias,
+                                              const c10::optional<at::Tensor>& running_mean,
+                                              const c10::optional<at::Tensor>& running_var, bool training, double eps,
+                                              c10::IntArrayRef kernel_size, c10::IntArrayRef stride,
+                                              c10::IntArrayRef padding, c10::IntArrayRef dilation, bool ceil_mode) {
+  check_batch_norm<T>(op, input, weight, bias, running_mean, running_var, training, eps);
+  return check_pool2d<T>(op, input, kernel_size, stride, padding, dilation, ceil_mode);
+}
+
+// Its backward: grad_output, the forward's output and its indices (positions in the input's planes, checked by the
+// kernels as they read them) shaped alike, (N, C, P, Q) of the input's N and C; mean and var the statistics the
+// forward normalised by. Returns C.
+template <typename T>
+T check_batch_norm_relu_max_pool2d_backward(const char* op, const at::Tensor& grad_output, const at::Tensor& output,
+                                            const at::Tensor& indices, const at::Tensor& input,
+                                            const c10::optional<at::Tensor>& weight, const at::Tensor& mean,
+                                            const at::Tensor& var, double eps) {
+  const T c = check_batch_norm<T>(op, input, weight, c10::nullopt, mean, var, false, eps, "mean", "var");
+  check_dim(op, input, "input", 4, "(N, C, H, W)");
+  check_dim(op, grad_output, "grad_output", 4, "(N, C, P, Q)");
+  check_same_dtype_device(op, {{&input, "input"}, {&grad_output, "grad_output"}, {&output, "output"}});
+  const auto in = sizes_of<T>(input), got = sizes_of<T>(grad_output);
+  TORCH_CHECK_VALUE(got[0] == in[0] && got[1] == in[1], op, ": grad_output has shape ", got,
+                    " but the input has shape ", in, "; their batch and channel sizes must match");
+  TORCH_CHECK_VALUE(sizes_of<T>(output) == got, op, ": output has shape ", sizes_of<T>(output),
+                    " but grad_output has shape ", got);
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kLong, op, ": indices must be int64, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(indices.device() == grad_output.device(), op, ": indices is on ", indices.device(),
+                    " but grad_output is on ", grad_output.device());
+  TORCH_CHECK_VALUE(sizes_of<T>(indices) == got, op, ": indices has shape ", sizes_of<T>(indices),
+                    " but grad_output has shape ", got);
+  return c;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Dropout: any floating input, p a probability; the backward's kept is the forward's bool mask, shaped as
 // grad_output.

@@ -124,6 +124,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_meta(
           vector(output_mask[1]), vector(output_mask[2])};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_meta(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, bool training,
+    double eps, c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, bool ceil_mode) {
+  const auto s = check_batch_norm_relu_max_pool2d<SymInt>("cnn_ext.batch_norm_relu_max_pool2d", input, weight, bias,
+                                                          running_mean, running_var, training, eps, kernel_size,
+                                                          stride, padding, dilation, ceil_mode);
+  const auto out = s.output_sizes();
+  return {at::empty_symint(out, input.options()), at::empty_symint({s.c}, input.options()),
+          at::empty_symint({s.c}, input.options()), at::empty_symint(out, input.options().dtype(at::kLong))};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_backward_meta(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& indices, const at::Tensor& input,
+    const c10::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& var, bool training, double eps,
+    std::array<bool, 3> output_mask) {
+  const SymInt c = check_batch_norm_relu_max_pool2d_backward<SymInt>(
+      "cnn_ext.batch_norm_relu_max_pool2d_backward", grad_output, output, indices, input, weight, mean, var, eps);
+  const auto vector = [&](bool wanted) { return at::empty_symint({wanted ? c : SymInt(0)}, input.options()); };
+  return {output_mask[0] ? at::empty_symint(input.sym_sizes(), input.options()) : vector(false),
+          vector(output_mask[1]), vector(output_mask[2])};
+}
+
 std::tuple<at::Tensor, at::Tensor> dropout_meta(const at::Tensor& input, double p, int64_t seed) {
   check_dropout("cnn_ext.dropout", input, p);
   return {at::empty_symint(input.sym_sizes(), input.options()),
@@ -177,6 +201,16 @@ TORCH_LIBRARY(cnn_ext, m) {
   // (batch_norm_relu's mask), those of relu(batch_norm(...)).
   m.def("batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor mean, Tensor var, "
         "bool training, float eps, bool[3] output_mask, Tensor? kept=None) -> (Tensor, Tensor, Tensor)");
+  // max_pool2d(relu(batch_norm(...))) in one pass: (output, mean, var, indices), indices max_pool2d's (into the
+  // batch norm's output planes), the statistics batch_norm's. The normalised values are never written out.
+  m.def("batch_norm_relu_max_pool2d(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, "
+        "Tensor? running_var, bool training, float eps, int[2] kernel_size, int[2] stride, int[2] padding, "
+        "int[2] dilation, bool ceil_mode) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Its gradients with respect to (input, weight, bias), as far as output_mask asks (empty otherwise), from the
+  // pooled output's gradient, the forward's output and indices (which tell where ReLU kept the winners).
+  m.def("batch_norm_relu_max_pool2d_backward(Tensor grad_output, Tensor output, Tensor indices, Tensor input, "
+        "Tensor? weight, Tensor mean, Tensor var, bool training, float eps, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
   // Dropout with probability p: (output, kept), kept the bool mask of the values kept (and scaled by 1 / (1 - p)).
   // The mask is a function of seed and each value's position (cnn_ext.functional.dropout draws the seed from
   // torch's generator).
@@ -203,6 +237,8 @@ TORCH_LIBRARY_IMPL(cnn_ext, Meta, m) {
   m.impl("batch_norm", &batch_norm_meta);
   m.impl("batch_norm_relu", &batch_norm_relu_meta);
   m.impl("batch_norm_backward", &batch_norm_backward_meta);
+  m.impl("batch_norm_relu_max_pool2d", &batch_norm_relu_max_pool2d_meta);
+  m.impl("batch_norm_relu_max_pool2d_backward", &batch_norm_relu_max_pool2d_backward_meta);
   m.impl("dropout", &dropout_meta);
   m.impl("dropout_backward", &dropout_backward_meta);
 }

@@ -93,12 +93,15 @@ def test_backends_build_identical_models():
 
 @needs_ext
 def test_deep_model_backends_agree(monkeypatch):
-    """DeepMNIST on the ext backend (its batch norms fused with their ReLUs, its dropout ours) against the torch
-    backend, in float64: one training step's logits, every gradient and the running statistics; a forward hook on a
-    ReLU still sees its call (that pair then runs as its two layers). The torch model drops what ours dropped."""
+    """DeepMNIST on the ext backend (its batch norms fused with their ReLUs, and with the max-pooling after them
+    where one follows; its dropout ours) against the torch backend, in float64: one training step's logits, every
+    gradient and the running statistics; a forward hook on a ReLU still sees its call (that pair then runs as its
+    two layers). The torch model drops what ours dropped."""
     fused, masks = [], []
-    real = cnn_ext.functional.batch_norm_relu
-    monkeypatch.setattr(cnn_ext.functional, "batch_norm_relu", lambda *a, **k: fused.append(1) or real(*a, **k))
+    for name in ("batch_norm_relu", "batch_norm_relu_max_pool2d"):
+        real = getattr(cnn_ext.functional, name)
+        monkeypatch.setattr(cnn_ext.functional, name,
+                            lambda *a, real=real, name=name, **k: fused.append(name) or real(*a, **k))
     real_dropout = cnn_ext.ops.dropout
 
     def dropout(*args):
@@ -121,7 +124,10 @@ def test_deep_model_backends_agree(monkeypatch):
     for model in models:
         logits = model(x)
         results.append((logits, torch.autograd.grad(logits.square().sum(), list(model.parameters()))))
-    assert len(fused) == 4 and seen == [(8, 32, 28, 28)] and len(masks) == 1
+    # The first pair's ReLU is hooked; the second and fourth pairs take their poolings along.
+    assert fused == ["batch_norm_relu_max_pool2d", "batch_norm_relu", "batch_norm_relu_max_pool2d",
+                     "batch_norm_relu"], fused
+    assert seen == [(8, 32, 28, 28)] and len(masks) == 1
     assert 0 < masks[0].sum() < masks[0].numel()
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-9, atol=1e-10)
     for got, want in zip(results[0][1], results[1][1]):

@@ -104,15 +104,22 @@ class DeepMNIST(nn.Module):
 
 
 def _batch_norm_relu_fused(layers, x):
-    """layers(x), a batch norm followed by a ReLU running as one fused operator (ext_nn.batch_norm_relu runs torch's
-    as the two layers). As in _conv_pool_relu, layers with hooks run as themselves."""
+    """layers(x), a batch norm followed by a ReLU running as one fused operator, and with a max-pooling after them
+    too (ext_nn.batch_norm_relu and batch_norm_relu_max_pool run torch's as the separate layers). As in
+    _conv_pool_relu, layers with hooks run as themselves."""
+    def plain(*modules):
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
     i = 0
     while i < len(layers):
-        norm, relu = layers[i], layers[i + 1] if i + 1 < len(layers) else None
-        if (isinstance(norm, nn.BatchNorm2d) and isinstance(relu, nn.ReLU)
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in (norm, relu))):
-            x = ext_nn.batch_norm_relu(norm, x)
-            i += 2
+        norm, relu, pool = (layers[i + k] if i + k < len(layers) else None for k in range(3))
+        if isinstance(norm, nn.BatchNorm2d) and isinstance(relu, nn.ReLU) and plain(norm, relu):
+            if isinstance(pool, nn.MaxPool2d) and plain(pool):
+                x = ext_nn.batch_norm_relu_max_pool(norm, pool, x)
+                i += 3
+            else:
+                x = ext_nn.batch_norm_relu(norm, x)
+                i += 2
         else:
             x = norm(x)
             i += 1

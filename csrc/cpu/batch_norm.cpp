@@ -25,11 +25,13 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../checks.h"
 #include "conv_common.h"
 #include "isa.h"
 #include "output_cache.h"
+#include "pool2d.h"
 
 namespace cnn_ext::cpu {
 namespace {
@@ -195,19 +197,20 @@ inline __attribute__((always_inline)) void channel_sums_body(Channel<T> ch, T sh
 
 // y = (x - centre) · scale + shift over one channel; with kRelu, y = relu(that), and kept[j] says whether ReLU kept
 // the value (not clamped to 0: above 0, or NaN, which torch.relu keeps too): the mask the backward reads in place of y.
-template <typename T, bool kRelu>
+// kMask false: no mask (the fused max-pool's backward finds what ReLU kept from the pooled output).
+template <typename T, bool kRelu, bool kMask = kRelu>
 inline __attribute__((always_inline)) void normalize_body(Channel<T> ch, T centre, T scale, T shift, T* y,
                                                           uint8_t* kept) {
   for (int64_t i = 0; i < ch.n; ++i) {
     const T* src = ch.x + i * ch.stride;
     T* dst = y + i * ch.stride;
     if constexpr (kRelu) {
-      uint8_t* m = kept + i * ch.stride;
+      uint8_t* m = kMask ? kept + i * ch.stride : nullptr;
       for (int64_t j = 0; j < ch.l; ++j) {
         const T v = (src[j] - centre) * scale + shift;
         const bool clamped = v <= T(0);
         dst[j] = clamped ? T(0) : v;
-        m[j] = !clamped;
+        if constexpr (kMask) m[j] = !clamped;
       }
     } else {
       for (int64_t j = 0; j < ch.l; ++j) dst[j] = (src[j] - centre) * scale + shift;
@@ -232,13 +235,30 @@ inline __attribute__((always_inline)) T grad_at(const T* g, const uint8_t* kept,
   return value;
 }
 
+// Σ dy and Σ dy · (x - mean) over a block of len (up to kBlock) values, g of dy and v of x, into acc.
+template <typename T>
+inline __attribute__((always_inline)) void block_grad_sums(BlockSums<T>& acc, const T* g, const T* v, int64_t len,
+                                                           Vec<T> centre) {
+  constexpr int64_t w = kWidth<T>;
+  int64_t j = 0;
+  for (; j + 2 * w <= len; j += 2 * w) {
+    const Vec<T> g0 = load(g + j), g1 = load(g + j + w);
+    acc.add(g0, g1, g0 * (load(v + j) - centre), g1 * (load(v + j + w) - centre), true);
+  }
+  if (j < len) {  // the zeros filling dy's vectors zero their products
+    const int64_t n0 = std::min(w, len - j), n1 = len - j - n0;
+    const Vec<T> g0 = load_first(g + j, n0, j), g1 = load_first(g + j + w, n1, j + w);
+    const Vec<T> v0 = load_first(v + j, n0, j), v1 = load_first(v + j + w, n1, j + w);
+    acc.add(g0, g1, g0 * (v0 - centre), g1 * (v1 - centre), true);
+  }
+}
+
 // Σ dy and Σ dy · (x - mean) over one channel, in blocks as channel_sums_body; `kept` (kRelu) masks dy, a segment
 // of a plane at a time into a buffer. dx (if not null): the channel's input gradient, fetched plane by plane for
 // writing.
 template <typename T, bool kRelu>
 inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T* x, const uint8_t* kept, T mean,
                                                           double* sum, double* dot, const T* dx) {
-  constexpr int64_t w = kWidth<T>;
   const Vec<T> centre = Vec<T>{} + mean;
   alignas(64) T masked[kRelu ? kBlock : 1];
   BlockSums<T> acc;
@@ -259,17 +279,7 @@ inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T
         for (int64_t j = 0; j < len; ++j) masked[j] = grad_at<T, true>(g, m, j);
         g = masked;
       }
-      int64_t j = 0;
-      for (; j + 2 * w <= len; j += 2 * w) {
-        const Vec<T> g0 = load(g + j), g1 = load(g + j + w);
-        acc.add(g0, g1, g0 * (load(v + j) - centre), g1 * (load(v + j + w) - centre), true);
-      }
-      if (j < len) {  // the zeros filling dy's vectors zero their products
-        const int64_t n0 = std::min(w, len - j), n1 = len - j - n0;
-        const Vec<T> g0 = load_first(g + j, n0, j), g1 = load_first(g + j + w, n1, j + w);
-        const Vec<T> v0 = load_first(v + j, n0, j), v1 = load_first(v + j + w, n1, j + w);
-        acc.add(g0, g1, g0 * (v0 - centre), g1 * (v1 - centre), true);
-      }
+      block_grad_sums(acc, g, v, len, centre);
     }
   }
   acc.flush(true);
@@ -277,16 +287,20 @@ inline __attribute__((always_inline)) void grad_sums_body(Channel<T> dy, const T
   *dot = acc.b;
 }
 
-// dx = (dy - mean_dy - (x - mean) · proj) · scale over one channel (training); `kept` (kRelu) masks dy.
+// dx = (dy - mean_dy - (x - mean) · proj) · scale over l values of a plane (training); `m` (kRelu) masks dy.
+template <typename T, bool kRelu>
+inline __attribute__((always_inline)) void grad_input_plane(const T* g, const uint8_t* m, const T* v, int64_t l, T mean,
+                                                            T mean_dy, T proj, T scale, T* dst) {
+  for (int64_t j = 0; j < l; ++j) dst[j] = (grad_at<T, kRelu>(g, m, j) - mean_dy - (v[j] - mean) * proj) * scale;
+}
+
+// grad_input_plane over one channel; `kept` (kRelu) masks dy.
 template <typename T, bool kRelu>
 inline __attribute__((always_inline)) void grad_input_body(Channel<T> dy, const T* x, const uint8_t* kept, T mean,
                                                            T mean_dy, T proj, T scale, T* dx) {
   for (int64_t i = 0; i < dy.n; ++i) {
-    const T* g = dy.x + i * dy.stride;
-    const T* v = x + i * dy.stride;
-    const uint8_t* m = kRelu ? kept + i * dy.stride : nullptr;
-    T* dst = dx + i * dy.stride;
-    for (int64_t j = 0; j < dy.l; ++j) dst[j] = (grad_at<T, kRelu>(g, m, j) - mean_dy - (v[j] - mean) * proj) * scale;
+    grad_input_plane<T, kRelu>(dy.x + i * dy.stride, kRelu ? kept + i * dy.stride : nullptr, x + i * dy.stride, dy.l,
+                               mean, mean_dy, proj, scale, dx + i * dy.stride);
   }
 }
 
@@ -302,43 +316,187 @@ inline __attribute__((always_inline)) void grad_input_eval_body(Channel<T> dy, c
   }
 }
 
+// The forward's parameters: the arguments every channel shares.
 template <typename T>
-void batch_norm_forward(const T* x, int64_t n, int64_t c, int64_t l, const T* weight, const T* bias,
-                        const T* running_mean, const T* running_var, bool training, double eps, T* y, T* mean,
-                        T* var, uint8_t* kept) {
+struct ForwardArgs {
+  const T *weight, *bias, *running_mean, *running_var;
+  bool training;
+  double eps;
+};
+
+// y = (x - centre) · scale + shift normalises a channel.
+template <typename T>
+struct Affine {
+  T centre, scale, shift;
+};
+
+// Channel ch's statistics (the batch's when training, into mean[ch] and var[ch]) and the affine map they give.
+// y and kept (either may be null): the channel's outputs, fetched for writing by the first pass (write_ahead).
+template <typename T>
+Affine<T> channel_affine(const Channel<T>& values, int64_t ch, const ForwardArgs<T>& a, T* mean, T* var, const T* y,
+                         const uint8_t* kept) {
   const auto sums = PerIsa<&channel_sums_body<T, false>>::pick();
   const auto centered_sums = PerIsa<&channel_sums_body<T, true>>::pick();
+  const double count = double(values.n * values.l);
+  // x is centred on a value of T, and the rest of the mean (below T's precision) goes into the shift: a float32
+  // mean of 300 is off by up to 1.5e-5, as much as a spread of 0.05 resolves.
+  T centre;
+  double m, v;
+  if (a.training) {
+    // The corrected two-pass formulas: about any centre a, mean = a + Σ(x - a) / M and
+    // M · var = Σ(x - a)² - (Σ(x - a))² / M, so the rounding of a = T(Σx / M) cancels.
+    double sum, unused;
+    sums(values, T(0), &sum, &unused, y, kept);
+    centre = T(sum / count);
+    double centered, squares;
+    centered_sums(values, centre, &centered, &squares, nullptr, nullptr);
+    m = double(centre) + centered / count;
+    v = std::max(0.0, (squares - centered * centered / count) / count);
+  } else {
+    centre = a.running_mean[ch];
+    m = double(centre);
+    v = double(a.running_var[ch]);
+  }
+  mean[ch] = T(m);
+  var[ch] = T(v);
+  const double scale = (a.weight ? double(a.weight[ch]) : 1.0) / std::sqrt(v + a.eps);
+  const double shift = (a.bias ? double(a.bias[ch]) : 0.0) - (m - double(centre)) * scale;
+  return {centre, T(scale), T(shift)};
+}
+
+template <typename T>
+void batch_norm_forward(const T* x, int64_t n, int64_t c, int64_t l, const ForwardArgs<T>& args, T* y, T* mean,
+                        T* var, uint8_t* kept) {
   const auto normalize =
       kept ? PerIsa<&normalize_body<T, true>>::pick() : PerIsa<&normalize_body<T, false>>::pick();
-  const double count = double(n * l);
   const bool ahead = write_ahead<T>(l);
 #pragma omp parallel for schedule(static) num_threads(num_threads())
   for (int64_t ch = 0; ch < c; ++ch) {
     const Channel<T> values{x + ch * l, n, l, c * l};
-    // x is centred on a value of T, and the rest of the mean (below T's precision) goes into the shift: a float32
-    // mean of 300 is off by up to 1.5e-5, as much as a spread of 0.05 resolves.
-    T centre;
-    double m, v;
-    if (training) {
-      // The corrected two-pass formulas: about any centre a, mean = a + Σ(x - a) / M and
-      // M · var = Σ(x - a)² - (Σ(x - a))² / M, so the rounding of a = T(Σx / M) cancels.
-      double sum, unused;
-      sums(values, T(0), &sum, &unused, ahead ? y + ch * l : nullptr, ahead && kept ? kept + ch * l : nullptr);
-      centre = T(sum / count);
-      double centered, squares;
-      centered_sums(values, centre, &centered, &squares, nullptr, nullptr);
-      m = double(centre) + centered / count;
-      v = std::max(0.0, (squares - centered * centered / count) / count);
-    } else {
-      centre = running_mean[ch];
-      m = double(centre);
-      v = double(running_var[ch]);
+    const Affine<T> f = channel_affine<T>(values, ch, args, mean, var, ahead ? y + ch * l : nullptr,
+                                          ahead && kept ? kept + ch * l : nullptr);
+    normalize(values, f.centre, f.scale, f.shift, y + ch * l, kept ? kept + ch * l : nullptr);
+  }
+}
+
+// relu(batch norm) max-pooled: each channel's statistics as batch_norm_forward's, then plane by plane its
+// normalised and clamped values into a buffer of one plane (the values batch_norm_relu writes, bit for bit), pooled
+// from there (MaxPoolRows: max_pool2d's kernels, values and indices). The normalised planes never reach memory.
+template <typename T>
+void batch_norm_relu_max_pool_forward(const T* x, const PoolShape<int64_t>& s, const ForwardArgs<T>& args, T* y,
+                                      int64_t* indices, T* mean, T* var) {
+  const auto normalize = PerIsa<&normalize_body<T, true, false>>::pick();
+  const MaxPoolRows<T> pool(s);
+  const int64_t l = s.h * s.w, pq = s.p * s.q;
+  const bool ahead = write_ahead<T>(pq);
+  constexpr int64_t kSlack = MaxPoolRows<T>::kSlack;
+#pragma omp parallel num_threads(num_threads())
+  {
+    // One plane's values, outputs and indices, with the room that lets a plane's last rows pool in vectors too.
+    std::vector<T> plane(l + kSlack), pooled(pq + kSlack);
+    std::vector<int64_t> winners(pq + kSlack);
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < s.c; ++ch) {
+      const Channel<T> values{x + ch * l, s.n, l, s.c * l};
+      const Affine<T> f = channel_affine<T>(values, ch, args, mean, var, nullptr, nullptr);
+      for (int64_t i = 0; i < s.n; ++i) {
+        const int64_t at = i * s.c + ch;
+        if (ahead && i + 1 < s.n) {  // the next plane's outputs, as write_ahead fetches batch_norm's
+          prefetch<true>(y + (at + s.c) * pq, pq);
+          prefetch<true>(indices + (at + s.c) * pq, pq);
+        }
+        normalize(Channel<T>{x + at * l, 1, l, l}, f.centre, f.scale, f.shift, plane.data(), nullptr);
+        pool.rows(plane.data(), pooled.data(), winners.data(), 0, s.p, true);
+        std::copy_n(pooled.data(), pq, y + at * pq);
+        std::copy_n(winners.data(), pq, indices + at * pq);
+      }
     }
-    mean[ch] = T(m);
-    var[ch] = T(v);
-    const double scale = (weight ? double(weight[ch]) : 1.0) / std::sqrt(v + eps);
-    const double shift = (bias ? double(bias[ch]) : 0.0) - (m - double(centre)) * scale;
-    normalize(values, centre, T(scale), T(shift), y + ch * l, kept ? kept + ch * l : nullptr);
+  }
+}
+
+// One plane of dY as batch_norm_relu's backward sees it behind max_pool2d's: zeroed, then each pooled output's
+// gradient added at its window's winner, in output order (max_pool2d_backward's sums), where ReLU kept the output
+// (above 0, or NaN: the winner's value; its mask), else +0 (all the outputs of one winner share its mask, so a
+// winner ReLU clamped stays +0, as batch_norm_relu's mask leaves it). The mask is applied to the gradient's bits,
+// not branched on: a branch per output, mispredicted on about half of them, took most of the backward's time.
+// Returns the first output whose index is neither a position of the plane's l nor -1 (a window with no tap), or -1.
+template <typename T>
+inline __attribute__((always_inline)) int64_t pooled_grad_plane(const T* g, const T* out, const int64_t* idx,
+                                                                 int64_t pq, int64_t l, T* dense) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  std::fill_n(dense, l, T(0));
+  int64_t bad = -1;
+  for (int64_t o = 0; o < pq; ++o) {
+    const int64_t i = idx[o];
+    Bits bits;
+    std::memcpy(&bits, g + o, sizeof bits);
+    bits &= Bits(0) - Bits(!(out[o] <= T(0)));
+    T value;
+    std::memcpy(&value, &bits, sizeof bits);
+    if (static_cast<uint64_t>(i) < static_cast<uint64_t>(l)) {
+      dense[i] += value;
+    } else if (i != -1 && bad < 0) {
+      bad = o;
+    }
+  }
+  return bad;
+}
+
+// One channel of the pooled gradients: g, out and idx (the forward's output and indices) N planes of pq,
+// g_stride apart, over x's N planes of l.
+template <typename T>
+struct Pooled {
+  const T* g;
+  const T* out;
+  const int64_t* idx;
+  int64_t pq, stride;
+};
+
+// grad_sums_body of the channel's dY rebuilt plane by plane (pooled_grad_plane) into `dense` (l values): the same
+// blocks, so the same sums as batch_norm_relu's backward after max_pool2d_backward's. *bad: the first bad index's
+// position (plane i's output o: i*pq + o), if any.
+template <typename T>
+inline __attribute__((always_inline)) void pooled_grad_sums_body(Channel<T> x, Pooled<T> dy, T mean, T* dense,
+                                                                 double* sum, double* dot, int64_t* bad, const T* dx) {
+  const Vec<T> centre = Vec<T>{} + mean;
+  BlockSums<T> acc;
+  for (int64_t i = 0; i < x.n; ++i) {
+    const T* v = x.x + i * x.stride;
+    if (i + 1 < x.n) {  // the next plane's x and pooled gradients, outputs and indices
+      const int64_t next = (i + 1) * dy.stride;
+      prefetch(v + x.stride, x.l);
+      prefetch(dy.g + next, dy.pq);
+      prefetch(dy.out + next, dy.pq);
+      prefetch(dy.idx + next, dy.pq);
+    }
+    if (dx) prefetch<true>(dx + i * x.stride, x.l);
+    const int64_t b = pooled_grad_plane(dy.g + i * dy.stride, dy.out + i * dy.stride, dy.idx + i * dy.stride, dy.pq,
+                                        x.l, dense);
+    if (b >= 0 && *bad < 0) *bad = i * dy.pq + b;
+    for (int64_t j0 = 0; j0 < x.l; j0 += kBlock) {
+      block_grad_sums(acc, dense + j0, v + j0, std::min(kBlock, x.l - j0), centre);
+    }
+  }
+  acc.flush(true);
+  *sum = acc.a;
+  *dot = acc.b;
+}
+
+// dx over one channel from its pooled gradients (dY rebuilt plane by plane into `dense`): grad_input_body's
+// formula when training, else dY · scale.
+template <typename T, bool kTraining>
+inline __attribute__((always_inline)) void pooled_grad_input_body(Channel<T> x, Pooled<T> dy, T mean, T mean_dy,
+                                                                  T proj, T scale, T* dense, T* dx, int64_t* bad) {
+  for (int64_t i = 0; i < x.n; ++i) {
+    const int64_t b = pooled_grad_plane(dy.g + i * dy.stride, dy.out + i * dy.stride, dy.idx + i * dy.stride, dy.pq,
+                                        x.l, dense);
+    if (b >= 0 && *bad < 0) *bad = i * dy.pq + b;
+    T* dst = dx + i * x.stride;
+    if constexpr (kTraining) {
+      grad_input_plane<T, false>(dense, nullptr, x.x + i * x.stride, x.l, mean, mean_dy, proj, scale, dst);
+    } else {
+      for (int64_t j = 0; j < x.l; ++j) dst[j] = dense[j] * scale;
+    }
   }
 }
 
@@ -376,9 +534,63 @@ void batch_norm_backward(const T* dy, const T* x, int64_t n, int64_t c, int64_t 
   }
 }
 
+// The backward of relu(batch norm) max-pooled, from the pooled gradients: batch_norm_backward's passes over x with
+// dY rebuilt plane by plane from g, the forward's output and its indices (pooled_grad_plane), never written out.
+// Returns the flat position in the indices of the first that is neither a position of its plane nor -1, or -1
+// (the passes skip such indices; the caller raises).
+template <typename T>
+int64_t batch_norm_relu_max_pool_backward(const T* g, const T* out, const int64_t* idx, const T* x, int64_t n,
+                                          int64_t c, int64_t l, int64_t pq, const T* weight, const T* mean,
+                                          const T* var, bool training, double eps, T* dx, T* dweight, T* dbias) {
+  const auto sums = PerIsa<&pooled_grad_sums_body<T>>::pick();
+  const auto grad_input = training ? PerIsa<&pooled_grad_input_body<T, true>>::pick()
+                                   : PerIsa<&pooled_grad_input_body<T, false>>::pick();
+  const double count = double(n * l);
+  const bool ahead = dx && write_ahead<T>(l);
+  int64_t first_bad = -1;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<T> dense(l);
+    int64_t thread_bad = -1;
+#pragma omp for schedule(static)
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const Channel<T> values{x + ch * l, n, l, c * l};
+      const Pooled<T> dy{g + ch * pq, out + ch * pq, idx + ch * pq, pq, c * pq};
+      const double invstd = 1.0 / std::sqrt(double(var[ch]) + eps);
+      int64_t bad = -1;
+      double sum = 0, dot = 0;
+      if (dweight || dbias || training) {
+        sums(values, dy, mean[ch], dense.data(), &sum, &dot, &bad, ahead ? dx + ch * l : nullptr);
+      }
+      if (dweight) dweight[ch] = T(dot * invstd);
+      if (dbias) dbias[ch] = T(sum);
+      if (dx) {
+        const double scale = (weight ? double(weight[ch]) : 1.0) * invstd;
+        grad_input(values, dy, mean[ch], T(sum / count), T(dot / count * invstd * invstd), T(scale), dense.data(),
+                   dx + ch * l, &bad);
+      }
+      if (bad >= 0) {  // plane i's output o: flat position (i*c + ch)*pq + o
+        const int64_t position = (bad / pq * c + ch) * pq + bad % pq;
+        if (thread_bad < 0 || position < thread_bad) thread_bad = position;
+      }
+    }
+#pragma omp critical(cnn_ext_pooled_bad_index)
+    if (thread_bad >= 0 && (first_bad < 0 || thread_bad < first_bad)) first_bad = thread_bad;
+  }
+  return first_bad;
+}
+
 template <typename T>
 const T* data_or_null(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+ForwardArgs<T> forward_args(const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                            const c10::optional<at::Tensor>& running_mean,
+                            const c10::optional<at::Tensor>& running_var, bool training, double eps) {
+  return {data_or_null<T>(weight), data_or_null<T>(bias), data_or_null<T>(running_mean), data_or_null<T>(running_var),
+          training, eps};
 }
 
 // A bool tensor's values as bytes (0 or 1), as the kernels read and write them.
@@ -411,9 +623,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
   // An empty batch: nothing to normalise (statistics reported as 0).
   if (n * l == 0) return {output, mean, var, kept};
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_batch_norm_cpu", [&] {
-    batch_norm_forward<scalar_t>(input.const_data_ptr<scalar_t>(), n, c, l, data_or_null<scalar_t>(weight),
-                                 data_or_null<scalar_t>(bias), data_or_null<scalar_t>(running_mean),
-                                 data_or_null<scalar_t>(running_var), training, eps,
+    batch_norm_forward<scalar_t>(input.const_data_ptr<scalar_t>(), n, c, l,
+                                 forward_args<scalar_t>(weight, bias, running_mean, running_var, training, eps),
                                  output.mutable_data_ptr<scalar_t>(), mean.mutable_data_ptr<scalar_t>(),
                                  var.mutable_data_ptr<scalar_t>(), relu ? kept_bytes(kept) : nullptr);
   });
@@ -464,9 +675,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   return {grad_input, grad_weight, grad_bias};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_cpu(
+    const at::Tensor& input_, const c10::optional<at::Tensor>& weight_, const c10::optional<at::Tensor>& bias_,
+    const c10::optional<at::Tensor>& running_mean_, const c10::optional<at::Tensor>& running_var_, bool training,
+    double eps, c10::IntArrayRef kernel_size, c10::IntArrayRef stride, c10::IntArrayRef padding,
+    c10::IntArrayRef dilation, bool ceil_mode) {
+  constexpr const char* op = "cnn_ext.batch_norm_relu_max_pool2d";
+  const auto s = check_batch_norm_relu_max_pool2d<int64_t>(op, input_, weight_, bias_, running_mean_, running_var_,
+                                                           training, eps, kernel_size, stride, padding, dilation,
+                                                           ceil_mode);
+  check_backend_dtype(op, input_, "input", {at::kFloat, at::kDouble}, "CPU");
+  const at::Tensor input = input_.contiguous();
+  const auto weight = contiguous(weight_), bias = contiguous(bias_);
+  const auto running_mean = contiguous(running_mean_), running_var = contiguous(running_var_);
+  const auto out_sizes = s.output_sizes();
+  at::Tensor output = empty_output(out_sizes, input.options());
+  at::Tensor indices = empty_output(out_sizes, input.options().dtype(at::kLong));
+  at::Tensor mean = at::zeros({s.c}, input.options()), var = at::zeros({s.c}, input.options());
+  if (s.n == 0) return {output, mean, var, indices};  // an empty batch (statistics reported as 0)
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_batch_norm_relu_max_pool2d_cpu", [&] {
+    batch_norm_relu_max_pool_forward<scalar_t>(
+        input.const_data_ptr<scalar_t>(), s,
+        forward_args<scalar_t>(weight, bias, running_mean, running_var, training, eps),
+        output.mutable_data_ptr<scalar_t>(), indices.mutable_data_ptr<int64_t>(), mean.mutable_data_ptr<scalar_t>(),
+        var.mutable_data_ptr<scalar_t>());
+  });
+  return {output, mean, var, indices};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_max_pool2d_backward_cpu(
+    const at::Tensor& grad_output_, const at::Tensor& output_, const at::Tensor& indices_, const at::Tensor& input_,
+    const c10::optional<at::Tensor>& weight_, const at::Tensor& mean_, const at::Tensor& var_, bool training,
+    double eps, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "cnn_ext.batch_norm_relu_max_pool2d_backward";
+  check_batch_norm_relu_max_pool2d_backward<int64_t>(op, grad_output_, output_, indices_, input_, weight_, mean_,
+                                                     var_, eps);
+  check_backend_dtype(op, input_, "input", {at::kFloat, at::kDouble}, "CPU");
+  const at::Tensor grad_output = grad_output_.contiguous(), output = output_.contiguous();
+  const at::Tensor indices = indices_.contiguous(), input = input_.contiguous();
+  const at::Tensor mean = mean_.contiguous(), var = var_.contiguous();
+  const auto weight = contiguous(weight_);
+  const auto [n, c, l] = channel_view(input);
+  const int64_t pq = grad_output.size(2) * grad_output.size(3);
+  const auto options = input.options();
+  at::Tensor grad_input = output_mask[0] ? empty_output(input.sizes(), options) : at::empty({0}, options);
+  at::Tensor grad_weight = output_mask[1] ? at::zeros({c}, options) : at::empty({0}, options);
+  at::Tensor grad_bias = output_mask[2] ? at::zeros({c}, options) : at::empty({0}, options);
+  if (n * l == 0) return {grad_input, grad_weight, grad_bias};
+  int64_t bad = -1;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cnn_ext_batch_norm_relu_max_pool2d_backward_cpu", [&] {
+    const auto out = [](bool wanted, at::Tensor& t) { return wanted ? t.mutable_data_ptr<scalar_t>() : nullptr; };
+    bad = batch_norm_relu_max_pool_backward<scalar_t>(
+        grad_output.const_data_ptr<scalar_t>(), output.const_data_ptr<scalar_t>(),
+        indices.const_data_ptr<int64_t>(), input.const_data_ptr<scalar_t>(), n, c, l, pq,
+        data_or_null<scalar_t>(weight), mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), training,
+        eps, out(output_mask[0], grad_input), out(output_mask[1], grad_weight), out(output_mask[2], grad_bias));
+  });
+  if (bad >= 0) {
+    PoolShape<int64_t> s{};
+    s.n = n;
+    s.c = c;
+    s.h = input.size(2);
+    s.w = input.size(3);
+    s.p = grad_output.size(2);
+    s.q = grad_output.size(3);
+    fail_bad_max_pool_index(op, s, bad, indices.const_data_ptr<int64_t>()[bad], "input plane", "H*W");
+  }
+  return {grad_input, grad_weight, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cnn_ext, CPU, m) {
+  m.impl("batch_norm_relu_max_pool2d", &batch_norm_relu_max_pool2d_cpu);
+  m.impl("batch_norm_relu_max_pool2d_backward", &batch_norm_relu_max_pool2d_backward_cpu);
   m.impl("batch_norm", &batch_norm_cpu);
   m.impl("batch_norm_relu", &batch_norm_relu_cpu);
   m.impl("batch_norm_backward", &batch_norm_backward_cpu);
