@@ -250,6 +250,32 @@ using BatchNormReluForward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::
     const at::Tensor&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
     const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, bool, double);
 
+// What the batch norms' backwards share: the arguments saved besides tensors, the gradients wanted (input, weight
+// where there is one, bias where there is one), and the gradients returned for a Function of `inputs` arguments.
+void save_batch_norm_args(AutogradContext* ctx, const c10::optional<at::Tensor>& bias, bool training, double eps) {
+  ctx->saved_data["has_bias"] = bias.has_value();
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+}
+
+std::array<bool, 3> batch_norm_grad_mask(AutogradContext* ctx, const at::Tensor& saved_weight) {
+  return {ctx->needs_input_grad(0), saved_weight.defined() && ctx->needs_input_grad(1),
+          ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
+}
+
+variable_list batch_norm_grads(std::array<bool, 3> mask,
+                               const std::tuple<at::Tensor, at::Tensor, at::Tensor>& grads, size_t inputs) {
+  variable_list out(inputs);
+  out[0] = mask[0] ? std::get<0>(grads) : at::Tensor();
+  out[1] = mask[1] ? std::get<1>(grads) : at::Tensor();
+  out[2] = mask[2] ? std::get<2>(grads) : at::Tensor();
+  return out;
+}
+
+c10::optional<at::Tensor> defined_or_none(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
 template <bool kRelu>
 struct BatchNorm : public torch::autograd::Function<BatchNorm<kRelu>> {
   static constexpr const char* kName = kRelu ? "cnn_ext.batch_norm_relu" : "cnn_ext.batch_norm";
@@ -273,32 +299,23 @@ struct BatchNorm : public torch::autograd::Function<BatchNorm<kRelu>> {
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), outputs[1], outputs[2],
                             kRelu ? outputs[3] : at::Tensor()});
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
+    save_batch_norm_args(ctx, bias, training, eps);
     return outputs;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list none(7);
     const auto saved = ctx->get_saved_variables();
-    const bool has_weight = saved[1].defined();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
-                                      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
-    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return none;
+    const std::array<bool, 3> mask = batch_norm_grad_mask(ctx, saved[1]);
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(7);
     refuse_double_backward(kName);
     static auto backward = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
         bool, double, std::array<bool, 3>, const c10::optional<at::Tensor>&)>("cnn_ext::batch_norm_backward");
-    const auto optional = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
-    auto [grad_input, grad_weight, grad_bias] =
-        backward.call(grads[0], saved[0], optional(saved[1]), saved[2], saved[3],
-                      ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask,
-                      optional(saved[4]));
-    none[0] = mask[0] ? grad_input : at::Tensor();
-    none[1] = mask[1] ? grad_weight : at::Tensor();
-    none[2] = mask[2] ? grad_bias : at::Tensor();
-    return none;
+    return batch_norm_grads(mask,
+                            backward.call(grads[0], saved[0], defined_or_none(saved[1]), saved[2], saved[3],
+                                          ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
+                                          mask, defined_or_none(saved[4])),
+                            7);
   }
 };
 
@@ -340,32 +357,24 @@ struct BatchNormReluMaxPool : public torch::autograd::Function<BatchNormReluMaxP
     ctx->mark_non_differentiable({mean, var, indices});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, weight.value_or(at::Tensor()), mean, var, output, indices});
-    ctx->saved_data["has_bias"] = bias.has_value();
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
+    save_batch_norm_args(ctx, bias, training, eps);
     return {output, mean, var, indices};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    variable_list none(12);
     const auto saved = ctx->get_saved_variables();
-    const bool has_weight = saved[1].defined();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
-                                      ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)};
-    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return none;
+    const std::array<bool, 3> mask = batch_norm_grad_mask(ctx, saved[1]);
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(12);
     refuse_double_backward(kName);
     static auto backward = op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
         const at::Tensor&, const at::Tensor&, bool, double, std::array<bool, 3>)>(
         "cnn_ext::batch_norm_relu_max_pool2d_backward");
-    const auto weight = saved[1].defined() ? c10::optional<at::Tensor>(saved[1]) : c10::nullopt;
-    auto [grad_input, grad_weight, grad_bias] =
-        backward.call(grads[0], saved[4], saved[5], saved[0], weight, saved[2], saved[3],
-                      ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), mask);
-    none[0] = mask[0] ? grad_input : at::Tensor();
-    none[1] = mask[1] ? grad_weight : at::Tensor();
-    none[2] = mask[2] ? grad_bias : at::Tensor();
-    return none;
+    return batch_norm_grads(mask,
+                            backward.call(grads[0], saved[4], saved[5], saved[0], defined_or_none(saved[1]),
+                                          saved[2], saved[3], ctx->saved_data["training"].toBool(),
+                                          ctx->saved_data["eps"].toDouble(), mask),
+                            12);
   }
 };
 

@@ -84,6 +84,18 @@ def assert_close(actual, expected, dtype, scale=1.0, msg=""):
     torch.testing.assert_close(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * scale, msg=msg or None)
 
 
+def batch_norm_case(shape, dtype, g, mean=2.0, spread=3.0, affine=True):
+    """A batch norm's arguments drawn from generator g: the input (mean ± spread, requiring grad), weight and bias
+    (requiring grad; None unless affine) and running statistics (mean, var)."""
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + mean).to(dtype).requires_grad_()
+    c = shape[1]
+    w = (torch.randn(c, generator=g, dtype=torch.float64) + 1).to(dtype).requires_grad_() if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if affine else None
+    running = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype),
+               (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype))
+    return x, w, b, running
+
+
 def grads(output, inputs, grad_output):
     """Gradients of `output` w.r.t. the tensors in `inputs` that require grad (None for the others)."""
     wanted = [t for t in inputs if t is not None and t.requires_grad]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from _support import assert_close, grads
+from _support import assert_close, batch_norm_case as _case, grads
 from cnn_ext import cpu_dispatch
 
 ops = torch.ops.cnn_ext
@@ -27,16 +27,6 @@ SHAPES = {
     "sequence": (4, 3, 17),
     "one_value_per_plane": (5, 7, 1, 1),
 }
-
-
-def _case(shape, dtype, g, mean=2.0, spread=3.0, affine=True):
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * spread + mean).to(dtype).requires_grad_()
-    c = shape[1]
-    w = (torch.randn(c, generator=g, dtype=torch.float64) + 1).to(dtype).requires_grad_() if affine else None
-    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if affine else None
-    running = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype),
-               (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype))
-    return x, w, b, running
 
 
 def _check(shape, dtype, training, affine=True, momentum=0.1, mean=2.0, spread=3.0, seed=0, relu=False):

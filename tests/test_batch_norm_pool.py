@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from _support import assert_close, grads
+from _support import assert_close, batch_norm_case, grads
 from cnn_ext import cpu_dispatch
 
 ops = torch.ops.cnn_ext
@@ -29,23 +29,13 @@ CASES = {
 }
 
 
-def _case(shape, dtype, g, affine=True):
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 1).to(dtype).requires_grad_()
-    c = shape[1]
-    w = (torch.randn(c, generator=g, dtype=torch.float64) + 0.5).to(dtype).requires_grad_() if affine else None
-    b = torch.randn(c, generator=g, dtype=torch.float64).to(dtype).requires_grad_() if affine else None
-    running = (torch.randn(c, generator=g, dtype=torch.float64).to(dtype),
-               (torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype))
-    return x, w, b, running
-
-
 def _leaves(*tensors):
     return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
 
 
 def _check(shape, pool, dtype, training, affine=True, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x, w, b, (rm, rv) = _case(shape, dtype, g, affine)
+    x, w, b, (rm, rv) = batch_norm_case(shape, dtype, g, mean=1.0, affine=affine)
     # Ours fused, torch's three layers, ours as two ops (batch_norm_relu, then max_pool2d): each on its own leaves.
     fused_rm, fused_rv, torch_rm, torch_rv, split_rm, split_rv = rm.clone(), rv.clone(), rm, rv, rm.clone(), rv.clone()
     out = cnn_ext.functional.batch_norm_relu_max_pool2d(x, fused_rm, fused_rv, w, b, training, 0.1, 1e-5, *pool)
@@ -94,7 +84,7 @@ def test_nans_as_torch():
     """A NaN wins its window (max_pool2d's rule) and comes out NaN through ReLU, its gradient flowing back;
     evaluation mode, so the NaN does not spread through the statistics."""
     g = torch.Generator().manual_seed(3)
-    x, w, b, (rm, rv) = _case((2, 3, 6, 10), torch.float32, g)
+    x, w, b, (rm, rv) = batch_norm_case((2, 3, 6, 10), torch.float32, g)
     with torch.no_grad():
         x[0, 1, 2, 3] = x[1, 2, 5, 9] = float("nan")
     out = cnn_ext.functional.batch_norm_relu_max_pool2d(x, rm, rv, w, b, False)
@@ -111,7 +101,7 @@ def test_nans_as_torch():
 
 def test_thread_count_does_not_change_results():
     g = torch.Generator().manual_seed(4)
-    x, w, b, _ = _case((6, 9, 13, 13), torch.float32, g)
+    x, w, b, _ = batch_norm_case((6, 9, 13, 13), torch.float32, g)
     x, w, b = x.detach(), w.detach(), b.detach()
     results = []
     threads = torch.get_num_threads()
@@ -174,7 +164,7 @@ def test_empty_batch_and_other_dtypes():
 
 def _opcheck_samples():
     g = torch.Generator().manual_seed(0)
-    x, w, b, (rm, rv) = _case((3, 4, 8, 7), torch.float64, g)
+    x, w, b, (rm, rv) = batch_norm_case((3, 4, 8, 7), torch.float64, g)
     pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
     out, mean, var, idx = ops.batch_norm_relu_max_pool2d(x.detach(), w.detach(), b.detach(), rm, rv, True, 1e-5,
                                                          *pool)
@@ -197,7 +187,7 @@ def test_opcheck(index):
 
 def test_gradcheck():
     g = torch.Generator().manual_seed(6)
-    x, w, b, _ = _case((2, 3, 6, 5), torch.float64, g)
+    x, w, b, _ = batch_norm_case((2, 3, 6, 5), torch.float64, g)
     torch.autograd.gradcheck(
         lambda x, w, b: cnn_ext.functional.batch_norm_relu_max_pool2d(x, None, None, w, b, True, 0.1, 1e-5, 3, 2, 1),
         (x, w, b))
