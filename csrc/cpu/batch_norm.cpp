@@ -1,12 +1,13 @@
 // CPU batch normalisation (cnn_ext.batch_norm, cnn_ext.batch_norm_backward) over dimension 1 of an (N, C, ...)
 // input, and with the ReLU after it fused (cnn_ext.batch_norm_relu: the forward clamps as it writes and records a
 // byte per value saying whether ReLU kept it; the backward, given that mask, masks dy as it reads it, so ReLU's own
-// backward pass and its 12.8 MB gradient (DeepMNIST's 32-channel layers) are gone). One task per channel: its N
-// planes of L = H·W·... values are summed in a fixed order (vector lanes, blocks of them added in double), so results
-// do not depend on the thread count, and a task's passes re-read its channel from L2 where it fits (DeepMNIST's
-// widest layer: 400 KB per channel of x; the backward reads dY too). torch's own kernels took 2.2 ms (forward) and
-// 1.4 ms (backward) for 128x32x28x28 on the 2-core AMD machine, a plain copy of it 0.19 ms; these 0.43-0.56 and
-// 0.52-1.04 ms.
+// backward pass and its 12.8 MB gradient (DeepMNIST's 32-channel layers) are gone), and with a max-pooling after
+// that too (cnn_ext.batch_norm_relu_max_pool2d: planes normalised into a buffer and pooled from it; the backward
+// rebuilds dY plane by plane from the pooled gradient). One task per channel: its N planes of L = H·W·... values
+// are summed in a fixed order (vector lanes, blocks of them added in double), so results do not depend on the
+// thread count, and a task's passes re-read its channel from L2 where it fits (DeepMNIST's widest layer: 400 KB per
+// channel of x; the backward reads dY too). torch's own kernels took 2.2 ms (forward) and 1.4 ms (backward) for
+// 128x32x28x28 on the 2-core AMD machine, a plain copy of it 0.19 ms; these 0.43-0.56 and 0.52-1.04 ms.
 //
 //   forward, training:  mean = Σx / M, var = Σ(x - mean)² / M (two passes: no cancellation), M = N·L
 //   forward:            y = (x - mean) · (weight · invstd) + bias,  invstd = 1 / sqrt(var + eps)
