@@ -6,7 +6,8 @@ from typing import ClassVar
 
 CONV_OPS = ("conv2d.fwd", "conv2d.bwd_input", "conv2d.bwd_weight")
 POOL_OPS = ("max_pool2d.fwd", "max_pool2d.bwd", "avg_pool2d.fwd", "avg_pool2d.bwd")
-NORM_OPS = ("batch_norm.fwd", "batch_norm.bwd", "batch_norm_relu.fwd", "batch_norm_relu.bwd")
+NORM_OPS = ("batch_norm.fwd", "batch_norm.bwd", "batch_norm_relu.fwd", "batch_norm_relu.bwd",
+            "batch_norm_relu_pool.fwd", "batch_norm_relu_pool.bwd")
 DROPOUT_OPS = ("dropout.fwd", "dropout.bwd")
 
 INDEX_BYTES = 8  # max-pool indices are int64, in our ops and torch's alike
@@ -78,9 +79,10 @@ class PoolCase:
 
 @dataclass(frozen=True)
 class NormCase:
-    """Training-mode batch normalisation of a (N, C, H, W) input over its C channels, alone and followed by a ReLU
+    """Training-mode batch normalisation of a (N, C, H, W) input over its C channels, alone, followed by a ReLU
     (ours fused, torch's as nn.ReLU(inplace=True) runs: relu_ after the batch norm, threshold_backward before its
-    backward). CPU only: on CUDA ours is torch's."""
+    backward), and followed by the ReLU and a 2x2 max-pooling (ours fused, torch's as its three layers run). CPU
+    only: on CUDA ours is torch's."""
 
     section: ClassVar[str] = "norm"
     ops: ClassVar[tuple] = NORM_OPS
@@ -93,9 +95,10 @@ class NormCase:
 
     def work(self, op, batch, elem_bytes):
         """Bytes read + written, each tensor once: fwd reads x and writes y; bwd reads dY and x, writes dX (the
-        ReLU's mask or output not counted)."""
+        ReLU's mask or output, the pooling's indices not counted; a pooled y or dY is a quarter of x)."""
         plane = batch * self.channels * self.size**2 * elem_bytes
-        return 2 * plane if op.endswith(".fwd") else 3 * plane
+        y = plane / 4 if op.startswith("batch_norm_relu_pool") else plane
+        return plane + y if op.endswith(".fwd") else 2 * plane + y
 
     def describe(self, batch):
         return f"{batch}x{self.channels}x{self.size}² training"

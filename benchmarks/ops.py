@@ -74,7 +74,7 @@ def pool_pairs(case, batch, dtype, device):
 
 def norm_pairs(case, batch, dtype, device):
     """{op: (ours, torch)} for the batch-norm `case` in training mode, against aten's native_batch_norm (and its
-    backward, given the statistics it saved), alone and followed by a ReLU."""
+    backward, given the statistics it saved), alone, followed by a ReLU, and by the ReLU and a 2x2 max-pooling."""
     x = torch.randn(batch, case.channels, case.size, case.size, dtype=dtype, device=device) * 2 + 1
     weight = torch.rand(case.channels, dtype=dtype, device=device) + 0.5
     bias = torch.randn(case.channels, dtype=dtype, device=device)
@@ -90,6 +90,20 @@ def norm_pairs(case, batch, dtype, device):
         grad = aten.threshold_backward(grad_out, relu_out, 0)
         return aten.native_batch_norm_backward(grad, x, weight, None, None, save_mean, save_invstd, True, eps, mask)[0]
 
+    pool = ([2, 2], [2, 2], [0, 0], [1, 1], False)
+    pooled, _, _, winners = ext.batch_norm_relu_max_pool2d(x, weight, bias, None, None, True, eps, *pool)
+    torch_pooled, torch_winners = aten.max_pool2d_with_indices(relu_out, *pool)
+    grad_pooled = torch.randn_like(pooled)
+
+    def torch_pool_forward():
+        out = aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)[0].relu_()
+        return aten.max_pool2d_with_indices(out, *pool)[0]
+
+    def torch_pool_backward():
+        grad = aten.max_pool2d_with_indices_backward(grad_pooled, relu_out, *pool, torch_winners)
+        grad = aten.threshold_backward(grad, relu_out, 0)
+        return aten.native_batch_norm_backward(grad, x, weight, None, None, save_mean, save_invstd, True, eps, mask)[0]
+
     return {
         "batch_norm.fwd": (lambda: ext.batch_norm(x, weight, bias, None, None, True, eps)[0],
                            lambda: aten.native_batch_norm(x, weight, bias, None, None, True, 0.1, eps)[0]),
@@ -101,6 +115,13 @@ def norm_pairs(case, batch, dtype, device):
         "batch_norm_relu.bwd": (lambda: ext.batch_norm_backward(grad_out, x, weight, mean, var, True, eps, mask,
                                                                 kept)[0],
                                 torch_relu_backward),
+        "batch_norm_relu_pool.fwd": (
+            lambda: ext.batch_norm_relu_max_pool2d(x, weight, bias, None, None, True, eps, *pool)[0],
+            torch_pool_forward),
+        "batch_norm_relu_pool.bwd": (
+            lambda: ext.batch_norm_relu_max_pool2d_backward(grad_pooled, pooled, winners, x, weight, mean, var, True,
+                                                            eps, mask)[0],
+            torch_pool_backward),
     }
 
 
