@@ -475,6 +475,35 @@ int64_t odd_lines(int64_t n) {
   return (lines | 1) * kLine;
 }
 
+// U's chunk of input channels in winograd_channels: within 512 KiB, unless M is large (see there); whole vectors
+// of 8 channels, at least one.
+constexpr int64_t kChannelsChunkBytes = 512 << 10;
+template <typename T>
+int64_t channels_chunk(int64_t budget, int64_t p, int64_t block) {
+  return std::max<int64_t>(8, budget / (p * block * int64_t(sizeof(T))) / 8 * 8);
+}
+// Where every input channel's U fits that chunk, an item's M (its run of tile rows' P blocks) is kept within this:
+// more runs then cost no more filter transforms (a thread's items share their block's U), and M stays in L2 from
+// the GEMMs through the output transform. DeepMNIST's 64 -> 128 on 7x7 at batch 128 (one run per block: 4.7 MiB of
+// M per thread) measured 1.44-1.59 -> 1.31-1.33 ms in separate processes; 512 KiB measured about the same, 1 MiB
+// slower.
+constexpr int64_t kChannelsRunBytes = 256 << 10;
+
+// winograd_channels' runs of tile rows per (group, block): as many as the threads need (where the blocks are
+// fewer), more where U is held whole and M would outgrow kChannelsRunBytes; the items (groups x blocks x runs) a
+// multiple of the threads, so that each thread takes as many.
+template <typename T, int M>
+int64_t winograd_channel_runs(const Winograd3x3& wp, int64_t blocks, int64_t block, int threads) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t tq = ceil_div(wp.out_w, M), total_rows = wp.n * ceil_div(wp.out_h, M);
+  int64_t runs = std::min(total_rows, ceil_div(threads, wp.groups * blocks));
+  if (wp.in > channels_chunk<T>(kChannelsChunkBytes, P, block)) return runs;
+  const int64_t m_bytes = P * total_rows * tq * block * int64_t(sizeof(T));
+  runs = std::min(total_rows, std::max(runs, ceil_div(m_bytes, kChannelsRunBytes)));
+  while (runs < total_rows && wp.groups * blocks * runs % threads != 0) ++runs;
+  return runs;
+}
+
 // winograd_3x3 for F(M x M, 3x3) with the tiles as the GEMMs' rows, `uk` the micro-kernel for tiles × out. The
 // input is copied channels-last (a pixel's cin = in rounded up to whole vectors), each tile's window transformed
 // into V_ξ's row (tiles × in; every group's V made once, shared by the items). An item is a block of nr output
@@ -496,7 +525,7 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
   constexpr int64_t kMostBlock = 64;  // the bias buffer's length: every micro-kernel's nr (gemm.h)
   TORCH_INTERNAL_ASSERT(block <= kMostBlock, "cnn_ext: Winograd's output blocks exceed their bias buffer");
   const int64_t total_rows = wp.n * tp;
-  const int64_t runs = std::min(total_rows, ceil_div(threads, wp.groups * blocks));
+  const int64_t runs = winograd_channel_runs<T, M>(wp, blocks, block, threads);
   const int64_t run_rows = ceil_div(total_rows, runs), items = wp.groups * blocks * runs;
   // U's chunk within 512 KiB, or within half of one core's L2 where an item's M is a quarter of L2 or more: every
   // chunk after the first re-reads and re-writes M. On the Intel Xeon (2 MiB of L2), side by side in one process,
@@ -506,8 +535,9 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
   // 512@7, M of 128-256 KiB: up to 10% forward). Unchanged on a 1 MiB L2. Either way each output sums its input
   // channels in order, so the chunks do not change the results.
   const int64_t m_item = P * run_rows * tq * block * int64_t(sizeof(T));
-  const int64_t u_budget = std::max<int64_t>(512 << 10, 4 * m_item >= l2_cache_bytes() ? l2_cache_bytes() / 2 : 0);
-  const int64_t chunk = std::max<int64_t>(8, u_budget / (P * block * int64_t(sizeof(T))) / 8 * 8);
+  const int64_t u_budget =
+      std::max<int64_t>(kChannelsChunkBytes, 4 * m_item >= l2_cache_bytes() ? l2_cache_bytes() / 2 : 0);
+  const int64_t chunk = channels_chunk<T>(u_budget, P, block);
   // The P blocks of V, U and M an odd number of lines apart (odd_lines).
   const int64_t v_stride = odd_lines<T>(tiles * cin), m_stride = odd_lines<T>(run_rows * tq * block);
   const int64_t u_stride = odd_lines<T>(chunk * block);
