@@ -318,15 +318,15 @@ template <typename T>
 cpu::MaxPoolRows<T>::MaxPoolRows(const PoolShape<int64_t>& s)
     : s_(s),
       row_axis_(s.p, s.h, s.kh, s.stride_h, s.pad_h, s.dil_h),
-      col_axis_(s.q, s.w, s.kw, s.stride_w, s.pad_w, s.dil_w),
-      algorithm_(cpu::choose_max_pool_forward(s)) {
-  if (algorithm_ == cpu::MaxPoolForward::kTiled2x2) {
+      col_axis_(s.q, s.w, s.kw, s.stride_w, s.pad_w, s.dil_w) {
+  const cpu::MaxPoolForward algorithm = cpu::choose_max_pool_forward(s);
+  if (algorithm == cpu::MaxPoolForward::kTiled2x2) {
     using Rows16 = cpu::PerIsa<&max_tiled_rows<T, 16>>;
     using Rows32 = cpu::PerIsa<&max_tiled_rows<T, 32>>;
     tiled_ = tiled_bytes(s.q, sizeof(T)) == 32 ? Rows32::pick() : Rows16::pick();
     return;
   }
-  dispatch_fixed_window(s, algorithm_ == cpu::MaxPoolForward::kFixedWindow, [&](auto window) {
+  dispatch_fixed_window(s, algorithm == cpu::MaxPoolForward::kFixedWindow, [&](auto window) {
     using Variants = cpu::PerIsa<&max_pool_rows<T, decltype(window)>>;
     windows_ = cpu::by_isa<typename Variants::Fn>(&Variants::avx2, &Variants::avx2, &Variants::portable);
   });

@@ -30,7 +30,6 @@ class MaxPoolRows {
  private:
   PoolShape<int64_t> s_;
   WindowAxis row_axis_, col_axis_;
-  MaxPoolForward algorithm_;
   void (*tiled_)(const PoolShape<int64_t>&, const T*, T*, int64_t*, int64_t, int64_t, bool) = nullptr;
   void (*windows_)(const PoolShape<int64_t>&, const WindowAxis&, const WindowAxis&, const T*, T*, int64_t*, int64_t,
                    int64_t) = nullptr;
