@@ -9,12 +9,17 @@ Environment variables:
                             (H100/H200) when no GPU is visible, so machines without a GPU (CI) still compile and
                             link the CUDA code.
   MAX_JOBS                  parallel compile jobs (ninja).
+  CC, CXX                   the compilers. A C++ compiler without a shared libstdc++ is replaced by the system's
+                            g++ (see _choose_compilers).
 """
 
 import glob
 import os
+import shlex
 import shutil
+import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -41,6 +46,43 @@ def _find_cuda_home():
     return None
 
 
+def _links_shared_libstdcxx(compiler):
+    """Whether the C++ compiler `compiler` (a command line) links libstdc++ as a shared library: True, False, or
+    None where it cannot be asked (not a GCC-style driver)."""
+    try:
+        found = subprocess.run(shlex.split(compiler) + ["-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    if found.returncode != 0:
+        return None
+    return os.path.isabs(found.stdout.strip())  # a bare name back: it has only the static library
+
+
+def _choose_compilers():
+    """Keeps CC/CXX unless the C++ compiler has no shared libstdc++. Such a compiler links libstdc++ statically into
+    the extension, where its copy clashes with the shared libstdc++ that torch has loaded: every error message our
+    kernels format crashed the process (seen on the GPU machine, whose CC/CXX name such a toolchain, /opt/gcc). It
+    is replaced by the system's gcc/g++ where those link libstdc++ dynamically; with none, the build stops."""
+    if not sys.platform.startswith("linux"):
+        return
+    cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    if _links_shared_libstdcxx(cxx) is not False:
+        return
+    for cc, cxx_candidate in ((shutil.which("gcc"), shutil.which("g++")), ("/usr/bin/gcc", "/usr/bin/g++"),
+                              (shutil.which("cc"), shutil.which("c++"))):
+        if cc and cxx_candidate and os.path.exists(cc) and _links_shared_libstdcxx(cxx_candidate):
+            print(f"cnn_ext: the C++ compiler {cxx!r} has no shared libstdc++: it would link libstdc++ statically "
+                  f"into the extension, whose error messages then crash beside torch's shared libstdc++. Building "
+                  f"with {cxx_candidate} and {cc} instead.", file=sys.stderr)
+            os.environ.update(CC=cc, CXX=cxx_candidate, CUDAHOSTCXX=cxx_candidate)
+            return
+    sys.exit(f"cnn_ext: the C++ compiler {cxx!r} has no shared libstdc++ (it would link libstdc++ statically into the "
+             f"extension, which then crashes beside torch's shared libstdc++), and no gcc/g++ that has one was found: "
+             f"set CC and CXX to compilers that link libstdc++ dynamically.")
+
+
+_choose_compilers()
 CUDA_HOME = None if _env_flag("CNN_EXT_CPU_ONLY") else _find_cuda_home()
 if CUDA_HOME:
     os.environ["CUDA_HOME"] = CUDA_HOME
@@ -65,6 +107,7 @@ def _write_build_info():
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"WITH_CUDA = {WITH_CUDA!r}\n"
         f"CUDA_ARCH_LIST = {os.environ.get('TORCH_CUDA_ARCH_LIST', '') if WITH_CUDA else ''!r}\n"
+        f"CXX = {os.environ.get('CXX') or sysconfig.get_config_var('CXX')!r}\n"
     )
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -102,6 +145,8 @@ if not _env_flag("CNN_EXT_NO_EMULATOR"):
         extra_compile_args={"cxx": ["-O2", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-DCNN_EXT_CUDA_EMULATION"]},
         extra_link_args=["-fopenmp"],
     ))
+
+
 
 setup(
     ext_modules=extensions,
