@@ -10,6 +10,8 @@ for which no time is left, is skipped with the reason; every step writes OUTDIR/
   build         pip install --no-build-isolation --no-deps -e .  (no emulator: it is tested in CI)
   cuda_kernels  the build has CUDA kernels and torch sees a GPU: without both every CUDA test would skip and the
                 check "pass", so this fails loudly and the GPU steps are skipped
+  errors        an argument error raises ValueError on the CPU and on CUDA rather than crashing the process (a
+                toolchain that links libstdc++ statically made every one a segfault; setup.py now avoids it)
   tests         pytest -m gpu: every test that needs the GPU (no -x); passed/failed/skipped per test file
   memcheck      compute-sanitizer --tool memcheck over scripts/sanitizer_case.py (every kernel, fp32/fp16/bf16)
   racecheck     compute-sanitizer --tool racecheck over the same cases
@@ -25,10 +27,12 @@ real ones' output formats, a real pytest run of a few CPU tests, and one step th
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -46,17 +50,18 @@ STEPS = {
     "environment": (30, []),
     "build": (180, []),
     "cuda_kernels": (30, ["build"]),
-    "tests": (150, ["cuda_kernels"]),
+    "errors": (30, ["cuda_kernels"]),
+    "tests": (210, ["cuda_kernels"]),
     "memcheck": (75, ["cuda_kernels"]),
     "racecheck": (75, ["cuda_kernels"]),
     "large_index": (40, ["cuda_kernels"]),
     "train": (45, ["cuda_kernels"]),
     "train_graphs": (45, ["cuda_kernels"]),
-    "benchmarks": (90, ["cuda_kernels"]),
+    "benchmarks": (120, ["cuda_kernels"]),
 }
 
 ENVIRONMENT = r"""
-import importlib.metadata as md, json, shutil, subprocess, sys, torch
+import importlib.metadata as md, json, os, shutil, subprocess, sys, torch
 def version(package):
     try:
         return md.version(package)
@@ -73,7 +78,7 @@ print(json.dumps({
     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     "driver": command("nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"),
     "nvcc": command("nvcc", "--version").splitlines()[-1] if shutil.which("nvcc") else None,
-    "compute_sanitizer": sanitizer,
+    "compute_sanitizer": sanitizer, "cc": os.environ.get("CC"), "cxx": os.environ.get("CXX"),
     **{name: version(name) for name in ("setuptools", "pytest", "hypothesis", "tqdm", "matplotlib", "torchvision",
                                          "ninja")}}))
 """
@@ -85,6 +90,27 @@ problems = ([] if torch.cuda.is_available() else ["torch sees no CUDA GPU"]) + \
            ([] if has_kernels else ["cnn_ext was built without CUDA kernels (was nvcc found? see build.log)"])
 print("; ".join(problems) or f"CUDA kernels built and {torch.cuda.get_device_name(0)} visible")
 sys.exit(1 if problems else 0)
+"""
+
+ERRORS = r"""
+import faulthandler, sys, torch
+faulthandler.enable()
+import cnn_ext
+failures = []
+for device in ("cpu", "cuda"):
+    x = torch.randn(1, 2, 5, 5, device=device)
+    for name, call in [("conv2d, 3-D weight", lambda: cnn_ext.functional.conv2d(x, torch.randn(3, 2, 3, device=device))),
+                       ("max_pool2d, kernel_size 0",
+                        lambda: torch.ops.cnn_ext.max_pool2d(x, [0, 2], [2, 2], [0, 0], [1, 1], False))]:
+        print(f"{device}: {name}", flush=True)
+        try:
+            call()
+        except ValueError as e:
+            print(f"    ValueError: {str(e).splitlines()[0][:150]}", flush=True)
+        else:
+            failures.append(f"{device}: {name} raised nothing")
+print("; ".join(failures) or "argument errors raise ValueError on the CPU and on CUDA")
+sys.exit(1 if failures else 0)
 """
 
 
@@ -103,9 +129,13 @@ def real_commands(out, data_dir):
     train = [PYTHON, "-m", "cnn_ext.train", "--device", "cuda", "--epochs", "1", "--data-dir", data_dir]
     return {
         "environment": [PYTHON, "-c", ENVIRONMENT],
-        "build": [PYTHON, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."],
+        "build": [PYTHON, "-m", "pip", "install", "-v", "--no-build-isolation", "--no-deps", "-e", "."],
         "cuda_kernels": [PYTHON, "-c", CUDA_KERNELS],
-        "tests": [PYTHON, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *junit(out)],
+        "errors": [PYTHON, "-c", ERRORS],
+        # -v streams each test's outcome into tests.log, so that a step cut off at its limit (when pytest writes no
+        # JUnit report) still says what ran; pytest-timeout, where installed, stops a hung test rather than the step.
+        "tests": [PYTHON, "-m", "pytest", "-v", "--tb=short", "--durations=25", "-m", "gpu", "-p", "no:cacheprovider",
+                  *(["--timeout", "60"] if importlib.util.find_spec("pytest_timeout") else []), *junit(out)],
         "memcheck": sanitize and sanitize + ["--tool", "memcheck", PYTHON, "scripts/sanitizer_case.py"],
         "racecheck": sanitize and sanitize + ["--tool", "racecheck", PYTHON, "scripts/sanitizer_case.py",
                                               "--racecheck"],
@@ -131,6 +161,7 @@ def self_test_commands(out, data_dir):
         "environment": [PYTHON, "-c", ENVIRONMENT],
         "build": script("print('stand-in build')"),
         "cuda_kernels": script("print('stand-in: CUDA kernels built and a GPU visible')"),
+        "errors": script("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"),  # as the crash seen once
         # A real pytest run: a few quick CPU tests, one file of them skipped, through the same JUnit parser.
         "tests": [PYTHON, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_build.py",
                   "tests/test_emulator.py::test_barrier_reductions", "tests/test_emulator.py::test_wrong_index_is_caught",
@@ -272,6 +303,8 @@ class Check:
                 os.killpg(process.pid, 9)  # the whole process group: pytest's or the sanitizer's children too
                 code, status = process.wait(), "timeout"
         step = {"status": status, "exit_code": code, "seconds": round(time.monotonic() - start, 1), "limit": limit}
+        if status == "failed" and code < 0:
+            step["problem"] = f"the process was killed by signal {-code} ({signal.Signals(-code).name})"
         self.steps[name] = step
         if name in PARSERS and status != "timeout":
             try:

@@ -31,20 +31,21 @@ def test_self_test_writes_a_complete_summary_with_only_python3(tmp_path):
         not os.path.exists("/usr/bin/python"), "this test needs a PATH without `python`"
     out = tmp_path / "out"
     result = _gpu_check(str(out), "--self-test", env=env)
-    assert result.returncode == 1, result.stdout + result.stderr  # one stand-in fails, one overruns
+    assert result.returncode == 1, result.stdout + result.stderr  # stand-ins fail, crash and overrun
     summary = json.loads((out / "summary.json").read_text())
     steps = summary["steps"]
     assert not summary["ok"] and summary["self_test"]
     assert {name: step["status"] for name, step in steps.items()} == {
-        "environment": "passed", "build": "passed", "cuda_kernels": "passed", "tests": "passed",
+        "environment": "passed", "build": "passed", "cuda_kernels": "passed", "errors": "failed", "tests": "passed",
         "memcheck": "passed", "racecheck": "failed", "large_index": "timeout", "train": "passed",
         "train_graphs": "passed", "benchmarks": "passed"}
     assert steps["environment"]["versions"]["python"] == "%d.%d.%d" % sys.version_info[:3]
     assert steps["tests"]["by_file"] == {
-        "tests/test_build.py": {"passed": 2, "failed": 0, "errors": 0, "skipped": 0},
+        "tests/test_build.py": {"passed": 3, "failed": 0, "errors": 0, "skipped": 0},
         "tests/test_emulator.py": {"passed": 2, "failed": 0, "errors": 0, "skipped": 0},
         "tests/test_cuda.py": {"passed": 0, "failed": 0, "errors": 0, "skipped": 1}}
-    assert steps["tests"]["counts"] == {"passed": 4, "failed": 0, "errors": 0, "skipped": 1}
+    assert steps["tests"]["counts"] == {"passed": 5, "failed": 0, "errors": 0, "skipped": 1}
+    assert steps["errors"]["problem"] == "the process was killed by signal 11 (SIGSEGV)"
     assert steps["memcheck"]["sanitizer_errors"] == 0
     assert steps["racecheck"]["sanitizer_errors"] == 2 and steps["racecheck"]["problem"] == "2 sanitizer errors"
     assert steps["large_index"]["limit"] == 2
