@@ -16,7 +16,8 @@ TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def conv_pairs(case, batch, dtype, device):
-    """{op: (ours, torch)} zero-argument callables for the convolution `case`, on shared random inputs."""
+    """{op: (ours, torch[, reference])} zero-argument callables for the convolution `case`, on shared random
+    inputs."""
     make = dict(dtype=dtype, device=device)
     x = torch.randn(batch, case.in_channels, case.size, case.size, **make)
     weight = torch.randn(case.out_channels, case.in_channels, case.kernel, case.kernel, **make)
@@ -29,7 +30,7 @@ def conv_pairs(case, batch, dtype, device):
         return aten.convolution_backward(grad_out, x, weight, None, stride, padding, dilation, False, [0, 0],
                                          groups, output_mask)
 
-    return {
+    pairs = {
         "conv2d.fwd": (lambda: ext.conv2d(x, weight, bias, *conv_args),
                        lambda: F.conv2d(x, weight, bias, *conv_args)),
         "conv2d.bwd_input": (lambda: ext.conv2d_backward_input(grad_out, weight, x.shape, *conv_args),
@@ -37,6 +38,20 @@ def conv_pairs(case, batch, dtype, device):
         "conv2d.bwd_weight": (lambda: ext.conv2d_backward_weight(grad_out, x, weight.shape, *conv_args),
                               lambda: torch_backward([False, True, False])[1]),
     }
+    if x.is_cuda:
+        # cuDNN's autotuned algorithms (FFT, Winograd) are not exact: on a GPU ours is checked against torch's
+        # convolution of the same inputs in float64, rounded to the row's dtype.
+        x64, w64, b64, dy64 = (t.double() for t in (x, weight, bias, grad_out))
+
+        def exact_backward(output_mask):
+            return aten.convolution_backward(dy64, x64, w64, None, stride, padding, dilation, False, [0, 0], groups,
+                                             output_mask)
+
+        exact = {"conv2d.fwd": lambda: F.conv2d(x64, w64, b64, *conv_args).to(dtype),
+                 "conv2d.bwd_input": lambda: exact_backward([True, False, False])[0].to(dtype),
+                 "conv2d.bwd_weight": lambda: exact_backward([False, True, False])[1].to(dtype)}
+        pairs = {op: pair + (exact[op],) for op, pair in pairs.items()}
+    return pairs
 
 
 def _tie_free_pool_input(case, batch, dtype, device):
