@@ -182,8 +182,8 @@ RACE_CASES = {
     "gemm_fprop": lambda g: ops.conv2d(_t((2, 8, 9, 9), torch.float64, g, False), _t((12, 8, 3, 3), torch.float64, g,
                                                                                     False), None, [1, 1], [1, 1],
                                        [1, 1], 1),
-    "gemm_dgrad": lambda g: ops.conv2d_backward_input(_t((2, 12, 9, 9), torch.float64, g, False),
-                                                      _t((12, 8, 3, 3), torch.float64, g, False), [2, 8, 9, 9],
+    "gemm_dgrad": lambda g: ops.conv2d_backward_input(_t((2, 12, 9, 9), torch.float64, g, False),  # C > 16: GEMM
+                                                      _t((12, 20, 3, 3), torch.float64, g, False), [2, 20, 9, 9],
                                                       [1, 1], [1, 1], [1, 1], 1),
     "gemm_wgrad_split_k": lambda g: ops.conv2d_backward_weight(_t((4, 8, 12, 12), torch.float64, g, False),
                                                                _t((4, 4, 12, 12), torch.float64, g, False),

@@ -132,10 +132,14 @@ void conv2d_forward(const ConvShape<int64_t>& s, const at::Tensor& input, const 
   });
 }
 
+// The input gradient's GEMM has N = C/groups columns in tiles of DefaultTile::BN = 64: at or below this many the
+// direct kernel (one thread per input element) does less idle work.
+constexpr int64_t kDirectDgradMaxChannels = 16;
+
 template <typename scalar_t>
 void conv2d_input_grad(const ConvShape<int64_t>& s, const at::Tensor& grad_output, const at::Tensor& weight,
                        at::Tensor& grad_input) {
-  if (one_input_channel_per_group(s)) {
+  if (s.c / s.groups <= kDirectDgradMaxChannels) {
     dispatch_index_type(conv_fits_int32(s, 0), [&](auto index_tag) {
       using index_t = decltype(index_tag);
       const int64_t total = grad_input.numel();

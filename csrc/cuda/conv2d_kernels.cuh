@@ -8,7 +8,7 @@
 //     output scatter. When the output tiles alone cannot fill the GPU, K is split into slices whose partial tiles
 //     go to a workspace and are summed in a fixed order by a second kernel: deterministic, no atomics.
 //   * Convolutions with one input channel per group (depthwise, or C == 1) have a GEMM K of only R·S, so they use
-//     direct kernels instead.
+//     direct kernels instead; so does the input gradient wherever a group has few input channels (its GEMM N).
 //   * The bias gradient is a per-channel block reduction.
 //
 // Included by conv2d.cu only (compiled by nvcc for a GPU, or by the host compiler for the CUDA emulator).
@@ -341,7 +341,8 @@ __global__ void split_k_reduce_kernel(const Problem problem, const typename Prob
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Direct kernels for one input channel per group (input channel = group = output channel / Kg).
+// Direct kernels: fprop and wgrad for one input channel per group (input channel = group = output channel / Kg),
+// dgrad for few input channels per group.
 // ---------------------------------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename index_t>
@@ -365,6 +366,9 @@ __global__ void direct_fprop_kernel(const scalar_t* input, const scalar_t* weigh
   }
 }
 
+// The input gradient, one thread per input element: a sum over its group's output channels and the kernel taps
+// that read it. Used where a group has few input channels (the GEMM's N, C/groups, would leave most of a tile
+// idle: the 7×7 stem's 3, MNIST's 1 and 10).
 template <typename scalar_t, typename index_t>
 __global__ void direct_dgrad_kernel(const scalar_t* grad_output, const scalar_t* weight, scalar_t* grad_input,
                                     const ConvGeometry<index_t> g, const index_t total) {
@@ -374,14 +378,15 @@ __global__ void direct_dgrad_kernel(const scalar_t* grad_output, const scalar_t*
     g.by_w.divmod(idx, rest, w);
     g.by_h.divmod(rest, img_c, h);
     g.by_c.divmod(img_c, img, c);
+    const index_t group = c / g.cg, channel_in_group = c - group * g.cg;
     acc_t sum = 0;
     for (index_t r = 0; r < g.r; ++r) {
       for (index_t s = 0; s < g.s; ++s) {
         index_t p, q;
         if (!output_for_tap(g, h, w, r, s, p, q)) continue;
-        for (index_t k = c * g.kg; k < (c + 1) * g.kg; ++k) {
+        for (index_t k = group * g.kg; k < (group + 1) * g.kg; ++k) {
           sum += static_cast<acc_t>(grad_output[((img * g.k + k) * g.p + p) * g.q + q]) *
-                 static_cast<acc_t>(weight[(k * g.r + r) * g.s + s]);
+                 static_cast<acc_t>(weight[((k * g.cg + channel_in_group) * g.r + r) * g.s + s]);
         }
       }
     }
