@@ -55,11 +55,14 @@ def _conv_cases():
     rng = random.Random(0)
     product = list(itertools.product(*_VARIATIONS.values()))
     rng.shuffle(product)
+    cases = [c for c in cases if _fits(c)]
     for values in product:
-        if len(cases) >= 120:
+        if len(cases) >= 110:
             break
-        cases.append(_case(**dict(zip(_VARIATIONS, values))))
-    return [c for c in cases if _fits(c)]
+        case = _case(**dict(zip(_VARIATIONS, values)))
+        if _fits(case):
+            cases.append(case)
+    return cases
 
 
 CONV_CASES = _conv_cases()
