@@ -111,6 +111,7 @@ def machine_info(device):
             cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
             matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32,
             cudnn_benchmark=torch.backends.cudnn.benchmark,
+            cnn_ext_cuda_tile=os.environ.get("CNN_EXT_CUDA_TILE") or "64x64",  # our implicit GEMM's block tile
         )
     return info
 

@@ -19,6 +19,8 @@ for which no time is left, is skipped with the reason; every step writes OUTDIR/
   train         python -m cnn_ext.train --device cuda, one epoch on real MNIST from --data-dir
   train_graphs  the same with --cuda-graphs
   benchmarks    python -m benchmarks.run --device cuda --json: every row, and the MNIST step's kernel count
+  tiles         the convolution rows again with each larger implicit-GEMM tile (CNN_EXT_CUDA_TILE=128x64, 128x128),
+                so one run shows where each beats the default 64x64
 
 OUTDIR/summary.json holds each step's status, time and figures (test counts per file, sanitizer error counts,
 accuracies and epoch times, the benchmark rows); the exit status is 0 only when every step that ran passed.
@@ -31,6 +33,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -58,6 +61,7 @@ STEPS = {
     "train": (45, ["cuda_kernels"]),
     "train_graphs": (45, ["cuda_kernels"]),
     "benchmarks": (120, ["cuda_kernels"]),
+    "tiles": (90, ["cuda_kernels"]),
 }
 
 ENVIRONMENT = r"""
@@ -144,7 +148,13 @@ def real_commands(out, data_dir):
         "train_graphs": train + ["--cuda-graphs", "--log-json", os.path.join(out, "train_graphs.json")],
         "benchmarks": [PYTHON, "-m", "benchmarks.run", "--device", "cuda", "--repeat", "30", "--json",
                        os.path.join(out, "bench.json")],
+        "tiles": ["bash", "-c", " && ".join(
+            f"CNN_EXT_CUDA_TILE={tile} {shlex.quote(PYTHON)} -m benchmarks.run --device cuda --ops conv --repeat 20 "
+            f"--json {shlex.quote(os.path.join(out, f'tiles_{tile}.json'))}" for tile in TILES)],
     }
+
+
+TILES = ("128x64", "128x128")
 
 
 def self_test_commands(out, data_dir):
@@ -174,6 +184,10 @@ def self_test_commands(out, data_dir):
         "train_graphs": write_json(os.path.join(out, "train_graphs.json"), train_log),
         "benchmarks": write_json(os.path.join(out, "bench.json"),
                                  {"rows": [{"case": "mnist.train_step", "ratio": 0.4, "kernels": {"ours": 6}}]}),
+        "tiles": script("; ".join(
+            f"import json; json.dump({{'rows': [{{'case': 'resnet.3x3_64', 'op': 'conv2d.fwd', 'dtype': 'float32', "
+            f"'ratio': {ratio}}}]}}, open({os.path.join(out, f'tiles_{tile}.json')!r}, 'w'))"
+            for tile, ratio in zip(TILES, (1.2, 0.9)))),
     }
 
 
@@ -246,6 +260,18 @@ def parse_benchmarks(out, step):
     return None
 
 
+def parse_tiles(out, step):
+    """{tile: {"case op dtype": ratio}} from the tile runs' JSON."""
+    step["ratios"] = {}
+    for tile in TILES:
+        path = os.path.join(out, f"tiles_{tile}.json")
+        if not os.path.exists(path):
+            return f"no JSON for tile {tile}"
+        step["ratios"][tile] = {f"{r['case']} {r['op']} {r['dtype']}": r.get("ratio")
+                                for r in json.load(open(path))["rows"]}
+    return None
+
+
 PARSERS = {
     "tests": parse_tests,
     "memcheck": lambda out, step: parse_sanitizer(out, step, "memcheck"),
@@ -253,6 +279,7 @@ PARSERS = {
     "train": lambda out, step: parse_train(out, step, "train"),
     "train_graphs": lambda out, step: parse_train(out, step, "train_graphs"),
     "benchmarks": parse_benchmarks,
+    "tiles": parse_tiles,
 }
 
 

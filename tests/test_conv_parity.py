@@ -1,5 +1,6 @@
 """conv2d parity with torch.nn.functional.conv2d: outputs and the gradients of input, weight and bias."""
 
+import contextlib
 import itertools
 import random
 
@@ -8,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import cnn_ext
-from _support import DEVICES, LAYOUTS, assert_close, grads, make_tensor
+from _support import CUDA_KERNEL_DEVICES, DEVICES, LAYOUTS, Emulated, assert_close, grads, make_tensor
+from cnn_ext import cuda_emulation
 
 BASE = dict(n=2, c=4, h=11, w=13, k=6, kernel=3, stride=1, padding=1, dilation=1, groups=1, bias=True)
 
@@ -182,3 +184,33 @@ def test_conv2d_honours_thread_count():
         torch.set_num_threads(before)
     for a, b in zip(*results):
         assert_close(a, b, torch.float64)
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+@pytest.mark.parametrize("tile", ["128x64", "128x128"])
+def test_conv2d_larger_cuda_tiles(tile, device, monkeypatch):
+    """The CUDA implicit GEMM's larger block tiles (CNN_EXT_CUDA_TILE): every direction, tile overhang in M and N,
+    split K, groups with stride and dilation, a GEMM input gradient (more than 16 channels per group), and float64,
+    which keeps the 64x64 tile."""
+    monkeypatch.setenv("CNN_EXT_CUDA_TILE", tile)
+    with contextlib.ExitStack() as stack:
+        launched = stack.enter_context(cuda_emulation.launches()) if isinstance(device, Emulated) else None
+        run_conv_parity(dict(BASE, n=3, c=67, k=45, h=23, w=19, kernel=3, padding=1), torch.float32, device)
+        run_conv_parity(dict(BASE, n=2, c=36, k=70, h=8, w=7, kernel=(3, 2), stride=(2, 1), padding=(1, 0),
+                             dilation=(1, 2), groups=2), torch.float32, device)
+        run_conv_parity(dict(BASE, n=1, c=32, k=32, h=6, w=6), torch.float32, device)  # fprop and dgrad split K
+        run_conv_parity(dict(BASE, c=20, k=130), torch.float64, device)
+    if launched is not None:
+        gemms = [name for name, *_ in launched if name.startswith("implicit_gemm_kernel")]
+        rows, cols = tile.split("x")
+        assert sum(f"GemmTile<{rows}, {cols}," in name and "<float," in name for name in gemms) == 9  # 3 dirs × 3
+        assert all("GemmTile<64, 64," in name for name in gemms if "<double," in name)
+
+
+@pytest.mark.parametrize("device", CUDA_KERNEL_DEVICES)
+def test_unknown_cuda_tile_is_named(device, monkeypatch):
+    monkeypatch.setenv("CNN_EXT_CUDA_TILE", "96x96")
+    x = make_tensor((1, 20, 5, 5), torch.float32, device)
+    w = make_tensor((4, 20, 3, 3), torch.float32, device)
+    with pytest.raises(ValueError, match="CNN_EXT_CUDA_TILE must be 64x64, 128x64 or 128x128, got '96x96'"):
+        cnn_ext.functional.conv2d(x, w)

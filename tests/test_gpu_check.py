@@ -38,7 +38,7 @@ def test_self_test_writes_a_complete_summary_with_only_python3(tmp_path):
     assert {name: step["status"] for name, step in steps.items()} == {
         "environment": "passed", "build": "passed", "cuda_kernels": "passed", "errors": "failed", "tests": "passed",
         "memcheck": "passed", "racecheck": "failed", "large_index": "timeout", "train": "passed",
-        "train_graphs": "passed", "benchmarks": "passed"}
+        "train_graphs": "passed", "benchmarks": "passed", "tiles": "passed"}
     assert steps["environment"]["versions"]["python"] == "%d.%d.%d" % sys.version_info[:3]
     assert steps["tests"]["by_file"] == {
         "tests/test_build.py": {"passed": 3, "failed": 0, "errors": 0, "skipped": 0},
@@ -51,6 +51,8 @@ def test_self_test_writes_a_complete_summary_with_only_python3(tmp_path):
     assert steps["large_index"]["limit"] == 2
     assert steps["train"]["test_accuracy"] == [97.5] and steps["train_graphs"]["epoch_seconds"] == [1.25]
     assert steps["benchmarks"]["train_step_kernels"] == {"ours": 6}
+    assert steps["tiles"]["ratios"] == {"128x64": {"resnet.3x3_64 conv2d.fwd float32": 1.2},
+                                        "128x128": {"resnet.3x3_64 conv2d.fwd float32": 0.9}}
     for name in steps:
         assert (out / f"{name}.log").exists()
     log = (out / "gpu_check.log").read_text()

@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <initializer_list>
 #include <limits>
 
@@ -88,6 +90,23 @@ void dispatch_index_type(bool use_int32, F&& f) {
   } else {
     f(int64_t{});
   }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The implicit GEMM's block tile. CNN_EXT_CUDA_TILE=64x64 (the default), 128x64 or 128x128 chooses it for every
+// float32/float16/bfloat16 GEMM with 32-bit indices (float64 and 64-bit-index GEMMs keep 64x64). Read at every
+// launch, so that tests and benchmarks can switch it within a process.
+// ---------------------------------------------------------------------------------------------------------------
+
+enum class GemmTileChoice { k64x64, k128x64, k128x128 };
+
+inline GemmTileChoice gemm_tile_choice() {
+  const char* value = std::getenv("CNN_EXT_CUDA_TILE");
+  if (value == nullptr || value[0] == '\0' || std::strcmp(value, "64x64") == 0) return GemmTileChoice::k64x64;
+  if (std::strcmp(value, "128x64") == 0) return GemmTileChoice::k128x64;
+  TORCH_CHECK_VALUE(std::strcmp(value, "128x128") == 0, "CNN_EXT_CUDA_TILE must be 64x64, 128x64 or 128x128, got '",
+                    value, "'");
+  return GemmTileChoice::k128x128;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
+
 #include "../checks.h"
 #include "conv2d_kernels.cuh"
 #include "runtime.cuh"
@@ -91,6 +93,33 @@ void run_implicit_gemm(const Problem& problem, const GemmPlan& plan, const at::T
   }
 }
 
+// Calls f(tile, index_tag, plan) for a GEMM of m×n×k per group: the tile gemm_tile_choice() names where it serves
+// (not float64, and 32-bit indices suffice for its plan), else DefaultTile with the index width the shape needs.
+template <typename scalar_t, typename F>
+void dispatch_gemm(const ConvShape<int64_t>& s, int64_t m, int64_t n, int64_t k, F&& f) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    auto with_int32 = [&](auto tile) {
+      const auto plan = plan_gemm<decltype(tile)>(m, n, k, s.groups);
+      if (!conv_fits_int32(s, plan.workspace_numel())) return false;
+      f(tile, int32_t{}, plan);
+      return true;
+    };
+    switch (gemm_tile_choice()) {
+      case GemmTileChoice::k128x64:
+        if (with_int32(WideTile{})) return;
+        break;
+      case GemmTileChoice::k128x128:
+        if (with_int32(LargeTile{})) return;
+        break;
+      case GemmTileChoice::k64x64:
+        break;
+    }
+  }
+  const auto plan = plan_gemm<DefaultTile>(m, n, k, s.groups);
+  dispatch_index_type(conv_fits_int32(s, plan.workspace_numel()),
+                      [&](auto index_tag) { f(DefaultTile{}, index_tag, plan); });
+}
+
 template <typename Problem>
 void set_gemm_dims(Problem& problem, const ConvShape<int64_t>& s, const GemmPlan& plan) {
   using index_t = typename Problem::index_t;
@@ -120,15 +149,15 @@ void conv2d_forward(const ConvShape<int64_t>& s, const at::Tensor& input, const 
     });
     return;
   }
-  const auto plan = plan_gemm<DefaultTile>(s.n * s.p * s.q, s.k / s.groups, s.c / s.groups * s.r * s.s, s.groups);
-  dispatch_index_type(conv_fits_int32(s, plan.workspace_numel()), [&](auto index_tag) {
+  dispatch_gemm<scalar_t>(s, s.n * s.p * s.q, s.k / s.groups, s.c / s.groups * s.r * s.s,
+                          [&](auto tile, auto index_tag, const GemmPlan& plan) {
     FpropProblem<scalar_t, decltype(index_tag)> problem;
     set_gemm_dims(problem, s, plan);
     problem.input = input.const_data_ptr<scalar_t>();
     problem.weight = weight.const_data_ptr<scalar_t>();
     problem.bias = bias;
     problem.output = output.mutable_data_ptr<scalar_t>();
-    run_implicit_gemm<DefaultTile>(problem, plan, input.options());
+    run_implicit_gemm<decltype(tile)>(problem, plan, input.options());
   });
 }
 
@@ -149,14 +178,14 @@ void conv2d_input_grad(const ConvShape<int64_t>& s, const at::Tensor& grad_outpu
     });
     return;
   }
-  const auto plan = plan_gemm<DefaultTile>(s.n * s.h * s.w, s.c / s.groups, s.k / s.groups * s.r * s.s, s.groups);
-  dispatch_index_type(conv_fits_int32(s, plan.workspace_numel()), [&](auto index_tag) {
+  dispatch_gemm<scalar_t>(s, s.n * s.h * s.w, s.c / s.groups, s.k / s.groups * s.r * s.s,
+                          [&](auto tile, auto index_tag, const GemmPlan& plan) {
     DgradProblem<scalar_t, decltype(index_tag)> problem;
     set_gemm_dims(problem, s, plan);
     problem.grad_output = grad_output.const_data_ptr<scalar_t>();
     problem.weight = weight.const_data_ptr<scalar_t>();
     problem.grad_input = grad_input.mutable_data_ptr<scalar_t>();
-    run_implicit_gemm<DefaultTile>(problem, plan, grad_output.options());
+    run_implicit_gemm<decltype(tile)>(problem, plan, grad_output.options());
   });
 }
 
@@ -174,14 +203,14 @@ void conv2d_weight_grad(const ConvShape<int64_t>& s, const at::Tensor& grad_outp
     });
     return;
   }
-  const auto plan = plan_gemm<DefaultTile>(s.k / s.groups, s.c / s.groups * s.r * s.s, s.n * s.p * s.q, s.groups);
-  dispatch_index_type(conv_fits_int32(s, plan.workspace_numel()), [&](auto index_tag) {
+  dispatch_gemm<scalar_t>(s, s.k / s.groups, s.c / s.groups * s.r * s.s, s.n * s.p * s.q,
+                          [&](auto tile, auto index_tag, const GemmPlan& plan) {
     WgradProblem<scalar_t, decltype(index_tag)> problem;
     set_gemm_dims(problem, s, plan);
     problem.grad_output = grad_output.const_data_ptr<scalar_t>();
     problem.input = input.const_data_ptr<scalar_t>();
     problem.grad_weight = grad_weight.mutable_data_ptr<scalar_t>();
-    run_implicit_gemm<DefaultTile>(problem, plan, grad_output.options());
+    run_implicit_gemm<decltype(tile)>(problem, plan, grad_output.options());
   });
 }
 

@@ -198,7 +198,13 @@ struct GemmTile {
                 "the tile loaders map threads to whole rows/columns");
 };
 
+// 64×64 with 4×4 per thread: two operand loads from shared memory per FMA, which caps the kernel near a quarter of
+// the fp32 peak (17 TFLOP/s measured on an H200's ResNet layers), but small GEMMs still fill the GPU. The larger
+// tiles halve (128×128, 8×8 per thread) or cut by a third (128×64, 8×4) the shared-memory traffic per FMA, for
+// GEMMs with enough tiles; CNN_EXT_CUDA_TILE selects them (common.cuh) until a GPU has measured where each pays.
 using DefaultTile = GemmTile<64, 64, 16, 4, 4>;
+using WideTile = GemmTile<128, 64, 16, 8, 4>;
+using LargeTile = GemmTile<128, 128, 8, 8, 8>;
 
 // The row (M or N coordinate) and k of the e-th element thread `tid` loads in a ROWS×BK operand tile. Threads walk
 // the operand's contiguous dimension fastest, so a warp's global loads coalesce.
