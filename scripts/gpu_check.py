@@ -137,9 +137,13 @@ def real_commands(out, data_dir):
         "cuda_kernels": [PYTHON, "-c", CUDA_KERNELS],
         "errors": [PYTHON, "-c", ERRORS],
         # -v streams each test's outcome into tests.log, so that a step cut off at its limit (when pytest writes no
-        # JUnit report) still says what ran; pytest-timeout, where installed, stops a hung test rather than the step.
+        # JUnit report) still says what ran; pytest-timeout, where installed, stops a hung test rather than the step;
+        # pytest-xdist, where installed, runs the tests in worker processes, so that one that kills its process (as
+        # every argument error did on the first GPU run) is reported as an error and the rest still run.
         "tests": [PYTHON, "-m", "pytest", "-v", "--tb=short", "--durations=25", "-m", "gpu", "-p", "no:cacheprovider",
-                  *(["--timeout", "60"] if importlib.util.find_spec("pytest_timeout") else []), *junit(out)],
+                  *(["--timeout", "60"] if importlib.util.find_spec("pytest_timeout") else []),
+                  *(["-n", "4", "--max-worker-restart", "100"] if importlib.util.find_spec("xdist") else []),
+                  *junit(out)],
         "memcheck": sanitize and sanitize + ["--tool", "memcheck", PYTHON, "scripts/sanitizer_case.py"],
         "racecheck": sanitize and sanitize + ["--tool", "racecheck", PYTHON, "scripts/sanitizer_case.py",
                                               "--racecheck"],
