@@ -146,8 +146,6 @@ if not _env_flag("CNN_EXT_NO_EMULATOR"):
         extra_link_args=["-fopenmp"],
     ))
 
-
-
 setup(
     ext_modules=extensions,
     cmdclass={"build_ext": BuildExtension},

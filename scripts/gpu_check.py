@@ -102,8 +102,8 @@ faulthandler.enable()
 import cnn_ext
 failures = []
 for device in ("cpu", "cuda"):
-    x = torch.randn(1, 2, 5, 5, device=device)
-    for name, call in [("conv2d, 3-D weight", lambda: cnn_ext.functional.conv2d(x, torch.randn(3, 2, 3, device=device))),
+    x, w = torch.randn(1, 2, 5, 5, device=device), torch.randn(3, 2, 3, device=device)
+    for name, call in [("conv2d, 3-D weight", lambda: cnn_ext.functional.conv2d(x, w)),
                        ("max_pool2d, kernel_size 0",
                         lambda: torch.ops.cnn_ext.max_pool2d(x, [0, 2], [2, 2], [0, 0], [1, 1], False))]:
         print(f"{device}: {name}", flush=True)

@@ -106,7 +106,7 @@ def fused_case(dtype, n, c, k, hw, r):
 def small_cases(racecheck):
     dtypes = (torch.float32, torch.bfloat16) if racecheck else (torch.float32, torch.float16, torch.bfloat16)
     for dtype in dtypes:
-        conv_case(dtype, 2, 4, 7, 9, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1)      # implicit GEMM, tile overhang; direct dgrad
+        conv_case(dtype, 2, 4, 7, 9, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1)      # implicit GEMM, overhang; direct dgrad
         conv_case(dtype, 1, 32, 6, 6, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1)    # fprop and dgrad split K (288)
         conv_case(dtype, 4, 4, 12, 12, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1)    # wgrad splits K (N·P·Q = 576)
         conv_case(dtype, 2, 4, 6, 6, 8, 3, 3, (2, 2), (1, 1), (1, 1), 4)      # depthwise, multiplier 2: direct kernels
@@ -114,7 +114,7 @@ def small_cases(racecheck):
         fused_case(dtype, 2, 4, 6, 8, 3)                                      # weights in shared memory
         if not racecheck:
             conv_case(dtype, 2, 6, 8, 7, 70, 3, 2, (2, 1), (1, 0), (1, 2), 2)  # grouped, strided, dilated; 2 N tiles
-            conv_case(dtype, 2, 36, 8, 7, 70, 3, 2, (2, 1), (1, 0), (1, 2), 2)  # the same with a GEMM dgrad (18 per group)
+            conv_case(dtype, 2, 36, 8, 7, 70, 3, 2, (2, 1), (1, 0), (1, 2), 2)  # the same, GEMM dgrad (18 per group)
             pool_case(dtype, (1, 2, 11, 7), (3, 2), (2, 1), (1, 0), (2, 3), False)
             fused_case(dtype, 1, 460, 3, 4, 3)                                 # C·R·S = 4140: weights in global memory
 

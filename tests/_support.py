@@ -125,7 +125,7 @@ def check_avg_pool2d(x, case, dtype, grad_generator):
                 divisor_override=case["divisor_override"])
     out = cnn_ext.functional.avg_pool2d(x, **args)
     x_ref = x
-    if x.is_cuda and not x.is_contiguous() and any(_pair_of(case["padding"])):
+    if x.is_cuda and not x.is_contiguous() and any(torch.nn.modules.utils._pair(case["padding"])):
         # torch's own CUDA kernel for the channels_last backward with padding returns wrong gradients in torch 2.11
         # (pytorch/pytorch#188344, fixed later; seen on the GPU machine): the reference comes from an NCHW copy,
         # whose kernel is right.
@@ -134,10 +134,6 @@ def check_avg_pool2d(x, case, dtype, grad_generator):
     assert out.shape == ref.shape
     assert_close(out, ref, dtype, msg="forward")
     _check_input_grad(out, ref, x, dtype, grad_generator, x_ref)
-
-
-def _pair_of(value):
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
 def _check_input_grad(out, ref, x, dtype, grad_generator, x_ref=None):
