@@ -12,6 +12,8 @@
 #include <array>
 #include <tuple>
 
+#include "saved_indices.h"
+
 namespace cnn_ext {
 namespace {
 
@@ -115,6 +117,7 @@ struct MaxPool2d : public torch::autograd::Function<MaxPool2d> {
                                          c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, bool)>(
         "cnn_ext::max_pool2d_backward");
     const auto input_size = ctx->saved_data["input_size"].toSymIntVector();
+    const SavedIndicesScope saved_indices;  // the forward's own indices (saved_indices.h)
     const at::Tensor grad_input =
         backward.call(grads[0], ctx->get_saved_variables()[0], input_size, ints(ctx, "kernel_size"),
                       ints(ctx, "stride"), ints(ctx, "padding"), ints(ctx, "dilation"),
@@ -216,6 +219,7 @@ struct Conv2dMaxPoolRelu : public torch::autograd::Function<Conv2dMaxPoolRelu> {
         c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t, c10::IntArrayRef, c10::IntArrayRef,
         c10::IntArrayRef, c10::IntArrayRef, bool, std::array<bool, 3>)>("cnn_ext::conv2d_maxpool_relu_backward");
     const auto saved = ctx->get_saved_variables();
+    const SavedIndicesScope saved_indices;  // the forward's own indices (saved_indices.h)
     auto [grad_input, grad_weight, grad_bias] = backward.call(
         grads[0], saved[2], saved[3], saved[0], saved[1], ints(ctx, "stride"), ints(ctx, "padding"),
         ints(ctx, "dilation"), ctx->saved_data["groups"].toInt(), ints(ctx, "pool_kernel_size"),

@@ -138,3 +138,24 @@ def test_graphed_training_step_matches_eager_on_synthetic_data():
     assert graphed.graph is not None
     for (name, a), b in zip(eager_model.named_parameters(), graphed_model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_backward_through_autograd_never_waits_for_the_gpu():
+    """Max-pool indices saved by autograd come from our own forward, so their check (a read-back that waits for the
+    stream) is skipped there: a training step's backward must not synchronise. A direct call of the backward
+    operator still checks what it is given."""
+    x = torch.randn(8, 3, 12, 12, device="cuda", requires_grad=True)
+    w = torch.randn(5, 3, 3, 3, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = cnn_ext.functional.max_pool2d(cnn_ext.functional.conv2d_maxpool_relu(x, w, padding=1), 2)
+        y.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    out, idx = ops.max_pool2d(x.detach(), [2, 2], [2, 2], [0, 0], [1, 1], False)
+    bad = idx.clone()
+    bad.view(-1)[5] = 10_000
+    with pytest.raises(ValueError, match=r"indices\[0, 0, 0, 5\] = 10000 is not a position"):
+        ops.max_pool2d_backward(torch.ones_like(out), bad, list(x.shape), [2, 2], [2, 2], [0, 0], [1, 1], False)

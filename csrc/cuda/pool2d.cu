@@ -7,6 +7,7 @@
 #include <ATen/ops/full.h>
 
 #include "../checks.h"
+#include "../saved_indices.h"
 #include "pool2d_kernels.cuh"
 #include "runtime.cuh"
 
@@ -70,8 +71,12 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output_arg, const at:
   at::Tensor grad_input = at::empty(shape.input_sizes(), grad_output.options());
   const int64_t total = grad_input.numel();
   if (total == 0) return grad_input;
-  // The kernel leaves here the lowest position in `indices` that holds no position of the input plane.
-  at::Tensor first_bad = at::full({1}, std::numeric_limits<int64_t>::max(), indices.options());
+  // The indices are checked unless autograd saved them from our forward (saved_indices.h) or the stream is being
+  // captured into a CUDA graph, where nothing may wait for the device. The kernel leaves in first_bad the lowest
+  // position in `indices` that holds no position of the input plane; reading it back waits for the kernel.
+  const bool check = !SavedIndicesScope::active() && !stream_is_capturing();
+  const at::Tensor first_bad =
+      check ? at::full({1}, std::numeric_limits<int64_t>::max(), indices.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_output.scalar_type(),
                                   "cnn_ext_max_pool2d_backward_cuda", [&] {
     dispatch_index_type(pool_fits_int32(shape), [&](auto index_tag) {
@@ -80,11 +85,10 @@ at::Tensor max_pool2d_backward_cuda(const at::Tensor& grad_output_arg, const at:
              grad_output.const_data_ptr<scalar_t>(), indices.const_data_ptr<int64_t>(),
              grad_input.mutable_data_ptr<scalar_t>(), make_geometry<index_t>(shape), static_cast<index_t>(total),
              static_cast<index_t>(indices.numel()),
-             reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()));
+             check ? reinterpret_cast<unsigned long long*>(first_bad.mutable_data_ptr<int64_t>()) : nullptr);
     });
   });
-  // Reading the verdict waits for the kernel; inside a CUDA graph capture nothing may wait, so it is skipped there.
-  if (!stream_is_capturing()) {
+  if (check) {
     const int64_t position = first_bad.item<int64_t>();
     if (position != std::numeric_limits<int64_t>::max()) {
       fail_bad_max_pool_index(op, shape, position, indices.view(-1)[position].item<int64_t>(), "input plane", "H*W");

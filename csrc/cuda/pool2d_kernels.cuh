@@ -59,9 +59,10 @@ __global__ void max_pool2d_kernel(const scalar_t* input, scalar_t* output, int64
 }
 
 // Every input element sums grad_output over the windows whose recorded index is this element. Indices that are not
-// an in-plane position (garbage passed by a caller) never match, so they cannot cause out-of-bounds accesses; the
-// lowest position in `indices` holding one (other than -1, a window with no tap) is left in *first_bad, which the
-// host initialises to the largest value and turns into an error, as the CPU kernel does.
+// an in-plane position (garbage passed by a caller) never match, so they cannot cause out-of-bounds accesses; unless
+// first_bad is null (indices trusted), the lowest position in `indices` holding one (other than -1, a window with no
+// tap) is left in *first_bad, which the host initialises to the largest value and turns into an error, as the CPU
+// kernel does.
 template <typename scalar_t, typename index_t>
 __global__ void max_pool2d_backward_kernel(const scalar_t* grad_output, const int64_t* indices,
                                            scalar_t* grad_input, const PoolGeometry<index_t> g,
@@ -69,7 +70,8 @@ __global__ void max_pool2d_backward_kernel(const scalar_t* grad_output, const in
                                            unsigned long long* first_bad) {
   using acc_t = acc_type<scalar_t>;
   const int64_t plane_in = static_cast<int64_t>(g.h) * g.w;
-  for (index_t o = global_thread_index<index_t>(); o < indices_total; o += grid_stride<index_t>()) {
+  for (index_t o = global_thread_index<index_t>(); first_bad != nullptr && o < indices_total;
+       o += grid_stride<index_t>()) {
     const int64_t i = indices[o];
     if ((i < 0 || i >= plane_in) && i != -1) atomicMin(first_bad, static_cast<unsigned long long>(o));
   }
