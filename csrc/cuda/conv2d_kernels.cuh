@@ -372,6 +372,22 @@ __global__ void direct_fprop_kernel(const scalar_t* input, const scalar_t* weigh
   }
 }
 
+// The taps of one axis that read input position `in` through a whole output position: with dilation 1 every
+// stride-th tap from (in + pad) mod stride, so a stride-2 layer's threads do not idle through the other taps;
+// with a dilation every tap, each tested. first/step are where the loop starts and how it advances.
+template <typename index_t>
+__device__ __forceinline__ void dgrad_taps(index_t in, index_t pad, index_t dilation, const Divmod<index_t>& by_stride,
+                                           index_t& first, index_t& step) {
+  index_t quotient;
+  if (dilation == 1) {
+    by_stride.divmod(in + pad, quotient, first);
+    step = by_stride.divisor;
+  } else {
+    first = 0;
+    step = 1;
+  }
+}
+
 // The input gradient, one thread per input element: a sum over its group's output channels and the kernel taps
 // that read it. Used where a group has few input channels (the GEMM's N, C/groups, would leave most of a tile
 // idle: the 7×7 stem's 3, MNIST's 1 and 10).
@@ -385,11 +401,23 @@ __global__ void direct_dgrad_kernel(const scalar_t* grad_output, const scalar_t*
     g.by_h.divmod(rest, img_c, h);
     g.by_c.divmod(img_c, img, c);
     const index_t group = c / g.cg, channel_in_group = c - group * g.cg;
+    index_t r_first, r_step, s_first, s_step;
+    dgrad_taps(h, g.pad_h, g.dil_h, g.by_stride_h, r_first, r_step);
+    dgrad_taps(w, g.pad_w, g.dil_w, g.by_stride_w, s_first, s_step);
     acc_t sum = 0;
-    for (index_t r = 0; r < g.r; ++r) {
-      for (index_t s = 0; s < g.s; ++s) {
-        index_t p, q;
-        if (!output_for_tap(g, h, w, r, s, p, q)) continue;
+    // Ascending taps read descending output positions: below position 0 no later tap can reach the output.
+    for (index_t r = r_first; r < g.r; r += r_step) {
+      const index_t strided_h = h + g.pad_h - r * g.dil_h;
+      if (strided_h < 0) break;
+      index_t p, rem_h;
+      g.by_stride_h.divmod(strided_h, p, rem_h);
+      if (rem_h != 0 || p >= g.p) continue;
+      for (index_t s = s_first; s < g.s; s += s_step) {
+        const index_t strided_w = w + g.pad_w - s * g.dil_w;
+        if (strided_w < 0) break;
+        index_t q, rem_w;
+        g.by_stride_w.divmod(strided_w, q, rem_w);
+        if (rem_w != 0 || q >= g.q) continue;
         for (index_t k = group * g.kg; k < (group + 1) * g.kg; ++k) {
           sum += static_cast<acc_t>(grad_output[((img * g.k + k) * g.p + p) * g.q + q]) *
                  static_cast<acc_t>(weight[((k * g.cg + channel_in_group) * g.r + r) * g.s + s]);
