@@ -1,8 +1,8 @@
 """CUDA cases for compute-sanitizer (memcheck, racecheck) and the 64-bit index check. Every cnn_ext CUDA kernel runs
-at least once - the implicit GEMM in each direction with and without split-K, the direct kernels, the bias
-gradient, pooling forward and backward (whose backward also checks its indices), the fused conv + max-pool + ReLU
-with its weights in shared and in global memory, and its backward - in float32, float16 and bfloat16, each compared
-with PyTorch's float64 result on the CPU. Exits non-zero on any mismatch.
+at least once - the implicit GEMM in each direction with and without split-K (and with each block tile), the direct
+kernels, the bias gradient, pooling forward and backward (whose backward also checks its indices), the fused conv +
+max-pool + ReLU with its weights in shared and in global memory, and its backward - in float32, float16 and
+bfloat16, each compared with PyTorch's float64 result on the CPU. Exits non-zero on any mismatch.
 
     compute-sanitizer --tool memcheck python scripts/sanitizer_case.py
     compute-sanitizer --tool racecheck python scripts/sanitizer_case.py --racecheck   # fewer, smaller cases
@@ -12,6 +12,7 @@ with PyTorch's float64 result on the CPU. Exits non-zero on any mismatch.
 """
 
 import argparse
+import os
 import sys
 
 import torch
@@ -103,9 +104,27 @@ def fused_case(dtype, n, c, k, hw, r):
         check(f"{name} {what} grad", got, want, dtype)
 
 
+def gemm_tile_cases(dtype):
+    """The implicit GEMM in each direction with each block tile (CNN_EXT_CUDA_TILE, read at every launch): overhang
+    in M and N, split K, and a grouped input gradient by GEMM."""
+    before = os.environ.get("CNN_EXT_CUDA_TILE")
+    try:
+        for tile in ("128x64", "128x128"):
+            os.environ["CNN_EXT_CUDA_TILE"] = tile
+            conv_case(dtype, 3, 67, 9, 7, 45, 3, 3, (1, 1), (1, 1), (1, 1), 1)
+            conv_case(dtype, 1, 32, 6, 6, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1)
+            conv_case(dtype, 2, 36, 8, 7, 70, 3, 2, (2, 1), (1, 0), (1, 2), 2)
+    finally:
+        if before is None:
+            os.environ.pop("CNN_EXT_CUDA_TILE", None)
+        else:
+            os.environ["CNN_EXT_CUDA_TILE"] = before
+
+
 def small_cases(racecheck):
     dtypes = (torch.float32, torch.bfloat16) if racecheck else (torch.float32, torch.float16, torch.bfloat16)
     for dtype in dtypes:
+        gemm_tile_cases(dtype)
         conv_case(dtype, 2, 4, 7, 9, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1)      # implicit GEMM, overhang; direct dgrad
         conv_case(dtype, 1, 32, 6, 6, 32, 3, 3, (1, 1), (1, 1), (1, 1), 1)    # fprop and dgrad split K (288)
         conv_case(dtype, 4, 4, 12, 12, 8, 3, 3, (1, 1), (1, 1), (1, 1), 1)    # wgrad splits K (N·P·Q = 576)
