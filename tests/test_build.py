@@ -1,4 +1,10 @@
-"""The build refuses a torch it was not built against, with a message naming both versions."""
+"""The build refuses a torch it was not built against, with a message naming both versions, and does not build with a
+C++ compiler that would link libstdc++ statically."""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -29,11 +35,6 @@ def _fake_compiler(folder, name, libstdcxx_so):
 
 def _setup_py_compilers(tmp_path, env):
     """Runs a copy of setup.py (no sources, `--version`) in tmp_path; its stderr and the CXX it recorded."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     project = tmp_path / "project"
     (project / "cnn_ext").mkdir(parents=True, exist_ok=True)
@@ -46,12 +47,10 @@ def _setup_py_compilers(tmp_path, env):
     return result, info.get("CXX")
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="GCC-style toolchains on Linux")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GCC-style toolchains on Linux")
 def test_compiler_without_shared_libstdcxx_is_replaced(tmp_path):
     """A C++ compiler that would link libstdc++ statically (the GPU machine's CC/CXX) is swapped for one that links
     it dynamically: errors formatted by such a build crashed the process there."""
-    import os
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     static = _fake_compiler(bin_dir, "static-g++", "libstdc++.so")
