@@ -372,21 +372,35 @@ __global__ void direct_fprop_kernel(const scalar_t* input, const scalar_t* weigh
   }
 }
 
-// The taps of one axis that read input position `in` through a whole output position: with dilation 1 every
-// stride-th tap from (in + pad) mod stride, so a stride-2 layer's threads do not idle through the other taps;
-// with a dilation every tap, each tested. first/step are where the loop starts and how it advances.
+// One axis of the direct input gradient, for input position `in`: the taps to try (first, first + step, ...) and the
+// output position each reads `in` through. With dilation 1 only every stride-th tap from (in + pad) mod stride can
+// land on a whole output position, so a stride-2 layer's threads do not idle through the others; with a dilation
+// every tap is tried. Ascending taps give descending output positions: once below 0, no later tap reaches one.
 template <typename index_t>
-__device__ __forceinline__ void dgrad_taps(index_t in, index_t pad, index_t dilation, const Divmod<index_t>& by_stride,
-                                           index_t& first, index_t& step) {
-  index_t quotient;
-  if (dilation == 1) {
-    by_stride.divmod(in + pad, quotient, first);
-    step = by_stride.divisor;
-  } else {
-    first = 0;
-    step = 1;
+struct DgradAxis {
+  enum class Tap { kHit, kSkip, kStop };
+  index_t padded_in, dilation, size, first, step;
+  const Divmod<index_t>& by_stride;
+
+  __device__ DgradAxis(index_t in, index_t pad, index_t dil, const Divmod<index_t>& by_stride_, index_t out_size)
+      : padded_in(in + pad), dilation(dil), size(out_size), first(0), step(1), by_stride(by_stride_) {
+    if (dil == 1) {
+      index_t quotient;
+      by_stride.divmod(padded_in, quotient, first);
+      step = by_stride.divisor;
+    }
   }
-}
+
+  // kHit with the output position in `out`, kSkip where the tap falls between output positions or past the last,
+  // kStop where it falls below the first.
+  __device__ Tap output(index_t tap, index_t& out) const {
+    const index_t strided = padded_in - tap * dilation;
+    if (strided < 0) return Tap::kStop;
+    index_t rem;
+    by_stride.divmod(strided, out, rem);
+    return rem == 0 && out < size ? Tap::kHit : Tap::kSkip;
+  }
+};
 
 // The input gradient, one thread per input element: a sum over its group's output channels and the kernel taps
 // that read it. Used where a group has few input channels (the GEMM's N, C/groups, would leave most of a tile
@@ -395,29 +409,26 @@ template <typename scalar_t, typename index_t>
 __global__ void direct_dgrad_kernel(const scalar_t* grad_output, const scalar_t* weight, scalar_t* grad_input,
                                     const ConvGeometry<index_t> g, const index_t total) {
   using acc_t = acc_type<scalar_t>;
+  using Tap = typename DgradAxis<index_t>::Tap;
   for (index_t idx = global_thread_index<index_t>(); idx < total; idx += grid_stride<index_t>()) {
     index_t rest, img_c, img, c, h, w;
     g.by_w.divmod(idx, rest, w);
     g.by_h.divmod(rest, img_c, h);
     g.by_c.divmod(img_c, img, c);
     const index_t group = c / g.cg, channel_in_group = c - group * g.cg;
-    index_t r_first, r_step, s_first, s_step;
-    dgrad_taps(h, g.pad_h, g.dil_h, g.by_stride_h, r_first, r_step);
-    dgrad_taps(w, g.pad_w, g.dil_w, g.by_stride_w, s_first, s_step);
+    const DgradAxis<index_t> rows(h, g.pad_h, g.dil_h, g.by_stride_h, g.p);
+    const DgradAxis<index_t> cols(w, g.pad_w, g.dil_w, g.by_stride_w, g.q);
     acc_t sum = 0;
-    // Ascending taps read descending output positions: below position 0 no later tap can reach the output.
-    for (index_t r = r_first; r < g.r; r += r_step) {
-      const index_t strided_h = h + g.pad_h - r * g.dil_h;
-      if (strided_h < 0) break;
-      index_t p, rem_h;
-      g.by_stride_h.divmod(strided_h, p, rem_h);
-      if (rem_h != 0 || p >= g.p) continue;
-      for (index_t s = s_first; s < g.s; s += s_step) {
-        const index_t strided_w = w + g.pad_w - s * g.dil_w;
-        if (strided_w < 0) break;
-        index_t q, rem_w;
-        g.by_stride_w.divmod(strided_w, q, rem_w);
-        if (rem_w != 0 || q >= g.q) continue;
+    for (index_t r = rows.first; r < g.r; r += rows.step) {
+      index_t p;
+      const Tap row_tap = rows.output(r, p);
+      if (row_tap == Tap::kStop) break;
+      if (row_tap == Tap::kSkip) continue;
+      for (index_t s = cols.first; s < g.s; s += cols.step) {
+        index_t q;
+        const Tap col_tap = cols.output(s, q);
+        if (col_tap == Tap::kStop) break;
+        if (col_tap == Tap::kSkip) continue;
         for (index_t k = group * g.kg; k < (group + 1) * g.kg; ++k) {
           sum += static_cast<acc_t>(grad_output[((img * g.k + k) * g.p + p) * g.q + q]) *
                  static_cast<acc_t>(weight[((k * g.cg + channel_in_group) * g.r + r) * g.s + s]);
