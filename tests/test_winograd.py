@@ -106,17 +106,22 @@ def test_padding_over_two(algorithm):
         torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
 
 
-# The weight gradient's two schedules (winograd_wgrad_tiles): by output-channel blocks where the tiles number at most
-# twice the output channels (every tile transformed once, each block's M turned into dW by the thread that made it),
-# else by runs of tiles, each thread summing its own M. (n, c, size, k, groups): blocks with a ragged last block,
-# per group, and on 4x4 tiles; more blocks than two per thread (M's block bounded by half of L2: 200 output channels
-# over 512 input channels on L2s of up to 2 MiB, uneven blocks of whole panels); runs with more tiles than the output
-# channels allow.
+# The weight gradient's schedules (winograd_wgrad_tiles): where the tiles number at most twice the output channels
+# every tile is transformed once, and the GEMMs run by output-channel blocks (each block's M turned into dW by the
+# thread that made it) or, where the blocks would re-read more of V than M holds, whole, their row panels shared out
+# among the threads (winograd_wgrad_positions); else by runs of tiles, each thread summing its own M.
+# (n, c, size, k, groups): blocks with a ragged last block, per group, and on 4x4 tiles; more blocks than two per
+# thread (M's block bounded by half of L2: 200 output channels over 512 input channels on L2s of up to 2 MiB, uneven
+# blocks of whole panels); whole GEMMs (144 2x2 tiles, 40 x 80 channels: M is 3200 sums per position, V 144 rows of
+# 48+ per block), also per group and with a ragged last row panel; runs with more tiles than the output channels
+# allow.
 WGRAD_SCHEDULES = {
     "blocks": (1, 40, 6, 50, 1),
     "blocks_bounded_by_l2": (1, 512, 6, 200, 1),
     "blocks_groups": (2, 24, 5, 36, 2),
     "blocks_4x4_tiles": (3, 20, 9, 45, 1),
+    "whole": (4, 40, 12, 80, 1),
+    "whole_groups": (2, 24, 12, 80, 2),
     "runs": (6, 8, 12, 8, 1),
 }
 
@@ -128,8 +133,8 @@ def _by_blocks(shape):
 @pytest.mark.parametrize("algorithm", TILES)
 @pytest.mark.parametrize("shape", WGRAD_SCHEDULES.values(), ids=WGRAD_SCHEDULES.keys())
 def test_weight_gradient_schedules_for_any_thread_count(shape, algorithm):
-    """Both schedules match torch in float64 with 1, 2 and 3 threads; by output blocks nothing is summed across the
-    threads, so float32 results are bitwise the same for every thread count."""
+    """Every schedule matches torch in float64 with 1, 2 and 3 threads; on few tiles (by output blocks or whole
+    GEMMs) nothing is summed across the threads, so float32 results are bitwise the same for every thread count."""
     n, c, size, k, groups = shape
     tile = 2 if algorithm == "winograd" else 4
     tiles = n * (-(-size // tile)) ** 2
@@ -356,7 +361,11 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
     ((8, 16, 14, 14, 16), None),  # too few channels
     ((32, 32, 8, 8, 32), "winograd_4x4"),  # 32 channels each side: ahead of the lanes kernels too
     ((64, 64, 5, 5, 64), "winograd"),  # 5x5 planes: 4x4 tiles pad them to 8x8, as many products as 2x2 tiles
-    ((8, 256, 14, 14, 256), "winograd"),  # likewise (18432 sums per 4x4 tile, no bound on the blocks)
+    # ... but with the GEMMs whole (V outgrowing what the blocks share), 14x14 takes the 4x4 tiles on few tiles too
+    ((8, 256, 14, 14, 256), {torch.float32: "winograd_4x4", torch.float64: "winograd"}),  # float64's M: 18 MiB
+    ((8, 192, 14, 14, 192), "winograd_4x4"),
+    ((8, 128, 14, 14, 128), "winograd_4x4"),
+    ((4, 128, 14, 14, 128), "winograd"),  # M (36 x 128 x 128 sums) beyond half of what the blocks would re-read
 ])
 def test_weight_gradient_dispatch_rule(shape, chosen, precision, dtype):
     n, c, size, _, k = shape
@@ -365,5 +374,6 @@ def test_weight_gradient_dispatch_rule(shape, chosen, precision, dtype):
         ops.conv2d_backward_weight(dy, x, [k, c, 3, 3], [1, 1], [1, 1], [1, 1], 1)
         ops.conv2d_backward_weight(dy[:, :, ::2, ::2], x, [k, c, 3, 3], [2, 2], [1, 1], [1, 1], 1)
     (_, first, _), (_, strided, _) = calls
+    chosen = chosen[dtype] if isinstance(chosen, dict) else chosen
     assert first == chosen if chosen else not first.startswith("winograd"), first
     assert not strided.startswith("winograd"), strided

@@ -322,6 +322,12 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 // 0.244, 1x256@28 2.00 -> 1.64, 2x256@28 3.73 -> 2.87, 1x128@16 0.244 -> 0.241, 1x256@16 0.705 -> 0.686, 1x128@32
 // 0.91 -> 0.69 (torch: 0.74, 1.54, 3.79, 6.65-6.73, 12.5, 5.30, 1.07, 1.90, 0.50, 0.30, 2.64, 5.08, 0.29, 1.01,
 // 0.95).
+// Since the GEMMs on few tiles run whole where V outgrows what the blocks share (winograd.cpp's
+// winograd_wgrad_positions), the 4x4 tiles pay there on 14x14 planes too (up to 3/4 the products), where M is within
+// half of the blocks' re-reads of V (margin 2); side by side in one process, ms, F(3x3, 2x2) -> F(3x3, 4x4): 8x256@14
+// 2.87-2.91 -> 2.33-2.40, 4x256@14 1.50-1.53 -> 1.33-1.48, 8x192@14 2.11-2.15 -> 1.47-1.51, 8x128@14 0.99-1.09 ->
+// 0.84-0.88, 16x128@14 1.99-2.01 -> 1.65 (torch: 4.68-4.76, 2.51-3.01, 2.75-2.77, 1.29-1.33, 2.43-2.46); not with M
+// beyond half of them: 2x256@14 0.80-0.82 -> 0.84-0.88, 4x128@14 0.46 -> 0.47-0.48.
 // Unlike the forward's (winograd_4x4_precision), its float32 error needs no precision condition: the weight
 // gradient's tolerance scales with its own values, and against float64 it measured 1.1-2.0x the error of torch's
 // own float32 weight gradient (ResNet-like layers at batch 2-16, and the 67-channel layer with unscaled weights;
@@ -336,9 +342,11 @@ bool winograd_4x4_wgrad_preferred(const Conv& cv, at::ScalarType dtype) {
                                 : winograd_wgrad_needs_channels_last<float>(wp, tile);
   };
   const bool blocks = by_blocks(4);
+  const bool whole = blocks && (dtype == at::kDouble ? winograd_wgrad_whole_gemms<double>(wp, 4, 2)
+                                                     : winograd_wgrad_whole_gemms<float>(wp, 4, 2));
   return winograd_wgrad_preferred(cv) && (!blocks || by_blocks(2) || (cv.cg >= 128 && cv.kg >= 128)) &&
          (blocks || 36 * cv.cg * cv.kg <= 16384 * tiles) &&
-         (3 * 36 * tiles <= 2 * 16 * tiles_2x2 || (!blocks && 4 * 36 * tiles <= 3 * 16 * tiles_2x2));
+         (3 * 36 * tiles <= 2 * 16 * tiles_2x2 || ((!blocks || whole) && 4 * 36 * tiles <= 3 * 16 * tiles_2x2));
 }
 
 // dcol's rule: the implicit product computes H rows of W + (S-1)·dil columns for P·Q useful ones; dcol pays no

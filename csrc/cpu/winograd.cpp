@@ -982,6 +982,23 @@ int64_t blocks_v_row(const Winograd3x3& wp, int nr) {
   return odd_lines<T>(padded_cols(wp.in, nr));
 }
 
+// winograd_wgrad_blocks' blocks of output channels: whole row panels of mr, M_ξ's block (P × block × in) about half
+// of one core's L2 as the OS reports it (l2_cache_bytes; rounded up to whole panels), at least two blocks per thread and a multiple of the threads, the
+// panels spread evenly over them. 256 rows as blocks of 36 (six 6-row panels) left a last block of 4 rows, one
+// thread idle for most of a block: 7% of the call at batch 8 by perf; as 8 blocks of 5-6 panels, side by side,
+// batch 1 256@14 0.43 -> 0.41 ms, 512@7 1.6 -> 1.4 ms. Every block reads all of V, so the larger the blocks the
+// less V is re-read: on the Intel Xeon (2 MiB of L2), blocks of 1 MiB instead of 512 KiB, alternating runs, ms:
+// batch 8 256@14 5.17-5.41 -> 4.66-4.82, batch 8 512@7 7.9-9.1 -> 6.8-7.4, batch 1 unchanged (0.76-0.83, 1.12-1.31).
+template <typename T, int M>
+int64_t wgrad_blocks(const Winograd3x3& wp, int mr, int threads) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t panels = ceil_div(wp.out, int64_t(mr));
+  const int64_t fit_rows = std::max<int64_t>(1, l2_cache_bytes() / 2 / (P * wp.in * int64_t(sizeof(T))));
+  const int64_t fit_panels = ceil_div(fit_rows, int64_t(mr));
+  const int64_t blocks = std::max(ceil_div(panels, fit_panels), std::min<int64_t>(panels, 2 * int64_t(threads)));
+  return blocks < panels ? std::min(panels, detail::round_up(blocks, int64_t(threads))) : blocks;
+}
+
 // winograd_3x3_wgrad by F(3x3, M x M) on few tiles: every tile's V transformed once (the threads sharing the
 // tiles), then the items are blocks of output channels, each transforming its channels' U over all the tiles,
 // computing its M_ξ rows and turning them into its filters' dW at once, while they are in L2. Nothing is summed
@@ -994,18 +1011,7 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   const int64_t ldv = blocks_v_row<T>(wp, uk.nr);
   // The transforms write a tile's P values at once: its blocks an odd number of lines apart (odd_lines).
   const int64_t v_stride = odd_lines<T>(tiles * ldv);
-  // Blocks of whole row panels, M_ξ's block (P × block × in) about half of one core's L2 as the OS reports it
-  // (l2_cache_bytes; rounded up to whole panels), at least two blocks per thread and a multiple of the threads, the
-  // panels spread evenly over them. 256 rows as blocks of 36 (six 6-row panels) left a last block of 4 rows, one
-  // thread idle for most of a block: 7% of the call at batch 8 by perf; as 8 blocks of 5-6 panels, side by side,
-  // batch 1 256@14 0.43 -> 0.41 ms, 512@7 1.6 -> 1.4 ms. Every block reads all of V, so the larger the blocks the
-  // less V is re-read: on the Intel Xeon (2 MiB of L2), blocks of 1 MiB instead of 512 KiB, alternating runs, ms:
-  // batch 8 256@14 5.17-5.41 -> 4.66-4.82, batch 8 512@7 7.9-9.1 -> 6.8-7.4, batch 1 unchanged (0.76-0.83, 1.12-1.31).
-  const int64_t panels = ceil_div(wp.out, int64_t(uk.mr));
-  const int64_t fit_rows = std::max<int64_t>(1, l2_cache_bytes() / 2 / (P * wp.in * int64_t(sizeof(T))));
-  const int64_t fit_panels = ceil_div(fit_rows, int64_t(uk.mr));
-  int64_t blocks = std::max(ceil_div(panels, fit_panels), std::min<int64_t>(panels, 2 * threads));
-  if (blocks < panels) blocks = std::min(panels, detail::round_up(blocks, int64_t(threads)));
+  const int64_t panels = ceil_div(wp.out, int64_t(uk.mr)), blocks = wgrad_blocks<T, M>(wp, uk.mr, threads);
   const int64_t block_rows = ceil_div(panels, blocks) * uk.mr, pairs = wp.out * wp.in;
   // M_ξ's blocks an odd number of lines apart (odd_lines), as G' M G reads a pair's P values at once: 64 rows of
   // 256 channels put them 64 KiB apart, all in one L1 set.
@@ -1049,6 +1055,67 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
   }
 }
 
+// winograd_3x3_wgrad by F(3x3, M x M) on few tiles, the GEMMs whole: every tile's V and U transformed once (the
+// threads sharing the tiles), then the P GEMMs M_ξ[out × in] = U_ξ · V_ξ over all the tiles, their row panels shared
+// out evenly among the threads, then the filters' transforms (the pairs shared out). Each GEMM reads U_ξ and V_ξ
+// once, its strips of B serving all the output channels' panels, where winograd_wgrad_blocks re-reads all of V per
+// block of output channels (from beyond L2 once V outgrows it) and transforms each block's U from dY again; the
+// price is M, written whole (P × out × in) and read back by the filters' transforms. Same products in the same
+// order as the blocks' (the same GEMMs by rows), so the same results. Side by side against the blocks on the Intel
+// Xeon, ms, F(3x3, 2x2) / F(3x3, 4x4): batch 8 256@14 3.50 / 3.41 -> 2.87 / 2.37, batch 4 1.83 / 1.83 -> 1.49 /
+// 1.36, batch 2 128@28 1.05 / 0.79 -> 1.06 / 0.68, batch 1 128@28 0.62 / 0.39 -> 0.50 / 0.40, batch 1 64->128@28
+// 0.34 / 0.22 -> 0.28 / 0.19; slower where M outweighs V's re-reads: batch 1 256@14 by 4x4 tiles 0.53 -> 0.73,
+// batch 1 512@7 0.89 / 1.21 -> 1.44 / 2.82 (wgrad_by_positions).
+template <typename T, int M>
+void winograd_wgrad_positions(const Winograd3x3& wp, const MicroKernel<T>& uk, const T* dy, const T* x, T* dw) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
+  const int threads = num_threads();
+  // V's and U's rows as the blocks' (blocks_v_row), their P blocks and M's an odd number of lines apart.
+  const int64_t ldv = blocks_v_row<T>(wp, uk.nr), v_stride = odd_lines<T>(tiles * ldv);
+  const int64_t ldu = odd_lines<T>(wp.out), u_stride = odd_lines<T>(tiles * ldu);
+  const int64_t pairs = wp.out * wp.in, m_stride = odd_lines<T>(pairs);
+  CallScratch scratch;
+  T* const v = scratch.whole<T>(P * v_stride);
+  T* const u = scratch.whole<T>(P * u_stride);
+  T* const m = scratch.whole<T>(P * m_stride);
+  const std::vector<int64_t> v_rows = row_offsets(tiles, ldv);
+  const auto transforms = wgrad_transforms<T, M>();
+  const auto finish = filter_gradients<T, M>();
+  const std::vector<T> zeros(std::max(wp.in, wp.out) + 64 / sizeof(T), T(0));  // plus a vector's read slack
+  const int64_t panels = ceil_div(wp.out, int64_t(uk.mr));
+  constexpr int64_t kPairs = 256;  // the filters' transforms in blocks of pairs
+  const int64_t pair_blocks = ceil_div(pairs, kPairs);
+  for (int64_t g = 0; g < wp.groups; ++g) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+      const int64_t t0 = tiles * part / parts, t1 = tiles * (part + 1) / parts;
+      if (t0 < t1) {
+        transforms(wp, x, dy, g, t0, t1, zeros.data(), v + t0 * ldv, v_stride, ldv, u + t0 * ldu, u_stride, ldu, 0,
+                   wp.out);
+      }
+#pragma omp barrier
+      // This thread's share of the P × panels row panels, in order: the rest of one GEMM's panels, whole GEMMs, the
+      // start of another's.
+      const int64_t first = P * panels * part / parts, last = P * panels * (part + 1) / parts;
+      for (int64_t at = first; at < last;) {
+        const int64_t xi = at / panels, p0 = at % panels, p1 = std::min(panels, p0 + last - at);
+        const int64_t o0 = p0 * uk.mr, rows = std::min(p1 * uk.mr, wp.out) - o0;
+        gemm_a_in_place(uk, rows, wp.in, tiles, u + xi * u_stride + o0, ldu, v + xi * v_stride, v_rows.data(),
+                        m + xi * m_stride + o0 * wp.in, wp.in, false, Pad::kB);
+        at += p1 - p0;
+      }
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t b = 0; b < pair_blocks; ++b) {
+        const int64_t e0 = b * kPairs;
+        finish(m + e0, 1, 0, m_stride, std::min(kPairs, pairs - e0), dw + (g * pairs + e0) * 9);
+      }
+    }
+  }
+}
+
 // Few tiles for the channels (up to twice the output channels: a ResNet layer at batch 1-8), V and U (every tile's;
 // U now by the threads' blocks) within 16 MiB: winograd_wgrad_blocks, on channels-last x and dY. Measured against
 // the runs of tiles (winograd_wgrad_tiles): batch 1 256 -> 256 on 14x14 0.82 -> 0.56 ms, 512 -> 512 on 7x7 4.5 ->
@@ -1062,6 +1129,20 @@ bool wgrad_by_blocks(const Winograd3x3& wp) {
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int64_t ldv = blocks_v_row<T>(wp, pick_micro_kernel<T>(wp.out, wp.in).nr);
   return tiles <= 2 * wp.out && P * tiles * (ldv + wp.out) * int64_t(sizeof(T)) <= (int64_t(16) << 20);
+}
+
+// Where wgrad_by_blocks holds, the GEMMs whole (winograd_wgrad_positions) where M (P × out × in, written and read
+// back) is within 16 MiB and no larger than what the blocks would re-read of V, all but one block's worth of it
+// (P × tiles × V's row, per block): M costs them both ways, the blocks' re-reads one, but those come with each
+// block's transform of U. With a margin, M within 1/margin of those re-reads.
+template <typename T, int M>
+bool wgrad_by_positions(const Winograd3x3& wp, int64_t margin = 1) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
+  const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, wp.in);
+  const int64_t blocks = wgrad_blocks<T, M>(wp, uk.mr, num_threads());
+  return P * wp.out * wp.in * int64_t(sizeof(T)) <= (int64_t(16) << 20) &&
+         margin * wp.out * wp.in <= (blocks - 1) * tiles * blocks_v_row<T>(wp, uk.nr);
 }
 
 // Rows [r0, r1) of image img's channels [c0, c0 + count) of an n × channels × h × w tensor (channels-last: n × h ×
@@ -1095,6 +1176,7 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, bool dy_channels_l
   const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
   if (wgrad_by_blocks<T, M>(wp)) {
     TORCH_INTERNAL_ASSERT(dy_channels_last && x_channels_last, "cnn_ext: Winograd's wgrad by blocks needs NHWC");
+    if (wgrad_by_positions<T, M>(wp)) return winograd_wgrad_positions<T, M>(wp, uk, dy, x, dw);
     return winograd_wgrad_blocks<T, M>(wp, uk, dy, x, dw);
   }
   // An item is a run of consecutive tiles of one group (across images), with V and U within about 512 KiB (so they
@@ -1198,6 +1280,12 @@ bool winograd_wgrad_needs_channels_last(const Winograd3x3& wp, int64_t tile) {
 }
 
 template <typename T>
+bool winograd_wgrad_whole_gemms(const Winograd3x3& wp, int64_t tile, int64_t margin) {
+  return tile == 2 ? wgrad_by_blocks<T, 2>(wp) && wgrad_by_positions<T, 2>(wp, margin)
+                   : wgrad_by_blocks<T, 4>(wp) && wgrad_by_positions<T, 4>(wp, margin);
+}
+
+template <typename T>
 void winograd_3x3_wgrad(const Winograd3x3& wp, int64_t tile, const T* dy, bool dy_channels_last, const T* x,
                         bool x_channels_last, T* dw) {
   TORCH_INTERNAL_ASSERT(tile == 2 || tile == 4, "cnn_ext: Winograd has no F(3x3, ", tile, "x", tile, ")");
@@ -1211,6 +1299,8 @@ template void winograd_3x3<double>(const Winograd3x3&, int64_t, const double*, c
                                    double*);
 template bool winograd_wgrad_needs_channels_last<float>(const Winograd3x3&, int64_t);
 template bool winograd_wgrad_needs_channels_last<double>(const Winograd3x3&, int64_t);
+template bool winograd_wgrad_whole_gemms<float>(const Winograd3x3&, int64_t, int64_t);
+template bool winograd_wgrad_whole_gemms<double>(const Winograd3x3&, int64_t, int64_t);
 template void winograd_3x3_wgrad<float>(const Winograd3x3&, int64_t, const float*, bool, const float*, bool, float*);
 template void winograd_3x3_wgrad<double>(const Winograd3x3&, int64_t, const double*, bool, const double*, bool,
                                          double*);

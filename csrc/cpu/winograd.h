@@ -43,7 +43,9 @@
 // so the sum over tiles and images is, per ξ, one GEMM with the tiles as its reduction: M_ξ[out × in] =
 // U_ξ[out × tiles] · V_ξ[tiles × in]. Its transforms run along the channels of channels-last x and dY: copies of
 // the whole tensors where each tile is transformed once across the threads (few tiles), else of the rows each run of
-// tiles reads, made by its thread as it reaches them.
+// tiles reads, made by its thread as it reaches them. On few tiles the GEMMs run by blocks of output channels (each
+// in L2 from its products to its filters), or, where V outgrows what the blocks can share, whole, their row panels
+// shared out among the threads.
 // F(3x3, 4x4) is the same with F(4x4, 3x3)'s matrices: 4x4 blocks of dY, 6x6 input tiles, 36 GEMMs.
 //
 // Error: F(2x2, 3x3)'s coefficients are ±1 and ±1/2, so its float32 error stays within a small multiple of the
@@ -81,5 +83,11 @@ void winograd_3x3_wgrad(const Winograd3x3& wp, int64_t tile, const T* dy, bool d
 // threads sharing them out; its runs of tiles copy the rows they read channels-last themselves, from either layout.
 template <typename T>
 bool winograd_wgrad_needs_channels_last(const Winograd3x3& wp, int64_t tile);
+
+// Whether winograd_3x3_wgrad runs F(3x3, tile x tile) as whole GEMMs shared out among the threads (winograd.cpp's
+// winograd_wgrad_positions) rather than by blocks of output channels, with their M (P × in × out sums, written and
+// read back) within 1/margin of what the blocks would re-read of V.
+template <typename T>
+bool winograd_wgrad_whole_gemms(const Winograd3x3& wp, int64_t tile, int64_t margin);
 
 }  // namespace cnn_ext::cpu
