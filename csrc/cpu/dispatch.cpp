@@ -31,7 +31,8 @@
 // | wgrad             | lanes        | lanes::suits, unless winograd's rule holds         | as fprop                          |
 // |                   | depthwise    | as fprop's depthwise                               | a dot product per tap and channel |
 // |                   | winograd_4x4 | winograd's rule, 4x4 tiles multiplying <= 2/3 as   | F(3x3, 4x4): 36 GEMMs             |
-// |                   |              | much as 2x2 ones (padding); by runs of tiles: 3/4, |                                   |
+// |                   |              | much as 2x2 ones (padding); by runs of tiles or    |                                   |
+// |                   |              | whole GEMMs (M within half of V's re-reads): 3/4,  |                                   |
 // |                   |              | 36·in·out sums within 16384 per 4x4 tile; on the   |                                   |
 // |                   |              | blocks only where 2x2 tiles are or 128+ channels   |                                   |
 // |                   |              | each side; any float32 precision                   |                                   |
@@ -136,8 +137,8 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
         {"winograd_4x4",
          "winograd's rule with its 36 transformed in × out sums within 16384 per 4x4 tile, where its tiles "
          "multiply at most 2/3 as much as the 2x2 ones (planes padded to multiples of 4), 3/4 with more tiles than "
-         "twice the output channels; at any float32 precision "
-         "(its error stays within 2x torch's own weight gradient's)",
+         "twice the output channels or with the GEMMs whole on few tiles (their M within half of what the blocks "
+         "would re-read of V); at any float32 precision (its error stays within 2x torch's own weight gradient's)",
          "F(3x3, 4x4): 1.78x fewer multiplications than F(3x3, 2x2), as 36 GEMMs over the transformed 6x6 tiles"},
         {"winograd", "32+ channels each side from 64 output tiles (no kernels to transform), with at most 4096 of the "
          "16 transformed in × out sums per tile; or 128+ channels each side from 48 tiles",
