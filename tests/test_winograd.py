@@ -350,7 +350,9 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
     ((8, 64, 28, 28, 64), "winograd_4x4"),
     ((1, 128, 16, 16, 128), "winograd_4x4"),  # both on the blocks of output channels (few tiles): 0.56 the products
     ((1, 256, 14, 14, 256), "winograd"),  # 49 tiles with many channels
-    ((2, 256, 14, 14, 256), "winograd"),  # 14x14 on the blocks: 4x4 tiles multiply 0.73 as much, more than 2/3
+    # 14x14 on the blocks: 4x4 tiles multiply 0.73 as much, more than 2/3 (and whole GEMMs' M, 36 x 256 x 256 sums,
+    # would be more than half of what the blocks re-read of V)
+    ((2, 256, 14, 14, 256), "winograd"),
     ((1, 64, 14, 14, 64), None),  # 49 tiles, 64 channels: left to the GEMMs
     ((2, 512, 7, 7, 512), None),  # 32 tiles
     ((16, 32, 8, 8, 64), "winograd"),  # ahead of the lanes kernels; its 4x4 tiles would leave the runs for the blocks
@@ -365,7 +367,6 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
     ((8, 256, 14, 14, 256), {torch.float32: "winograd_4x4", torch.float64: "winograd"}),  # float64's M: 18 MiB
     ((8, 192, 14, 14, 192), "winograd_4x4"),
     ((8, 128, 14, 14, 128), "winograd_4x4"),
-    ((4, 128, 14, 14, 128), "winograd"),  # M (36 x 128 x 128 sums) beyond half of what the blocks would re-read
 ])
 def test_weight_gradient_dispatch_rule(shape, chosen, precision, dtype):
     n, c, size, _, k = shape
