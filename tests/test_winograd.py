@@ -366,6 +366,9 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
     # ... but with the GEMMs whole (V outgrowing what the blocks share), 14x14 takes the 4x4 tiles on few tiles too
     ((8, 256, 14, 14, 256), {torch.float32: "winograd_4x4", torch.float64: "winograd"}),  # float64's M: 18 MiB
     ((8, 192, 14, 14, 192), "winograd_4x4"),
+    # on the runs, at most 2/3 the products: up to 131072 sums per tile (73728 here), not 589824 (1024 channels)
+    ((32, 512, 7, 7, 512), "winograd_4x4"),
+    ((16, 1024, 7, 7, 1024), "winograd"),
     ((8, 128, 14, 14, 128), "winograd_4x4"),
 ])
 def test_weight_gradient_dispatch_rule(shape, chosen, precision, dtype):

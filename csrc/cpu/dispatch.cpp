@@ -33,9 +33,9 @@
 // |                   | winograd_4x4 | winograd's rule, 4x4 tiles multiplying <= 2/3 as   | F(3x3, 4x4): 36 GEMMs             |
 // |                   |              | much as 2x2 ones (padding); by runs of tiles or    |                                   |
 // |                   |              | whole GEMMs (M within half of V's re-reads): 3/4,  |                                   |
-// |                   |              | 36·in·out sums within 16384 per 4x4 tile; on the   |                                   |
-// |                   |              | blocks only where 2x2 tiles are or 128+ channels   |                                   |
-// |                   |              | each side; any float32 precision                   |                                   |
+// |                   |              | 36·in·out sums within 16384 per 4x4 tile (131072   |                                   |
+// |                   |              | at 2/3); on the blocks only where 2x2 tiles are or |                                   |
+// |                   |              | 128+ channels each side; any float32 precision     |                                   |
 // |                   | winograd     | 32+ channels each side, from 64 tiles, at most     | F(3x3, 2x2): GEMMs over the tiles |
 // |                   |              | 4096 weights·16 per tile; or 128+ channels each    |                                   |
 // |                   |              | side from 48 tiles                                 |                                   |
@@ -135,10 +135,11 @@ const std::array<Table, static_cast<int>(Direction::kCount)>& tables() {
        {{"lanes", "float32, as fprop's lanes", "as fprop"},
         {"depthwise", "as fprop's depthwise", "a dot product of dY with the input rows per tap and channel"},
         {"winograd_4x4",
-         "winograd's rule with its 36 transformed in × out sums within 16384 per 4x4 tile, where its tiles "
-         "multiply at most 2/3 as much as the 2x2 ones (planes padded to multiples of 4), 3/4 with more tiles than "
-         "twice the output channels or with the GEMMs whole on few tiles (their M within half of what the blocks "
-         "would re-read of V); at any float32 precision (its error stays within 2x torch's own weight gradient's)",
+         "winograd's rule with its 36 transformed in × out sums within 16384 per 4x4 tile (131072 at 2/3), where "
+         "its tiles multiply at most 2/3 as much as the 2x2 ones (planes padded to multiples of 4), 3/4 with more "
+         "tiles than twice the output channels or with the GEMMs whole on few tiles (their M within half of what the "
+         "blocks would re-read of V); at any float32 precision (its error stays within 2x torch's own weight "
+         "gradient's)",
          "F(3x3, 4x4): 1.78x fewer multiplications than F(3x3, 2x2), as 36 GEMMs over the transformed 6x6 tiles"},
         {"winograd", "32+ channels each side from 64 output tiles (no kernels to transform), with at most 4096 of the "
          "16 transformed in × out sums per tile; or 128+ channels each side from 48 tiles",
@@ -329,6 +330,14 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 // 2.87-2.91 -> 2.33-2.40, 4x256@14 1.50-1.53 -> 1.33-1.48, 8x192@14 2.11-2.15 -> 1.47-1.51, 8x128@14 0.99-1.09 ->
 // 0.84-0.88, 16x128@14 1.99-2.01 -> 1.65 (torch: 4.68-4.76, 2.51-3.01, 2.75-2.77, 1.29-1.33, 2.43-2.46); not with M
 // beyond half of them: 2x256@14 0.80-0.82 -> 0.84-0.88, 4x128@14 0.46 -> 0.47-0.48.
+// On the runs, where the 4x4 tiles multiply at most 2/3 as much (7x7, 8x8, 12x12 planes: 0.56), the products
+// they save outweigh M up to 131072 sums per tile: side by side in one process, ms, F(3x3, 2x2) -> F(3x3, 4x4)
+// (torch): 32x512@7 (73728 sums per tile) 16.0-16.3 -> 13.1-13.5 (22.7), 64x512@7 (36864) 32.4-32.9 -> 26.2-27.0
+// (45.6-46.0), 48x512@7 23.8-24.2 -> 20.1-22.6 (34.0-34.3), 16x512@12 (65536) 18.8-18.9 -> 15.0-15.9 (28.1), 64x384@7
+// 18.6-18.7 -> 12.6-12.9 (25.0); a tie at 32x768@7 (165888: 42.6-47.4 -> 44.2-44.4), 32x1024@7 (294912) 90.9-91.2
+// -> 78.9-80.1 (92.3-93.2), but 16x1024@7 (589824) 44.7-47.5 -> 81.3-82.8 (47.1-47.2). At 3/4 (14x14) the bound
+// stays: 8x512@14 (73728) 12.6-12.7 -> 13.5-13.6. Their error against float64 there, 3.2e-4 at 32x512@7 and 4.8e-4
+// at 16x512@12, is torch's own float32 weight gradient's (2.7e-4, 4.9e-4).
 // Unlike the forward's (winograd_4x4_precision), its float32 error needs no precision condition: the weight
 // gradient's tolerance scales with its own values, and against float64 it measured 1.1-2.0x the error of torch's
 // own float32 weight gradient (ResNet-like layers at batch 2-16, and the 67-channel layer with unscaled weights;
@@ -346,7 +355,8 @@ bool winograd_4x4_wgrad_preferred(const Conv& cv, at::ScalarType dtype) {
   const bool whole = blocks && (dtype == at::kDouble ? winograd_wgrad_whole_gemms<double>(wp, 4, 2)
                                                      : winograd_wgrad_whole_gemms<float>(wp, 4, 2));
   return winograd_wgrad_preferred(cv) && (!blocks || by_blocks(2) || (cv.cg >= 128 && cv.kg >= 128)) &&
-         (blocks || 36 * cv.cg * cv.kg <= 16384 * tiles) &&
+         (blocks || 36 * cv.cg * cv.kg <= 16384 * tiles ||
+          (3 * 36 * tiles <= 2 * 16 * tiles_2x2 && 36 * cv.cg * cv.kg <= 131072 * tiles)) &&
          (3 * 36 * tiles <= 2 * 16 * tiles_2x2 || ((!blocks || whole) && 4 * 36 * tiles <= 3 * 16 * tiles_2x2));
 }
 

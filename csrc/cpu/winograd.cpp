@@ -983,12 +983,13 @@ int64_t blocks_v_row(const Winograd3x3& wp, int nr) {
 }
 
 // winograd_wgrad_blocks' blocks of output channels: whole row panels of mr, M_ξ's block (P × block × in) about half
-// of one core's L2 as the OS reports it (l2_cache_bytes; rounded up to whole panels), at least two blocks per thread and a multiple of the threads, the
-// panels spread evenly over them. 256 rows as blocks of 36 (six 6-row panels) left a last block of 4 rows, one
-// thread idle for most of a block: 7% of the call at batch 8 by perf; as 8 blocks of 5-6 panels, side by side,
-// batch 1 256@14 0.43 -> 0.41 ms, 512@7 1.6 -> 1.4 ms. Every block reads all of V, so the larger the blocks the
-// less V is re-read: on the Intel Xeon (2 MiB of L2), blocks of 1 MiB instead of 512 KiB, alternating runs, ms:
-// batch 8 256@14 5.17-5.41 -> 4.66-4.82, batch 8 512@7 7.9-9.1 -> 6.8-7.4, batch 1 unchanged (0.76-0.83, 1.12-1.31).
+// of one core's L2 as the OS reports it (l2_cache_bytes; rounded up to whole panels), at least two blocks per
+// thread and a multiple of the threads, the panels spread evenly over them. 256 rows as blocks of 36 (six 6-row
+// panels) left a last block of 4 rows, one thread idle for most of a block: 7% of the call at batch 8 by perf; as 8
+// blocks of 5-6 panels, side by side, batch 1 256@14 0.43 -> 0.41 ms, 512@7 1.6 -> 1.4 ms. Every block reads all
+// of V, so the larger the blocks the less V is re-read: on the Intel Xeon (2 MiB of L2), blocks of 1 MiB instead of
+// 512 KiB, alternating runs, ms: batch 8 256@14 5.17-5.41 -> 4.66-4.82, batch 8 512@7 7.9-9.1 -> 6.8-7.4, batch 1
+// unchanged (0.76-0.83, 1.12-1.31).
 template <typename T, int M>
 int64_t wgrad_blocks(const Winograd3x3& wp, int mr, int threads) {
   constexpr int64_t P = (M + 2) * (M + 2);
