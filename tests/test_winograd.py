@@ -109,7 +109,7 @@ def test_padding_over_two(algorithm):
 # The weight gradient's schedules (winograd_wgrad_tiles): where the tiles number at most twice the output channels
 # every tile is transformed once, and the GEMMs run by output-channel blocks (each block's M turned into dW by the
 # thread that made it) or, where the blocks would re-read more of V than M holds, whole, their row panels shared out
-# among the threads (winograd_wgrad_positions); else by runs of tiles, each thread summing its own M.
+# among the threads (winograd_wgrad_whole); else by runs of tiles, each thread summing its own M.
 # (n, c, size, k, groups): blocks with a ragged last block, per group, and on 4x4 tiles; more blocks than two per
 # thread (M's block bounded by half of L2: 200 output channels over 512 input channels on L2s of up to 2 MiB, uneven
 # blocks of whole panels); whole GEMMs (144 2x2 tiles, 40 x 80 channels: M is 3200 sums per position, V 144 rows of

@@ -325,7 +325,7 @@ bool winograd_wgrad_preferred(const Conv& cv) {
 // 0.91 -> 0.69 (torch: 0.74, 1.54, 3.79, 6.65-6.73, 12.5, 5.30, 1.07, 1.90, 0.50, 0.30, 2.64, 5.08, 0.29, 1.01,
 // 0.95).
 // Since the GEMMs on few tiles run whole where V outgrows what the blocks share (winograd.cpp's
-// winograd_wgrad_positions), the 4x4 tiles pay there on 14x14 planes too (up to 3/4 the products), where M is within
+// winograd_wgrad_whole), the 4x4 tiles pay there on 14x14 planes too (up to 3/4 the products), where M is within
 // half of the blocks' re-reads of V (margin 2); side by side in one process, ms, F(3x3, 2x2) -> F(3x3, 4x4): 8x256@14
 // 2.87-2.91 -> 2.33-2.40, 4x256@14 1.50-1.53 -> 1.33-1.48, 8x192@14 2.11-2.15 -> 1.47-1.51, 8x128@14 0.99-1.09 ->
 // 0.84-0.88, 16x128@14 1.99-2.01 -> 1.65 (torch: 4.68-4.76, 2.51-3.01, 2.75-2.77, 1.29-1.33, 2.43-2.46); not with M

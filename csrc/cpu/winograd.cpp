@@ -1066,9 +1066,9 @@ void winograd_wgrad_blocks(const Winograd3x3& wp, const MicroKernel<T>& uk, cons
 // Xeon, ms, F(3x3, 2x2) / F(3x3, 4x4): batch 8 256@14 3.50 / 3.41 -> 2.87 / 2.37, batch 4 1.83 / 1.83 -> 1.49 /
 // 1.36, batch 2 128@28 1.05 / 0.79 -> 1.06 / 0.68, batch 1 128@28 0.62 / 0.39 -> 0.50 / 0.40, batch 1 64->128@28
 // 0.34 / 0.22 -> 0.28 / 0.19; slower where M outweighs V's re-reads: batch 1 256@14 by 4x4 tiles 0.53 -> 0.73,
-// batch 1 512@7 0.89 / 1.21 -> 1.44 / 2.82 (wgrad_by_positions).
+// batch 1 512@7 0.89 / 1.21 -> 1.44 / 2.82 (wgrad_whole).
 template <typename T, int M>
-void winograd_wgrad_positions(const Winograd3x3& wp, const MicroKernel<T>& uk, const T* dy, const T* x, T* dw) {
+void winograd_wgrad_whole(const Winograd3x3& wp, const MicroKernel<T>& uk, const T* dy, const T* x, T* dw) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const int threads = num_threads();
@@ -1132,12 +1132,12 @@ bool wgrad_by_blocks(const Winograd3x3& wp) {
   return tiles <= 2 * wp.out && P * tiles * (ldv + wp.out) * int64_t(sizeof(T)) <= (int64_t(16) << 20);
 }
 
-// Where wgrad_by_blocks holds, the GEMMs whole (winograd_wgrad_positions) where M (P × out × in, written and read
+// Where wgrad_by_blocks holds, the GEMMs whole (winograd_wgrad_whole) where M (P × out × in, written and read
 // back) is within 16 MiB and no larger than what the blocks would re-read of V, all but one block's worth of it
 // (P × tiles × V's row, per block): M costs them both ways, the blocks' re-reads one, but those come with each
 // block's transform of U. With a margin, M within 1/margin of those re-reads.
 template <typename T, int M>
-bool wgrad_by_positions(const Winograd3x3& wp, int64_t margin = 1) {
+bool wgrad_whole(const Winograd3x3& wp, int64_t margin = 1) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tiles = wp.n * ceil_div(wp.out_h, M) * ceil_div(wp.out_w, M);
   const MicroKernel<T> uk = pick_micro_kernel<T>(wp.out, wp.in);
@@ -1177,7 +1177,7 @@ void winograd_wgrad_tiles(const Winograd3x3& wp, const T* dy, bool dy_channels_l
   const int64_t ldv = padded_cols(wp.in, uk.nr), ldu = wp.out;
   if (wgrad_by_blocks<T, M>(wp)) {
     TORCH_INTERNAL_ASSERT(dy_channels_last && x_channels_last, "cnn_ext: Winograd's wgrad by blocks needs NHWC");
-    if (wgrad_by_positions<T, M>(wp)) return winograd_wgrad_positions<T, M>(wp, uk, dy, x, dw);
+    if (wgrad_whole<T, M>(wp)) return winograd_wgrad_whole<T, M>(wp, uk, dy, x, dw);
     return winograd_wgrad_blocks<T, M>(wp, uk, dy, x, dw);
   }
   // An item is a run of consecutive tiles of one group (across images), with V and U within about 512 KiB (so they
@@ -1282,8 +1282,8 @@ bool winograd_wgrad_needs_channels_last(const Winograd3x3& wp, int64_t tile) {
 
 template <typename T>
 bool winograd_wgrad_whole_gemms(const Winograd3x3& wp, int64_t tile, int64_t margin) {
-  return tile == 2 ? wgrad_by_blocks<T, 2>(wp) && wgrad_by_positions<T, 2>(wp, margin)
-                   : wgrad_by_blocks<T, 4>(wp) && wgrad_by_positions<T, 4>(wp, margin);
+  return tile == 2 ? wgrad_by_blocks<T, 2>(wp) && wgrad_whole<T, 2>(wp, margin)
+                   : wgrad_by_blocks<T, 4>(wp) && wgrad_whole<T, 4>(wp, margin);
 }
 
 template <typename T>

@@ -85,7 +85,7 @@ template <typename T>
 bool winograd_wgrad_needs_channels_last(const Winograd3x3& wp, int64_t tile);
 
 // Whether winograd_3x3_wgrad runs F(3x3, tile x tile) as whole GEMMs shared out among the threads (winograd.cpp's
-// winograd_wgrad_positions) rather than by blocks of output channels, with their M (P × in × out sums, written and
+// winograd_wgrad_whole) rather than by blocks of output channels, with their M (P × in × out sums, written and
 // read back) within 1/margin of what the blocks would re-read of V.
 template <typename T>
 bool winograd_wgrad_whole_gemms(const Winograd3x3& wp, int64_t tile, int64_t margin);
