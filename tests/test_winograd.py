@@ -126,7 +126,7 @@ WGRAD_SCHEDULES = {
 }
 
 
-def _by_blocks(shape):
+def _few_tiles(shape):
     return shape != WGRAD_SCHEDULES["runs"]
 
 
@@ -138,7 +138,7 @@ def test_weight_gradient_schedules_for_any_thread_count(shape, algorithm):
     n, c, size, k, groups = shape
     tile = 2 if algorithm == "winograd" else 4
     tiles = n * (-(-size // tile)) ** 2
-    assert (tiles <= 2 * k // groups) == _by_blocks(shape), (tiles, k)
+    assert (tiles <= 2 * k // groups) == _few_tiles(shape), (tiles, k)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n, c, size, size, generator=g, dtype=torch.float64)
     dy = torch.randn(n, k, size, size, generator=g, dtype=torch.float64)
@@ -158,7 +158,7 @@ def test_weight_gradient_schedules_for_any_thread_count(shape, algorithm):
             torch.testing.assert_close(results[threads].double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     finally:
         torch.set_num_threads(before)
-    if _by_blocks(shape):
+    if _few_tiles(shape):
         assert torch.equal(results[1], results[2]) and torch.equal(results[1], results[3])
 
 
@@ -366,10 +366,10 @@ def test_dispatch_rule(shape, chosen, precision, dtype):
     # ... but with the GEMMs whole (V outgrowing what the blocks share), 14x14 takes the 4x4 tiles on few tiles too
     ((8, 256, 14, 14, 256), {torch.float32: "winograd_4x4", torch.float64: "winograd"}),  # float64's M: 18 MiB
     ((8, 192, 14, 14, 192), "winograd_4x4"),
+    ((8, 128, 14, 14, 128), "winograd_4x4"),
     # on the runs, at most 2/3 the products: up to 131072 sums per tile (73728 here), not 589824 (1024 channels)
     ((32, 512, 7, 7, 512), "winograd_4x4"),
     ((16, 1024, 7, 7, 1024), "winograd"),
-    ((8, 128, 14, 14, 128), "winograd_4x4"),
 ])
 def test_weight_gradient_dispatch_rule(shape, chosen, precision, dtype):
     n, c, size, _, k = shape
