@@ -51,6 +51,9 @@ ORIENTATIONS = {
     "few_tiles": (1, 70, 5, 150),
     "runs": (3, 8, 4, 30),
     "m_fits": (1, 128, 16, 128),
+    # 196 tiles in 14 rows of 14 (ResNet's batch-1 128-channel layer), an M of 784 KiB: runs of tile rows, as many
+    # rows a run as fill whole row panels (3 on AVX-512's 6-row panels: 33 panels per block, not 4's 35)
+    "m_fits_runs": (1, 128, 28, 128),
     # 294 tiles (2x2) with 256 channels each side, an M of 1.2 MiB: as rows below one core's L2 (2 MiB, as on the
     # Intel machines; M a quarter of L2 or more, so U's chunk is half of L2: all 256 input channels at once), as
     # columns where it is 1 MiB

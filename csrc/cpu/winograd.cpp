@@ -489,19 +489,45 @@ int64_t channels_chunk(int64_t budget, int64_t p, int64_t block) {
 // slower.
 constexpr int64_t kChannelsRunBytes = 256 << 10;
 
-// winograd_channels' runs of tile rows per (group, block): as many as the threads need (where the blocks are
-// fewer), more where U is held whole and M would outgrow kChannelsRunBytes; the items (groups x blocks x runs) a
-// multiple of the threads, so that each thread takes as many.
+// winograd_channels' runs of tile rows per (group, block), as the tile rows in a run: as many runs as the threads
+// need (where the blocks are fewer), more where U is held whole and M would outgrow kChannelsRunBytes. There, of
+// the run lengths from that longest down to half of it, the one whose GEMMs take the fewest row panels of `mr`
+// tiles on the busiest thread (the items, groups x blocks x runs, split as OpenMP's static schedule splits them; a
+// ragged panel costs a whole one, and is packed and written through a buffer), the longest of equals. Batch 1
+// 128@28 (14 rows of 14 tiles, 6-row panels): runs of 4 rows took 35 panels per block (56 tiles: 9 whole panels
+// and 2 rows), of 3 rows 33 (42 tiles: 7 whole panels); measured in one process, alternating, median ms, forward
+// 0.600 -> 0.571, input gradient 0.588 -> 0.570, and 128 -> 256@28 1.075 -> 1.042; unchanged on 1x256@14, 1x and
+// 2x128@14, 4x256@14, 1x192@28, 8x128@7. A row's sums do not depend on its panel: the results are unchanged.
 template <typename T, int M>
-int64_t winograd_channel_runs(const Winograd3x3& wp, int64_t blocks, int64_t block, int threads) {
+int64_t winograd_channel_run_rows(const Winograd3x3& wp, int64_t blocks, int64_t block, int64_t mr, int threads) {
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tq = ceil_div(wp.out_w, M), total_rows = wp.n * ceil_div(wp.out_h, M);
   int64_t runs = std::min(total_rows, ceil_div(threads, wp.groups * blocks));
-  if (wp.in > channels_chunk<T>(kChannelsChunkBytes, P, block)) return runs;
+  if (wp.in > channels_chunk<T>(kChannelsChunkBytes, P, block)) return ceil_div(total_rows, runs);
   const int64_t m_bytes = P * total_rows * tq * block * int64_t(sizeof(T));
   runs = std::min(total_rows, std::max(runs, ceil_div(m_bytes, kChannelsRunBytes)));
-  while (runs < total_rows && wp.groups * blocks * runs % threads != 0) ++runs;
-  return runs;
+  // The busiest thread's row panels with runs of `rows` tile rows.
+  const auto busiest = [&](int64_t rows) {
+    const int64_t n_runs = ceil_div(total_rows, rows), items = wp.groups * blocks * n_runs;
+    const int64_t each = items / threads, extra = items % threads;  // the first `extra` threads take one more
+    int64_t most = 0;
+    for (int64_t t = 0, item = 0; t < std::min<int64_t>(threads, items); ++t) {
+      int64_t panels = 0;
+      for (const int64_t end = item + each + (t < extra ? 1 : 0); item < end; ++item) {
+        const int64_t r0 = item % n_runs * rows;
+        panels += ceil_div(std::min(rows, total_rows - r0) * tq, mr);
+      }
+      most = std::max(most, panels);
+    }
+    return most;
+  };
+  const int64_t longest = ceil_div(total_rows, runs);
+  int64_t best = longest, best_panels = busiest(longest);
+  for (int64_t rows = longest - 1; 2 * rows >= longest && rows >= 1; --rows) {
+    const int64_t panels = busiest(rows);
+    if (panels < best_panels) best = rows, best_panels = panels;
+  }
+  return best;
 }
 
 // winograd_3x3 for F(M x M, 3x3) with the tiles as the GEMMs' rows, `uk` the micro-kernel for tiles × out. The
@@ -525,8 +551,8 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
   constexpr int64_t kMostBlock = 64;  // the bias buffer's length: every micro-kernel's nr (gemm.h)
   TORCH_INTERNAL_ASSERT(block <= kMostBlock, "cnn_ext: Winograd's output blocks exceed their bias buffer");
   const int64_t total_rows = wp.n * tp;
-  const int64_t runs = winograd_channel_runs<T, M>(wp, blocks, block, threads);
-  const int64_t run_rows = ceil_div(total_rows, runs), items = wp.groups * blocks * runs;
+  const int64_t run_rows = winograd_channel_run_rows<T, M>(wp, blocks, block, uk.mr, threads);
+  const int64_t runs = ceil_div(total_rows, run_rows), items = wp.groups * blocks * runs;
   // U's chunk within 512 KiB, or within half of one core's L2 where an item's M is a quarter of L2 or more: every
   // chunk after the first re-reads and re-writes M. On the Intel Xeon (2 MiB of L2), side by side in one process,
   // 512 KiB -> 1 MiB, forward / input gradient in ms: batch 8 256@14 (an M of 1.6 MiB) 4.22 -> 3.94 / 4.15 -> 4.01,
