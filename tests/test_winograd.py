@@ -46,7 +46,9 @@ TILING_SHAPES = {
 # the output channels outnumber twice the tiles ("few_tiles", "runs": one block of output channels over runs of
 # tile rows), or with 128+ channels each side where M over all the tiles fits ("m_fits": 64 tiles), or where a row
 # has fewer than 4 tiles ("short_rows": 5x5 outputs, 3 or 2 tiles a row); as columns with many tiles in rows of 4+
-# (16x16: 8 or 4 tiles a row). (n, c, size, k)
+# (16x16: 8 or 4 tiles a row). As rows, V is transformed per item by the thread that multiplies it where U is held
+# whole with at most two blocks of output channels a thread ("runs", "m_fits", "m_fits_runs", "few_tiles" on 2 and 3
+# threads), else once for all the threads ("few_tiles" on one, "m_within_l2"). (n, c, size, k)
 ORIENTATIONS = {
     "few_tiles": (1, 70, 5, 150),
     "runs": (3, 8, 4, 30),

@@ -489,6 +489,13 @@ int64_t channels_chunk(int64_t budget, int64_t p, int64_t block) {
 // slower.
 constexpr int64_t kChannelsRunBytes = 256 << 10;
 
+// Whether one chunk of U within kChannelsChunkBytes holds every input channel: then winograd_channels' runs keep M
+// within kChannelsRunBytes (and so V's rows for a run within in / nr times that).
+template <typename T, int M>
+bool channels_u_whole(const Winograd3x3& wp, int64_t block) {
+  return wp.in <= channels_chunk<T>(kChannelsChunkBytes, (M + 2) * (M + 2), block);
+}
+
 // winograd_channels' runs of tile rows per (group, block), as the tile rows in a run: as many runs as the threads
 // need (where the blocks are fewer), more where U is held whole and M would outgrow kChannelsRunBytes. There, of
 // the run lengths from that longest down to half of it, the one whose GEMMs take the fewest row panels of `mr`
@@ -503,7 +510,7 @@ int64_t winograd_channel_run_rows(const Winograd3x3& wp, int64_t blocks, int64_t
   constexpr int64_t P = (M + 2) * (M + 2);
   const int64_t tq = ceil_div(wp.out_w, M), total_rows = wp.n * ceil_div(wp.out_h, M);
   int64_t runs = std::min(total_rows, ceil_div(threads, wp.groups * blocks));
-  if (wp.in > channels_chunk<T>(kChannelsChunkBytes, P, block)) return ceil_div(total_rows, runs);
+  if (!channels_u_whole<T, M>(wp, block)) return ceil_div(total_rows, runs);
   const int64_t m_bytes = P * total_rows * tq * block * int64_t(sizeof(T));
   runs = std::min(total_rows, std::max(runs, ceil_div(m_bytes, kChannelsRunBytes)));
   // The busiest thread's row panels with runs of `rows` tile rows.
@@ -532,7 +539,8 @@ int64_t winograd_channel_run_rows(const Winograd3x3& wp, int64_t blocks, int64_t
 
 // winograd_3x3 for F(M x M, 3x3) with the tiles as the GEMMs' rows, `uk` the micro-kernel for tiles × out. The
 // input is copied channels-last (a pixel's cin = in rounded up to whole vectors), each tile's window transformed
-// into V_ξ's row (tiles × in; every group's V made once, shared by the items). An item is a block of nr output
+// into V_ξ's row (tiles × in; every group's V made once, shared by the items, or per item: see v_per_item below).
+// An item is a block of nr output
 // channels of one group over a run of tile rows (the runs only where the blocks are fewer than the threads): its
 // U (the GEMMs' B: input channel c's transformed filters along the block's channels), transformed and multiplied a
 // chunk of input channels at a time (U's chunk, within 512 KiB or half of L2, stays in L2 for its P GEMMs; kept for
@@ -564,8 +572,20 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
   const int64_t u_budget =
       std::max<int64_t>(kChannelsChunkBytes, 4 * m_item >= l2_cache_bytes() ? l2_cache_bytes() / 2 : 0);
   const int64_t chunk = channels_chunk<T>(u_budget, P, block);
+  // Where U is held whole (within kChannelsChunkBytes, so the runs' V too) and each thread has at most two blocks
+  // of output channels, each item transforms its own
+  // run's tiles into the thread's V, right before its GEMMs read them: every block's items transform every tile
+  // (blocks times the transforms), but V is written and read in the core's L2, where V made once, shared by the
+  // threads (1.6 MiB at batch 1 128@28), is mostly written to memory (read for ownership first) and read back by
+  // the other core. Measured in one process, alternating, median ms, 2 threads (shared -> per item): batch 1 128@28
+  // forward 0.568 -> 0.489, input gradient 0.571 -> 0.496, 128@14 0.178 -> 0.166, batch 2 0.306 -> 0.270, 128 ->
+  // 256@28 1.008 -> 0.916, 64 -> 256@14 0.170 -> 0.162, batch 8 128@7 0.377 -> 0.363, batch 128 64 -> 128 on 5x5
+  // 1.514 -> 1.367; with more input channels, slower (256@14 0.584 -> 0.603, 512@7 1.018 -> 1.102, batch 4 and 8
+  // 256@14 5-7%, where U's chunk is half of L2 and an item all the tiles, 192@28 3%); one thread, 128@28 0.924 ->
+  // 0.909, but 128 -> 256@28 (4 blocks) 1.697 -> 1.759.
+  const bool v_per_item = channels_u_whole<T, M>(wp, block) && blocks <= 2 * threads;
   // The P blocks of V, U and M an odd number of lines apart (odd_lines).
-  const int64_t v_stride = odd_lines<T>(tiles * cin), m_stride = odd_lines<T>(run_rows * tq * block);
+  const int64_t v_stride = odd_lines<T>((v_per_item ? run_rows * tq : tiles) * cin), m_stride = odd_lines<T>(run_rows * tq * block);
   const int64_t u_stride = odd_lines<T>(chunk * block);
   // The channels-last copy's jobs: (plane, run of input channels), runs whole transposing blocks of 8.
   const int64_t part = detail::round_up(ceil_div(wp.in, ceil_div(2 * threads, planes)), 8);
@@ -573,7 +593,7 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
 
   CallScratch scratch;
   T* const x_cl = scratch.whole<T>(planes * in_plane * cin + cin);  // and cin zeros: the padding's pixel
-  T* const v = scratch.whole<T>(wp.groups * P * v_stride);
+  T* const v = scratch.whole<T>((v_per_item ? threads : wp.groups) * P * v_stride);  // a thread's or a group's
   const auto us = scratch.per_thread<T>(threads, P * u_stride);
   const auto ms = scratch.per_thread<T>(threads, P * m_stride);
   const auto ys = scratch.per_thread<T>(threads, wp.n * out_plane * block);
@@ -582,6 +602,21 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
   std::fill_n(zeros, cin, T(0));
   const auto in_fn = ChannelTransforms<T, M>::input();
   const auto out_fn = ChannelTransforms<T, M>::output();
+  // Tile t of group g, transformed: into V_ξ's row at to + ξ*v_stride.
+  const auto transform_tile = [&](int64_t g, int64_t t, T* to) {
+    const int64_t img = t / (tp * tq), tr = t / tq % tp, tc = t % tq;
+    const T* const plane = x_cl + (img * wp.groups + g) * in_plane * cin;
+    const T* window[P];
+    for (int64_t a = 0; a < A; ++a) {
+      const int64_t row = M * tr - wp.pad_h + a;
+      for (int64_t b = 0; b < A; ++b) {
+        const int64_t col = M * tc - wp.pad_w + b;
+        const bool inside = row >= 0 && row < wp.in_h && col >= 0 && col < wp.in_w;
+        window[A * a + b] = inside ? plane + (row * wp.in_w + col) * cin : zeros;
+      }
+    }
+    in_fn(window, cin, to, v_stride);
+  };
 #pragma omp parallel num_threads(threads)
   {
     // The input channels-last: channel c of pixel p of plane (image, group) at x_cl[(plane*in_plane + p)*cin + c]
@@ -595,21 +630,13 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
         for (int64_t p = 0; p < in_plane; ++p) std::fill(to + p * cin + wp.in, to + (p + 1) * cin, T(0));
       }
     }
-    // V: tile t = (image*tp + tile row)*tq + tile column of group g at v[(g*P + ξ)*v_stride + t*cin].
+    // V shared: tile t = (image*tp + tile row)*tq + tile column of group g at v[(g*P + ξ)*v_stride + t*cin].
+    if (!v_per_item) {
 #pragma omp for schedule(static)
-    for (int64_t gt = 0; gt < wp.groups * tiles; ++gt) {
-      const int64_t g = gt / tiles, t = gt % tiles, img = t / (tp * tq), tr = t / tq % tp, tc = t % tq;
-      const T* const plane = x_cl + (img * wp.groups + g) * in_plane * cin;
-      const T* window[P];
-      for (int64_t a = 0; a < A; ++a) {
-        const int64_t row = M * tr - wp.pad_h + a;
-        for (int64_t b = 0; b < A; ++b) {
-          const int64_t col = M * tc - wp.pad_w + b;
-          const bool inside = row >= 0 && row < wp.in_h && col >= 0 && col < wp.in_w;
-          window[A * a + b] = inside ? plane + (row * wp.in_w + col) * cin : zeros;
-        }
+      for (int64_t gt = 0; gt < wp.groups * tiles; ++gt) {
+        const int64_t g = gt / tiles, t = gt % tiles;
+        transform_tile(g, t, v + g * P * v_stride + t * cin);
       }
-      in_fn(window, cin, v + g * P * v_stride + t * cin, v_stride);
     }
     T* const u = us.get();
     T* const m = ms.get();
@@ -622,7 +649,11 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
       const int64_t r0 = item % runs * run_rows, r1 = std::min(total_rows, r0 + run_rows);
       if (r0 >= r1) continue;
       const int64_t t0 = r0 * tq, rows = (r1 - r0) * tq;  // the run's tiles, the GEMMs' rows
-      const T* const vg = v + g * P * v_stride + t0 * cin;
+      // The run's rows of V_ξ at vg + ξ*v_stride: the thread's own, transformed here, or the group's.
+      T* const vg = v_per_item ? v + omp_get_thread_num() * P * v_stride : v + g * P * v_stride + t0 * cin;
+      if (v_per_item) {
+        for (int64_t i = 0; i < rows; ++i) transform_tile(g, t0 + i, vg + i * cin);
+      }
       for (int64_t c0 = 0; c0 < wp.in; c0 += chunk) {
         const int64_t k = std::min(chunk, wp.in - c0);
         if (u_block != gb) {
