@@ -539,7 +539,7 @@ int64_t winograd_channel_run_rows(const Winograd3x3& wp, int64_t blocks, int64_t
 
 // winograd_3x3 for F(M x M, 3x3) with the tiles as the GEMMs' rows, `uk` the micro-kernel for tiles × out. The
 // input is copied channels-last (a pixel's cin = in rounded up to whole vectors), each tile's window transformed
-// into V_ξ's row (tiles × in; every group's V made once, shared by the items, or per item: see v_per_item below).
+// into V_ξ's row (tiles × in; every group's V made once, shared by the items, or each thread's own: see v_own).
 // An item is a block of nr output
 // channels of one group over a run of tile rows (the runs only where the blocks are fewer than the threads): its
 // U (the GEMMs' B: input channel c's transformed filters along the block's channels), transformed and multiplied a
@@ -572,20 +572,26 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
   const int64_t u_budget =
       std::max<int64_t>(kChannelsChunkBytes, 4 * m_item >= l2_cache_bytes() ? l2_cache_bytes() / 2 : 0);
   const int64_t chunk = channels_chunk<T>(u_budget, P, block);
-  // Where U is held whole (within kChannelsChunkBytes, so the runs' V too) and each thread has at most two blocks
-  // of output channels, each item transforms its own
-  // run's tiles into the thread's V, right before its GEMMs read them: every block's items transform every tile
-  // (blocks times the transforms), but V is written and read in the core's L2, where V made once, shared by the
-  // threads (1.6 MiB at batch 1 128@28), is mostly written to memory (read for ownership first) and read back by
-  // the other core. Measured in one process, alternating, median ms, 2 threads (shared -> per item): batch 1 128@28
-  // forward 0.568 -> 0.489, input gradient 0.571 -> 0.496, 128@14 0.178 -> 0.166, batch 2 0.306 -> 0.270, 128 ->
-  // 256@28 1.008 -> 0.916, 64 -> 256@14 0.170 -> 0.162, batch 8 128@7 0.377 -> 0.363, batch 128 64 -> 128 on 5x5
-  // 1.514 -> 1.367; with more input channels, slower (256@14 0.584 -> 0.603, 512@7 1.018 -> 1.102, batch 4 and 8
-  // 256@14 5-7%, where U's chunk is half of L2 and an item all the tiles, 192@28 3%); one thread, 128@28 0.924 ->
-  // 0.909, but 128 -> 256@28 (4 blocks) 1.697 -> 1.759.
-  const bool v_per_item = channels_u_whole<T, M>(wp, block) && blocks <= 2 * threads;
+  // Each thread's own V: an item transforms its run's tiles into its thread's buffer right before its GEMMs read
+  // them (unless that buffer holds them already: the thread's previous item was another block of the same run),
+  // where U is held whole (within kChannelsChunkBytes, so the runs' V too) and each thread has at most two blocks
+  // of output channels (every block's items transform every tile: blocks times the transforms), or where U is not
+  // held whole and a run's V is within 1 MiB (runs are then as few as the threads need, so each thread transforms
+  // each tile at most once). V then stays in the core's L2; made once and shared by the threads (1.6 MiB at batch 1
+  // 128@28) it was mostly written to memory (read for ownership first) and read back by the other core. Measured in
+  // one process, alternating, median ms, 2 threads (shared -> own): batch 1 128@28 forward 0.568 -> 0.489, input
+  // gradient 0.571 -> 0.496, 128@14 0.178 -> 0.166, batch 2 0.306 -> 0.270, 128 -> 256@28 1.008 -> 0.916, 64 ->
+  // 256@14 0.170 -> 0.162, batch 8 128@7 0.377 -> 0.363, batch 128 64 -> 128 on 5x5 1.514 -> 1.367; 256@14 0.593 ->
+  // 0.571 / 0.636 -> 0.617, 256@7 0.288 -> 0.275 / 0.338 -> 0.320, batch 2 0.429 -> 0.413 / 0.475 -> 0.464, 256 ->
+  // 512@7 0.554 -> 0.536 / 0.690 -> 0.681, 512@7 unchanged; where a run's V is larger, slower (every tile, per item:
+  // batch 4 and 8 256@14 5-7%, 192@28 3%); one thread, 128@28 0.924 -> 0.909, but 128 -> 256@28 (4 blocks, each
+  // item a run of its own) 1.697 -> 1.759.
+  const bool u_whole = channels_u_whole<T, M>(wp, block);
+  const int64_t run_v_bytes = P * run_rows * tq * cin * int64_t(sizeof(T));
+  const bool v_own = u_whole ? blocks <= 2 * threads : run_v_bytes <= (int64_t(1) << 20);
   // The P blocks of V, U and M an odd number of lines apart (odd_lines).
-  const int64_t v_stride = odd_lines<T>((v_per_item ? run_rows * tq : tiles) * cin), m_stride = odd_lines<T>(run_rows * tq * block);
+  const int64_t v_stride = odd_lines<T>((v_own ? run_rows * tq : tiles) * cin);
+  const int64_t m_stride = odd_lines<T>(run_rows * tq * block);
   const int64_t u_stride = odd_lines<T>(chunk * block);
   // The channels-last copy's jobs: (plane, run of input channels), runs whole transposing blocks of 8.
   const int64_t part = detail::round_up(ceil_div(wp.in, ceil_div(2 * threads, planes)), 8);
@@ -593,7 +599,7 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
 
   CallScratch scratch;
   T* const x_cl = scratch.whole<T>(planes * in_plane * cin + cin);  // and cin zeros: the padding's pixel
-  T* const v = scratch.whole<T>((v_per_item ? threads : wp.groups) * P * v_stride);  // a thread's or a group's
+  T* const v = scratch.whole<T>((v_own ? threads : wp.groups) * P * v_stride);  // a thread's or a group's
   const auto us = scratch.per_thread<T>(threads, P * u_stride);
   const auto ms = scratch.per_thread<T>(threads, P * m_stride);
   const auto ys = scratch.per_thread<T>(threads, wp.n * out_plane * block);
@@ -631,7 +637,7 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
       }
     }
     // V shared: tile t = (image*tp + tile row)*tq + tile column of group g at v[(g*P + ξ)*v_stride + t*cin].
-    if (!v_per_item) {
+    if (!v_own) {
 #pragma omp for schedule(static)
       for (int64_t gt = 0; gt < wp.groups * tiles; ++gt) {
         const int64_t g = gt / tiles, t = gt % tiles;
@@ -642,6 +648,7 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
     T* const m = ms.get();
     T* const y = ys.get();
     int64_t u_block = -1;  // the (group, block) whose whole U this thread holds, if any
+    int64_t v_run = -1;    // the (group, run) whose V this thread holds, if any (v_own)
     // Items (group, block, run of tile rows), runs fastest; a thread's are consecutive (static schedule).
 #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; ++item) {
@@ -650,8 +657,9 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
       if (r0 >= r1) continue;
       const int64_t t0 = r0 * tq, rows = (r1 - r0) * tq;  // the run's tiles, the GEMMs' rows
       // The run's rows of V_ξ at vg + ξ*v_stride: the thread's own, transformed here, or the group's.
-      T* const vg = v_per_item ? v + omp_get_thread_num() * P * v_stride : v + g * P * v_stride + t0 * cin;
-      if (v_per_item) {
+      T* const vg = v_own ? v + omp_get_thread_num() * P * v_stride : v + g * P * v_stride + t0 * cin;
+      if (v_own && v_run != g * runs + r0 / run_rows) {
+        v_run = g * runs + r0 / run_rows;
         for (int64_t i = 0; i < rows; ++i) transform_tile(g, t0 + i, vg + i * cin);
       }
       for (int64_t c0 = 0; c0 < wp.in; c0 += chunk) {
