@@ -827,6 +827,14 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
 // 1.5, 1.4, 32 x 64 -> 64 on 10x10 0.87, 0.85 -> 0.39, 0.66 / 0.81, 0.96 -> 0.38, 0.61. With 4 tiles a row (7x7 or
 // 8x8 outputs) neither won throughout (128 x 64 -> 64 on 8x8 1.40, 1.28 -> 1.50, 1.53 forward, 2.40, 2.13 -> 1.22,
 // 1.14 input gradient).
+// Since each thread transforms its own V (winograd_channels' v_own), the rows also win on 2x2 tiles with 32+
+// channels each side, up to 640 tiles and a V (P x tiles x in) within 5 MiB ("modest"): in one process,
+// alternating, median ms, forward (input gradient), columns -> rows: batch 2 128@28 1.30 -> 1.07 (1.27 -> 1.09), batch
+// 3 1.64 -> 1.35 (1.72 -> 1.34), batch 8 128@14 1.38 -> 1.10 (1.41 -> 1.12), batch 12 1.72 -> 1.35, batch 2 128 ->
+// 256@28 2.16 -> 1.85, 192@28 2.48 -> 2.25 (2.60 -> 2.26), 64@28 0.337 -> 0.285 (0.349 -> 0.292), batch 1 0.199 ->
+// 0.189, 64 -> 128@28 0.640 -> 0.596, 32@28 (0.129 -> 0.105), batch 4 32 -> 64@28 (0.358 -> 0.304); from 784 tiles a
+// tie or slower (batch 4 128@28 2.08 -> 2.09, batch 16 128@14 2.02 -> 2.02, batch 8 128@28 3.92 -> 3.99, 64@56
+// 0.59 -> 0.68), and in float64 on 4x4 tiles mixed (batch 8 128@14 2.11 -> 2.26, batch 2 128@28 1.91 -> 1.70).
 template <typename T, int M>
 void winograd_oriented(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst) {
   constexpr int64_t P = (M + 2) * (M + 2);
@@ -836,7 +844,9 @@ void winograd_oriented(const Winograd3x3& wp, const T* src, const T* weights, bo
   const int64_t m_bytes = P * tiles * uk.nr * int64_t(sizeof(T)), channels = std::min(wp.in, wp.out);
   const bool m_fits =
       channels >= 128 && (m_bytes <= (int64_t(1) << 20) || (channels >= 256 && m_bytes < l2_cache_bytes()));
-  if (few_tiles || m_fits || narrow) {
+  const int64_t v_bytes = P * tiles * wp.in * int64_t(sizeof(T));
+  const bool modest = M == 2 && channels >= 32 && tiles <= 640 && v_bytes <= (int64_t(5) << 20);
+  if (few_tiles || m_fits || narrow || modest) {
     winograd_channels<T, M>(wp, uk, src, weights, flip, bias, dst);
   } else {
     winograd_tiles<T, M>(wp, src, weights, flip, bias, dst);
