@@ -540,12 +540,12 @@ int64_t winograd_channel_run_rows(const Winograd3x3& wp, int64_t blocks, int64_t
 // winograd_3x3 for F(M x M, 3x3) with the tiles as the GEMMs' rows, `uk` the micro-kernel for tiles × out. The
 // input is copied channels-last (a pixel's cin = in rounded up to whole vectors), each tile's window transformed
 // into V_ξ's row (tiles × in; every group's V made once, shared by the items, or each thread's own: see v_own).
-// An item is a block of nr output
-// channels of one group over a run of tile rows (the runs only where the blocks are fewer than the threads): its
-// U (the GEMMs' B: input channel c's transformed filters along the block's channels), transformed and multiplied a
-// chunk of input channels at a time (U's chunk, within 512 KiB or half of L2, stays in L2 for its P GEMMs; kept for
-// the next item of the same block where one chunk holds every input channel), then M's rows transformed back into a
-// channels-last block of the output rows and transposed into its planes.
+// An item is a block of nr output channels of one group over a run of tile rows (the runs where the blocks are
+// fewer than the threads, or where U is held whole: winograd_channel_run_rows): its U (the GEMMs' B: input channel
+// c's transformed filters along the block's channels), transformed and multiplied a chunk of input channels at a
+// time (U's chunk, within 512 KiB or half of L2, stays in L2 for its P GEMMs; kept for the next item of the same
+// block where one chunk holds every input channel), then M's rows transformed back into a channels-last block of
+// the output rows and transposed into its planes.
 template <typename T, int M>
 void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T* src, const T* weights, bool flip,
                        const T* bias, T* dst) {
@@ -576,8 +576,8 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
   // them (unless that buffer holds them already: the thread's previous item was another block of the same run),
   // where U is held whole (within kChannelsChunkBytes, so the runs' V too) and each thread has at most two blocks
   // of output channels (every block's items transform every tile: blocks times the transforms), or where U is not
-  // held whole and a run's V is within 1 MiB (runs are then as few as the threads need, so each thread transforms
-  // each tile at most once). V then stays in the core's L2; made once and shared by the threads (1.6 MiB at batch 1
+  // held whole and a run's V is within 1 MiB (runs are then as few as the threads need: with as many blocks as
+  // threads, one run, which each thread transforms once). V then stays in the core's L2; made once and shared by the threads (1.6 MiB at batch 1
   // 128@28) it was mostly written to memory (read for ownership first) and read back by the other core. Measured in
   // one process, alternating, median ms, 2 threads (shared -> own): batch 1 128@28 forward 0.568 -> 0.489, input
   // gradient 0.571 -> 0.496, 128@14 0.178 -> 0.166, batch 2 0.306 -> 0.270, 128 -> 256@28 1.008 -> 0.916, 64 ->
