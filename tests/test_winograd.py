@@ -64,7 +64,8 @@ ORIENTATIONS = {
     # columns where it is 1 MiB
     "m_within_l2": (6, 256, 14, 256),
     "many_inputs": (1, 256, 7, 256),
-    # 392 tiles (2x2) with 32 channels each side: as rows since each thread transforms its own V ("modest")
+    # 392 tiles (2x2) with 32 channels each side: as rows where they make one block of output channels ("modest",
+    # e.g. on AVX-512), each thread transforming its own V
     "modest": (2, 32, 28, 32),
     "short_rows": (6, 20, 5, 24),
     "columns": (4, 12, 16, 10),

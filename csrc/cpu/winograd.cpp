@@ -537,6 +537,28 @@ int64_t winograd_channel_run_rows(const Winograd3x3& wp, int64_t blocks, int64_t
   return best;
 }
 
+// Each thread's own V: an item transforms its run's tiles into its thread's buffer right before its GEMMs read them
+// (unless that buffer holds them already: the thread's previous item was another block of the same run), where U is
+// held whole (within kChannelsChunkBytes, so the runs' V too) and each thread has at most two blocks of output channels
+// (every block's items transform every tile: blocks times the transforms), or where U is not held whole and a run's V
+// is within 1 MiB (runs are then as few as the threads need: with as many blocks as threads, one run, which each thread
+// transforms once). V then stays in the core's L2; made once and shared by the threads (1.6 MiB at batch 1 128@28) it
+// was mostly written to memory (read for ownership first) and read back by the other core. Measured in one process,
+// alternating, median ms, 2 threads (shared -> own): batch 1 128@28 forward 0.568 -> 0.489, input gradient 0.571 ->
+// 0.496, 128@14 0.178 -> 0.166, batch 2 0.306 -> 0.270, 128 -> 256@28 1.008 -> 0.916, 64 -> 256@14 0.170 -> 0.162,
+// batch 8 128@7 0.377 -> 0.363, batch 128 64 -> 128 on 5x5 1.514 -> 1.367; 256@14 0.593 -> 0.571 / 0.636 -> 0.617,
+// 256@7 0.288 -> 0.275 / 0.338 -> 0.320, batch 2 0.429 -> 0.413 / 0.475 -> 0.464, 256 -> 512@7 0.554 -> 0.536 / 0.690
+// -> 0.681, 512@7 unchanged; where a run's V is larger, slower (every tile, per item: batch 4 and 8 256@14 5-7%, 192@28
+// 3%); one thread, 128@28 0.924 -> 0.909, but 128 -> 256@28 (4 blocks, each item a run of its own) 1.697 -> 1.759.
+template <typename T, int M>
+bool channels_v_own(const Winograd3x3& wp, const MicroKernel<T>& uk, int64_t run_rows, int threads) {
+  constexpr int64_t P = (M + 2) * (M + 2);
+  const int64_t cin = detail::round_up(wp.in, ChannelTransforms<T, M>::lanes()), tq = ceil_div(wp.out_w, M);
+  const int64_t run_v_bytes = P * run_rows * tq * cin * int64_t(sizeof(T));
+  return channels_u_whole<T, M>(wp, uk.nr) ? ceil_div(wp.out, uk.nr) <= 2 * threads
+                                           : run_v_bytes <= (int64_t(1) << 20);
+}
+
 // winograd_3x3 for F(M x M, 3x3) with the tiles as the GEMMs' rows, `uk` the micro-kernel for tiles × out. The
 // input is copied channels-last (a pixel's cin = in rounded up to whole vectors), each tile's window transformed
 // into V_ξ's row (tiles × in; every group's V made once, shared by the items, or each thread's own: see v_own).
@@ -572,23 +594,7 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
   const int64_t u_budget =
       std::max<int64_t>(kChannelsChunkBytes, 4 * m_item >= l2_cache_bytes() ? l2_cache_bytes() / 2 : 0);
   const int64_t chunk = channels_chunk<T>(u_budget, P, block);
-  // Each thread's own V: an item transforms its run's tiles into its thread's buffer right before its GEMMs read
-  // them (unless that buffer holds them already: the thread's previous item was another block of the same run),
-  // where U is held whole (within kChannelsChunkBytes, so the runs' V too) and each thread has at most two blocks
-  // of output channels (every block's items transform every tile: blocks times the transforms), or where U is not
-  // held whole and a run's V is within 1 MiB (runs are then as few as the threads need: with as many blocks as
-  // threads, one run, which each thread transforms once). V then stays in the core's L2; made once and shared by the threads (1.6 MiB at batch 1
-  // 128@28) it was mostly written to memory (read for ownership first) and read back by the other core. Measured in
-  // one process, alternating, median ms, 2 threads (shared -> own): batch 1 128@28 forward 0.568 -> 0.489, input
-  // gradient 0.571 -> 0.496, 128@14 0.178 -> 0.166, batch 2 0.306 -> 0.270, 128 -> 256@28 1.008 -> 0.916, 64 ->
-  // 256@14 0.170 -> 0.162, batch 8 128@7 0.377 -> 0.363, batch 128 64 -> 128 on 5x5 1.514 -> 1.367; 256@14 0.593 ->
-  // 0.571 / 0.636 -> 0.617, 256@7 0.288 -> 0.275 / 0.338 -> 0.320, batch 2 0.429 -> 0.413 / 0.475 -> 0.464, 256 ->
-  // 512@7 0.554 -> 0.536 / 0.690 -> 0.681, 512@7 unchanged; where a run's V is larger, slower (every tile, per item:
-  // batch 4 and 8 256@14 5-7%, 192@28 3%); one thread, 128@28 0.924 -> 0.909, but 128 -> 256@28 (4 blocks, each
-  // item a run of its own) 1.697 -> 1.759.
-  const bool u_whole = channels_u_whole<T, M>(wp, block);
-  const int64_t run_v_bytes = P * run_rows * tq * cin * int64_t(sizeof(T));
-  const bool v_own = u_whole ? blocks <= 2 * threads : run_v_bytes <= (int64_t(1) << 20);
+  const bool v_own = channels_v_own<T, M>(wp, uk, run_rows, threads);
   // The P blocks of V, U and M an odd number of lines apart (odd_lines).
   const int64_t v_stride = odd_lines<T>((v_own ? run_rows * tq : tiles) * cin);
   const int64_t m_stride = odd_lines<T>(run_rows * tq * block);
@@ -827,14 +833,17 @@ void winograd_tiles(const Winograd3x3& wp, const T* src, const T* weights, bool 
 // 1.5, 1.4, 32 x 64 -> 64 on 10x10 0.87, 0.85 -> 0.39, 0.66 / 0.81, 0.96 -> 0.38, 0.61. With 4 tiles a row (7x7 or
 // 8x8 outputs) neither won throughout (128 x 64 -> 64 on 8x8 1.40, 1.28 -> 1.50, 1.53 forward, 2.40, 2.13 -> 1.22,
 // 1.14 input gradient).
-// Since each thread transforms its own V (winograd_channels' v_own), the rows also win on 2x2 tiles with 32+
-// channels each side, up to 640 tiles and a V (P x tiles x in) within 5 MiB ("modest"): in one process,
-// alternating, median ms, forward (input gradient), columns -> rows: batch 2 128@28 1.30 -> 1.07 (1.27 -> 1.09), batch
-// 3 1.64 -> 1.35 (1.72 -> 1.34), batch 8 128@14 1.38 -> 1.10 (1.41 -> 1.12), batch 12 1.72 -> 1.35, batch 2 128 ->
-// 256@28 2.16 -> 1.85, 192@28 2.48 -> 2.25 (2.60 -> 2.26), 64@28 0.337 -> 0.285 (0.349 -> 0.292), batch 1 0.199 ->
-// 0.189, 64 -> 128@28 0.640 -> 0.596, 32@28 (0.129 -> 0.105), batch 4 32 -> 64@28 (0.358 -> 0.304); from 784 tiles a
-// tie or slower (batch 4 128@28 2.08 -> 2.09, batch 16 128@14 2.02 -> 2.02, batch 8 128@28 3.92 -> 3.99, 64@56
-// 0.59 -> 0.68), and in float64 on 4x4 tiles mixed (batch 8 128@14 2.11 -> 2.26, batch 2 128@28 1.91 -> 1.70).
+// Where each thread transforms its own V (channels_v_own) whatever the thread count (U held whole, at most two blocks
+// of output channels: the orientation, and so the results' bits, must not depend on the threads), the rows also win
+// on 2x2 tiles with 32+ channels each side, up to 640 tiles and a V (P x tiles x in) within 5 MiB ("modest"). On
+// AVX-512, in one process, alternating, median ms, forward (input gradient), columns -> rows: batch 2 128@28 1.30 ->
+// 1.07 (1.27 -> 1.09), batch 3 1.64 -> 1.35 (1.72 -> 1.34), batch 8 128@14 1.38 -> 1.10 (1.41 -> 1.12), batch 12
+// 1.72 -> 1.35, batch 2 64@28 0.337 -> 0.285 (0.349 -> 0.292), batch 1 0.199 -> 0.189, 64 -> 128@28 0.640 -> 0.596,
+// 32@28 (0.129 -> 0.105), batch 4 32 -> 64@28 (0.358 -> 0.304); from 784 tiles a tie or slower (batch 4 128@28 2.08
+// -> 2.09, batch 16 128@14 2.02 -> 2.02, batch 8 128@28 3.92 -> 3.99, 64@56 0.59 -> 0.68), in float64 on 4x4 tiles
+// mixed (batch 8 128@14 2.11 -> 2.26, batch 2 128@28 1.91 -> 1.70), and with V shared, as on AVX2's narrower blocks,
+// slower (batch 2 64@28 0.448 -> 0.470). Faster on two threads but left as columns, since their V is shared on one:
+// batch 2 128 -> 256@28 (4 blocks) 2.16 -> 1.85, 192@28 (U not held whole) 2.48 -> 2.25 (2.60 -> 2.26).
 template <typename T, int M>
 void winograd_oriented(const Winograd3x3& wp, const T* src, const T* weights, bool flip, const T* bias, T* dst) {
   constexpr int64_t P = (M + 2) * (M + 2);
@@ -845,7 +854,8 @@ void winograd_oriented(const Winograd3x3& wp, const T* src, const T* weights, bo
   const bool m_fits =
       channels >= 128 && (m_bytes <= (int64_t(1) << 20) || (channels >= 256 && m_bytes < l2_cache_bytes()));
   const int64_t v_bytes = P * tiles * wp.in * int64_t(sizeof(T));
-  const bool modest = M == 2 && channels >= 32 && tiles <= 640 && v_bytes <= (int64_t(5) << 20);
+  const bool modest = M == 2 && channels >= 32 && tiles <= 640 && v_bytes <= (int64_t(5) << 20) &&
+                      channels_u_whole<T, M>(wp, uk.nr) && ceil_div(wp.out, uk.nr) <= 2;
   if (few_tiles || m_fits || narrow || modest) {
     winograd_channels<T, M>(wp, uk, src, weights, flip, bias, dst);
   } else {
