@@ -42,16 +42,16 @@ TILING_SHAPES = {
     "rows_runs": (2, 6, 4, 3, 20, 1, 1),
 }
 
-# Shapes for each orientation of the forward's GEMMs (winograd.cpp's winograd_oriented): the tiles as rows where
-# the output channels outnumber twice the tiles ("few_tiles", "runs": one block of output channels over runs of
-# tile rows), or with 128+ channels each side where M over all the tiles fits ("m_fits": 64 tiles), or where a row
-# has fewer than 4 tiles ("short_rows": 5x5 outputs, 3 or 2 tiles a row), or with 32+ channels each side on up to
-# 640 2x2 tiles ("modest"); as columns with fewer channels or many tiles, in rows of 4+ ("columns", 16x16: 8 or 4
-# tiles a row). As rows, each thread transforms V itself, per run, where U is held whole with at most
-# two blocks of output channels a thread ("runs", "m_fits", "m_fits_runs", "few_tiles" on 2 and 3 threads) or where
-# U is not held whole and a run's V is within 1 MiB ("many_inputs": 4 blocks over one run, a thread's second block
-# reusing the V of its first); else V is made once for all the threads ("few_tiles" on one, "m_within_l2").
-# (n, c, size, k)
+# Shapes for each orientation of the forward's GEMMs (winograd.cpp's winograd_oriented): the tiles as rows where the
+# output channels outnumber twice the tiles ("few_tiles", "runs": one block of output channels over runs of tile
+# rows), or with 128+ channels each side where M over all the tiles fits ("m_fits": 64 tiles), or where a row has
+# fewer than 4 tiles ("short_rows": 5x5 outputs, 3 or 2 tiles a row), or with 32+ channels each side on up to 640 2x2
+# tiles making at most two blocks of output channels ("modest"); as columns with fewer channels or many tiles, in rows
+# of 4+ ("columns", 16x16: 8 or 4 tiles a row). As rows, each thread transforms its own V, per run, where U is held
+# whole with at most two blocks of output channels a thread ("runs", "m_fits", "m_fits_runs", "modest", "few_tiles" on
+# 2 and 3 threads) or where U is not held whole and a run's V is within 1 MiB ("many_inputs": 4 blocks over one run, a
+# thread's second block reusing the V of its first); else V is made once for all the threads ("few_tiles" on one,
+# "m_within_l2"). (n, c, size, k)
 ORIENTATIONS = {
     "few_tiles": (1, 70, 5, 150),
     "runs": (3, 8, 4, 30),
@@ -64,8 +64,8 @@ ORIENTATIONS = {
     # columns where it is 1 MiB
     "m_within_l2": (6, 256, 14, 256),
     "many_inputs": (1, 256, 7, 256),
-    # 392 tiles (2x2) with 32 channels each side: as rows where they make one block of output channels ("modest",
-    # e.g. on AVX-512), each thread transforming its own V
+    # 392 tiles (2x2) with 32 channels each side: as rows where they make at most two blocks of output channels
+    # ("modest": one on AVX-512)
     "modest": (2, 32, 28, 32),
     "short_rows": (6, 20, 5, 24),
     "columns": (4, 12, 16, 10),
