@@ -605,7 +605,8 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
 
   CallScratch scratch;
   T* const x_cl = scratch.whole<T>(planes * in_plane * cin + cin);  // and cin zeros: the padding's pixel
-  T* const v = scratch.whole<T>((v_own ? threads : wp.groups) * P * v_stride);  // a thread's or a group's
+  // V: every group's, shared (slice 0), or each thread's own (v_own).
+  const auto vs = scratch.per_thread<T>(v_own ? threads : 1, (v_own ? 1 : wp.groups) * P * v_stride);
   const auto us = scratch.per_thread<T>(threads, P * u_stride);
   const auto ms = scratch.per_thread<T>(threads, P * m_stride);
   const auto ys = scratch.per_thread<T>(threads, wp.n * out_plane * block);
@@ -647,7 +648,7 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
 #pragma omp for schedule(static)
       for (int64_t gt = 0; gt < wp.groups * tiles; ++gt) {
         const int64_t g = gt / tiles, t = gt % tiles;
-        transform_tile(g, t, v + g * P * v_stride + t * cin);
+        transform_tile(g, t, vs.slice(0) + g * P * v_stride + t * cin);
       }
     }
     T* const u = us.get();
@@ -663,9 +664,9 @@ void winograd_channels(const Winograd3x3& wp, const MicroKernel<T>& uk, const T*
       if (r0 >= r1) continue;
       const int64_t t0 = r0 * tq, rows = (r1 - r0) * tq;  // the run's tiles, the GEMMs' rows
       // The run's rows of V_ξ at vg + ξ*v_stride: the thread's own, transformed here, or the group's.
-      T* const vg = v_own ? v + omp_get_thread_num() * P * v_stride : v + g * P * v_stride + t0 * cin;
-      if (v_own && v_run != g * runs + r0 / run_rows) {
-        v_run = g * runs + r0 / run_rows;
+      T* const vg = v_own ? vs.get() : vs.slice(0) + g * P * v_stride + t0 * cin;
+      if (v_own && v_run != g * runs + item % runs) {
+        v_run = g * runs + item % runs;
         for (int64_t i = 0; i < rows; ++i) transform_tile(g, t0 + i, vg + i * cin);
       }
       for (int64_t c0 = 0; c0 < wp.in; c0 += chunk) {
